@@ -1,0 +1,143 @@
+"""The per-step coefficients of a stream's timesteps, read off a diffusers scheduler.
+
+Every row of a denoiser call is written in one parametrisation, x = α·x0 + β·ε:
+- variance-preserving schedulers (DDIM, LCM, DDPM, Euler...): α = √ᾱ(t), β = √(1−ᾱ(t));
+  Euler's k-diffusion state x_k = x0 + σ·ε is the same point scaled by α = 1/√(1+σ²), β = σ·α;
+- flow-matching schedulers: x = (1−σ)·x0 + σ·ε, so α = 1−σ, β = σ.
+Each step i also carries the coefficients of the step its row moves to (α', β'): the next picked
+timestep, or the scheduler's end point for the last one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SOLVERS = ("lcm", "ddim")
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    """Coefficients of n stream steps, each a tensor of shape [n] (float64 on the CPU)."""
+
+    timesteps: torch.Tensor     # the value the denoiser is given for each step
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    alpha_next: torch.Tensor    # where each step's row goes; the last goes to the schedule's end
+    beta_next: torch.Tensor
+    c_skip: torch.Tensor        # LCM boundary scalings (c_skip = 0, c_out = 1 for DDIM)
+    c_out: torch.Tensor
+    prediction_type: str        # "epsilon", "v_prediction" or "flow"
+    solver: str                 # "lcm" (consistency step, re-noised) or "ddim" (deterministic)
+    noise_scale: float          # txt2img starts from x = noise_scale·ε, as the scheduler does
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+
+def is_flow_scheduler(scheduler) -> bool:
+    return getattr(scheduler, "alphas_cumprod", None) is None and "shift" in scheduler.config
+
+
+def default_solver(scheduler) -> str:
+    """LCM's consistency step for LCM schedulers, the deterministic DDIM / Euler step otherwise."""
+    return "lcm" if type(scheduler).__name__ in ("LCMScheduler", "TCDScheduler") else "ddim"
+
+
+def validate_steps(steps, num_inference_steps: int) -> list[int]:
+    """Indices into the scheduler's `num_inference_steps`-step schedule: ints, increasing, in range."""
+    if isinstance(steps, int) or not hasattr(steps, "__iter__"):
+        raise ValueError(f"steps must be a list of step indices, got {steps!r}")
+    steps = list(steps)
+    if not steps:
+        raise ValueError("steps must name at least one step index")
+    if any(not isinstance(s, int) or isinstance(s, bool) for s in steps):
+        raise ValueError(f"steps must be integers, got {steps!r}")
+    if len(set(steps)) != len(steps):
+        raise ValueError(f"steps must not repeat, got {steps!r}")
+    if steps != sorted(steps):
+        raise ValueError(f"steps must be increasing (noisiest first), got {steps!r}")
+    if steps[0] < 0 or steps[-1] >= num_inference_steps:
+        raise ValueError(f"steps must lie in [0, {num_inference_steps}) for num_inference_steps={num_inference_steps}, got {steps!r}")
+    return steps
+
+
+def validate_timesteps(timesteps, num_train_timesteps: int) -> list[float]:
+    """Explicit timesteps: numbers, strictly decreasing, within the model's training range."""
+    if isinstance(timesteps, (int, float)) or not hasattr(timesteps, "__iter__"):
+        raise ValueError(f"timesteps must be a list of timesteps, got {timesteps!r}")
+    values = [float(t) for t in timesteps]
+    if not values:
+        raise ValueError("timesteps must name at least one timestep")
+    if len(set(values)) != len(values):
+        raise ValueError(f"timesteps must not repeat, got {list(timesteps)!r}")
+    if values != sorted(values, reverse=True):
+        raise ValueError(f"timesteps must be decreasing (noisiest first), got {list(timesteps)!r}")
+    if values[-1] < 0 or values[0] >= num_train_timesteps:
+        raise ValueError(f"timesteps must lie in [0, {num_train_timesteps}), got {list(timesteps)!r}")
+    return values
+
+
+def step_schedule(scheduler, steps=None, timesteps=None, num_inference_steps: int = 50,
+                  solver: str | None = None) -> StepSchedule:
+    """Coefficients for the stream's steps: `steps` index the scheduler's own schedule of
+    `num_inference_steps` (StreamDiffusion's t_index_list), or `timesteps` gives them explicitly."""
+    if (steps is None) == (timesteps is None):
+        raise ValueError("give exactly one of steps (indices into the schedule) or timesteps (explicit values)")
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+    solver = solver or default_solver(scheduler)
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    flow = is_flow_scheduler(scheduler)
+    if flow and solver == "lcm":
+        raise ValueError("solver='lcm' needs a variance-preserving scheduler; flow-matching models use 'ddim' (flow Euler)")
+    num_train = scheduler.config.num_train_timesteps
+
+    if steps is not None:
+        steps = validate_steps(steps, num_inference_steps)
+        scheduler.set_timesteps(num_inference_steps)
+        t = scheduler.timesteps.double()[steps]
+        if flow:
+            sigma = scheduler.sigmas.double()[steps]
+        elif getattr(scheduler, "sigmas", None) is not None and len(scheduler.sigmas) > len(scheduler.timesteps):
+            sigma = scheduler.sigmas.double()[steps]   # k-diffusion schedulers: take their σ exactly
+        else:
+            sigma = None
+    else:
+        t = torch.tensor(validate_timesteps(timesteps, num_train), dtype=torch.float64)
+        sigma = t / num_train if flow else None
+
+    if flow:
+        alpha, beta = 1 - sigma, sigma
+        end = float(scheduler.sigmas[-1]) if steps is not None else 0.0
+        alpha_end, beta_end = 1 - end, end
+    else:
+        if sigma is None:
+            abar = scheduler.alphas_cumprod.double()[t.round().long()]
+            alpha, beta = abar.sqrt(), (1 - abar).sqrt()
+        else:
+            alpha = 1 / (1 + sigma**2).sqrt()
+            beta = sigma * alpha
+        # DDIM ends at its final ᾱ (set_alpha_to_one); LCM returns its denoised estimate; Euler ends at σ=0.
+        abar_end = float(getattr(scheduler, "final_alpha_cumprod", 1.0)) if solver == "ddim" else 1.0
+        alpha_end, beta_end = abar_end**0.5, (1 - abar_end) ** 0.5
+
+    alpha_next = torch.cat([alpha[1:], alpha.new_tensor([alpha_end])])
+    beta_next = torch.cat([beta[1:], beta.new_tensor([beta_end])])
+    if solver == "lcm":
+        scaled = t * scheduler.config.get("timestep_scaling", 10.0)
+        sigma_data = 0.5
+        c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+        c_out = scaled / (scaled**2 + sigma_data**2).sqrt()
+    else:
+        c_skip, c_out = torch.zeros_like(t), torch.ones_like(t)
+
+    noise_scale = 1.0
+    if not flow and sigma is not None:   # Euler-type: x_k = ε·init_noise_sigma, fed to the model ×α
+        noise_scale = float(scheduler.init_noise_sigma) * float(alpha[0])
+    prediction_type = "flow" if flow else scheduler.config.get("prediction_type", "epsilon")
+    if prediction_type not in ("epsilon", "v_prediction", "flow"):
+        raise ValueError(f"scheduler prediction_type {prediction_type!r} is not supported (epsilon, v_prediction, flow)")
+    return StepSchedule(t, alpha, beta, alpha_next, beta_next, c_skip, c_out, prediction_type, solver, noise_scale)

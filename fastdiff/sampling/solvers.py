@@ -1,0 +1,45 @@
+"""One denoising step for a batch of rows, each row at its own timestep.
+
+All coefficients are per-row tensors broadcastable to the latents ([R, 1, 1, 1]). A row is
+x = α·x0 + β·ε; the model's output is first turned into its noise estimate ε̂, and everything
+after that (guidance, the step, the residual bookkeeping) works on ε̂.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def to_eps(output: torch.Tensor, x: torch.Tensor, alpha, beta, prediction_type: str) -> torch.Tensor:
+    """The noise estimate ε̂ implied by a model output.
+
+    epsilon: ε̂ = out.  v_prediction (v = α·ε − β·x0): ε̂ = α·v + β·x.
+    flow (velocity u = ε − x0 with x = (1−σ)·x0 + σ·ε): ε̂ = x + (1−σ)·u = x + α·u.
+    """
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "v_prediction":
+        return alpha * output + beta * x
+    if prediction_type == "flow":
+        return x + alpha * output
+    raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'flow', got {prediction_type!r}")
+
+
+def predict_x0(x: torch.Tensor, eps: torch.Tensor, alpha, beta) -> torch.Tensor:
+    """x̂0 = (x − β·ε̂) / α."""
+    return (x - beta * eps) / alpha
+
+
+def consistency_x0(x0: torch.Tensor, x: torch.Tensor, c_skip, c_out) -> torch.Tensor:
+    """LCM's boundary-conditioned estimate: c_out·x̂0 + c_skip·x (c_skip=0, c_out=1 leaves x̂0)."""
+    return c_out * x0 + c_skip * x
+
+
+def advance(x0: torch.Tensor, noise: torch.Tensor, alpha_next, beta_next) -> torch.Tensor:
+    """x' = α'·x̂0 + β'·n.
+
+    With n = ε̂ this is the deterministic DDIM step (η = 0), which is also Euler's step in σ and,
+    for flow models (α = 1−σ), flow-matching Euler x' = x + (σ' − σ)·u. With n = fresh or stored
+    Gaussian noise it is LCM's re-noising to the next timestep.
+    """
+    return alpha_next * x0 + beta_next * noise

@@ -1,0 +1,269 @@
+"""Run a stream on a worker thread behind a bounded input queue, delivering results in input order.
+
+The stream protocol the runner relies on (``fastdiff.Stream`` implements it):
+
+    out = stream(frame)     # frame_buffer F == 1: an output, or None while the pipeline fills
+    outs = stream(frames)   # F > 1: a list of F inputs -> a list of F outputs, or None while filling
+    stream.last_skipped     # the last call was skipped: its return value belongs to its own input(s)
+    stream.flush() -> list  # the outputs still in flight, oldest first, flattened in frame order
+    stream.frame_buffer     # F
+
+Pairing: the runner keeps the groups of indices that entered the pipeline in a FIFO. A processed
+call pushes its group; when it returns an output, that output belongs to the oldest group (with
+lag L: the group of processed call k − L). A skipped call's return value belongs to its own group
+at once. `flush()` at close pairs with the groups left, oldest first. Results wait in a reorder
+buffer keyed by index until every earlier index has been delivered.
+
+The stream must have an empty pipeline (freshly prepared or flushed) when handed to the runner,
+and only the worker thread may call it while the runner is open.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import queue
+import threading
+import time
+from typing import Any, Iterator
+
+import numpy as np
+
+__all__ = ["FrameResult", "RunnerStats", "StreamError", "StreamRunner"]
+
+WHEN_FULL = ("block", "drop_oldest")
+LATENCY_WINDOW = 1024  # latency percentiles are over the most recent results, so they track drift
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameResult:
+    index: int  # the input's index, as returned by put()
+    image: Any  # the stream's output for it; None when dropped
+    skipped: bool  # the similarity filter skipped it: image is the previous output
+    dropped: bool  # discarded unprocessed from a full queue (when_full="drop_oldest")
+    latency_s: float  # put() called -> result ready (for a dropped frame: -> dropped)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerStats:
+    processed: int  # results ready that went through the pipeline
+    skipped: int  # results ready that the stream skipped
+    dropped: int  # inputs dropped from a full queue
+    frames_per_s: float  # (processed + skipped) / (latest result ready − first put)
+    latency_p50_s: float  # over the last LATENCY_WINDOW results, dropped excluded; nan if none
+    latency_p95_s: float
+
+
+class StreamError(RuntimeError):
+    """The stream raised in the worker thread; the original exception is the ``__cause__``."""
+
+
+class StreamRunner:
+    """Feed `stream` from a queue on a worker thread; get results back in input order.
+
+    `when_full` says what `put` does when `max_queue` frames wait unprocessed: "block" waits for
+    room, "drop_oldest" drops the oldest waiting frame and delivers a ``dropped=True`` result for it.
+
+    With frame_buffer F > 1 the worker hands F queued frames to each stream call. At close a partial
+    last group is padded by repeating its last frame; the outputs of the padding are discarded.
+
+    Use as a context manager, or call :meth:`close`: it processes what is queued, drains the frames
+    in flight with ``stream.flush()``, and ends the worker. Iterating yields results until the
+    runner is closed and every result has been delivered.
+    """
+
+    def __init__(self, stream, max_queue: int = 8, when_full: str = "block"):
+        frame_buffer = int(stream.frame_buffer)
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
+            raise ValueError(f"max_queue must be an int >= 1, got {max_queue!r}")
+        if max_queue < frame_buffer:
+            raise ValueError(f"max_queue ({max_queue}) must hold a whole group of frame_buffer={frame_buffer} frames")
+        if when_full not in WHEN_FULL:
+            raise ValueError(f"when_full must be one of {WHEN_FULL}, got {when_full!r}")
+        self.stream = stream
+        self.max_queue = max_queue
+        self.when_full = when_full
+        self._frame_buffer = frame_buffer
+
+        # Everything below is guarded by _changed's lock; every change notifies all waiters.
+        self._changed = threading.Condition()
+        self._waiting: collections.deque = collections.deque()  # (index, frame, t_put), not yet taken
+        self._ready: dict[int, FrameResult] = {}  # reorder buffer
+        self._next_index = 0  # index the next put() gets
+        self._next_out = 0  # index the next get() delivers
+        self._closing = False
+        self._error: BaseException | None = None
+        self._error_reported = False
+        self._counts = {"processed": 0, "skipped": 0, "dropped": 0}
+        self._latencies: collections.deque = collections.deque(maxlen=LATENCY_WINDOW)
+        self._t_first_put: float | None = None
+        self._t_last_ready: float | None = None
+
+        # Worker-only: groups of (index, t_put) entries in the pipeline, oldest first; None marks padding.
+        self._in_flight: collections.deque = collections.deque()
+        self._worker = threading.Thread(target=self._work, name="fastdiff-stream-runner", daemon=True)
+        self._worker.start()
+
+    # --- caller side -------------------------------------------------------------------------
+
+    def put(self, frame, timeout: float | None = None) -> int:
+        """Queue `frame`; return its index. Raises queue.Full if "block" waited `timeout` s in vain."""
+        t_put = time.perf_counter()
+        with self._changed:
+            self._raise_if_failed()
+            if self._closing:
+                raise RuntimeError("put() after close()")
+            if self.when_full == "block":
+                has_room = self._changed.wait_for(
+                    lambda: len(self._waiting) < self.max_queue or self._closing or self._error is not None,
+                    timeout,
+                )
+                self._raise_if_failed()
+                if self._closing:
+                    raise RuntimeError("put() after close()")
+                if not has_room:
+                    raise queue.Full(f"put() waited {timeout} s for room in a queue of {self.max_queue}")
+            else:
+                while len(self._waiting) >= self.max_queue:
+                    index, _, t_old = self._waiting.popleft()
+                    self._store([FrameResult(index, None, False, True, t_put - t_old)], "dropped", t_put)
+            index = self._next_index
+            self._next_index += 1
+            if self._t_first_put is None:
+                self._t_first_put = t_put
+            self._waiting.append((index, frame, t_put))
+            self._changed.notify_all()
+            return index
+
+    def get(self, timeout: float | None = None) -> FrameResult:
+        """The next result in input order. Raises queue.Empty on timeout, EOFError once closed and drained."""
+        with self._changed:
+            ready = self._changed.wait_for(
+                lambda: self._next_out in self._ready or self._finished() or self._error is not None, timeout
+            )
+            self._raise_if_failed()
+            if self._next_out in self._ready:
+                self._next_out += 1
+                return self._ready.pop(self._next_out - 1)
+            if ready:
+                raise EOFError("the runner is closed and every result has been delivered")
+            raise queue.Empty(f"no result within {timeout} s")
+
+    def __iter__(self) -> Iterator[FrameResult]:
+        while True:
+            try:
+                yield self.get()
+            except EOFError:
+                return
+
+    def close(self) -> None:
+        """Process what is queued, flush the pipeline, end the worker. Idempotent.
+
+        Raises StreamError if the stream failed and no earlier call has reported it.
+        """
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+        self._worker.join()
+        with self._changed:
+            self._raise_if_failed(only_once=True)
+
+    def __enter__(self) -> "StreamRunner":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # already unwinding: don't mask that exception with the stream's
+            self.close()
+        except StreamError:
+            pass
+
+    def stats(self) -> RunnerStats:
+        with self._changed:
+            counts = dict(self._counts)
+            latencies = list(self._latencies)
+            t0, t1 = self._t_first_put, self._t_last_ready
+        delivered = counts["processed"] + counts["skipped"]
+        fps = delivered / (t1 - t0) if delivered and t1 > t0 else 0.0
+        p50, p95 = np.percentile(latencies, [50, 95]).tolist() if latencies else (float("nan"),) * 2
+        return RunnerStats(**counts, frames_per_s=fps, latency_p50_s=p50, latency_p95_s=p95)
+
+    def _finished(self) -> bool:
+        # Once closed no index is added, so having delivered them all means nothing more will come.
+        return self._closing and self._next_out == self._next_index
+
+    def _raise_if_failed(self, only_once: bool = False) -> None:
+        if self._error is None or (only_once and self._error_reported):
+            return
+        self._error_reported = True
+        raise StreamError(f"the stream raised in the runner's worker: {self._error!r}") from self._error
+
+    # --- worker side ---------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        try:
+            while (group := self._take_group()) is not None:
+                self._run_group(group)
+            if self._in_flight:
+                entries = [entry for group in self._in_flight for entry in group]
+                self._in_flight.clear()
+                self._deliver(entries, list(self.stream.flush()), skipped=False)
+        except BaseException as error:  # noqa: BLE001 - handed to the caller, who decides
+            with self._changed:
+                self._error = error
+        finally:
+            with self._changed:
+                self._changed.notify_all()  # wake get() and put() waiting on the error
+
+    def _take_group(self) -> list | None:
+        """Wait for F queued frames (fewer only when closing); None when closing with nothing left."""
+        with self._changed:
+            self._changed.wait_for(lambda: len(self._waiting) >= self._frame_buffer or self._closing)
+            if not self._waiting:
+                return None
+            group = [self._waiting.popleft() for _ in range(min(self._frame_buffer, len(self._waiting)))]
+            self._changed.notify_all()  # room for blocked put()s
+            return group
+
+    def _run_group(self, group: list) -> None:
+        frames = [frame for _, frame, _ in group]
+        entries: list = [(index, t_put) for index, _, t_put in group]
+        padding = self._frame_buffer - len(group)
+        frames += frames[-1:] * padding
+        entries += [None] * padding
+        if self._frame_buffer == 1:
+            out = self.stream(frames[0])
+            outs = None if out is None else [out]
+        else:
+            outs = self.stream(frames)
+        if self.stream.last_skipped:
+            self._deliver(entries, outs, skipped=True)
+            return
+        self._in_flight.append(entries)
+        if outs is not None:
+            self._deliver(self._in_flight.popleft(), outs, skipped=False)
+
+    def _deliver(self, entries: list, images: list, skipped: bool) -> None:
+        if images is None or len(images) != len(entries):
+            got = None if images is None else len(images)
+            raise RuntimeError(f"stream protocol: expected {len(entries)} outputs, got {got}")
+        now = time.perf_counter()
+        results = [
+            FrameResult(entry[0], image, skipped, False, now - entry[1])
+            for entry, image in zip(entries, images)
+            if entry is not None  # padding
+        ]
+        with self._changed:
+            self._store(results, "skipped" if skipped else "processed", now)
+            self._changed.notify_all()
+
+    def _store(self, results: list, kind: str, now: float) -> None:
+        """Put results in the reorder buffer and count them (caller holds the lock)."""
+        for result in results:
+            self._ready[result.index] = result
+        self._counts[kind] += len(results)
+        if kind != "dropped" and results:
+            self._latencies.extend(result.latency_s for result in results)
+            self._t_last_ready = now

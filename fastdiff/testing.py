@@ -1,0 +1,429 @@
+"""Diffusers pipelines built from configs with random weights, for tests and speed benchmarks.
+
+Nothing here downloads: the CLIP tokenizer's vocabulary is written to a folder by
+:func:`write_clip_vocab`, every model is built from its config. Random weights cost the same
+time as trained ones, so the real architectures' configs serve the speed benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+import tempfile
+from typing import Callable, NamedTuple
+
+import torch
+
+__all__ = [
+    "DEFAULT_WORDS", "write_clip_vocab", "tiny_clip_tokenizer", "tiny_vae",
+    "tiny_sd_pipeline", "tiny_sdxl_pipeline", "tiny_sd3_pipeline",
+    "sd15_pipeline", "sd_turbo_pipeline", "sdxl_pipeline", "sd3_pipeline",
+    "architecture_denoiser", "ARCHITECTURES", "Architecture",
+]
+
+DEFAULT_WORDS = (
+    "a an the of on in at with and small large big tiny red green blue yellow white black gray "
+    "orange purple pink brown circle square triangle fox cat dog house tree car watercolor photo "
+    "painting left right top bottom center background bright dark"
+).split()
+
+
+def write_clip_vocab(folder: str, words=DEFAULT_WORDS) -> str:
+    """Write vocab.json + merges.txt for a CLIPTokenizer that knows `words` whole and spells the rest.
+
+    Every lower-case letter and digit is a token (alone and as a word end), so any lower-case
+    prompt tokenizes; each listed word gets the chain of merges that builds it left to right.
+    """
+    os.makedirs(folder, exist_ok=True)
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    chars = list(string.ascii_lowercase + string.digits + ",.'-!?")
+    vocab: dict[str, int] = {}
+
+    def add(token):
+        vocab.setdefault(token, len(vocab))
+
+    for token in specials + chars + [c + "</w>" for c in chars]:
+        add(token)
+    merges: list[str] = []
+    seen = set()
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        left = pieces[0]
+        for right in pieces[1:]:
+            pair = f"{left} {right}"
+            if pair not in seen:
+                seen.add(pair)
+                merges.append(pair)
+            left = left + right
+            add(left)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return folder
+
+
+def tiny_clip_tokenizer(max_length: int = 77, words=DEFAULT_WORDS):
+    from transformers import CLIPTokenizer
+
+    folder = write_clip_vocab(tempfile.mkdtemp(prefix="fastdiff-vocab-"), words)
+    return CLIPTokenizer(
+        os.path.join(folder, "vocab.json"),
+        os.path.join(folder, "merges.txt"),
+        model_max_length=max_length,
+        pad_token="<|endoftext|>",
+    )
+
+
+def _tiny_clip_text_encoder(vocab_size: int, hidden_size: int = 32, projection_dim: int | None = None):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        projection_dim=projection_dim or hidden_size,
+    )
+    cls = CLIPTextModelWithProjection if projection_dim else CLIPTextModel
+    return cls(config).eval()
+
+
+def tiny_vae(kind: str = "kl", latent_channels: int = 4, **config):
+    """A VAE with scale factor 8: ``"kl"`` (AutoencoderKL) or ``"tiny"`` (AutoencoderTiny).
+
+    ``config`` goes to the constructor (e.g. ``scaling_factor``, ``shift_factor``).
+    """
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    if kind == "kl":
+        return AutoencoderKL(
+            block_out_channels=(8, 16, 16, 16),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=latent_channels,
+            norm_num_groups=8,
+            layers_per_block=1,
+            sample_size=64,
+            **config,
+        ).eval()
+    if kind == "tiny":
+        return AutoencoderTiny(
+            encoder_block_out_channels=(16, 16, 16, 16),
+            decoder_block_out_channels=(16, 16, 16, 16),
+            num_encoder_blocks=(1, 1, 1, 1),
+            num_decoder_blocks=(1, 1, 1, 1),
+            latent_channels=latent_channels,
+            **config,
+        ).eval()
+    raise ValueError(f"kind must be 'kl' or 'tiny', got {kind!r}")
+
+def _sd_scheduler(name: str, prediction_type: str = "epsilon"):
+    """The SD 1.x / SDXL noise schedule with a "ddim", "lcm" or "euler" sampler."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler
+
+    schedulers = {"ddim": DDIMScheduler, "lcm": LCMScheduler, "euler": EulerDiscreteScheduler}
+    if name not in schedulers:
+        raise ValueError(f"scheduler must be one of {sorted(schedulers)}, got {name!r}")
+    extra = {"clip_sample": False, "set_alpha_to_one": False} if name == "ddim" else {}
+    return schedulers[name](
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        prediction_type=prediction_type, steps_offset=1, **extra,
+    )
+
+
+def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim", vae: str = "kl", img2img: bool = False,
+                     prediction_type: str = "epsilon", sample_size: int = 8):
+    """A Stable-Diffusion-1.x-shaped pipeline small enough for CPU tests (64×64 images by default).
+
+    ``scheduler``: "ddim", "lcm" or "euler". ``vae``: "kl" or "tiny".
+    """
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer()
+    text_encoder = _tiny_clip_text_encoder(len(tokenizer))
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ).eval()
+    cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
+    return cls(
+        vae=tiny_vae(vae), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=_sd_scheduler(scheduler, prediction_type),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def tiny_sdxl_pipeline(seed: int = 0, scheduler: str = "ddim", vae: str = "kl", img2img: bool = False):
+    """A Stable-Diffusion-XL-shaped pipeline small enough for CPU tests (64×64 images).
+
+    Two text encoders (hidden 32 each, the second with a 32-wide projection), so the UNet sees
+    64-wide cross-attention and 6 × 8 time-id features + 32 pooled ones.
+    """
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
+    text_encoder = _tiny_clip_text_encoder(len(tokenizer), hidden_size=32)
+    text_encoder_2 = _tiny_clip_text_encoder(len(tokenizer_2), hidden_size=32, projection_dim=32)
+    time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        cross_attention_dim=32 + 32,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + 32,
+        norm_num_groups=8,
+    ).eval()
+    components = dict(
+        vae=tiny_vae(vae), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=_sd_scheduler(scheduler), add_watermarker=False,
+    )
+    if img2img:
+        return StableDiffusionXLImg2ImgPipeline(**components, requires_aesthetics_score=False)
+    return StableDiffusionXLPipeline(**components)
+
+
+def tiny_sd3_pipeline(seed: int = 0, img2img: bool = False):
+    """A Stable-Diffusion-3-shaped pipeline small enough for CPU tests (64×64 images), without T5.
+
+    Without T5 the prompt is 77 CLIP tokens (hidden 32 + 48, zero-padded to 96) followed by
+    ``max_sequence_length`` (256) zero tokens; at width 32 that is still fast. The VAE has 16 latent
+    channels, a scaling and a shift factor, as SD3's does.
+    """
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Img2ImgPipeline,
+        StableDiffusion3Pipeline,
+    )
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
+    text_encoder = _tiny_clip_text_encoder(len(tokenizer), hidden_size=32, projection_dim=32)
+    text_encoder_2 = _tiny_clip_text_encoder(len(tokenizer_2), hidden_size=48, projection_dim=48)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=96,
+        caption_projection_dim=32,
+        pooled_projection_dim=32 + 48,
+        pos_embed_max_size=16,
+    ).eval()
+    vae = tiny_vae("kl", latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
+                   use_quant_conv=False, use_post_quant_conv=False)
+    cls = StableDiffusion3Img2ImgPipeline if img2img else StableDiffusion3Pipeline
+    return cls(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        text_encoder_3=None, tokenizer_3=None,
+    )
+
+
+# --- Real architectures, random weights ----------------------------------------------------------
+# The configs below are the published ones (the repositories' config.json), keys at their defaults
+# left out. They cost what the trained models cost; only the outputs are noise.
+
+_SD_UNET = dict(  # runwayml/stable-diffusion-v1-5: 859.52M parameters
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768, attention_head_dim=8,
+)
+_SD2_UNET = dict(  # stabilityai/sd-turbo (SD 2.1 base, 512²): 865.91M
+    _SD_UNET, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+)
+_SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0: 2567.46M
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+    cross_attention_dim=2048, addition_embed_type="text_time", addition_embed_type_num_heads=64,
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+_SD3_TRANSFORMER = dict(  # stabilityai/stable-diffusion-3-medium-diffusers: 2028M
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+    attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+    caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192,
+)
+_VAE = dict(  # the SD 1.x / 2.x / XL AutoencoderKL: 83.65M
+    block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+)
+_SD3_VAE = dict(_VAE, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
+                use_quant_conv=False, use_post_quant_conv=False)
+
+# CLIP text towers: ViT-L/14 (SD 1.x, first of XL and 3), OpenCLIP ViT-H (SD 2.x, last layer
+# dropped: 23 of 24) and OpenCLIP ViT-bigG (second of XL and 3).
+_CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+               hidden_act="quick_gelu", projection_dim=768)
+_CLIP_H = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+               hidden_act="gelu", projection_dim=512)
+_CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+               hidden_act="gelu", projection_dim=1280)
+
+_DENOISERS = {
+    "sd15": ("UNet2DConditionModel", _SD_UNET),
+    "sd-turbo": ("UNet2DConditionModel", _SD2_UNET),
+    "sdxl": ("UNet2DConditionModel", _SDXL_UNET),
+    "sd3": ("SD3Transformer2DModel", _SD3_TRANSFORMER),
+}
+
+
+def _build(make, torch_dtype, device):
+    """``make()`` with its weights initialised on ``device`` (``"meta"`` allocates nothing), cast to ``torch_dtype``."""
+    with torch.device(device):
+        model = make()
+    if torch_dtype != torch.float32:  # (nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast)
+        model = torch.nn.Module.to(model, torch_dtype)
+    return model.eval()
+
+
+def architecture_denoiser(name: str, torch_dtype=torch.float32, device="cpu"):
+    """The UNet or transformer of architecture ``name`` (a key of :data:`ARCHITECTURES`), random weights."""
+    import diffusers
+
+    if name not in _DENOISERS:
+        raise ValueError(f"name must be one of {sorted(_DENOISERS)}, got {name!r}")
+    cls_name, config = _DENOISERS[name]
+    return _build(lambda: getattr(diffusers, cls_name)(**config), torch_dtype, device)
+
+
+def _clip_text(config: dict, tokenizer, with_projection: bool, torch_dtype, device):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    # Special-token ids follow the tokenizer, so the pooled output is taken at its end-of-text token.
+    config = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **config)
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return _build(lambda: cls(config), torch_dtype, device)
+
+
+def _vae(kind: str, config: dict, torch_dtype, device, **tiny_config):
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    if kind == "kl":
+        return _build(lambda: AutoencoderKL(**config), torch_dtype, device)
+    if kind == "tiny":  # TAESD's architecture (the AutoencoderTiny defaults)
+        return _build(lambda: AutoencoderTiny(**tiny_config), torch_dtype, device)
+    raise ValueError(f"vae must be 'kl' or 'tiny', got {kind!r}")
+
+
+def _sd_schedule(cls_name: str, **config):
+    import diffusers
+
+    return getattr(diffusers, cls_name)(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                        num_train_timesteps=1000, steps_offset=1, **config)
+
+
+def sd15_pipeline(torch_dtype=torch.float32, device="cpu", vae: str = "kl"):
+    """Stable Diffusion 1.5 (512²) with random weights: CLIP-L text encoder, 859.52M-parameter UNet."""
+    from diffusers import StableDiffusionPipeline
+
+    tokenizer = tiny_clip_tokenizer()
+    return StableDiffusionPipeline(
+        vae=_vae(vae, dict(_VAE, sample_size=512), torch_dtype, device),
+        text_encoder=_clip_text(_CLIP_L, tokenizer, False, torch_dtype, device),
+        tokenizer=tokenizer,
+        unet=architecture_denoiser("sd15", torch_dtype, device),
+        scheduler=_sd_schedule("PNDMScheduler", skip_prk_steps=True, set_alpha_to_one=False),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def sd_turbo_pipeline(torch_dtype=torch.float32, device="cpu", vae: str = "kl"):
+    """SD-Turbo (SD 2.1 base architecture, 512²) with random weights: OpenCLIP-H text encoder, 865.91M UNet."""
+    from diffusers import StableDiffusionPipeline
+
+    tokenizer = tiny_clip_tokenizer()
+    return StableDiffusionPipeline(
+        vae=_vae(vae, dict(_VAE, sample_size=768), torch_dtype, device),
+        text_encoder=_clip_text(_CLIP_H, tokenizer, False, torch_dtype, device),
+        tokenizer=tokenizer,
+        unet=architecture_denoiser("sd-turbo", torch_dtype, device),
+        scheduler=_sd_schedule("EulerDiscreteScheduler", timestep_spacing="trailing"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def sdxl_pipeline(torch_dtype=torch.float32, device="cpu", vae: str = "kl"):
+    """Stable Diffusion XL base 1.0 (1024²) with random weights: CLIP-L + OpenCLIP-bigG, 2567.46M UNet."""
+    from diffusers import StableDiffusionXLPipeline
+
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
+    return StableDiffusionXLPipeline(
+        vae=_vae(vae, dict(_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True), torch_dtype, device),
+        text_encoder=_clip_text(_CLIP_L, tokenizer, False, torch_dtype, device),
+        text_encoder_2=_clip_text(_CLIP_G, tokenizer_2, True, torch_dtype, device),
+        tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+        unet=architecture_denoiser("sdxl", torch_dtype, device),
+        scheduler=_sd_schedule("EulerDiscreteScheduler", timestep_spacing="leading"),
+        add_watermarker=False,
+    )
+
+
+def sd3_pipeline(torch_dtype=torch.float32, device="cpu", vae: str = "kl"):
+    """Stable Diffusion 3 medium (1024²) with random weights and no T5: CLIP-L + OpenCLIP-bigG, 2028M transformer.
+
+    ``vae="tiny"`` is TAESD's architecture with 16 latent channels (as TAESD3).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
+    return StableDiffusion3Pipeline(
+        transformer=architecture_denoiser("sd3", torch_dtype, device),
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=_vae(vae, dict(_SD3_VAE, sample_size=1024), torch_dtype, device,
+                 latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609),
+        text_encoder=_clip_text(_CLIP_L, tokenizer, True, torch_dtype, device),
+        text_encoder_2=_clip_text(_CLIP_G, tokenizer_2, True, torch_dtype, device),
+        tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+        text_encoder_3=None, tokenizer_3=None,
+    )
+
+
+class Architecture(NamedTuple):
+    """A real model architecture: its pipeline builder, native resolution and denoiser size (published)."""
+
+    pipeline: Callable
+    resolution: int
+    denoiser_params_m: float
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "sd15": Architecture(sd15_pipeline, 512, 859.52),
+    "sd-turbo": Architecture(sd_turbo_pipeline, 512, 865.91),
+    "sdxl": Architecture(sdxl_pipeline, 1024, 2567.46),
+    "sd3": Architecture(sd3_pipeline, 1024, 2028.33),
+}

@@ -1,0 +1,46 @@
+"""Images ⇄ latents through a pipeline's VAE: AutoencoderKL or AutoencoderTiny alike.
+
+Latents here are what the denoiser sees: (z − shift_factor)·scaling_factor. Images are
+[B, 3, H, W] tensors in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LatentCodec:
+    def __init__(self, vae):
+        self.vae = vae
+        self.scaling = float(vae.config.get("scaling_factor", 1.0) or 1.0)
+        self.shift = float(vae.config.get("shift_factor", 0.0) or 0.0)
+        # AutoencoderKL returns a distribution; AutoencoderTiny returns latents directly.
+        self.is_tiny = type(vae).__name__ == "AutoencoderTiny"
+
+    @property
+    def scale_factor(self) -> int:
+        """Pixels per latent pixel along each side (8 for SD's VAEs)."""
+        config = self.vae.config
+        blocks = config.get("block_out_channels") or config.get("encoder_block_out_channels")
+        return 2 ** (len(blocks) - 1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    def encode(self, images: torch.Tensor, sample: bool = False,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Latents of images in [-1, 1]: the posterior's mode, or (`sample`) a draw with `generator`."""
+        out = self.vae.encode(images.to(self.dtype))
+        if self.is_tiny:
+            z = out.latents
+        elif sample:
+            z = out.latent_dist.sample(generator)
+        else:
+            z = out.latent_dist.mode()
+        return (z - self.shift) * self.scaling
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (not clamped) from denoiser latents."""
+        z = latents.to(self.dtype) / self.scaling + self.shift
+        return self.vae.decode(z, return_dict=False)[0]

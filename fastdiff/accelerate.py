@@ -44,14 +44,20 @@ def accelerate(pipe, *, cfg: str | None = None, delta: float = 1.0, solver: str 
     return AcceleratedPipeline(pipe, cfg=cfg, delta=delta, solver=solver)
 
 
+def supported_base(pipe) -> type:
+    """The diffusers pipeline class `pipe` is (or subclasses, like the custom pipelines in pipelines/)."""
+    for cls in type(pipe).__mro__:
+        if cls.__name__ in SUPPORTED:
+            return cls
+    raise ValueError(f"pipe: {type(pipe).__name__} is not supported; fastdiff.accelerate takes one of "
+                     f"{', '.join(sorted(SUPPORTED))}")
+
+
 class AcceleratedPipeline:
     def __init__(self, pipe, cfg=None, delta=1.0, solver=None):
-        name = type(pipe).__name__
-        if name not in SUPPORTED:
-            raise ValueError(f"pipe: {name} is not supported; fastdiff.accelerate takes one of "
-                             f"{', '.join(sorted(SUPPORTED))}")
+        base = supported_base(pipe)
         self.pipe = pipe
-        self.task, module, output_class = SUPPORTED[name]
+        self.task, module, output_class = SUPPORTED[base.__name__]
         self.output_class = getattr(__import__(module, fromlist=[output_class]), output_class)
         self.cfg = check_mode(cfg) if cfg is not None else None
         if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or delta < 0:
@@ -59,7 +65,8 @@ class AcceleratedPipeline:
         self.delta = float(delta)
         self.solver = solver
         self.denoiser = denoiser_for(pipe)
-        self.defaults = {k: p.default for k, p in inspect.signature(pipe.__call__).parameters.items()}
+        # Defaults (steps, guidance, strength) are the wrapped pipeline class's own.
+        self.defaults = {k: p.default for k, p in inspect.signature(base.__call__).parameters.items()}
 
     def __getattr__(self, name):
         # Everything else (components, config, progress bars...) is the wrapped pipeline's.
@@ -120,8 +127,10 @@ class AcceleratedPipeline:
             strength = float(self._default("strength", strength))
             if not 0 < strength <= 1:
                 raise ValueError(f"strength must be in (0, 1], got {strength}")
-            first = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
-            steps = list(range(first, num_inference_steps))
+            # The pipeline's own rounding of strength to a first step (SD and SD3 round differently).
+            scheduler.set_timesteps(num_inference_steps)
+            remaining = len(self.pipe.get_timesteps(num_inference_steps, strength, denoiser.device)[0])
+            steps = list(range(num_inference_steps - remaining, num_inference_steps))
             if not steps:
                 raise ValueError(f"strength={strength} with num_inference_steps={num_inference_steps} leaves no step to run")
         else:

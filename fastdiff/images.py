@@ -22,7 +22,7 @@ def to_model_tensor(image, height: int, width: int, device, dtype, name: str = "
     if isinstance(image, Image.Image):
         if image.mode != "RGB":
             raise ValueError(f"{name} must be an RGB image, got mode {image.mode!r}")
-        image = np.asarray(image)
+        image = np.array(image)   # a writable copy: torch refuses read-only arrays
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"{name} must be an [H, W, 3] array, got shape {image.shape}")

@@ -29,38 +29,53 @@ DEFAULT_WORDS = (
 ).split()
 
 
+def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's byte-pair merging: join every occurrence of the best-ranked adjacent pair, repeat."""
+    while len(pieces) > 1:
+        best = min(zip(pieces, pieces[1:]), key=lambda pair: ranks.get(pair, len(ranks)))
+        if best not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(pieces):
+            if tuple(pieces[i:i + 2]) == best:
+                merged.append(pieces[i] + pieces[i + 1])
+                i += 2
+            else:
+                merged.append(pieces[i])
+                i += 1
+        pieces = merged
+    return pieces
+
+
 def write_clip_vocab(folder: str, words=DEFAULT_WORDS) -> str:
     """Write vocab.json + merges.txt for a CLIPTokenizer that knows `words` whole and spells the rest.
 
     Every lower-case letter and digit is a token (alone and as a word end), so any lower-case
-    prompt tokenizes; each listed word gets the chain of merges that builds it left to right.
+    prompt tokenizes. Each listed word gets the merges that join what the earlier merges leave of
+    it, left to right; merges added later rank lower, so they never split an earlier word.
     """
     os.makedirs(folder, exist_ok=True)
     specials = ["<|startoftext|>", "<|endoftext|>"]
     chars = list(string.ascii_lowercase + string.digits + ",.'-!?")
     vocab: dict[str, int] = {}
+    ranks: dict[tuple[str, str], int] = {}
 
     def add(token):
         vocab.setdefault(token, len(vocab))
 
     for token in specials + chars + [c + "</w>" for c in chars]:
         add(token)
-    merges: list[str] = []
-    seen = set()
     for word in words:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
         left = pieces[0]
         for right in pieces[1:]:
-            pair = f"{left} {right}"
-            if pair not in seen:
-                seen.add(pair)
-                merges.append(pair)
+            ranks.setdefault((left, right), len(ranks))
             left = left + right
             add(left)
     with open(os.path.join(folder, "vocab.json"), "w") as f:
         json.dump(vocab, f)
     with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+        f.write("#version: 0.2\n" + "\n".join(" ".join(pair) for pair in ranks) + "\n")
     return folder
 
 
@@ -123,6 +138,7 @@ def tiny_vae(kind: str = "kl", latent_channels: int = 4, **config):
             **config,
         ).eval()
     raise ValueError(f"kind must be 'kl' or 'tiny', got {kind!r}")
+
 
 def _sd_scheduler(name: str, prediction_type: str = "epsilon"):
     """The SD 1.x / SDXL noise schedule with a "ddim", "lcm" or "euler" sampler."""
@@ -208,12 +224,12 @@ def tiny_sdxl_pipeline(seed: int = 0, scheduler: str = "ddim", vae: str = "kl", 
     return StableDiffusionXLPipeline(**components)
 
 
-def tiny_sd3_pipeline(seed: int = 0, img2img: bool = False):
+def tiny_sd3_pipeline(seed: int = 0, img2img: bool = False, vae: str = "kl"):
     """A Stable-Diffusion-3-shaped pipeline small enough for CPU tests (64×64 images), without T5.
 
     Without T5 the prompt is 77 CLIP tokens (hidden 32 + 48, zero-padded to 96) followed by
-    ``max_sequence_length`` (256) zero tokens; at width 32 that is still fast. The VAE has 16 latent
-    channels, a scaling and a shift factor, as SD3's does.
+    ``max_sequence_length`` (256) zero tokens; at width 32 that is still fast. The VAE ("kl" or
+    "tiny") has 16 latent channels, a scaling and a shift factor, as SD3's does.
     """
     from diffusers import (
         FlowMatchEulerDiscreteScheduler,
@@ -239,8 +255,8 @@ def tiny_sd3_pipeline(seed: int = 0, img2img: bool = False):
         pooled_projection_dim=32 + 48,
         pos_embed_max_size=16,
     ).eval()
-    vae = tiny_vae("kl", latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
-                   use_quant_conv=False, use_post_quant_conv=False)
+    sd3_vae = dict(use_quant_conv=False, use_post_quant_conv=False) if vae == "kl" else {}
+    vae = tiny_vae(vae, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, **sd3_vae)
     cls = StableDiffusion3Img2ImgPipeline if img2img else StableDiffusion3Pipeline
     return cls(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
@@ -250,8 +266,8 @@ def tiny_sd3_pipeline(seed: int = 0, img2img: bool = False):
 
 
 # --- Real architectures, random weights ----------------------------------------------------------
-# The configs below are the published ones (the repositories' config.json), keys at their defaults
-# left out. They cost what the trained models cost; only the outputs are noise.
+# The configs below are the published ones (the repositories' config.json), less the keys that
+# match the constructors' defaults. They cost what the trained models cost; the outputs are noise.
 
 _SD_UNET = dict(  # runwayml/stable-diffusion-v1-5: 859.52M parameters
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,

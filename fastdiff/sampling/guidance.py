@@ -10,8 +10,12 @@ S = a row's stored residual noise (the noise its latent is believed to carry).
 | self       | n·F                               | ε = δ·S + g·(ε_c − δ·S)                   |
 | initialize | (n+1)·F                           | as self; the newest frame's S is a real ε_u |
 
-At g = 1 every mode gives ε_c. The residual S of a frame starts as the noise injected into it and
-is carried from step to step by :func:`next_residual`.
+At g = 1 every mode gives ε_c. Full guidance is applied to the model's raw outputs, as diffusers
+does (the same as in ε, since ε̂ is affine in the output for a given x). Residual guidance works in
+ε; its x̂0 follows from x = α·x̂0 + β·ε̂, i.e. x̂0_g = x̂0_c + (β/α)·(ε_c − ε_g). A row with α = 0
+(a flow model's pure-noise step, σ = 1) says nothing about x0 through ε, so residual guidance leaves
+it unguided. The residual S of a frame starts as the noise injected into it and is carried from step
+to step by :func:`next_residual`.
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ def check_mode(cfg: str) -> str:
     return cfg
 
 
-def full_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
-    """ε = ε_u + g·(ε_c − ε_u)."""
-    return eps_uncond + scale * (eps_cond - eps_uncond)
+def full_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """o = o_u + g·(o_c − o_u), on raw model outputs (ε, v or flow velocity alike)."""
+    return uncond + scale * (cond - uncond)
 
 
 def self_guidance(eps_cond: torch.Tensor, residual: torch.Tensor, scale: float, delta: float) -> torch.Tensor:
@@ -38,18 +42,25 @@ def self_guidance(eps_cond: torch.Tensor, residual: torch.Tensor, scale: float, 
     return virtual_uncond + scale * (eps_cond - virtual_uncond)
 
 
-def carry_ratio(alpha_next: torch.Tensor, beta_next: torch.Tensor) -> torch.Tensor:
-    """α'/β', and 0 for rows that leave the stream (β' = 0)."""
-    return torch.where(beta_next > 0, alpha_next / beta_next.clamp_min(1e-12), torch.zeros_like(beta_next))
+def safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num/den, and 0 where den = 0 (rows leaving the stream, or flow rows at σ = 1)."""
+    return torch.where(den > 0, num / den.clamp_min(1e-12), torch.zeros_like(den))
 
 
-def next_residual(residual, eps, injected, alpha, beta, c_skip, c_out, ratio):
+def guided_self(x0_cond, eps_cond, residual, scale, delta, beta_over_alpha):
+    """(x̂0, ε̂) under residual guidance; rows with α = 0 (beta_over_alpha = 0) stay unguided."""
+    eps = self_guidance(eps_cond, residual, scale, delta)
+    eps = torch.where(beta_over_alpha > 0, eps, eps_cond)
+    return x0_cond + beta_over_alpha * (eps_cond - eps), eps
+
+
+def next_residual(residual, eps, injected, beta, c_skip, c_out, beta_over_alpha, ratio):
     """The residual noise a row carries after its step.
 
     The noise part β·S of a row goes through the same x̂0 estimator as the row:
     Δx = c_out·(β·S − β·ε)/α + c_skip·β·S, and reappears in the next row's units:
     S' = n + (α'/β')·Δx, where n is the noise the step puts back (LCM's re-noising draw, or ε̂
-    for the deterministic step); `ratio` is :func:`carry_ratio`.
+    for the deterministic step); `ratio` is α'/β' (0 where β' = 0).
     """
-    delta_x = c_out * (beta * residual - beta * eps) / alpha + c_skip * beta * residual
+    delta_x = c_out * beta_over_alpha * (residual - eps) + c_skip * beta * residual
     return injected + ratio * delta_x

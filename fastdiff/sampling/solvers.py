@@ -1,8 +1,8 @@
 """One denoising step for a batch of rows, each row at its own timestep.
 
 All coefficients are per-row tensors broadcastable to the latents ([R, 1, 1, 1]). A row is
-x = α·x0 + β·ε; the model's output is first turned into its noise estimate ε̂, and everything
-after that (guidance, the step, the residual bookkeeping) works on ε̂.
+x = α·x0 + β·ε; the model's output is first turned into the pair (x̂0, ε̂), and the step works
+on that pair whatever the model predicts.
 """
 
 from __future__ import annotations
@@ -10,24 +10,21 @@ from __future__ import annotations
 import torch
 
 
-def to_eps(output: torch.Tensor, x: torch.Tensor, alpha, beta, prediction_type: str) -> torch.Tensor:
-    """The noise estimate ε̂ implied by a model output.
+def to_x0_eps(output: torch.Tensor, x: torch.Tensor, alpha, beta, prediction_type: str):
+    """The pair (x̂0, ε̂) implied by a model output; always x = α·x̂0 + β·ε̂.
 
-    epsilon: ε̂ = out.  v_prediction (v = α·ε − β·x0): ε̂ = α·v + β·x.
-    flow (velocity u = ε − x0 with x = (1−σ)·x0 + σ·ε): ε̂ = x + (1−σ)·u = x + α·u.
+    epsilon: ε̂ = out, x̂0 = (x − β·ε̂)/α.
+    v_prediction (v = α·ε − β·x0, with α² + β² = 1): x̂0 = α·x − β·v, ε̂ = α·v + β·x.
+    flow (velocity u = ε − x0, x = (1−σ)·x0 + σ·ε): x̂0 = x − σ·u, ε̂ = x + (1−σ)·u — no division,
+    so the pure-noise row σ = 1 (α = 0) is fine.
     """
     if prediction_type == "epsilon":
-        return output
+        return (x - beta * output) / alpha, output
     if prediction_type == "v_prediction":
-        return alpha * output + beta * x
+        return alpha * x - beta * output, alpha * output + beta * x
     if prediction_type == "flow":
-        return x + alpha * output
+        return x - beta * output, x + alpha * output
     raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'flow', got {prediction_type!r}")
-
-
-def predict_x0(x: torch.Tensor, eps: torch.Tensor, alpha, beta) -> torch.Tensor:
-    """x̂0 = (x − β·ε̂) / α."""
-    return (x - beta * eps) / alpha
 
 
 def consistency_x0(x0: torch.Tensor, x: torch.Tensor, c_skip, c_out) -> torch.Tensor:

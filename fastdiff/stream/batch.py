@@ -17,10 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from ..denoiser import Conditioning, Denoiser
-from ..sampling.guidance import (carry_ratio, check_mode, full_guidance, next_residual,
-                                 self_guidance)
+from ..sampling.guidance import check_mode, full_guidance, guided_self, next_residual, safe_ratio
 from ..sampling.schedule import StepSchedule
-from ..sampling.solvers import advance, consistency_x0, predict_x0, to_eps
+from ..sampling.solvers import advance, consistency_x0, to_x0_eps
 
 NOISE_MODES = ("fixed", "fresh")
 
@@ -54,7 +53,8 @@ class _Rows:
     beta_next: torch.Tensor
     c_skip: torch.Tensor
     c_out: torch.Tensor
-    ratio: torch.Tensor
+    ratio: torch.Tensor             # α'/β' (0 for rows leaving the stream)
+    beta_over_alpha: torch.Tensor   # β/α (0 for flow rows at σ = 1)
     noise_rows: torch.Tensor   # flat index into noise[n·F] of each row's re-noising draw (LCM)
 
 
@@ -149,7 +149,8 @@ class LatentStream:
             alpha=per_row(s.alpha), beta=per_row(s.beta),
             alpha_next=per_row(s.alpha_next), beta_next=per_row(s.beta_next),
             c_skip=per_row(s.c_skip), c_out=per_row(s.c_out),
-            ratio=per_row(carry_ratio(s.alpha_next, s.beta_next)),
+            ratio=per_row(safe_ratio(s.alpha_next, s.beta_next)),
+            beta_over_alpha=per_row(safe_ratio(s.beta, s.alpha)),
             noise_rows=((index + 1).clamp(max=n - 1) * F + torch.arange(F).repeat(len(slots))).to(self.device),
         )
 
@@ -204,25 +205,24 @@ class LatentStream:
         else:
             x_model = x
         output = self.denoiser(x_model, rows.t_model, rows.cond_model)
-        pred = self.schedule.prediction_type
+        pred, a, b = self.schedule.prediction_type, rows.alpha, rows.beta
         uncond_rows = output.shape[0] - x.shape[0]
-        eps_c = to_eps(output[uncond_rows:], x, rows.alpha, rows.beta, pred)
+        cond_out = output[uncond_rows:]
 
         residual = None
         if self.cfg == "none":
-            eps = eps_c
+            x0, eps = to_x0_eps(cond_out, x, a, b, pred)
         elif self.cfg == "full":
-            eps_u = to_eps(output[:uncond_rows], x, rows.alpha, rows.beta, pred)
-            eps = full_guidance(eps_u, eps_c, self.guidance_scale)
+            x0, eps = to_x0_eps(full_guidance(output[:uncond_rows], cond_out, self.guidance_scale), x, a, b, pred)
         else:
+            x0_c, eps_c = to_x0_eps(cond_out, x, a, b, pred)
             new_residual = eps_new
             if self.cfg == "initialize" and x_new is not None:   # the newest frame's real ε_u
-                new_residual = to_eps(output[:F], x_new, rows.alpha[:F], rows.beta[:F], pred)
+                new_residual = to_x0_eps(output[:F], x_new, a[:F], b[:F], pred)[1]
             res_parts = ([new_residual] if x_new is not None else []) + [state.residuals[j] for j in occupied]
             residual = torch.cat(res_parts) if len(res_parts) > 1 else res_parts[0]
-            eps = self_guidance(eps_c, residual, self.guidance_scale, self.delta)
+            x0, eps = guided_self(x0_c, eps_c, residual, self.guidance_scale, self.delta, rows.beta_over_alpha)
 
-        x0 = predict_x0(x, eps, rows.alpha, rows.beta)
         if self.schedule.solver == "lcm":
             x0 = consistency_x0(x0, x, rows.c_skip, rows.c_out)
             injected = self.noise.flatten(0, 1)[rows.noise_rows]
@@ -230,8 +230,8 @@ class LatentStream:
             injected = eps
         x_next = advance(x0, injected, rows.alpha_next, rows.beta_next)
         if residual is not None:
-            residual = next_residual(residual, eps, injected, rows.alpha, rows.beta, rows.c_skip,
-                                     rows.c_out, rows.ratio)
+            residual = next_residual(residual, eps, injected, b, rows.c_skip, rows.c_out,
+                                     rows.beta_over_alpha, rows.ratio)
         self.calls += 1
         return self._shift(rows.slots, x_next, residual)
 

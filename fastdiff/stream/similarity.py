@@ -74,10 +74,14 @@ class SimilarityFilter:
                 self.skipped += 1
                 self.skip_run += 1
                 return True
+        self.accept(frame)
+        return False
+
+    def accept(self, frame: torch.Tensor) -> None:
+        """Record `frame` as processed without asking (a stream with no output to reuse yet)."""
         self._remember(frame)
         self.processed += 1
         self.skip_run = 0
-        return False
 
     def _comparable(self, frame: torch.Tensor) -> torch.Tensor | None:
         """`frame` flattened to float32 (a view when possible), or None if it can't be compared."""

@@ -219,12 +219,12 @@ class Stream:
         self._require_prepared()
         pixels = self._inputs(image)
         self.last_skipped = False
-        if self.filter is not None and pixels is not None and self._last_output is not None:
-            if self.filter.should_skip(pixels):
+        if self.filter is not None and pixels is not None:
+            if self._last_output is None:   # nothing to reuse yet: never skip
+                self.filter.accept(pixels)
+            elif self.filter.should_skip(pixels):
                 self.last_skipped = True
                 return self._last_output
-        elif self.filter is not None and pixels is not None:
-            self.filter.should_skip(pixels)   # the first frame becomes the filter's reference
         clean = self.codec.encode(pixels) if pixels is not None else None
         finished = self.latents.push(clean)
         if finished is None:

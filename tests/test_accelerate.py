@@ -1,0 +1,125 @@
+"""fastdiff.accelerate(pipe) against the diffusers pipeline it wraps."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+
+import fastdiff
+from fastdiff.testing import tiny_sd_pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(pipe, seed=1, **kwargs):
+    return pipe(generator=torch.Generator().manual_seed(seed), output_type="np", **kwargs).images
+
+
+@pytest.fixture(scope="module")
+def txt2img():
+    pipe = tiny_sd_pipeline(scheduler="ddim")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
+@pytest.mark.parametrize("guidance_scale", [1.0, 6.0])
+def test_txt2img_matches_diffusers(scheduler, guidance_scale):
+    """Same seed, scheduler and steps: full CFG (g > 1) and no CFG give diffusers' own images."""
+    pipe = tiny_sd_pipeline(scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    args = dict(prompt=["a red circle", "a blue fox"], num_inference_steps=5, guidance_scale=guidance_scale,
+                num_images_per_prompt=2, negative_prompt=["dark", "bright"])
+    expected = run(pipe, **args)
+    got = run(fastdiff.accelerate(pipe), **args)
+    assert got.shape == expected.shape == (4, 64, 64, 3)
+    assert expected.std() > 0.01           # a real picture, not a constant
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+def test_guidance_changes_the_image(txt2img):
+    fast = fastdiff.accelerate(txt2img)
+    a = run(fast, prompt="a red circle", num_inference_steps=4, guidance_scale=1.0)
+    b = run(fast, prompt="a red circle", num_inference_steps=4, guidance_scale=8.0)
+    assert np.abs(a - b).max() > 1e-3
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
+def test_img2img_matches_diffusers(scheduler):
+    pipe = tiny_sd_pipeline(scheduler=scheduler, img2img=True)
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    args = dict(prompt="a red circle", image=image, num_inference_steps=10, strength=0.6, guidance_scale=4.0)
+    np.testing.assert_allclose(run(fastdiff.accelerate(pipe), **args), run(pipe, **args), atol=2e-5)
+
+
+def test_output_types_and_dataclass(txt2img):
+    fast = fastdiff.accelerate(txt2img)
+    out = fast("a red circle", num_inference_steps=2)
+    assert isinstance(out, StableDiffusionPipelineOutput)
+    assert out.images[0].size == (64, 64)
+    pt = fast("a red circle", num_inference_steps=2, output_type="pt").images
+    assert pt.shape == (1, 3, 64, 64) and 0 <= pt.min() and pt.max() <= 1
+    latents = fast("a red circle", num_inference_steps=2, output_type="latent").images
+    assert latents.shape == (1, 4, 8, 8)
+    images, nsfw = fast("a red circle", num_inference_steps=2, output_type="np", return_dict=False)
+    assert images.shape == (1, 64, 64, 3) and nsfw is None
+
+
+def test_user_latents_match_diffusers(txt2img):
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    args = dict(prompt="a blue square", num_inference_steps=3, latents=latents, guidance_scale=3.0)
+    np.testing.assert_allclose(run(fastdiff.accelerate(txt2img), **args), run(txt2img, **args), atol=2e-5)
+
+
+def test_residual_cfg_runs_n_rows(txt2img):
+    fast = fastdiff.accelerate(txt2img, cfg="self")
+    rows = []
+    unet_forward = txt2img.unet.forward
+    handle = txt2img.unet.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    try:
+        image = run(fast, prompt="a red circle", num_inference_steps=4, guidance_scale=3.0)
+    finally:
+        handle.remove()
+    assert rows == [1, 1, 1, 1]            # 4 steps, 1 row each: no unconditional pass
+    assert np.isfinite(image).all()
+    assert txt2img.unet.forward == unet_forward
+
+
+def test_unsupported_pipeline_and_arguments(txt2img):
+    class NotAPipeline:
+        pass
+
+    with pytest.raises(ValueError, match="pipe: NotAPipeline is not supported.*StableDiffusionPipeline"):
+        fastdiff.accelerate(NotAPipeline())
+    fast = fastdiff.accelerate(txt2img)
+    with pytest.raises(TypeError, match="prompt_embeds"):
+        fast("a red circle", prompt_embeds=torch.zeros(1, 77, 32))
+    with pytest.raises(ValueError, match="output_type"):
+        fast("a red circle", output_type="gif")
+    with pytest.raises(ValueError, match="prompt must not be empty"):
+        fast("  ")
+    with pytest.raises(ValueError, match="image is not an argument"):
+        fast("a red circle", image=torch.rand(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="cfg must be one of"):
+        fastdiff.accelerate(txt2img, cfg="double")
+    with pytest.raises(ValueError, match="num_images_per_prompt"):
+        fast("a red circle", num_images_per_prompt=0)
+
+
+def test_custom_pipeline_files_load_from_a_saved_pipeline(tmp_path, txt2img):
+    txt2img.save_pretrained(tmp_path)
+    for name, kwargs in (("fastdiff_txt2img", {}),
+                         ("fastdiff_img2img", {"image": torch.rand(1, 3, 64, 64), "strength": 0.5})):
+        custom = DiffusionPipeline.from_pretrained(
+            tmp_path, custom_pipeline=os.path.join(REPO, "pipelines", f"{name}.py"), trust_remote_code=True)
+        custom.set_progress_bar_config(disable=True)
+        out = run(custom, prompt="a red circle", num_inference_steps=4, **kwargs)
+        assert out.shape == (1, 64, 64, 3)
+        base = type(custom).__mro__[1]
+        plain = base(**custom.components)
+        plain.set_progress_bar_config(disable=True)
+        np.testing.assert_allclose(out, run(plain, prompt="a red circle", num_inference_steps=4, **kwargs), atol=2e-5)

@@ -1,0 +1,135 @@
+import functools
+import re
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import fastdiff.testing
+from fastdiff.cli import FrameLedger, main, padded_groups
+
+
+@pytest.fixture(autouse=True)
+def cached_tiny_pipeline(monkeypatch):
+    # Building the tiny pipeline costs about a second; every command here can share one per kind.
+    monkeypatch.setattr(fastdiff.testing, "tiny_sd_pipeline", _cached_tiny)
+
+
+@functools.cache
+def _cached_tiny(**kwargs):
+    return _build_tiny(**kwargs)
+
+
+_build_tiny = fastdiff.testing.tiny_sd_pipeline
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def pngs(folder):
+    return sorted(folder.glob("*.png"))
+
+
+def test_python_dash_m_runs_the_command():
+    result = subprocess.run([sys.executable, "-m", "fastdiff", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "Usage: fastdiff" in result.stdout and "stream" in result.stdout
+
+
+def test_padded_groups_repeat_the_last_frame():
+    assert list(padded_groups("abc", 2)) == [[(0, "a"), (1, "b")], [(2, "c"), (None, "c")]]
+
+
+def test_generate_writes_images_and_a_summary(tmp_path):
+    result = run("generate", "a red circle", "a blue square", "--num-images", 2, "--steps", 2, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    files = pngs(tmp_path)
+    assert len(files) == 4
+    assert all(Image.open(f).size == (64, 64) for f in files)
+    assert "wrote 4 images" in result.output
+    assert re.search(r"s/image, [\d.]+ images/s", result.output)
+
+
+@pytest.mark.parametrize("frame_buffer", [1, 4])  # 6 frames in groups of 4: the last group is padded
+def test_stream_clip_writes_one_output_per_input(tmp_path, frame_buffer):
+    result = run("stream", "--clip", "moving-shapes", "--frames", 6, "--frame-buffer", frame_buffer, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert [f.name for f in pngs(tmp_path)] == [f"frame_{i:05d}.png" for i in range(6)]
+    assert "frames in: 6, frames out: 6" in result.output
+    assert re.search(r"[\d.]+ frames/s; latency per frame p50 [\d.]+ ms, p95 [\d.]+ ms", result.output)
+    assert ("padding: 2 repeated" in result.output) == (frame_buffer == 4)
+
+
+def test_stream_reads_a_folder_and_resizes(tmp_path):
+    frames = tmp_path / "in"
+    frames.mkdir()
+    for i in range(3):
+        Image.new("RGB", (96, 48), (80 * i, 40, 200)).save(frames / f"{i}.png")
+    (frames / "notes.txt").write_text("not a frame")
+    out = tmp_path / "out"
+    result = run("stream", "--input", frames, "--out", out, "--similarity-filter", 0.98)
+    assert result.exit_code == 0, result.output
+    assert len(pngs(out)) == 3 and Image.open(pngs(out)[0]).size == (64, 64)
+    assert "frames in: 3, frames out: 3" in result.output
+
+
+@pytest.mark.parametrize("args,option", [
+    (["stream", "--clip", "moving-shapes", "--steps", "45,32"], "--steps"),
+    (["stream", "--clip", "moving-shapes", "--steps", "a,b"], "--steps"),
+    (["stream", "--clip", "moving-shapes", "--frame-buffer", "0"], "--frame-buffer"),
+    (["stream", "--clip", "moving-shapes", "--cfg", "bogus"], "--cfg"),
+    (["stream", "--input", "/no/such/folder"], "--input"),
+    (["stream", "--clip", "moving-shapes", "--similarity-filter", "1.5"], "--similarity-filter"),
+    (["stream", "--clip", "moving-shapes", "--model", "/no/such/model"], "--model"),
+    (["stream"], "--input"),
+    (["generate", "x", "--cfg", "bogus"], "--cfg"),
+    (["generate", "x", "--height", "60"], "--height"),
+])
+def test_bad_options_are_usage_errors_naming_the_option(args, option, tmp_path):
+    result = run(*args, "--out", tmp_path)
+    assert result.exit_code == 2, result.output
+    assert option in result.output
+    assert "Traceback" not in result.output and not isinstance(result.exception, ValueError)
+
+
+class FakeStream:
+    """Lag of one call, F frames per call, optionally 'skipping' some calls: outputs name their input."""
+
+    lag = 1
+
+    def __init__(self, frame_buffer=1, skip_calls=()):
+        self.frame_buffer, self.skip_calls, self.calls = frame_buffer, set(skip_calls), 0
+        self.pending, self.last = [], None
+
+    def __call__(self, frames):
+        frames = frames if self.frame_buffer > 1 else [frames]
+        self.last_skipped = self.calls in self.skip_calls and self.last is not None
+        self.calls += 1
+        if self.last_skipped:
+            return self.last if self.frame_buffer > 1 else self.last[0]
+        self.pending.append([("out", f) for f in frames])
+        if len(self.pending) <= self.lag:
+            return None
+        self.last = self.pending.pop(0)
+        return self.last if self.frame_buffer > 1 else self.last[0]
+
+    def flush(self):
+        out = [o for group in self.pending for o in group]
+        self.pending = []
+        return out
+
+
+@pytest.mark.parametrize("frame_buffer,skip_calls", [(1, ()), (1, (3, 4)), (2, ()), (2, (2,))])
+def test_ledger_pairs_each_output_with_its_input(frame_buffer, skip_calls):
+    stream, ledger, pairs = FakeStream(frame_buffer, skip_calls), FrameLedger(), []
+    frames = list(range(7))  # 7 frames: with F = 2 the last group is padded
+    for group in padded_groups(frames, frame_buffer):
+        indices, images = map(list, zip(*group))
+        pairs += ledger.call(stream, indices, images)
+    pairs += ledger.flush(stream)
+    assert sorted(i for i, _ in pairs) == frames  # every frame once, padding dropped
+    skipped = {i for call in skip_calls for i in frames[call * frame_buffer:(call + 1) * frame_buffer]}
+    assert all(out == ("out", i) for i, out in pairs if i not in skipped)
+    assert ledger.skipped == len(skipped) and len(ledger.latencies) == len(frames)

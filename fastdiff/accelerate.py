@@ -13,7 +13,7 @@ import numbers
 
 import torch
 
-from .denoiser import check_prompts, denoiser_for
+from .denoiser import check_prompts, check_size, denoiser_for
 from .images import check_output_type
 from .sampling.guidance import check_mode
 from .sampling.schedule import step_schedule
@@ -115,11 +115,10 @@ class AcceleratedPipeline:
             if pixels.shape[0] not in (1, batch):
                 raise ValueError(f"image has {pixels.shape[0]} images for a batch of {batch} prompts×images")
             pixels = pixels.expand(batch, -1, -1, -1) if pixels.shape[0] == 1 else pixels
-            height, width = pixels.shape[-2:]
+            height, width = (int(v) for v in pixels.shape[-2:])
         elif image is not None:
             raise ValueError(f"image is not an argument of the txt2img {type(self.pipe).__name__}")
-        size = denoiser.original.config.sample_size * codec.scale_factor
-        height, width = height or size, width or size
+        height, width = check_size(denoiser, codec, height, width)
 
         if timesteps is not None:
             steps = None

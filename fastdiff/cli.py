@@ -22,7 +22,7 @@ CLIPS = ("moving-shapes",)
 # The library names the offending argument first in its ValueErrors; the option it came from.
 OPTION_OF = {
     "steps": "--steps", "num_inference_steps": "--steps", "cfg": "--cfg", "guidance_scale": "--guidance-scale",
-    "delta": "--delta", "frame_buffer": "--frame-buffer", "threshold": "--similarity-filter",
+    "delta": "--delta", "frame_buffer": "--frame-buffer", "similarity_filter": "--similarity-filter",
     "height": "--height", "width": "--width", "prompt": "--prompt", "negative_prompt": "--negative-prompt",
     "pipe": "--model",
 }
@@ -51,6 +51,8 @@ def load_pipeline(model: str, img2img: bool, device: str | None):
         from .testing import tiny_sd_pipeline
 
         pipe = tiny_sd_pipeline(scheduler="lcm", img2img=img2img)
+        click.echo("note: --model tiny has random weights, so its images are noise; "
+                   "pass a local pipeline folder for real ones", err=True)
     elif os.path.isdir(model):
         from diffusers import DiffusionPipeline
 
@@ -269,8 +271,7 @@ def stream(input_dir, clip, frames, prompt, negative_prompt, model, steps, cfg, 
     out.mkdir(parents=True, exist_ok=True)
 
     ledger, written = FrameLedger(), 0
-    # np.array, not asarray: torch.from_numpy warns about the read-only view of a PIL image.
-    fitted = (np.array(ImageOps.fit(frame, (s.width, s.height))) for frame in inputs)
+    fitted = (ImageOps.fit(frame, (s.width, s.height)) for frame in inputs)
     with tqdm(total=total, desc="stream", unit="frame") as bar:
         for group in padded_groups(fitted, frame_buffer):
             indices, images = map(list, zip(*group))

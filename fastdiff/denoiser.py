@@ -66,6 +66,19 @@ def check_prompts(prompts, name: str, tokenizers, allow_empty: bool) -> list[str
     return list(prompts)
 
 
+def check_size(denoiser: "Denoiser", codec, height, width) -> tuple[int, int]:
+    """Image size in pixels: the model's native size by default, else a multiple of what it can take
+    (the VAE's factor, times the transformer's patch size)."""
+    config = denoiser.original.config
+    multiple = codec.scale_factor * (config.get("patch_size", 1) or 1)
+    default = config.sample_size * codec.scale_factor
+    height, width = height or default, width or default
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
+            raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
+    return height, width
+
+
 class Denoiser(abc.ABC):
     """Base adapter: the pipeline, its denoiser module, and the dtype/device its rows use."""
 

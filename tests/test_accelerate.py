@@ -123,3 +123,27 @@ def test_custom_pipeline_files_load_from_a_saved_pipeline(tmp_path, txt2img):
         plain = base(**custom.components)
         plain.set_progress_bar_config(disable=True)
         np.testing.assert_allclose(out, run(plain, prompt="a red circle", num_inference_steps=4, **kwargs), atol=2e-5)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+@pytest.mark.parametrize("img2img", [False, True])
+def test_sdxl_and_sd3_match_diffusers(family, img2img):
+    """SDXL's added conditions and SD3's flow-matching transformer (σ = 1 first step included)."""
+    from fastdiff.testing import tiny_sd3_pipeline, tiny_sdxl_pipeline
+
+    pipe = (tiny_sdxl_pipeline if family == "sdxl" else tiny_sd3_pipeline)(img2img=img2img)
+    pipe.set_progress_bar_config(disable=True)
+    args = dict(prompt="a red circle", num_inference_steps=4, guidance_scale=4.0)
+    if img2img:
+        args.update(image=torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)), strength=0.7)
+    expected = run(pipe, **args)
+    assert expected.std() > 0.01
+    np.testing.assert_allclose(run(fastdiff.accelerate(pipe), **args), expected, atol=2e-5)
+    assert np.isfinite(run(fastdiff.accelerate(pipe, cfg="self"), **args)).all()
+
+
+def test_size_that_the_model_cannot_take_is_refused(txt2img):
+    with pytest.raises(ValueError, match="height must be a positive multiple of 8, got 65"):
+        fastdiff.accelerate(txt2img)("a red circle", height=65, num_inference_steps=2)
+    out = fastdiff.accelerate(txt2img)("a red circle", height=96, width=32, num_inference_steps=2, output_type="np")
+    assert out.images.shape == (1, 96, 32, 3)

@@ -183,7 +183,7 @@ BAD_STREAM_ARGS = [
     (dict(height=60), "height must be a positive multiple of 8"),
     (dict(noise="pink"), "noise must be one of"),
     (dict(output_type="gif"), "output_type must be one of"),
-    (dict(similarity_filter=1.5), "threshold"),
+    (dict(similarity_filter=1.5), "similarity_filter must be None or a threshold"),
 ]
 
 

@@ -6,7 +6,7 @@ import numbers
 
 import torch
 
-from ..denoiser import check_prompts, denoiser_for
+from ..denoiser import check_prompts, check_size, denoiser_for
 from ..images import check_output_type, from_model_tensor, to_model_tensor
 from ..sampling.guidance import check_mode
 from ..sampling.schedule import step_schedule
@@ -64,7 +64,10 @@ class Stream:
         self.noise = noise
         self.output_type = check_output_type(output_type)
         self.generator = torch.Generator(self.denoiser.device).manual_seed(seed)
-        self.filter = (SimilarityFilter(similarity_filter, max_skip_frames, seed)
+        if similarity_filter is not None and (isinstance(similarity_filter, bool) or not isinstance(
+                similarity_filter, numbers.Real) or not 0 < similarity_filter < 1):
+            raise ValueError(f"similarity_filter must be None or a threshold in (0, 1), got {similarity_filter!r}")
+        self.filter = (SimilarityFilter(float(similarity_filter), max_skip_frames, seed)
                        if similarity_filter is not None else None)
         if steps is None and timesteps is None:
             steps = DEFAULT_STEPS[mode]
@@ -79,15 +82,7 @@ class Stream:
 
     # -- set-up ----------------------------------------------------------------------------------
     def _check_size(self, height, width):
-        original = self.denoiser.original
-        patch = original.config.get("patch_size", 1) or 1
-        multiple = self.codec.scale_factor * patch
-        default = original.config.sample_size * self.codec.scale_factor
-        height, width = height or default, width or default
-        for name, value in (("height", height), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
-                raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
-        return height, width
+        return check_size(self.denoiser, self.codec, height, width)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -186,7 +181,8 @@ class Stream:
 
     @property
     def skipped_frames(self) -> int:
-        return self.filter.skipped if self.filter is not None else 0
+        """Input frames the similarity filter skipped (a skipped call skips all F of its frames)."""
+        return self.filter.skipped * self.frame_buffer if self.filter is not None else 0
 
     def _require_prepared(self):
         if self.latents is None:

@@ -1,0 +1,35 @@
+"""The stream and the drop-in pipeline on a CUDA device in half precision (skipped without one)."""
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.testing import tiny_sd_pipeline
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_stream_on_cuda_matches_cpu_float32(dtype):
+    cpu = tiny_sd_pipeline(scheduler="lcm", img2img=True)
+    gpu = tiny_sd_pipeline(scheduler="lcm", img2img=True).to("cuda", dtype)
+    frames = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    outputs = {}
+    for name, pipe in (("cpu", cpu), ("gpu", gpu)):
+        stream = fastdiff.Stream(pipe, steps=[20, 40], cfg="self", guidance_scale=1.4)
+        stream.prepare("a red circle")
+        outs = [stream(f.to(pipe.device)) for f in frames]
+        outputs[name] = [o for o in outs if o is not None] + stream.flush()
+    for a, b in zip(outputs["cpu"], outputs["gpu"]):
+        assert b.device.type == "cuda"
+        torch.testing.assert_close(b.float().cpu(), a, atol=0.05, rtol=0)
+
+
+def test_accelerate_on_cuda_half():
+    pipe = tiny_sd_pipeline(scheduler="ddim").to("cuda", torch.float16)
+    pipe.set_progress_bar_config(disable=True)
+    gen = lambda: torch.Generator("cuda").manual_seed(0)
+    expected = pipe("a red circle", num_inference_steps=4, generator=gen(), output_type="pt").images
+    got = fastdiff.accelerate(pipe)("a red circle", num_inference_steps=4, generator=gen(), output_type="pt").images
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=0)

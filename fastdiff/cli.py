@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import os
+import queue
 import re
 import time
 from pathlib import Path
 
 import click
-import numpy as np
 import torch
 from PIL import Image, ImageOps
 
@@ -65,14 +64,6 @@ def load_pipeline(model: str, img2img: bool, device: str | None):
     return pipe.to(device)
 
 
-def check_size(pipe, height, width):
-    # diffusers rounds a size that isn't a multiple of the VAE's factor down without a word.
-    factor = getattr(pipe, "vae_scale_factor", 8)
-    for name, value in (("'--height'", height), ("'--width'", width)):
-        if value is not None and (value <= 0 or value % factor):
-            raise click.BadParameter(f"must be a positive multiple of {factor}, got {value}", param_hint=name)
-
-
 def parse_steps(ctx, param, value):
     """'32,45' → [32, 45]; order and range are the library's to check."""
     try:
@@ -118,7 +109,6 @@ def generate(prompts, model, steps, guidance_scale, cfg, seed, num_images, out, 
     from .accelerate import accelerate
 
     pipe = load_pipeline(model, img2img=False, device=device)
-    check_size(pipe, height, width)
     with usage_errors(prompt_hint="PROMPT"):
         fast = accelerate(pipe, cfg=cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -157,71 +147,23 @@ def read_frames(input_dir, clip, frames, seed):
     return len(paths), (Image.open(p).convert("RGB") for p in paths)
 
 
-def padded_groups(frames, size):
-    """Groups of `size` (index, frame) pairs; the last is padded with its last frame under index None."""
-    group = []
-    for item in enumerate(frames):
-        group.append(item)
-        if len(group) == size:
-            yield group
-            group = []
-    if group:
-        yield group + [(None, group[-1][1])] * (size - len(group))
+def write_results(results, out) -> tuple[int, int]:
+    """Write each delivered frame as frame_NNNNN.png; (written, skipped by the filter)."""
+    written = skipped = 0
+    for result in results:
+        result.image.save(out / f"frame_{result.index:05d}.png")
+        written += 1
+        skipped += result.skipped
+    return written, skipped
 
 
-def write_frames(pairs, out) -> int:
-    for index, image in pairs:
-        image.save(out / f"frame_{index:05d}.png")
-    return len(pairs)
-
-
-class FrameLedger:
-    """Pairs the stream's outputs with their inputs and times each frame.
-
-    The clock only runs during stream calls, so file reading and writing don't count. A processed
-    call's output belongs to the oldest group in flight (the stream returns in input order); a
-    skipped call's output belongs to its own group (the previous output, reused).
-    """
-
-    def __init__(self):
-        self.clock = 0.0
-        self.in_flight = collections.deque()  # (indices, clock at entry); None marks padding
-        self.latencies = []
-        self.skipped = 0  # frames (not calls) the similarity filter skipped
-
-    @contextlib.contextmanager
-    def timed(self):
-        start = time.perf_counter()
-        yield
-        self.clock += time.perf_counter() - start
-
-    def pair(self, indices, entered, outputs):
-        """[(index, image)] for the real frames of a group; padding's outputs are dropped."""
-        self.latencies += [self.clock - entered for i in indices if i is not None]
-        return [(i, image) for i, image in zip(indices, outputs) if i is not None]
-
-    def call(self, stream, indices, frames):
-        entered = self.clock
-        with self.timed():
-            result = stream(frames if stream.frame_buffer > 1 else frames[0])
-        if result is None:
-            self.in_flight.append((indices, entered))
-            return []
-        outputs = result if stream.frame_buffer > 1 else [result]
-        if stream.last_skipped:
-            self.skipped += sum(i is not None for i in indices)
-            return self.pair(indices, entered, outputs)
-        self.in_flight.append((indices, entered))
-        return self.pair(*self.in_flight.popleft(), outputs)
-
-    def flush(self, stream):
-        with self.timed():
-            outputs = iter(stream.flush())
-        pairs = []
-        while self.in_flight:
-            indices, entered = self.in_flight.popleft()
-            pairs += self.pair(indices, entered, [next(outputs) for _ in indices])
-        return pairs
+def ready_results(runner):
+    """The results already delivered, without waiting."""
+    while True:
+        try:
+            yield runner.get(timeout=0)
+        except queue.Empty:
+            return
 
 
 @main.command(short_help="Stream video frames through img2img.")
@@ -260,31 +202,37 @@ def stream(input_dir, clip, frames, prompt, negative_prompt, model, steps, cfg, 
     from tqdm import tqdm
 
     from .stream import Stream
+    from .stream.runner import StreamRunner
 
     total, inputs = read_frames(input_dir, clip, frames, seed)
     pipe = load_pipeline(model, img2img=True, device=device)
-    check_size(pipe, height, width)
     with usage_errors():
         s = Stream(pipe, steps, cfg=cfg, guidance_scale=guidance_scale, delta=delta, frame_buffer=frame_buffer,
                    similarity_filter=similarity_filter, seed=seed, height=height, width=width, output_type="pil")
         s.prepare(prompt, negative_prompt)
     out.mkdir(parents=True, exist_ok=True)
 
-    ledger, written = FrameLedger(), 0
+    written = skipped = 0
     fitted = (ImageOps.fit(frame, (s.width, s.height)) for frame in inputs)
+    # The runner pairs outputs with inputs (the stream lags n−1 calls), pads a last partial group
+    # of --frame-buffer frames and discards the padding's outputs, and flushes at close.
+    runner = StreamRunner(s, max_queue=2 * frame_buffer, when_full="block")
     with tqdm(total=total, desc="stream", unit="frame") as bar:
-        for group in padded_groups(fitted, frame_buffer):
-            indices, images = map(list, zip(*group))
-            pairs = ledger.call(s, indices, images)
-            bar.update(sum(i is not None for i in indices))
-            written += write_frames(pairs, out)
-        written += write_frames(ledger.flush(s), out)
+        with runner:
+            for frame in fitted:
+                runner.put(frame)
+                counts = write_results(ready_results(runner), out)
+                written, skipped = written + counts[0], skipped + counts[1]
+                bar.update(counts[0])
+        counts = write_results(runner, out)
+        written, skipped = written + counts[0], skipped + counts[1]
+        bar.update(counts[0])
 
+    stats = runner.stats()
     padded = -total % frame_buffer
-    fps = total / ledger.clock if ledger.clock else float("inf")
-    p50, p95 = np.percentile(ledger.latencies, [50, 95]) * 1000
+    fps, p50, p95 = stats.frames_per_s, stats.latency_p50_s * 1000, stats.latency_p95_s * 1000
     click.echo(f"frames in: {total}, frames out: {written} (in {out}), skipped by the similarity filter: "
-               f"{ledger.skipped}" + (f", padding: {padded} repeated frame(s), outputs discarded" if padded else ""))
+               f"{skipped}" + (f", padding: {padded} repeated frame(s), outputs discarded" if padded else ""))
     click.echo(f"{fps:.2f} frames/s; latency per frame p50 {p50:.1f} ms, p95 {p95:.1f} ms "
-               f"(frame in → its output out, {s.lag} call(s) of lag; stream time, file I/O excluded)")
+               f"(frame in → its output out, {s.lag} call(s) of lag)")
 

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import fastdiff.testing
-from fastdiff.cli import FrameLedger, main, padded_groups
+from fastdiff.cli import main
 
 
 @pytest.fixture(autouse=True)
@@ -36,10 +36,6 @@ def pngs(folder):
 def test_python_dash_m_runs_the_command():
     result = subprocess.run([sys.executable, "-m", "fastdiff", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "Usage: fastdiff" in result.stdout and "stream" in result.stdout
-
-
-def test_padded_groups_repeat_the_last_frame():
-    assert list(padded_groups("abc", 2)) == [[(0, "a"), (1, "b")], [(2, "c"), (None, "c")]]
 
 
 def test_generate_writes_images_and_a_summary(tmp_path):
@@ -92,44 +88,3 @@ def test_bad_options_are_usage_errors_naming_the_option(args, option, tmp_path):
     assert result.exit_code == 2, result.output
     assert option in result.output
     assert "Traceback" not in result.output and not isinstance(result.exception, ValueError)
-
-
-class FakeStream:
-    """Lag of one call, F frames per call, optionally 'skipping' some calls: outputs name their input."""
-
-    lag = 1
-
-    def __init__(self, frame_buffer=1, skip_calls=()):
-        self.frame_buffer, self.skip_calls, self.calls = frame_buffer, set(skip_calls), 0
-        self.pending, self.last = [], None
-
-    def __call__(self, frames):
-        frames = frames if self.frame_buffer > 1 else [frames]
-        self.last_skipped = self.calls in self.skip_calls and self.last is not None
-        self.calls += 1
-        if self.last_skipped:
-            return self.last if self.frame_buffer > 1 else self.last[0]
-        self.pending.append([("out", f) for f in frames])
-        if len(self.pending) <= self.lag:
-            return None
-        self.last = self.pending.pop(0)
-        return self.last if self.frame_buffer > 1 else self.last[0]
-
-    def flush(self):
-        out = [o for group in self.pending for o in group]
-        self.pending = []
-        return out
-
-
-@pytest.mark.parametrize("frame_buffer,skip_calls", [(1, ()), (1, (3, 4)), (2, ()), (2, (2,))])
-def test_ledger_pairs_each_output_with_its_input(frame_buffer, skip_calls):
-    stream, ledger, pairs = FakeStream(frame_buffer, skip_calls), FrameLedger(), []
-    frames = list(range(7))  # 7 frames: with F = 2 the last group is padded
-    for group in padded_groups(frames, frame_buffer):
-        indices, images = map(list, zip(*group))
-        pairs += ledger.call(stream, indices, images)
-    pairs += ledger.flush(stream)
-    assert sorted(i for i, _ in pairs) == frames  # every frame once, padding dropped
-    skipped = {i for call in skip_calls for i in frames[call * frame_buffer:(call + 1) * frame_buffer]}
-    assert all(out == ("out", i) for i, out in pairs if i not in skipped)
-    assert ledger.skipped == len(skipped) and len(ledger.latencies) == len(frames)

@@ -12,7 +12,6 @@ after JPEG or a VAE; see that module.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -23,8 +22,8 @@ from PIL import Image
 
 __all__ = [
     "RESOLUTION", "COLOURS", "SHAPES", "SIZES", "POSITIONS", "CELL_CENTRES", "SIDES", "JITTER",
-    "Obj", "Scene", "render", "render_batch", "sample_scene", "caption", "parse_caption",
-    "vocabulary", "scene_stream", "heldout_prompts", "batch_tensors",
+    "Obj", "Scene", "signed_distance", "render", "render_batch", "sample_scene", "caption", "parse_caption",
+    "vocabulary", "scene_stream", "heldout_prompts", "HELDOUT_SEEDS", "batch_tensors",
 ]
 
 RESOLUTION = 64  # pixels per side
@@ -76,7 +75,7 @@ class Obj:
     offset: tuple[float, float] = field(default=(0.0, 0.0), compare=False)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Scene:
     background: str
     objects: list[Obj] = field(default_factory=list)
@@ -84,24 +83,20 @@ class Scene:
 
 # --- drawing -----------------------------------------------------------------------------------
 
-_SHAPE_INDEX = {s: i for i, s in enumerate(SHAPES)}
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
 _COLOUR_INDEX = {c: i for i, c in enumerate(COLOURS)}
 _PALETTE_U8 = _PALETTE.astype(np.uint8)
-
-
 _WINDOW = 32  # every object, jittered and anti-aliased, fits a 32×32 window
 _LOCAL = np.arange(_WINDOW)
 
 
-def _signed_distance(shape: int, x, y, cx, cy, r):
-    """Signed distance (px, negative inside) from pixel centres x [m, W], y [m, H] to the objects: [m, H, W]."""
-    dx = np.abs(x - cx[:, None])[:, None, :]
-    dy = (y - cy[:, None])[:, :, None]
-    r = r[:, None, None]
-    if shape == 0:  # circle
+def signed_distance(shape: str, dx, dy, r):
+    """Signed distance (px, negative inside) of points at offset (dx, dy) from the centre of a
+    `shape` of half-size `r` (half its box's side). Arrays broadcast; the evaluator uses it too."""
+    dx = np.abs(dx)
+    if shape == "circle":
         return np.sqrt(dx * dx + dy * dy) - r
-    if shape == 1:  # square
+    if shape == "square":
         return np.maximum(dx, np.abs(dy)) - r
     # upright triangle in the same box: apex at the top middle, base along the bottom
     return np.maximum(dy - r, (2 * dx - dy - r) * np.float32(1 / np.sqrt(5)))
@@ -124,8 +119,8 @@ def render_batch(scenes: list[Scene]) -> np.ndarray:
     # second ones, gives the same pixels as drawing scene by scene (and no pixel twice per pass).
     for k in range(max((len(s.objects) for s in scenes), default=0)):
         rows = [(i, s.objects[k]) for i, s in enumerate(scenes) if len(s.objects) > k]
-        for shape in range(len(SHAPES)):
-            picked = [(i, o) for i, o in rows if _SHAPE_INDEX[o.shape] == shape]
+        for shape in SHAPES:
+            picked = [(i, o) for i, o in rows if o.shape == shape]
             if not picked:
                 continue
             idx = np.array([i for i, _ in picked])
@@ -136,7 +131,9 @@ def render_batch(scenes: list[Scene]) -> np.ndarray:
             x0 = np.clip(np.rint(cx).astype(int) - _WINDOW // 2, 0, RESOLUTION - _WINDOW)
             y0 = np.clip(np.rint(cy).astype(int) - _WINDOW // 2, 0, RESOLUTION - _WINDOW)
             xs, ys = x0[:, None] + _LOCAL, y0[:, None] + _LOCAL  # [m, 32] pixel indices
-            sd = _signed_distance(shape, xs + np.float32(0.5), ys + np.float32(0.5), cx, cy, r)
+            dx = (xs + np.float32(0.5) - cx[:, None])[:, None, :]
+            dy = (ys + np.float32(0.5) - cy[:, None])[:, :, None]
+            sd = signed_distance(shape, dx, dy, r[:, None, None])
             cover = np.clip(0.5 - sd, 0, 1)[..., None]
             where = (idx[:, None, None], ys[:, :, None], xs[:, None, :])
             base = out[where].astype(np.float32)

@@ -136,26 +136,25 @@ class Stream:
         if delta is not None:
             self.delta = self.latents.delta = _check_number(delta, "delta")
         structural = any(v is not None for v in (steps, timesteps, num_inference_steps, height, width))
-        drained = []
+        drained, resized = [], False
         if structural:
-            new_steps = steps if steps is not None or timesteps is not None else self.steps
-            new_timesteps = timesteps if timesteps is not None else (None if steps is not None else self.timesteps)
-            new_nis = num_inference_steps or self.num_inference_steps
-            schedule = step_schedule(self.pipe.scheduler, new_steps, new_timesteps, new_nis, self.solver)
-            new_size = self._check_size(height or self.height, width or self.width)
+            if steps is None and timesteps is None:
+                steps, timesteps = self.steps, self.timesteps
+            num_inference_steps = num_inference_steps or self.num_inference_steps
+            schedule = step_schedule(self.pipe.scheduler, steps, timesteps, num_inference_steps, self.solver)
+            size = self._check_size(height or self.height, width or self.width)
             drained = self.flush()
-            self.schedule, self.steps, self.timesteps, self.num_inference_steps = schedule, new_steps, new_timesteps, new_nis
-            resized = new_size != (self.height, self.width)
-            self.height, self.width = new_size
-            if resized and prompt is None:   # SDXL's size conditioning follows the resolution
-                prompt, negative_prompt = self.prompt, self.negative_prompt if negative_prompt is None else negative_prompt
-        if prompt is not None or negative_prompt is not None:
-            self._encode(prompt if prompt is not None else self.prompt,
-                         negative_prompt if negative_prompt is not None else self.negative_prompt)
-            if not structural:
-                self.latents.set_conditioning(*self._cond)
+            self.schedule, self.steps, self.timesteps = schedule, steps, timesteps
+            self.num_inference_steps = num_inference_steps
+            resized, (self.height, self.width) = size != (self.height, self.width), size
+        # A new size re-encodes too: SDXL's conditioning carries the image size.
+        if prompt is not None or negative_prompt is not None or resized:
+            self._encode(self.prompt if prompt is None else prompt,
+                         self.negative_prompt if negative_prompt is None else negative_prompt)
         if structural:
             self._start()
+        elif prompt is not None or negative_prompt is not None:
+            self.latents.set_conditioning(*self._cond)
         return drained
 
     def set_vae(self, vae):

@@ -1,11 +1,15 @@
 """Per-frame cost of fastdiff.Stream against the floor, diffusers per frame and StreamDiffusion.
 
-    python benchmarks/stream.py [--frames 30] [--rounds 5] [--size 128] [--out results.json]
+    python benchmarks/stream.py [--frames 30] [--rounds 5] [--size 64] [--out results.json]
+                                [--threads N] [--sd-postprocess]
 
 One run measures, side by side, img2img and txt2img with AutoencoderKL and AutoencoderTiny on the
 tiny random-weight SD-1.x pipeline (:func:`fastdiff.testing.tiny_sd_pipeline`, LCM scheduler,
 n = 2 steps: indices [32, 45] of the 50-step schedule for img2img, [0, 45] for txt2img), on the
-CPU, eager PyTorch, float32:
+CPU, eager PyTorch, float32. The default 64×64 px (8×8 latents) is the size at which this pipeline
+matches the reference scale on this machine (floor ≈ 14.6 ms/frame img2img with AutoencoderKL);
+at 128 px the floor is ≈ 2× that (the UNet, not the VAE, dominates: the tiny AutoencoderKL is
+only a little slower than the AutoencoderTiny at these sizes).
 
 - floor: one denoiser call on the stream's n·F rows (F = 1, the stream's own conditioning and
   timesteps) + one VAE encode (img2img only) + one VAE decode, on prepared tensors: the least work
@@ -23,14 +27,23 @@ CPU, eager PyTorch, float32:
   ("Tried to instantiate dummy base class Event"), so while its frames run (and only then) this
   script swaps ``torch.cuda.Event`` for a host-clock stand-in and ``torch.cuda.synchronize`` for a
   no-op (:func:`host_clock_cuda_events`). Its TensorRT and stable-fast accelerations need CUDA and
-  are not run. Its ``__call__`` returns the decoded image in [-1, 1] without post-processing
-  (fastdiff and diffusers return [0, 1]), which only favours it.
+  are not run. Its ``__call__`` and ``txt2img`` return the decoded image in [-1, 1] without
+  post-processing (fastdiff and diffusers return [0, 1] tensors), which favours it;
+  ``--sd-postprocess`` adds its own ``denormalize``, ``(x / 2 + 0.5).clamp(0, 1)``, to its frames
+  (its ``image_utils`` module cannot be imported here: it needs torchvision).
 
-Configurations are interleaved: every round runs every configuration once, in a shuffled order,
-each for a few untimed frames (to settle after the switch) and then ``--frames`` timed frames,
-each timed alone. The table reports the median per-frame time over all rounds, and "% of floor"
-as the median over rounds of floor_ms / ms with the floor from the same round, so that load from
-other processes on the machine, which drifts, cancels as far as possible.
+Configurations are interleaved: each of ``--rounds`` rounds visits the four (mode, VAE) groups in
+a shuffled order; in a group, after a few untimed frames each, the six configurations (which share
+the pipeline's weights) take turns frame by frame, in a shuffled order per sweep, for ``--frames``
+sweeps; every frame is timed alone. The table gives the median per-frame time over all frames,
+frames/s = 1000 / that, and "% of floor" and the speed-ups as medians over sweeps of the ratio of
+two configurations' frame times in the same sweep, so that load from other processes on the
+machine, which drifts, cancels as far as it can. p10 is the 10th percentile of the frame times.
+
+Threads: torch's default (one per core) unless ``--threads``. When another process keeps a core
+busy, every OpenMP parallel region waits for the descheduled second thread: on the 2-core CI
+machine a tiny-KL decode went from 11 ms to 0.5-0.7 s, and nothing measured means anything. The
+load average at start is printed; with a busy machine use ``--threads 1``.
 """
 
 from __future__ import annotations
@@ -90,6 +103,7 @@ def environment(argv) -> dict:
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "load_average": open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else None,
         "python": platform.python_version(),
         **{name: version(name) for name in ("torch", "diffusers", "transformers", "streamdiffusion")},
     }
@@ -151,7 +165,12 @@ def cycle(frames):
     return next_frame
 
 
-def build_configs(size: int, skipped: dict) -> list[Config]:
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    """StreamDiffusion's own post-processing (its image_utils.denormalize), for --sd-postprocess."""
+    return (images / 2 + 0.5).clamp(0, 1)
+
+
+def build_configs(size: int, skipped: dict, sd_postprocess: bool = False) -> list[Config]:
     from diffusers import StableDiffusionImg2ImgPipeline
 
     configs = []
@@ -199,12 +218,12 @@ def build_configs(size: int, skipped: dict) -> list[Config]:
 
             if mode == "img2img":
                 nxt = cycle(frames)
-                fn = (lambda p=img2img, nxt=nxt, ts=int_timesteps: p(
-                    prompt_embeds=prompt_embeds, image=nxt(), strength=1.0, timesteps=ts,
+                fn = (lambda p=img2img, nxt=nxt, ts=int_timesteps, pe=prompt_embeds: p(
+                    prompt_embeds=pe, image=nxt(), strength=1.0, timesteps=ts,
                     guidance_scale=1.0, output_type="pt").images)
             else:
-                fn = (lambda p=pipe, ts=int_timesteps: p(
-                    prompt_embeds=prompt_embeds, timesteps=ts, guidance_scale=1.0, height=size, width=size,
+                fn = (lambda p=pipe, ts=int_timesteps, pe=prompt_embeds: p(
+                    prompt_embeds=pe, timesteps=ts, guidance_scale=1.0, height=size, width=size,
                     output_type="pt").images)
             configs.append(Config(mode, vae, "diffusers", fn))
 
@@ -219,12 +238,13 @@ def build_configs(size: int, skipped: dict) -> list[Config]:
                 except Exception as e:   # noqa: BLE001 - record why it cannot run, and go on
                     skipped[f"{mode}/{vae}/{method}"] = f"{type(e).__name__}: {e}"
                     continue
+                post = denormalize if sd_postprocess else (lambda images: images)
                 if mode == "img2img":
                     nxt = cycle(frames)
-                    fn = (lambda sd=sd, nxt=nxt: sd(nxt()))
+                    fn = (lambda sd=sd, nxt=nxt, post=post: post(sd(nxt())))
                     configs.append(Config(mode, vae, method, fn, host_clock_cuda_events))
                 else:
-                    configs.append(Config(mode, vae, method, (lambda sd=sd: sd.txt2img(1))))
+                    configs.append(Config(mode, vae, method, (lambda sd=sd, post=post: post(sd.txt2img(1)))))
     return configs
 
 
@@ -243,20 +263,45 @@ def run_frames(config: Config, count: int, timed: bool) -> list[float]:
 
 
 def measure(configs: list[Config], frames: int, rounds: int, skipped: dict, seed: int = 0):
+    """Every round visits the (mode, VAE) groups in a shuffled order; within a group the
+    configurations take turns frame by frame (a shuffled turn order per sweep), so the floor and
+    the methods compared with it run under the same load."""
     for c in list(configs):   # warm-up, and a first check that each one runs at all
         try:
             run_frames(c, WARMUP_FRAMES, timed=False)
         except Exception as e:  # noqa: BLE001
             skipped[c.key] = f"{type(e).__name__}: {e}"
             configs.remove(c)
-    order = list(configs)
+    groups: dict = {}
+    for c in configs:
+        groups.setdefault((c.mode, c.vae), []).append(c)
     rng = random.Random(seed)
+    group_order = list(groups)
     for r in range(rounds):
-        rng.shuffle(order)
-        for c in order:
-            run_frames(c, SETTLE_FRAMES, timed=False)
-            c.rounds.append(run_frames(c, frames, timed=True))
+        rng.shuffle(group_order)
+        for g in group_order:
+            members = list(groups[g])
+            for c in members:
+                run_frames(c, SETTLE_FRAMES, timed=False)
+            times = {c.key: [] for c in members}
+            with torch.inference_mode():
+                for _ in range(frames):
+                    rng.shuffle(members)
+                    for c in members:
+                        with c.context():
+                            t0 = time.perf_counter()
+                            out = c.frame()
+                            t1 = time.perf_counter()
+                        assert out is not None, f"{c.key} returned None in steady state"
+                        times[c.key].append(t1 - t0)
+            for c in members:
+                c.rounds.append(times[c.key])
         print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+
+
+def paired_ratio(a: Config, b: Config) -> float:
+    """Median over all sweeps of b's frame time / a's frame time in the same sweep."""
+    return statistics.median(y / x for ra, rb in zip(a.rounds, b.rounds) for x, y in zip(ra, rb))
 
 
 def summarise(configs: list[Config], skipped: dict) -> list[dict]:
@@ -272,27 +317,27 @@ def summarise(configs: list[Config], skipped: dict) -> list[dict]:
                     rows.append({"mode": mode, "vae": vae, "method": method, "skipped": skipped.get(key, "not run")})
                     continue
                 all_ms = [t * 1e3 for rnd in c.rounds for t in rnd]
-                round_ms = [statistics.median(rnd) * 1e3 for rnd in c.rounds]
                 row = {"mode": mode, "vae": vae, "method": method, "ms": statistics.median(all_ms),
-                       "round_median_ms": round_ms, "round_mean_ms": [statistics.fmean(rnd) * 1e3 for rnd in c.rounds],
+                       "round_median_ms": [statistics.median(rnd) * 1e3 for rnd in c.rounds],
+                       "round_mean_ms": [statistics.fmean(rnd) * 1e3 for rnd in c.rounds],
                        "frame_ms": all_ms}
                 row["fps"] = 1e3 / row["ms"]
                 row["p10_ms"] = statistics.quantiles(all_ms, n=10)[0] if len(all_ms) > 1 else all_ms[0]
                 if floor is not None:
-                    ratios = [statistics.median(f) / statistics.median(m) for f, m in zip(floor.rounds, c.rounds)]
-                    row["of_floor"] = statistics.median(ratios)
-                    row["of_floor_rounds"] = ratios
+                    row["of_floor"] = paired_ratio(c, floor)
+                    row["of_floor_rounds"] = [statistics.median(f) / statistics.median(m)
+                                              for f, m in zip(floor.rounds, c.rounds)]
                 rows.append(row)
     return rows
 
 
 def paired(configs, mode, vae, a, b):
-    """Median over rounds of b_ms / a_ms (how many times faster a is than b), same-round pairs."""
+    """How many times faster a is than b: median over sweeps of b_ms / a_ms, same-sweep pairs."""
     by_key = {c.key: c for c in configs}
     ca, cb = by_key.get(f"{mode}/{vae}/{a}"), by_key.get(f"{mode}/{vae}/{b}")
     if ca is None or cb is None:
         return None
-    return statistics.median(statistics.median(y) / statistics.median(x) for x, y in zip(ca.rounds, cb.rounds))
+    return paired_ratio(ca, cb)
 
 
 def table(rows, configs) -> str:
@@ -323,27 +368,37 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=30, help="timed frames per configuration per round")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds over all configurations")
-    parser.add_argument("--size", type=int, default=128, help="image side in pixels (a multiple of 8; latents are size/8)")
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels (a multiple of 8; latents are size/8)")
     parser.add_argument("--out", default=None, help="write every timing to this JSON file")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: leave torch's default). On a shared machine whose "
+                             "other core is busy, torch's 2 OpenMP threads stall at every parallel region "
+                             "(a KL decode went from 11 ms to 0.5-0.7 s); --threads 1 then gives usable numbers")
+    parser.add_argument("--sd-postprocess", action="store_true",
+                        help="apply StreamDiffusion's denormalize to its outputs, so all three return [0, 1] tensors")
     args = parser.parse_args(argv)
     if args.size % 8 or args.size <= 0:
         parser.error("--size must be a positive multiple of 8")
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     env = environment([os.path.relpath(os.path.abspath(__file__), os.getcwd())] + argv)
     print(f"command: {env['command']}")
-    print(f"machine: {env['cpu']}, {env['cores']} cores (torch threads {env['torch_threads']}), Python {env['python']}")
+    print(f"machine: {env['cpu']}, {env['cores']} cores (torch threads {env['torch_threads']}), Python {env['python']}, "
+          f"load average at start {' '.join(env['load_average'] or ['?'])}")
     print(f"versions: torch {env['torch']}, diffusers {env['diffusers']}, transformers {env['transformers']}, "
           f"streamdiffusion {env['streamdiffusion']}")
     print(f"date: {env['date']}")
     print(f"setup: tiny SD-1.x pipeline (random weights), LCM, n=2 steps (img2img {STEPS['img2img']}, "
           f"txt2img {STEPS['txt2img']} of {NUM_INFERENCE_STEPS}), {args.size}×{args.size} px "
-          f"({args.size // 8}×{args.size // 8} latents), float32, eager, {args.rounds} rounds × {args.frames} frames")
+          f"({args.size // 8}×{args.size // 8} latents), float32, eager, {args.rounds} rounds × {args.frames} frames, "
+          f"StreamDiffusion output {'denormalized to [0, 1]' if args.sd_postprocess else 'raw [-1, 1] (as it returns it)'}")
 
     import diffusers
     diffusers.utils.logging.set_verbosity_error()   # LCM warns on every call with custom timesteps
     torch.manual_seed(0)
     skipped: dict = {}
-    configs = build_configs(args.size, skipped)
+    configs = build_configs(args.size, skipped, args.sd_postprocess)
     measure(configs, args.frames, args.rounds, skipped)
     rows = summarise(configs, skipped)
     print()

@@ -13,6 +13,9 @@ import click
 import torch
 from PIL import Image, ImageOps
 
+# transformers warns at import about optional image processors the CLI never uses.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
 from .sampling.guidance import CFG_MODES
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")

@@ -44,12 +44,17 @@ def usage_errors(prompt_hint: str = "--prompt"):
 
 
 def load_pipeline(model: str, img2img: bool, device: str | None):
-    """The "tiny" pipeline (random weights, built offline) or one from a local diffusers folder."""
+    """The embedded shapes model, the "tiny" pipeline (random weights, built offline), or a local
+    diffusers folder. Streams use only the components, so a txt2img pipeline serves img2img too."""
     try:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as error:
         raise click.BadParameter(str(error), param_hint="'--device'") from error
-    if model == "tiny":
+    if model == "shapes":
+        from .shapes.model import load_pipeline as load_shapes_pipeline
+
+        pipe = load_shapes_pipeline()
+    elif model == "tiny":
         from .testing import tiny_sd_pipeline
 
         pipe = tiny_sd_pipeline(scheduler="lcm", img2img=img2img)
@@ -63,7 +68,8 @@ def load_pipeline(model: str, img2img: bool, device: str | None):
         except (OSError, ValueError) as error:
             raise click.BadParameter(f"cannot load a pipeline from {model}: {error}", param_hint="'--model'") from error
     else:  # a hub id would mean a download; the CLI only reads local folders
-        raise click.BadParameter(f"{model!r} is neither 'tiny' nor a local pipeline folder", param_hint="'--model'")
+        raise click.BadParameter(f"{model!r} is neither 'shapes', 'tiny' nor a local pipeline folder",
+                                 param_hint="'--model'")
     return pipe.to(device)
 
 
@@ -79,8 +85,9 @@ def slug(text: str, length: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:length] or "prompt"
 
 
-model_option = click.option("--model", default="tiny", show_default=True,
-                            help="'tiny' (random weights, offline; for trying the tool) or a local diffusers pipeline folder.")
+model_option = click.option("--model", default="shapes", show_default=True,
+                            help="'shapes' (the embedded model, offline), 'tiny' (random weights) or a local "
+                                 "diffusers pipeline folder.")
 device_option = click.option("--device", default=None, help="torch device; default cuda when available, else cpu.")
 height_option = click.option("--height", type=int, default=None, help="Image height (default: the model's).")
 width_option = click.option("--width", type=int, default=None, help="Image width (default: the model's).")
@@ -94,7 +101,7 @@ def main():
 @main.command(short_help="Generate images from prompts (txt2img).")
 @click.argument("prompts", metavar="PROMPT...", nargs=-1, required=True)
 @model_option
-@click.option("--steps", type=int, default=4, show_default=True, help="num_inference_steps.")
+@click.option("--steps", type=int, default=25, show_default=True, help="num_inference_steps.")
 @click.option("--guidance-scale", type=float, default=None, help="Guidance scale (default: the pipeline's).")
 @click.option("--cfg", type=click.Choice(CFG_MODES), default=None,
               help="Guidance mode (default: 'full' when guidance scale > 1, else 'none').")

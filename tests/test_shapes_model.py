@@ -1,0 +1,81 @@
+"""The shapes-world model: its configs, tokenizer, resumable training, and the committed weights."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from fastdiff.shapes import model as M
+from fastdiff.shapes import train as T
+from fastdiff.shapes.render import caption, sample_scene, vocabulary
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return M.build_tokenizer()
+
+
+def test_pipeline_builds_with_scale_factor_8_and_8x8_latents(tokenizer):
+    torch.manual_seed(0)
+    pipe = M.build_pipeline(tokenizer=tokenizer)
+    assert pipe.vae_scale_factor == 8
+    assert pipe.scheduler.config.steps_offset == 1 and not pipe.scheduler.config.set_alpha_to_one
+    with torch.no_grad():
+        latents = pipe.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mode()
+        assert latents.shape == (1, 4, 8, 8)
+        assert pipe.vae.decode(latents).sample.shape == (1, 3, 64, 64)
+        ids = tokenizer(["red background"], padding="max_length", return_tensors="pt").input_ids
+        context = pipe.text_encoder(ids)[0]
+        assert context.shape == (1, M.MAX_TOKENS, M.UNET_CONFIG["cross_attention_dim"])
+        assert pipe.unet(latents, 10, context).sample.shape == (1, 4, 8, 8)
+
+
+def test_tokenizer_keeps_words_whole_and_fits_the_longest_caption(tokenizer):
+    for word in vocabulary():
+        assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+    rng = np.random.default_rng(0)
+    longest = max(len(tokenizer(caption(sample_scene(rng, 1.0), "paraphrase", rng)).input_ids)
+                  for _ in range(2000))
+    assert longest <= M.MAX_TOKENS
+
+
+def _vae_run(workdir, steps):
+    T.main(["vae", "--workdir", str(workdir), "--steps", str(steps), "--batch", "2", "--threads", "1",
+            "--minutes", "5"])
+    return torch.load(os.path.join(workdir, "vae.pt"), weights_only=False)
+
+
+def test_training_resumes_from_its_checkpoint(tmp_path):
+    straight = _vae_run(tmp_path / "straight", 2)
+    _vae_run(tmp_path / "parts", 1)
+    resumed = _vae_run(tmp_path / "parts", 2)
+    assert resumed["step"] == straight["step"] == 2
+    # The data and noise streams continued where the first part stopped, not from the seed.
+    assert resumed["np_rng"] == straight["np_rng"]
+    assert torch.equal(resumed["torch_rng"], straight["torch_rng"])
+    assert resumed["opt"]["state"][0]["step"] == 2
+
+
+weights = pytest.mark.skipif(not os.path.isfile(os.path.join(M.WEIGHTS_DIR, "model_index.json")),
+                             reason="no trained weights committed")
+
+
+@weights
+def test_committed_weights_fit_16_mb():
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(M.WEIGHTS_DIR) for f in fs)
+    assert size <= 16e6
+
+
+@weights
+def test_committed_pipeline_loads_offline_and_is_stable():
+    pipe = M.load_pipeline()
+    assert pipe.vae.config.scaling_factor != 1.0  # the measured one was written into the config
+
+    def run():
+        return pipe("a large red circle in the center, white background", num_inference_steps=4,
+                    guidance_scale=5.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+    first, second = run(), run()
+    assert first.shape == (1, 3, 64, 64) and torch.isfinite(first).all()
+    assert torch.equal(first, second)

@@ -130,13 +130,18 @@ def test_rows_per_call_by_mode(pipes):
         assert seen[-1] == rows, (cfg, seen)
 
 
-def test_guidance_scale_one_gives_conditional_estimate(pipes):
-    """At g = 1 every mode reduces to ε_c: none/full/self/initialize agree."""
-    pipe = pipes["ddim"]
+def one_prompt(pipe):
+    """(denoiser, 2-step schedule, cond, uncond) for 'a red circle'."""
     denoiser = denoiser_for(pipe)
-    schedule = step_schedule(pipe.scheduler, steps=[20, 40])
     with torch.inference_mode():
         cond, uncond = denoiser.encode_prompt(["a red circle"], None, 64, 64)
+    return denoiser, step_schedule(pipe.scheduler, steps=[20, 40]), cond, uncond
+
+
+def test_guidance_scale_one_gives_conditional_estimate(pipes):
+    """At g = 1 every mode reduces to ε_c: none/full/self/initialize agree."""
+    denoiser, schedule, cond, uncond = one_prompt(pipes["ddim"])
+    with torch.inference_mode():
         results = {}
         for cfg in ("none", "full", "self", "initialize"):
             stream = LatentStream(denoiser, schedule, cond, uncond, (4, 8, 8), cfg=cfg, guidance_scale=1.0,
@@ -148,11 +153,8 @@ def test_guidance_scale_one_gives_conditional_estimate(pipes):
 
 
 def test_fresh_noise_differs_from_fixed(pipes):
-    pipe = pipes["lcm"]
-    denoiser = denoiser_for(pipe)
-    schedule = step_schedule(pipe.scheduler, steps=[20, 40])
+    denoiser, schedule, cond, uncond = one_prompt(pipes["lcm"])
     with torch.inference_mode():
-        cond, uncond = denoiser.encode_prompt(["a red circle"], None, 64, 64)
         clean = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
         outs = {}
         for mode in ("fixed", "fresh"):

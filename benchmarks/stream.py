@@ -50,21 +50,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
-import platform
 import random
 import statistics
 import sys
 import time
-from importlib import metadata
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from machine import environment  # noqa: E402
 from fastdiff import Stream  # noqa: E402
 from fastdiff.testing import tiny_sd_pipeline  # noqa: E402
 
@@ -75,38 +73,6 @@ GUIDANCE_SCALE = 1.2   # used by cfg="self" (both streams); cfg="none" ignores i
 METHODS = ("floor", "fastdiff none", "fastdiff self", "diffusers", "StreamDiffusion none", "StreamDiffusion self")
 SETTLE_FRAMES = 3      # untimed frames each configuration runs at the start of each round
 WARMUP_FRAMES = 10     # untimed frames when a configuration is built
-
-
-# -- environment -----------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def version(name: str) -> str:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def environment(argv) -> dict:
-    return {
-        "command": " ".join(["python"] + argv),
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average": open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else None,
-        "python": platform.python_version(),
-        **{name: version(name) for name in ("torch", "diffusers", "transformers", "streamdiffusion")},
-    }
 
 
 # -- StreamDiffusion on the CPU --------------------------------------------------------------------
@@ -382,7 +348,8 @@ def main(argv=None):
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    env = environment([os.path.relpath(os.path.abspath(__file__), os.getcwd())] + argv)
+    env = environment([os.path.relpath(os.path.abspath(__file__), os.getcwd())] + argv,
+                      ("torch", "diffusers", "transformers", "streamdiffusion"))
     print(f"command: {env['command']}")
     print(f"machine: {env['cpu']}, {env['cores']} cores (torch threads {env['torch_threads']}), Python {env['python']}, "
           f"load average at start {' '.join(env['load_average'] or ['?'])}")

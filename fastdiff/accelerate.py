@@ -34,14 +34,20 @@ ACCEPTED_ARGS = ("prompt", "image", "negative_prompt", "height", "width", "num_i
                  "return_dict")
 
 
-def accelerate(pipe, *, cfg: str | None = None, delta: float = 1.0, solver: str | None = None) -> "AcceleratedPipeline":
+def accelerate(pipe, *, cfg: str | None = None, delta: float = 1.0, solver: str | None = None,
+               backend: str | None = None, engine_options: dict | None = None) -> "AcceleratedPipeline":
     """Wrap a diffusers pipeline; the result is called exactly like `pipe`.
 
     ``cfg``: None follows diffusers (``"full"`` when guidance_scale > 1, else ``"none"``); ``"self"``
     or ``"initialize"`` use residual guidance at n (or n+1) rows per step instead of 2n.
     ``solver``: None picks from the scheduler (LCM's step for LCMScheduler, DDIM/Euler otherwise).
+    ``backend`` ("onnxruntime", "tensorrt", "aoti", "inductor" or "auto"; None: PyTorch) runs the
+    denoiser and VAE as engines, built now or loaded from the engine cache, for up to
+    ``engine_options["max_batch"]`` images per call (default 8) at ``engine_options["resolutions"]``
+    (default the model's native size); other options as for :class:`fastdiff.Stream`.
     """
-    return AcceleratedPipeline(pipe, cfg=cfg, delta=delta, solver=solver)
+    return AcceleratedPipeline(pipe, cfg=cfg, delta=delta, solver=solver, backend=backend,
+                               engine_options=engine_options)
 
 
 def supported_base(pipe) -> type:
@@ -54,7 +60,7 @@ def supported_base(pipe) -> type:
 
 
 class AcceleratedPipeline:
-    def __init__(self, pipe, cfg=None, delta=1.0, solver=None):
+    def __init__(self, pipe, cfg=None, delta=1.0, solver=None, backend=None, engine_options=None):
         base = supported_base(pipe)
         self.pipe = pipe
         self.task, module, output_class = SUPPORTED[base.__name__]
@@ -67,6 +73,29 @@ class AcceleratedPipeline:
         self.denoiser = denoiser_for(pipe)
         # Defaults (steps, guidance, strength) are the wrapped pipeline class's own.
         self.defaults = {k: p.default for k, p in inspect.signature(base.__call__).parameters.items()}
+        self._vae, self.codec = pipe.vae, LatentCodec(pipe.vae)
+        self.engines = None
+        if backend is not None:
+            self.engines = self._attach_engines(backend, engine_options)
+        elif engine_options is not None:
+            raise ValueError("engine_options needs a backend (backend='onnxruntime', 'tensorrt', 'aoti', 'inductor' or 'auto')")
+
+    def _attach_engines(self, backend, options):
+        """Engines for 1..max_batch images per call (2·max_batch denoiser rows, for full CFG)."""
+        from .engines.attach import attach_engines
+
+        options = dict(options or {})
+        max_batch = options.pop("max_batch", 8)
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= 31:
+            raise ValueError(f"engine_options['max_batch'] must be an integer in [1, 31], got {max_batch!r}")
+        native = check_size(self.denoiser, self.codec, None, None)
+        resolutions = options.pop("resolutions", [native])
+        return attach_engines(self.denoiser, self.codec, backend, rows=2 * max_batch, frames=max_batch,
+                              resolutions=resolutions, options=options, best_rows=2, best_frames=1)
+
+    def _latent_codec(self) -> LatentCodec:
+        # the codec built at wrapping time (with any VAE engines), unless pipe.vae was replaced since
+        return self.codec if self.pipe.vae is self._vae else LatentCodec(self.pipe.vae)
 
     def __getattr__(self, name):
         # Everything else (components, config, progress bars...) is the wrapped pipeline's.
@@ -87,7 +116,7 @@ class AcceleratedPipeline:
         if unsupported:
             raise TypeError(f"fastdiff.accelerate does not take {sorted(unsupported)}; it accepts {ACCEPTED_ARGS}")
         check_output_type(output_type)
-        denoiser, codec = self.denoiser, LatentCodec(self.pipe.vae)
+        denoiser, codec = self.denoiser, self._latent_codec()
         prompts = check_prompts(prompt, "prompt", denoiser.tokenizers, allow_empty=False)
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be an integer ≥ 1, got {num_images_per_prompt!r}")

@@ -39,13 +39,20 @@ class Stream:
 
     ``similarity_filter`` (a threshold such as 0.98) skips inputs too similar to the last processed
     one, returning the previous output; skips are counted in :attr:`skipped_frames`.
+
+    ``backend`` ("onnxruntime", "tensorrt", "aoti", "inductor" or "auto"; None: PyTorch as it is)
+    runs the denoiser and the VAE as engines, built at :meth:`prepare` for the stream's row count
+    and resolution or loaded from the engine cache. ``engine_options`` passes ``components``,
+    ``precision``, ``cache_dir``, ``rebuild``, ``compile_mode``, ``threads`` and ``tensorrt`` on (see
+    :mod:`fastdiff.engines`).
     """
 
     def __init__(self, pipe, steps=None, *, timesteps=None, num_inference_steps: int = 50,
                  cfg: str = "self", guidance_scale: float = 1.2, delta: float = 1.0,
                  frame_buffer: int = 1, similarity_filter: float | None = None, max_skip_frames: int = 10,
                  mode: str = "img2img", solver: str | None = None, noise: str = "fixed", seed: int = 0,
-                 height: int | None = None, width: int | None = None, output_type: str = "pt"):
+                 height: int | None = None, width: int | None = None, output_type: str = "pt",
+                 backend: str | None = None, engine_options: dict | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if isinstance(frame_buffer, bool) or not isinstance(frame_buffer, int) or frame_buffer < 1:
@@ -79,6 +86,16 @@ class Stream:
         self.latents: LatentStream | None = None
         self.last_skipped = False
         self._last_output = None
+        self.engines = None   # what _attach_engines swapped in, if a backend is asked for
+        self.backend, self.engine_options = None, None
+        if backend is not None:
+            from ..engines.attach import check_options
+            from ..engines.backends import resolve_backend
+
+            self.engine_options = check_options(engine_options)
+            self.backend = resolve_backend(backend, self.denoiser.device)
+        elif engine_options is not None:
+            raise ValueError("engine_options needs a backend (backend='onnxruntime', 'tensorrt', 'aoti', 'inductor' or 'auto')")
 
     # -- set-up ----------------------------------------------------------------------------------
     def _check_size(self, height, width):
@@ -121,6 +138,21 @@ class Stream:
         self._last_output = None
         if self.filter is not None:
             self.filter.reset()
+        self._attach_engines()
+
+    def _attach_engines(self, force: bool = False):
+        """Engines for the stream's rows per call and resolution (once full the row count is fixed,
+        so the batch profile is static at that count); again only when either changes."""
+        if self.backend is None:
+            return
+        shape = (self.latents.rows_per_call, self.frame_buffer, self.height, self.width)
+        if not force and self.engines is not None and self._engine_shape == shape:
+            return
+        from ..engines.attach import attach_engines
+
+        self.engines = attach_engines(self.denoiser, self.codec, self.backend, rows=shape[0], frames=shape[1],
+                                      resolutions=[(self.height, self.width)], options=self.engine_options)
+        self._engine_shape = shape
 
     def update(self, *, prompt=None, negative_prompt=None, guidance_scale=None, delta=None, steps=None,
                timesteps=None, num_inference_steps=None, height=None, width=None) -> list:
@@ -166,6 +198,8 @@ class Stream:
         if codec.scale_factor != self.codec.scale_factor:
             raise ValueError(f"vae downsamples by {codec.scale_factor}; the stream's latents need {self.codec.scale_factor}")
         self.codec = codec
+        if self.latents is not None:
+            self._attach_engines(force=True)
 
     # -- running ---------------------------------------------------------------------------------
     @property

@@ -1,0 +1,98 @@
+"""Swap a denoiser adapter's module and a latent codec's VAE for engines.
+
+This is what ``fastdiff.Stream(..., backend=...)`` and ``fastdiff.accelerate(pipe, backend=...)``
+call. Nothing of the user's pipeline is modified: the adapter's ``.module`` and the codec's
+``.vae`` are the fastdiff objects' own references.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..denoiser import Denoiser
+from ..vae import LatentCodec
+from .backends import PRECISIONS, engine, resolve_backend
+from .components import _denoiser_component, vae_component
+from .modules import EngineModule, EngineVAE
+from .profiles import ShapeProfile, stream_profile
+
+HOT_COMPONENTS = ("denoiser", "vae_encoder", "vae_decoder")
+OPTIONS = ("components", "precision", "cache_dir", "rebuild", "compile_mode", "threads", "tensorrt")
+
+
+@dataclass
+class AttachedEngines:
+    backend: str
+    profiles: dict = field(default_factory=dict)   # component → ShapeProfile
+    folders: dict = field(default_factory=dict)    # component → artefact folder (None for 'inductor')
+
+
+def check_options(options: dict | None) -> dict:
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"engine_options has unknown keys {unknown}; accepted are {OPTIONS}")
+    components = options.get("components", HOT_COMPONENTS)
+    if isinstance(components, str) or not set(components) <= set(HOT_COMPONENTS) or not components:
+        raise ValueError(f"engine_options['components'] must be a non-empty list of {HOT_COMPONENTS}, got {components!r}")
+    options["components"] = tuple(components)
+    return options
+
+
+def _profile(most: int, best: int | None, resolutions) -> ShapeProfile:
+    profile = stream_profile(most, resolutions)
+    if best is None:
+        return profile
+    return ShapeProfile((1, min(best, most), most), profile.height, profile.width)
+
+
+def attach_engines(denoiser: Denoiser, codec: LatentCodec, backend: str, *, rows: int, frames: int,
+                   resolutions, options: dict | None = None, best_rows: int | None = None,
+                   best_frames: int | None = None) -> AttachedEngines:
+    """Run `denoiser` and `codec` on `backend` engines for up to `rows` denoiser rows and `frames`
+    images per call (optimised for `best_rows` / `best_frames`, default the most) at the given
+    (height, width) resolutions in pixels, the first being the one to optimise for."""
+    options = check_options(options)
+    backend = resolve_backend(backend, denoiser.device)
+    attached = AttachedEngines(backend)
+    build = {k: options[k] for k in ("precision", "cache_dir", "rebuild", "compile_mode", "threads") if k in options}
+    if backend == "tensorrt":   # the stream's shapes are static once it is full: replay CUDA graphs
+        build["options"] = {"cuda_graph": True, **options.get("tensorrt", {})}
+    elif "tensorrt" in options:
+        raise ValueError(f"engine_options['tensorrt'] applies to backend='tensorrt', not {backend!r}")
+
+    def make(component, profile: ShapeProfile) -> EngineModule:
+        runner = engine(component, backend, profile=profile, **build)
+        attached.profiles[component.name] = profile
+        attached.folders[component.name] = getattr(runner, "folder", None)
+        precision = build.get("precision")
+        checked = None if backend == "inductor" else profile   # torch.compile takes any shape
+        return EngineModule(component, runner, PRECISIONS[precision] if precision else component.dtype, checked)
+
+    if "denoiser" in options["components"]:
+        denoiser.module = make(_denoiser_component(denoiser.pipe), _profile(rows, best_rows, resolutions))
+    vae = codec.vae.vae if isinstance(codec.vae, EngineVAE) else codec.vae
+    halves = {}
+    for name in ("vae_encoder", "vae_decoder"):
+        halves[name] = make(vae_component(vae, name), _profile(frames, best_frames, resolutions)) \
+            if name in options["components"] else None
+    if any(halves.values()):
+        codec.vae = EngineVAE(vae, halves["vae_encoder"], halves["vae_decoder"])
+    return attached
+
+
+def refit_engines(denoiser: Denoiser):
+    """Load the denoiser module's current weights (e.g. a LoRA fused at a new scale) into its running
+    TensorRT engine, built with ``engine_options={"tensorrt": {"refit": True}}``, without a rebuild."""
+    runner = getattr(denoiser.module, "runner", None)
+    if not hasattr(runner, "refit"):
+        raise ValueError("refit: the denoiser does not run on a TensorRT engine; only TensorRT engines refit "
+                         "(other backends rebuild: the changed weights make a new cache key)")
+    runner.refit(denoiser.original)
+
+
+def detach_engines(denoiser: Denoiser, codec: LatentCodec):
+    """Back to the PyTorch modules."""
+    denoiser.module = denoiser.original
+    if isinstance(codec.vae, EngineVAE):
+        codec.vae = codec.vae.vae

@@ -1,0 +1,122 @@
+"""Export a component to ONNX: the dynamo exporter where it works, the TorchScript one otherwise.
+
+The graph gets a dynamic batch axis unless the profile's batch is static, and dynamic height and
+width when the profile spans several sizes. The dynamo exporter constant-folds and cleans the graph
+with onnxscript's optimizer; onnxslim, when installed, slims it further. Models over 2 GB (the
+protobuf limit) keep their weights in an external data file beside the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import torch
+
+from .components import Component
+from .profiles import ShapeProfile
+
+logger = logging.getLogger("fastdiff.engines")
+
+EXPORTERS = ("auto", "dynamo", "torchscript")
+MIN_OPSET = 18
+PROTOBUF_LIMIT = 2 * 1024 ** 3
+
+
+def _dims(component: Component, profile: ShapeProfile):
+    """{input: {axis: Dim}} for the dynamo exporter and {input: {axis: name}} for TorchScript."""
+    from torch.export import Dim
+
+    # diffusers' UNet takes another path at 64 rows or more (upsampling in chunks): stay below it.
+    batch = None if profile.static_batch else Dim("batch", min=profile.batch[0], max=max(profile.batch[2], 2))
+    divisor = component.size_divisor
+    size = {}
+    if not profile.static_size and component.uses_size():
+        # sizes in units of the component's spatial grid; 8 keeps every UNet level's division exact
+        size = {"H": Dim("height", min=profile.height[0] // divisor // 8, max=profile.height[2] // divisor // 8) * 8,
+                "W": Dim("width", min=profile.width[0] // divisor // 8, max=profile.width[2] // divisor // 8) * 8}
+    dynamo, names = {}, {}
+    for spec in component.inputs:
+        axes, axis_names = {}, {}
+        for axis, symbol in enumerate(spec.shape):
+            if symbol == "B" and batch is not None:
+                axes[axis], axis_names[axis] = batch, "batch"
+            elif symbol in size:
+                axes[axis], axis_names[axis] = size[symbol], {"H": "height", "W": "width"}[symbol]
+        dynamo[spec.name] = axes or None
+        names[spec.name] = axis_names
+    return dynamo, names
+
+
+def _weights_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.state_dict().values())
+
+
+def export_onnx(component: Component, path: str, profile: ShapeProfile, *, opset: int = MIN_OPSET,
+                exporter: str = "auto", dtype: torch.dtype | None = None) -> dict:
+    """Write `component` as ONNX to `path`; returns what was done: exporter, opset, external data."""
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
+        raise ValueError(f"opset must be an integer ≥ {MIN_OPSET}, got {opset!r}")
+    profile.check_multiple(component.size_divisor * (8 if component.size_divisor > 1 and not profile.static_size else 1))
+    dtype = dtype or component.dtype
+    graph = component.graph.eval()
+    # trace at the optimal batch, but at least 2: a size-1 axis would be specialised away
+    sample = component.sample_inputs(max(profile.batch[1], 2) if not profile.static_batch else profile.batch[1],
+                                     profile.height[1], profile.width[1], dtype=dtype,
+                                     device=next(component.module.parameters()).device)
+    names = [spec.name for spec in component.inputs]
+    dynamo_dims, axis_names = _dims(component, profile)
+    external = _weights_bytes(component.module) > PROTOBUF_LIMIT * 0.9
+    errors = []
+    # the exporter warns about every torchvision op it cannot register when torchvision is absent
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    for name in (["dynamo", "torchscript"] if exporter == "auto" else [exporter]):
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if name == "dynamo":
+                    dynamic = {k: v for k, v in dynamo_dims.items() if v}
+                    program = torch.onnx.export(
+                        graph, sample, None, dynamo=True, opset_version=opset, input_names=names,
+                        output_names=component.outputs, dynamic_shapes=dynamic or None, optimize=True,
+                        verbose=False)
+                    program.save(path, external_data=external)
+                else:
+                    torch.onnx.export(
+                        graph, sample, path, dynamo=False, opset_version=opset, input_names=names,
+                        output_names=component.outputs, dynamic_axes={k: v for k, v in axis_names.items() if v},
+                        do_constant_folding=True)
+                    if external:
+                        _move_to_external_data(path)
+            break
+        except Exception as error:  # noqa: BLE001 - any exporter failure means: try the next one
+            cause = error.__cause__ or error   # the exporter's own error wraps the real one
+            errors.append(f"{name}: {type(cause).__name__}: {str(cause).strip()[:300]}")
+            logger.info("ONNX export of %s with the %s exporter failed: %s", component.name, name, errors[-1])
+    else:
+        raise RuntimeError(f"ONNX export of {component.name} failed:\n" + "\n".join(errors))
+    return {"exporter": name, "opset": opset, "external_data": external,
+            "fallback_reason": errors[0] if errors else None}
+
+
+def _move_to_external_data(path: str):
+    import onnx
+
+    model = onnx.load(path)
+    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=os.path.basename(path) + ".data")
+
+
+def optimise_onnx(path: str, external: bool) -> str:
+    """Constant folding and dead-node removal by onnxslim when it is installed; what was done."""
+    try:
+        import onnxslim
+    except ImportError:
+        return "onnxslim not installed: the exporter's own optimisation only"
+    if external:   # onnxslim rewrites the graph in memory; models beyond protobuf's limit stay as they are
+        return "skipped: external data"
+    onnxslim.slim(path, path)
+    return "onnxslim"

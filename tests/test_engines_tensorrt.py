@@ -1,0 +1,99 @@
+"""The TensorRT backend: what needs no TensorRT is tested everywhere (profiles, the refit weight map,
+checked by refitting an ONNX file and running it in ONNX Runtime); engine builds, runs and refits are
+tested where TensorRT imports and a GPU exists, and skipped elsewhere."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+
+from fastdiff.engines import ShapeProfile, component, engine, stream_profile
+from fastdiff.engines.tensorrt import profile_shapes
+from fastdiff.testing import tiny_sd_pipeline
+
+needs_tensorrt = pytest.mark.skipif(
+    importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
+    reason="TensorRT engines need the tensorrt package and a CUDA GPU (neither is on the CPU CI machines)")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_sd_pipeline()
+
+
+def test_optimisation_profile_follows_the_streams_rows_and_resolutions(pipe):
+    profile = stream_profile(4, [(64, 64), (128, 96)])
+    assert profile == ShapeProfile((1, 4, 4), (64, 64, 128), (64, 64, 96))
+    shapes = profile_shapes(component(pipe, "denoiser"), profile)
+    assert shapes["sample"] == ((1, 4, 8, 8), (4, 4, 8, 8), (4, 4, 16, 12))
+    assert shapes["timestep"] == ((1,), (4,), (4,))
+    assert shapes["encoder_hidden_states"] == ((1, 77, 32), (4, 77, 32), (4, 77, 32))
+    assert profile_shapes(component(pipe, "vae_encoder"), profile)["images"][2] == (4, 3, 128, 96)
+
+
+def test_refit_map_rebuilds_every_weight_of_the_onnx_file(pipe, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
+    from fastdiff.engines.onnx_export import export_onnx
+    from fastdiff.engines.refit import apply_to_onnx, weight_map
+
+    part = component(pipe, "text_encoder")   # linear layers: exporters store their weights transposed
+    path = str(tmp_path / "model.onnx")
+    export_onnx(part, path, ShapeProfile((1, 2, 2), (64, 64, 64), (64, 64, 64)))
+    mapping = weight_map(path, part.module, torch.float32)
+    assert mapping["unmapped"] == []
+    mapped = {entry["param"] for entry in mapping["map"].values()}
+    linear_weights = {n for n, m in part.module.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert {f"{n}.weight" for n in linear_weights} <= mapped
+
+    # "a LoRA fused at another scale": every linear weight moves; the refitted graph must follow
+    changed = copy.deepcopy(part.module)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in changed.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.add_(0.05 * torch.randn(module.weight.shape, generator=generator))
+    refitted = str(tmp_path / "refitted.onnx")
+    apply_to_onnx(path, refitted, changed, mapping, torch.float32)
+    ids = part.sample_inputs(2, 64, 64)[0]
+    got = ort.InferenceSession(refitted, providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids.numpy()})
+    with torch.no_grad():
+        want = changed(ids, output_hidden_states=True).hidden_states[-1]
+        before = part.module(ids, output_hidden_states=True).hidden_states[-1]
+    error = (torch.from_numpy(got[0]) - want).abs().max().item()
+    assert error <= 1e-4 * max(1.0, want.abs().max().item()), f"refitted ONNX − changed PyTorch = {error:.3g}"
+    assert (want - before).abs().max().item() > 1e-2   # the change is visible, so the bound means something
+
+
+def test_tensorrt_options_are_checked(pipe, tmp_path):
+    part = component(pipe, "vae_decoder")
+    profile = ShapeProfile((1, 1, 1), (64, 64, 64), (64, 64, 64))
+    with pytest.raises(ValueError, match="options are TensorRT's"):
+        engine(part, "onnxruntime", profile=profile, options={"refit": True}, cache_dir=str(tmp_path))
+
+
+@needs_tensorrt
+@pytest.mark.gpu
+def test_tensorrt_engine_matches_pytorch_and_refits(tmp_path):
+    pipe = tiny_sd_pipeline().to("cuda")
+    part = component(pipe, "denoiser")
+    profile = stream_profile(2, [(64, 64)])
+    runner = engine(part, "tensorrt", profile=profile, cache_dir=str(tmp_path), options={"refit": True, "cuda_graph": True})
+    inputs = part.sample_inputs(2, 64, 64, device="cuda")
+    feeds = dict(zip([spec.name for spec in part.inputs], inputs))
+    with torch.no_grad():
+        want = part.graph(*inputs)
+    for _ in range(2):   # the second call replays the captured CUDA graph
+        got = runner(feeds)[0]
+        assert (got - want).abs().max().item() <= 1e-2 * max(1.0, want.abs().max().item())
+    with torch.no_grad():
+        for p in pipe.unet.parameters():
+            p.mul_(1.01)
+        want = part.graph(*inputs)
+    runner.refit(pipe.unet)
+    got = runner(feeds)[0]
+    assert (got - want).abs().max().item() <= 1e-2 * max(1.0, want.abs().max().item())

@@ -1,0 +1,1 @@
+"""Demo apps and example scripts (not part of the installed package)."""

@@ -1,0 +1,146 @@
+"""One client's stream state: its settings, its `fastdiff.Stream`, and which output is whose.
+
+A session's methods run on the server's compute thread, one at a time; they return the encoded
+outputs ready to send. The stream lags its input by n−1 calls, so the session keeps the entries
+(index, arrival time) of the calls in flight and pairs each output with the oldest — the same
+bookkeeping as :class:`fastdiff.stream.runner.StreamRunner`, for one frame per call.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import Callable
+
+from PIL import ImageOps
+
+from .inbox import Frame
+from .messages import ClientError, Control, encode_frame
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    mode: str
+    prompt: str
+    negative_prompt: str | None
+    guidance_scale: float
+    steps: tuple | None  # None: the mode's default steps
+    format: str  # of the output frames
+
+    def merged(self, fields: dict) -> "Settings":
+        changed = dataclasses.replace(self, **fields)
+        if changed.mode != self.mode and "steps" not in fields:  # each mode has its own default steps
+            changed = dataclasses.replace(changed, steps=None)
+        return changed
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    index: int  # the input frame's index (img2img), or the generation's (txt2img)
+    data: bytes  # the encoded image
+    skipped: bool  # the stream's similarity filter reused the previous output
+    started_s: float  # when its frame arrived (img2img) or its generation began (txt2img)
+
+
+class Session:
+    """`make_stream(settings)` builds a prepared stream; it raises ValueError on bad settings."""
+
+    def __init__(self, make_stream: Callable[[Settings], object], settings: Settings):
+        self.make_stream = make_stream
+        self.settings = settings
+        self.stream = None  # None until started, and after stop
+        self._in_flight: collections.deque = collections.deque()  # (index, started_s), oldest first
+        self._generations_wanted = 0  # txt2img: calls left before the image shows the settings
+        self._next_generation = 0
+
+    @property
+    def wants_generation(self) -> bool:
+        return self.stream is not None and self.settings.mode == "txt2img" and self._generations_wanted > 0
+
+    def apply(self, control: Control) -> tuple[list[Output], dict]:
+        """Start, change or stop the stream; (the outputs it finished on the way, the reply)."""
+        if control.kind == "stop":
+            outputs = self._finish()
+            self.stream = None
+            return outputs, {"type": "stopped"}
+        if control.kind == "update" and self.stream is None:
+            raise ClientError('update before start: send {"type": "start"} first', field="type")
+        settings = self.settings.merged(control.fields)
+        if control.kind == "start" or settings.mode != self.settings.mode:
+            stream = self._make(settings)  # before finishing the old one: bad settings leave it running
+            outputs = self._finish()
+            self.stream = stream
+        else:
+            outputs = self._pair(self._update(control.fields))
+        self.settings = settings
+        if settings.mode == "txt2img":
+            self._generations_wanted = self.stream.lag + 1  # the last one used the new settings all along
+        reply = {"type": "started" if control.kind == "start" else "updated", "settings": self.public_settings(),
+                 "lag": self.stream.lag, "width": self.stream.width, "height": self.stream.height}
+        return outputs, reply
+
+    def public_settings(self) -> dict:
+        settings = dataclasses.asdict(self.settings)
+        settings["steps"] = list(self.stream.steps) if self.stream is not None else settings["steps"]
+        return settings
+
+    def process(self, frame: Frame) -> list[Output]:
+        """Run one img2img frame; the outputs it finished (none while the stream fills)."""
+        if self.stream is None:
+            raise ClientError(f'frame {frame.index} arrived before start: send {{"type": "start"}} first',
+                              field="frame", index=frame.index)
+        if self.settings.mode != "img2img":
+            raise ClientError(f"frame {frame.index} sent in txt2img mode, which takes no frames",
+                              field="frame", index=frame.index)
+        image = ImageOps.fit(frame.image, (self.stream.width, self.stream.height))
+        out = self._run(lambda: self.stream(image), "frame", frame.index)
+        return self._collect(out, (frame.index, frame.received_s))
+
+    def generate(self) -> list[Output]:
+        """One txt2img call; the image it finished (none while the stream fills)."""
+        self._generations_wanted -= 1
+        entry = (self._next_generation, time.perf_counter())
+        self._next_generation += 1
+        return self._collect(self._run(self.stream, "prompt"), entry)
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+    def _make(self, settings: Settings):
+        return self._run(lambda: self.make_stream(settings), None)
+
+    def _update(self, fields: dict) -> list:
+        names = ("prompt", "negative_prompt", "guidance_scale", "steps")
+        changes = {name: list(value) if name == "steps" else value
+                   for name, value in fields.items() if name in names}
+        return self._run(lambda: self.stream.update(**changes), None) if changes else []
+
+    @staticmethod
+    def _run(call, field, index=None):
+        """The library names a bad argument in its ValueError; the client gets it as an error."""
+        try:
+            return call()
+        except ValueError as error:
+            name = str(error).split(" ", 1)[0]
+            field = name if name in Settings.__annotations__ else field
+            raise ClientError(str(error), field=field, index=index) from error
+
+    def _collect(self, out, entry) -> list[Output]:
+        if self.stream.last_skipped:  # a skipped call's output is its own frame's
+            return [self._output(entry, out, skipped=True)]
+        self._in_flight.append(entry)
+        return [] if out is None else self._pair([out])
+
+    def _pair(self, images: list) -> list[Output]:
+        return [self._output(self._in_flight.popleft(), image, skipped=False) for image in images]
+
+    def _finish(self) -> list[Output]:
+        """Flush the frames in flight, so none is lost when the stream is replaced or stopped."""
+        if self.stream is None:
+            return []
+        outputs = self._pair(self.stream.flush())
+        self._in_flight.clear()  # txt2img: nothing else can be in flight; img2img: all paired
+        return outputs
+
+    def _output(self, entry, image, skipped: bool) -> Output:
+        index, started_s = entry
+        return Output(index, encode_frame(image, self.settings.format), skipped, started_s)

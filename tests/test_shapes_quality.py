@@ -1,0 +1,50 @@
+"""The quality table and `fastdiff bench quality` on the committed shapes model (few prompts, few steps)."""
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from fastdiff.cli import main
+from fastdiff.shapes import model as M
+from fastdiff.shapes.quality import format_table, generate, quality_table
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return M.load_pipeline()
+
+
+def test_rows_are_paired_with_the_teacher_on_the_same_noise(pipe):
+    rows = quality_table(pipe, steps_list=(3, 1), cfgs=("full", "none"), count=4, teacher_steps=3)
+    assert [(r.steps, r.cfg) for r in rows] == [(3, "full"), (3, "none"), (1, "full"), (1, "none")]
+    # The teacher's own configuration reproduces it exactly: same prompts, seeds and initial noise.
+    assert rows[0].psnr == math.inf
+    assert all(math.isfinite(r.psnr) and r.psnr > 5 for r in rows[1:])
+    assert all(0 <= r.accuracy_one <= 1 and 0 <= r.accuracy_two <= 1 and r.distance >= 0 for r in rows)
+    table = format_table(rows)
+    assert table.count("\n") == 5 and "| 3 | full | ddim |" in table and "∞" in table
+
+
+def test_generate_rejects_bad_arguments(pipe):
+    for kwargs, name in ((dict(steps=0), "steps"), (dict(cfg="half"), "cfg"), (dict(solver="euler"), "solver")):
+        args = dict(steps=2, cfg="none", solver="ddim") | kwargs
+        with pytest.raises(ValueError, match=name):
+            generate(pipe, ["red background"], **args)
+
+
+def test_bench_quality_prints_and_writes_the_table(tmp_path):
+    out = tmp_path / "q.json"
+    result = CliRunner().invoke(main, ["bench", "quality", "--steps", "2", "--cfg", "self,none", "--count", "2",
+                                       "--teacher-steps", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "| 2 | self | ddim |" in result.output and "| 2 | none | ddim |" in result.output
+    written = json.loads(out.read_text())
+    assert written["config"]["count"] == 2 and len(written["rows"]) == 2
+    assert {r["cfg"] for r in written["rows"]} == {"self", "none"}
+
+
+def test_bench_quality_names_a_bad_option():
+    result = CliRunner().invoke(main, ["bench", "quality", "--cfg", "full,half"])
+    assert result.exit_code == 2 and "--cfg" in result.output

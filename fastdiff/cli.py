@@ -1,4 +1,6 @@
-"""The `fastdiff` command: `fastdiff generate` (txt2img) and `fastdiff stream` (img2img on frames)."""
+"""The `fastdiff` command: `fastdiff generate` (txt2img), `fastdiff stream` (img2img on frames),
+`fastdiff build` (engines ahead of time), `fastdiff demo` (the real-time web demo) and
+`fastdiff bench quality` (the quality of sampling configurations on the shapes model)."""
 
 from __future__ import annotations
 
@@ -95,7 +97,14 @@ width_option = click.option("--width", type=int, default=None, help="Image width
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main():
-    """Real-time diffusers pipelines: generate images, or stream frames through img2img."""
+    """Real-time diffusers pipelines: generate images, stream frames through img2img, build engines,
+    serve the demo, measure quality."""
+    # The commands show their own progress; the libraries' per-file loading bars are noise here.
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
 
 @main.command(short_help="Generate images from prompts (txt2img).")
@@ -246,3 +255,170 @@ def stream(input_dir, clip, frames, prompt, negative_prompt, model, steps, cfg, 
     click.echo(f"{fps:.2f} frames/s; latency per frame p50 {p50:.1f} ms, p95 {p95:.1f} ms "
                f"(frame in → its output out, {s.lag} call(s) of lag)")
 
+
+def parse_resolutions(ctx, param, values):
+    """('512x512', '768x512') → [(512, 512), (768, 512)] (height×width)."""
+    try:
+        return [tuple(int(v) for v in value.lower().split("x", 1)) for value in values] or None
+    except ValueError:
+        raise click.BadParameter(f"expected HEIGHTxWIDTH such as 512x512, got {values!r}") from None
+
+
+@main.command(short_help="Build engines (ONNX Runtime, TensorRT, AOTInductor) for a pipeline.")
+@click.option("--model", default="shapes", show_default=True,
+              help="'shapes' (the embedded model), 'tiny', 'tiny-sdxl', 'tiny-sd3', an architecture with random "
+                   "weights ('sd15', 'sd-turbo', 'sdxl', 'sd3'), a local pipeline folder or a hub id.")
+@click.option("--components", default=None, metavar="NAME,...",
+              help="Of denoiser, vae_encoder, vae_decoder, text_encoder, text_encoder_2 (default: the profile's).")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "aoti"]), default="auto",
+              show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="Engine precision (default: the model's dtype).")
+@click.option("--profile", default=None, metavar="FAMILY",
+              help="Shape profile file engines/profiles/FAMILY.json (default: the model's, when there is one).")
+@click.option("--resolution", "resolutions", multiple=True, callback=parse_resolutions, metavar="HxW",
+              help="Image size to build for; repeat for several (the first is optimised for).")
+@click.option("--batch", default=None, metavar="MIN,OPT,MAX",
+              help="Batch range (rows per call); a stream of n steps and F frames uses n·F.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder (default: the engine cache, $FASTDIFF_ENGINE_CACHE or ~/.cache/fastdiff/engines).")
+@click.option("--rebuild", is_flag=True, help="Rebuild artefacts even when up to date, and replace stale ones.")
+@click.option("--opset", type=click.IntRange(min=18), default=18, show_default=True, help="ONNX opset.")
+@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True,
+              help="ONNX exporter; auto tries dynamo, then TorchScript.")
+@device_option
+def build(model, components, backend, precision, profile, resolutions, batch, out, rebuild, opset, exporter, device):
+    """Export, optimise and build engines into the engine cache; up-to-date ones are skipped.
+
+    Streams and accelerate() load them with engine_options={"cache_dir": OUT} when their batch and
+    size fall within what was built.
+    """
+    from .engines.build import build_engines, default_profile, summary
+    from .models import load_model
+    from .engines.profiles import load_family_profile
+
+    batch_range = None
+    if batch is not None:
+        try:
+            batch_range = tuple(int(v) for v in batch.split(","))
+        except ValueError:
+            raise click.BadParameter(f"expected MIN,OPT,MAX such as 1,2,4, got {batch!r}", param_hint="'--batch'") from None
+    try:
+        pipe = load_model(model, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        defaults = load_family_profile(profile) if profile else default_profile(model, pipe)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="'--profile'" if profile else "'--model'") from error
+    names = components.split(",") if components else None
+    try:
+        built = build_engines(pipe, components=names, backend=backend, precision=precision, resolutions=resolutions,
+                              batch=batch_range, out_dir=str(out) if out else None, rebuild=rebuild, opset=opset,
+                              exporter=exporter, defaults=defaults)
+    except ValueError as error:
+        name = str(error).split(" ", 1)[0].rstrip(":")
+        hint = {"components": "--components", "batch": "--batch", "resolutions": "--resolution",
+                "backend": "--backend"}.get(name)
+        raise (click.BadParameter(str(error), param_hint=f"'{hint}'") if hint else click.UsageError(str(error))) from error
+    except ImportError as error:
+        raise click.BadParameter(str(error), param_hint="'--backend'") from error
+    click.echo(summary(built))
+
+
+@main.command(short_help="Serve the real-time demo app: webcam, moving shapes or txt2img in a browser.")
+@model_option
+@click.option("--backend", default="torch", show_default=True,
+              help="What runs the model: 'torch', or an engine backend such as 'onnxruntime' or 'auto'.")
+@click.option("--steps", default="32,45", show_default=True, callback=parse_steps, metavar="I,J,...",
+              help="img2img steps (indices into the 50-step schedule); txt2img uses the stream's default.")
+@click.option("--cfg", type=click.Choice(CFG_MODES), default="self", show_default=True, help="Guidance mode.")
+@click.option("--guidance-scale", type=float, default=1.2, show_default=True, help="Each session's starting value.")
+@click.option("--prompt", default=None, help="Each session's starting prompt (default: a shapes caption).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback lets other machines use the model.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--max-sessions", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Clients served at once; more are refused.")
+@click.option("--max-message-bytes", type=click.IntRange(min=1024), default=1 << 20, show_default=True,
+              help="Largest frame or control message a client may send.")
+@click.option("--max-frame-side", type=click.IntRange(min=16), default=1024, show_default=True,
+              help="Largest width or height of a client's frames.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads (default: torch's).")
+@device_option
+def demo(model, backend, steps, cfg, guidance_scale, prompt, host, port, max_sessions, max_message_bytes,
+         max_frame_side, threads, device):
+    """Serve the demo page and its WebSocket at http://HOST:PORT/ (one model, a session per browser tab)."""
+    try:
+        import uvicorn
+
+        from .demo import DemoConfig, create_app, server_config
+    except ImportError as error:
+        raise click.UsageError(f"the demo needs its extra: pip install \"fastdiff[demo]\" ({error})") from error
+    options = {} if prompt is None else {"prompt": prompt}
+    with usage_errors():
+        config = DemoConfig(steps=tuple(steps), cfg=cfg, guidance_scale=guidance_scale, backend=backend,
+                            max_sessions=max_sessions, max_message_bytes=max_message_bytes,
+                            max_frame_side=max_frame_side, threads=threads, **options)
+    pipe = load_pipeline(model, img2img=True, device=device)
+    with usage_errors():
+        try:
+            app = create_app(pipe, config)
+        except ImportError as error:  # an engine backend whose packages are missing
+            raise click.BadParameter(str(error), param_hint="'--backend'") from error
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: listening on {host}: other machines can reach this server", err=True)
+    if port:  # port 0 picks a free one, which uvicorn prints once it listens
+        click.echo(f"fastdiff demo: open http://{'localhost' if host in ('127.0.0.1', '::1') else host}:{port}/",
+                   err=True)
+    uvicorn.Server(server_config(app, config, host, port)).run()
+
+
+
+@main.group()
+def bench():
+    """Measure fastdiff configurations."""
+
+
+@bench.command(short_help="Quality of sampling configurations on the shapes model.")
+@click.option("--model", default="shapes", show_default=True,
+              help="'shapes' or a local folder of a pipeline trained on the shapes world (64×64 scenes).")
+@click.option("--steps", default="50,25,8,4,2,1", show_default=True, callback=parse_steps, metavar="K,K,...",
+              help="Numbers of denoising steps, one row each.")
+@click.option("--cfg", "cfgs", default="full,self,none", show_default=True, metavar="MODE,...",
+              help=f"CFG modes, one row each per step count ({', '.join(CFG_MODES)}).")
+@click.option("--solver", type=click.Choice(["ddim", "lcm"]), default="ddim", show_default=True,
+              help="ddim: DDIM's step; lcm: the stream's x0 re-noising step.")
+@click.option("--guidance-scale", type=float, default=None, help="Guidance scale (default: the shapes model's).")
+@click.option("--count", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Held-out prompts per kind (one object, two objects).")
+@click.option("--teacher-steps", type=click.IntRange(min=1), default=50, show_default=True,
+              help="DDIM steps of the full-CFG teacher the PSNR is measured against.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("out/quality.json"),
+              show_default=True, help="JSON file the configuration and rows are written to.")
+@device_option
+def quality(model, steps, cfgs, solver, guidance_scale, count, teacher_steps, seed, out, device):
+    """Prompt accuracy, PSNR against a many-step teacher, Fréchet shape distance and seconds per
+    image for each (steps, CFG mode), printed as a Markdown table and written to --out."""
+    import json
+
+    from .shapes.model import GUIDANCE_SCALE
+    from .shapes.quality import format_table, quality_table, rows_as_dicts
+
+    modes = [m.strip() for m in cfgs.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in CFG_MODES]
+    if unknown or not modes:
+        raise click.BadParameter(f"expected modes from {', '.join(CFG_MODES)}, got {cfgs!r}", param_hint="'--cfg'")
+    if any(k < 1 for k in steps):
+        raise click.BadParameter(f"step counts must be ≥ 1, got {steps}", param_hint="'--steps'")
+    guidance_scale = GUIDANCE_SCALE if guidance_scale is None else guidance_scale
+    pipe = load_pipeline(model, img2img=False, device=device)
+    config = dict(model=model, solver=solver, guidance_scale=guidance_scale, count=count,
+                  teacher_steps=teacher_steps, seed=seed, threads=torch.get_num_threads())
+    click.echo(f"quality of {model}: {count} one-object + {count} two-object prompts, guidance {guidance_scale}, "
+               f"teacher {teacher_steps} DDIM steps with full CFG", err=True)
+    with usage_errors():
+        rows = quality_table(pipe, steps, modes, solver, guidance_scale, count, teacher_steps, seed,
+                             progress=lambda r: click.echo(f"  {r.steps} steps, cfg {r.cfg}: done", err=True))
+    click.echo(format_table(rows))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(config=config, rows=rows_as_dicts(rows)), indent=2))
+    click.echo(f"written to {out}", err=True)

@@ -32,7 +32,7 @@ DEFAULT_WORKDIR = os.path.expanduser("~/.cache/fastdiff/shapes-train")
 # run 1.6× faster (0.55 vs 0.9 s/step), the UNet's small 8×8 tensors 1.7× slower, so only the VAE uses it.
 DEFAULTS = {
     "vae": dict(steps=2500, batch=32, lr=1e-3, ema=0.998, bf16=1),
-    "unet": dict(steps=12000, batch=64, lr=4e-4, ema=0.999, bf16=0),
+    "unet": dict(steps=4000, batch=64, lr=4e-4, ema=0.999, bf16=0),
 }
 CAPTION_DROPOUT = 0.1  # share of captions replaced by "" so classifier-free guidance has an unconditional
 MIN_SNR_GAMMA = 5.0  # min-SNR loss weighting: stops the easy low-noise steps from dominating
@@ -120,7 +120,7 @@ class _Loop:
             torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
             self.opt.step()
             for k, m in self.modules.items():
-                _ema_update(self.ema[k], m, self.step, args.ema)
+                _ema_update(self.ema[k], m, self.step - self.extra.get("ema_from", 0), args.ema)
             self.step += 1
             done += 1
             smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
@@ -204,13 +204,25 @@ def train_unet(args) -> None:
     scheduler = M.build_scheduler()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     loop = _Loop(args, "unet", {"unet": unet, "text_encoder": text_encoder}, params)
+    objective = scheduler.config.prediction_type
+    # (checkpoints from before the objective was recorded were all ε-prediction)
+    if loop.extra.setdefault("prediction_type", objective if loop.step == 0 else "epsilon") != objective:
+        # Resumed under another objective: the average of the old one's weights would pull the new
+        # model back, so the EMA restarts from the live weights (with its warm-up).
+        for name, module in loop.modules.items():
+            loop.ema[name].load_state_dict(module.state_dict())
+        loop.extra.update(prediction_type=objective, ema_from=loop.step)
+        print(f"unet: objective changed to {objective} at step {loop.step}; EMA restarted")
     if "scaling_factor" not in loop.extra:
         loop.extra["scaling_factor"] = measure_scaling_factor(vae)
     scale = loop.extra["scaling_factor"]
     print(f"unet: latent scaling factor {scale:.4f}")
     alphas = scheduler.alphas_cumprod
     snr = alphas / (1 - alphas)
-    weight = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr  # ε-prediction min-SNR weights
+    velocity = scheduler.config.prediction_type == "v_prediction"
+    # Min-SNR weights: an error in x̂0 counts min(SNR + 1, γ) (v) or min(SNR, γ) (ε) times, so the
+    # easy low-noise steps don't dominate; with v the pure-noise step (SNR 0) keeps full weight.
+    weight = torch.clamp(MIN_SNR_GAMMA / (snr + 1), max=1.0) if velocity else torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
 
     def step():
         x, captions = batch_tensors(args.batch, loop.rng)
@@ -226,7 +238,8 @@ def train_unet(args) -> None:
         with _autocast(args):
             context = text_encoder(ids)[0]
             pred = unet(noisy, t, context).sample
-        per_item = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))
+        target = scheduler.get_velocity(latents, noise, t) if velocity else noise
+        per_item = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
         return (weight[t] * per_item).mean()
 
     loop.run(step)
@@ -274,7 +287,7 @@ def vae_psnr(vae, n: int = 512, seed: int = 54321) -> float:
 
 
 @torch.no_grad()
-def evaluate(pipe, kind: str = "one", count: int = 256, guidance: float = 5.0, steps: int = 25,
+def evaluate(pipe, kind: str = "one", count: int = 256, guidance: float = M.GUIDANCE_SCALE, steps: int = 25,
              batch: int = 64, seed: int = 0) -> dict[str, float]:
     """Attribute accuracy of pictures `pipe` generates for `count` held-out `kind`-object prompts."""
     prompts = [p for p, _ in heldout_prompts(kind, count)]
@@ -328,7 +341,7 @@ def main(argv=None) -> None:
     parser.add_argument("--source", choices=["workdir", "weights"], default="workdir")
     parser.add_argument("--count", type=int, default=256)
     parser.add_argument("--kinds", nargs="+", default=["one", "two"])
-    parser.add_argument("--guidance", type=float, nargs="+", default=[5.0])
+    parser.add_argument("--guidance", type=float, nargs="+", default=[M.GUIDANCE_SCALE])
     parser.add_argument("--inference-steps", type=int, default=25)
     parser.add_argument("--accelerate", action="store_true", help="generate through fastdiff.accelerate")
     args = parser.parse_args(argv)

@@ -111,7 +111,8 @@ def main():
 @click.argument("prompts", metavar="PROMPT...", nargs=-1, required=True)
 @model_option
 @click.option("--steps", type=int, default=25, show_default=True, help="num_inference_steps.")
-@click.option("--guidance-scale", type=float, default=None, help="Guidance scale (default: the pipeline's).")
+@click.option("--guidance-scale", type=float, default=None,
+              help="Guidance scale (default: 5 for the shapes model, else the pipeline's).")
 @click.option("--cfg", type=click.Choice(CFG_MODES), default=None,
               help="Guidance mode (default: 'full' when guidance scale > 1, else 'none').")
 @click.option("--seed", type=int, default=0, show_default=True, help="Each prompt is generated from this seed.")
@@ -128,6 +129,10 @@ def generate(prompts, model, steps, guidance_scale, cfg, seed, num_images, out, 
     from .accelerate import accelerate
 
     pipe = load_pipeline(model, img2img=False, device=device)
+    if guidance_scale is None and model == "shapes":
+        from .shapes.model import GUIDANCE_SCALE
+
+        guidance_scale = GUIDANCE_SCALE  # the scale its quality figures were measured at
     with usage_errors(prompt_hint="PROMPT"):
         fast = accelerate(pipe, cfg=cfg)
     out.mkdir(parents=True, exist_ok=True)

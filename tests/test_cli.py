@@ -48,6 +48,23 @@ def test_generate_writes_images_and_a_summary(tmp_path):
     assert re.search(r"s/image, [\d.]+ images/s", result.output)
 
 
+def test_generate_uses_the_shapes_models_guidance_unless_told(tmp_path, monkeypatch):
+    from fastdiff.accelerate import AcceleratedPipeline
+    from fastdiff.shapes.model import GUIDANCE_SCALE
+
+    seen = []
+    original = AcceleratedPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["guidance_scale"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AcceleratedPipeline, "__call__", spy)
+    assert run("generate", "a red circle", "--steps", 1, "--out", tmp_path).exit_code == 0
+    assert run("generate", "a red circle", "--steps", 1, "--guidance-scale", 2, "--out", tmp_path).exit_code == 0
+    assert seen == [GUIDANCE_SCALE, 2.0]
+
+
 @pytest.mark.parametrize("frame_buffer", [1, 4])  # 6 frames in groups of 4: the last group is padded
 def test_stream_clip_writes_one_output_per_input(tmp_path, frame_buffer):
     result = run("stream", "--clip", "moving-shapes", "--frames", 6, "--frame-buffer", frame_buffer, "--out", tmp_path)

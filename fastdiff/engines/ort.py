@@ -52,6 +52,9 @@ class OrtEngine:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
+        # Between engine calls torch runs the stream's own ops on the same cores: ONNX Runtime's
+        # threads must sleep when idle, not spin, or the two thread pools slow each other down.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.device = device
         self.session = ort.InferenceSession(os.path.join(folder, ARTEFACT), options, providers=providers_for(device))
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -28,7 +28,8 @@ OPTION_OF = {
     "steps": "--steps", "num_inference_steps": "--steps", "cfg": "--cfg", "guidance_scale": "--guidance-scale",
     "delta": "--delta", "frame_buffer": "--frame-buffer", "similarity_filter": "--similarity-filter",
     "height": "--height", "width": "--width", "prompt": "--prompt", "negative_prompt": "--negative-prompt",
-    "pipe": "--model",
+    "pipe": "--model", "components": "--components", "batch": "--batch", "resolutions": "--resolution",
+    "backend": "--backend",
 }
 
 
@@ -52,21 +53,17 @@ def load_pipeline(model: str, img2img: bool, device: str | None):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as error:
         raise click.BadParameter(str(error), param_hint="'--device'") from error
-    if model == "shapes":
-        from .shapes.model import load_pipeline as load_shapes_pipeline
-
-        pipe = load_shapes_pipeline()
-    elif model == "tiny":
+    if model == "tiny":
         from .testing import tiny_sd_pipeline
 
         pipe = tiny_sd_pipeline(scheduler="lcm", img2img=img2img)
         click.echo("note: --model tiny has random weights, so its images are noise; "
                    "pass a local pipeline folder for real ones", err=True)
-    elif os.path.isdir(model):
-        from diffusers import DiffusionPipeline
+    elif model == "shapes" or os.path.isdir(model):
+        from .models import load_model
 
         try:  # the stream only uses the components, so the folder's pipeline class doesn't matter
-            pipe = DiffusionPipeline.from_pretrained(model)
+            pipe = load_model(model)
         except (OSError, ValueError) as error:
             raise click.BadParameter(f"cannot load a pipeline from {model}: {error}", param_hint="'--model'") from error
     else:  # a hub id would mean a download; the CLI only reads local folders
@@ -314,17 +311,13 @@ def build(model, components, backend, precision, profile, resolutions, batch, ou
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="'--profile'" if profile else "'--model'") from error
     names = components.split(",") if components else None
-    try:
-        built = build_engines(pipe, components=names, backend=backend, precision=precision, resolutions=resolutions,
-                              batch=batch_range, out_dir=str(out) if out else None, rebuild=rebuild, opset=opset,
-                              exporter=exporter, defaults=defaults)
-    except ValueError as error:
-        name = str(error).split(" ", 1)[0].rstrip(":")
-        hint = {"components": "--components", "batch": "--batch", "resolutions": "--resolution",
-                "backend": "--backend"}.get(name)
-        raise (click.BadParameter(str(error), param_hint=f"'{hint}'") if hint else click.UsageError(str(error))) from error
-    except ImportError as error:
-        raise click.BadParameter(str(error), param_hint="'--backend'") from error
+    with usage_errors():
+        try:
+            built = build_engines(pipe, components=names, backend=backend, precision=precision,
+                                  resolutions=resolutions, batch=batch_range, out_dir=str(out) if out else None,
+                                  rebuild=rebuild, opset=opset, exporter=exporter, defaults=defaults)
+        except ImportError as error:  # an engine backend whose packages are missing
+            raise click.BadParameter(str(error), param_hint="'--backend'") from error
     click.echo(summary(built))
 
 

@@ -15,12 +15,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ..denoiser import check_size
 from ..sampling.guidance import CFG_MODES
-from .metrics import frechet_distance, paired_psnr
-from .evaluate import attribute_accuracy
+from ..vae import LatentCodec
+from .metrics import frechet_distance, paired_psnr, prompt_accuracy
 from .render import heldout_prompts, render_batch
 
-__all__ = ["QualityRow", "generate", "quality_table", "format_table", "SOLVERS"]
+__all__ = ["QualityRow", "generate", "quality_table", "format_table", "rows_as_dicts", "SOLVERS"]
 
 SOLVERS = ("ddim", "lcm")  # DDIM's deterministic step; LCM's x̂0 re-noised to the next step (the stream's)
 
@@ -55,15 +56,15 @@ def generate(pipe, prompts: list[str], steps: int, cfg: str, solver: str = "ddim
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer ≥ 1, got {steps!r}")
     fast = accelerate(pipe, cfg=cfg, solver=solver)
-    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    size = pipe.unet.config.sample_size * scale
-    latent_shape = (pipe.unet.config.in_channels, size // scale, size // scale)
-    noise = _noise(len(prompts), latent_shape, seed)
+    codec = LatentCodec(pipe.vae)
+    height, width = check_size(fast.denoiser, codec, None, None)   # the model's native size
+    f = codec.scale_factor
+    noise = _noise(len(prompts), (fast.denoiser.in_channels, height // f, width // f), seed)
     images, start = [], time.perf_counter()
     for i in range(0, len(prompts), batch):
         out = fast(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance_scale,
                    latents=noise[i:i + batch], generator=torch.Generator().manual_seed(seed + i),
-                   output_type="pt", height=size, width=size)
+                   output_type="pt", height=height, width=width)
         images.append(out.images.float().cpu())
     seconds = (time.perf_counter() - start) / max(len(prompts), 1)
     return torch.cat(images), seconds
@@ -85,8 +86,8 @@ def quality_table(pipe, steps_list=(50, 25, 8, 4, 2, 1), cfgs=CFG_MODES[:3], sol
             one, two = images[:count], images[count:]
             rows.append(QualityRow(
                 steps=steps, cfg=cfg, solver=solver,
-                accuracy_one=attribute_accuracy(one, prompts[:count], (0.0, 1.0))["overall"],
-                accuracy_two=attribute_accuracy(two, prompts[count:], (0.0, 1.0))["overall"],
+                accuracy_one=prompt_accuracy(one, prompts[:count], (0.0, 1.0)),
+                accuracy_two=prompt_accuracy(two, prompts[count:], (0.0, 1.0)),
                 psnr=paired_psnr(images, teacher, (0.0, 1.0)),
                 distance=frechet_distance(images, rendered, (0.0, 1.0)),
                 seconds_per_image=seconds))

@@ -5,7 +5,7 @@
     python benchmarks/engines.py --gpu [--archs sd-turbo,sd15,sdxl,sd3] [--size 512]
 
 CPU (default). For each pipeline (``tiny``: the tiny random-weight SD-1.x pipeline of
-:mod:`fastdiff.testing`, LCM, 64×64; ``shapes``: the embedded shapes model, 64×64), in one run:
+:mod:`fastdiff.architectures`, LCM, 64×64; ``shapes``: the embedded shapes model, 64×64), in one run:
 
 - denoiser latency: one call on B rows (the stream's batch sizes: B = n·F rows for n steps and F
   frames per call) with the stream's conditioning, eager PyTorch against each backend's engine;
@@ -77,7 +77,7 @@ def paired(times: dict, name: str, base: str) -> float:
 # -- CPU ---------------------------------------------------------------------------------------------
 def load(name: str):
     if name == "tiny":
-        from fastdiff.testing import tiny_sd_pipeline
+        from fastdiff.architectures import tiny_sd_pipeline
         pipe = tiny_sd_pipeline(scheduler="lcm")
     elif name == "shapes":
         from fastdiff.shapes.model import load_pipeline
@@ -222,7 +222,7 @@ def cuda_ms(fn, repeats: int = 30) -> float:
 def gpu(args) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fastdiff.testing import ARCHITECTURES
+    from fastdiff.architectures import ARCHITECTURES
 
     peak = matmul_peak_tflops()
     rows = []

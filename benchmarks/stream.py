@@ -4,7 +4,7 @@
                                 [--threads N] [--sd-postprocess]
 
 One run measures, side by side, img2img and txt2img with AutoencoderKL and AutoencoderTiny on the
-tiny random-weight SD-1.x pipeline (:func:`fastdiff.testing.tiny_sd_pipeline`, LCM scheduler,
+tiny random-weight SD-1.x pipeline (:func:`fastdiff.architectures.tiny_sd_pipeline`, LCM scheduler,
 n = 2 steps: indices [32, 45] of the 50-step schedule for img2img, [0, 45] for txt2img), on the
 CPU, eager PyTorch, float32. The default 64×64 px (8×8 latents) is the size at which this pipeline
 matches the reference scale on this machine (floor ≈ 14.6 ms/frame img2img with AutoencoderKL);
@@ -64,7 +64,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from machine import environment  # noqa: E402
 from fastdiff import Stream  # noqa: E402
-from fastdiff.testing import tiny_sd_pipeline  # noqa: E402
+from fastdiff.architectures import tiny_sd_pipeline  # noqa: E402
 
 PROMPT = "a watercolor painting of a red fox in a green tree"
 STEPS = {"img2img": [32, 45], "txt2img": [0, 45]}

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .stream import Stream  # noqa: E402
+from .streaming import Stream  # noqa: E402
 
 __all__ = ["Stream", "__version__"]
 from .accelerate import accelerate  # noqa: E402

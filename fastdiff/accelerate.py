@@ -9,16 +9,16 @@ shares every technique the stream has (residual CFG, engines...).
 from __future__ import annotations
 
 import inspect
-import numbers
 
 import torch
 
-from .denoiser import check_prompts, check_size, denoiser_for
+from .checks import check_int, check_number
 from .images import check_output_type
 from .sampling.guidance import check_mode
+from .sampling.guiders import make_guider
 from .sampling.schedule import step_schedule
 from .stream.batch import LatentStream
-from .vae import LatentCodec
+from .stream.prepare import Prepared, UsesPrepared
 
 # pipeline class → (task, module of its output dataclass, output dataclass)
 SUPPORTED = {
@@ -30,8 +30,8 @@ SUPPORTED = {
     "StableDiffusion3Img2ImgPipeline": ("img2img", "diffusers.pipelines.stable_diffusion_3", "StableDiffusion3PipelineOutput"),
 }
 ACCEPTED_ARGS = ("prompt", "image", "negative_prompt", "height", "width", "num_inference_steps", "timesteps",
-                 "strength", "guidance_scale", "num_images_per_prompt", "generator", "latents", "output_type",
-                 "return_dict")
+                 "strength", "guidance_scale", "guidance_rescale", "eta", "num_images_per_prompt", "generator",
+                 "latents", "output_type", "return_dict")
 
 
 def accelerate(pipe, *, cfg: str | None = None, delta: float = 1.0, solver: str | None = None,
@@ -59,43 +59,37 @@ def supported_base(pipe) -> type:
                      f"{', '.join(sorted(SUPPORTED))}")
 
 
-class AcceleratedPipeline:
+class AcceleratedPipeline(UsesPrepared):
     def __init__(self, pipe, cfg=None, delta=1.0, solver=None, backend=None, engine_options=None):
         base = supported_base(pipe)
         self.pipe = pipe
         self.task, module, output_class = SUPPORTED[base.__name__]
         self.output_class = getattr(__import__(module, fromlist=[output_class]), output_class)
         self.cfg = check_mode(cfg) if cfg is not None else None
-        if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or delta < 0:
-            raise ValueError(f"delta must be a number ≥ 0, got {delta!r}")
-        self.delta = float(delta)
+        self.delta = check_number(delta, "delta", 0.0)
         self.solver = solver
-        self.denoiser = denoiser_for(pipe)
         # Defaults (steps, guidance, strength) are the wrapped pipeline class's own.
         self.defaults = {k: p.default for k, p in inspect.signature(base.__call__).parameters.items()}
-        self._vae, self.codec = pipe.vae, LatentCodec(pipe.vae)
-        self.engines = None
+        options = dict(engine_options) if isinstance(engine_options, dict) else engine_options
+        # accelerate's own engine options: the largest batch and the sizes the engines must take
+        max_batch = options.pop("max_batch", 8) if isinstance(options, dict) else 8
+        resolutions = options.pop("resolutions", None) if isinstance(options, dict) else None
+        check_int(max_batch, "engine_options['max_batch']", 1, 31)
+        self.parts = Prepared(pipe, backend, options)
+        self._max_batch, self._resolutions = max_batch, resolutions or [self.parts.size(None, None)]
         if backend is not None:
-            self.engines = self._attach_engines(backend, engine_options)
-        elif engine_options is not None:
-            raise ValueError("engine_options needs a backend (backend='onnxruntime', 'tensorrt', 'aoti', 'inductor' or 'auto')")
+            self._attach_engines()
 
-    def _attach_engines(self, backend, options):
+    def _attach_engines(self, force: bool = False):
         """Engines for 1..max_batch images per call (2·max_batch denoiser rows, for full CFG)."""
-        from .engines.attach import attach_engines
+        self.parts.attach_engines(2 * self._max_batch, self._max_batch, self._resolutions, best_rows=2,
+                                  best_frames=1, force=force)
 
-        options = dict(options or {})
-        max_batch = options.pop("max_batch", 8)
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= 31:
-            raise ValueError(f"engine_options['max_batch'] must be an integer in [1, 31], got {max_batch!r}")
-        native = check_size(self.denoiser, self.codec, None, None)
-        resolutions = options.pop("resolutions", [native])
-        return attach_engines(self.denoiser, self.codec, backend, rows=2 * max_batch, frames=max_batch,
-                              resolutions=resolutions, options=options, best_rows=2, best_frames=1)
-
-    def _latent_codec(self) -> LatentCodec:
-        # the codec built at wrapping time (with any VAE engines), unless pipe.vae was replaced since
-        return self.codec if self.pipe.vae is self._vae else LatentCodec(self.pipe.vae)
+    def refresh_engines(self):
+        """Build (or load) the engines again for the denoiser's current weights — after a LoRA was
+        loaded, fused or rescaled. No-op without a backend."""
+        if self.parts.backend is not None:
+            self._attach_engines(force=True)
 
     def __getattr__(self, name):
         # Everything else (components, config, progress bars...) is the wrapped pipeline's.
@@ -111,28 +105,23 @@ class AcceleratedPipeline:
     @torch.inference_mode()
     def __call__(self, prompt=None, image=None, *, negative_prompt=None, height=None, width=None,
                  num_inference_steps=None, timesteps=None, strength=None, guidance_scale=None,
-                 num_images_per_prompt=1, generator=None, latents=None, output_type="pil", return_dict=True,
-                 **unsupported):
+                 guidance_rescale=None, eta=None, num_images_per_prompt=1, generator=None, latents=None,
+                 output_type="pil", return_dict=True, **unsupported):
         if unsupported:
             raise TypeError(f"fastdiff.accelerate does not take {sorted(unsupported)}; it accepts {ACCEPTED_ARGS}")
         check_output_type(output_type)
-        denoiser, codec = self.denoiser, self._latent_codec()
-        prompts = check_prompts(prompt, "prompt", denoiser.tokenizers, allow_empty=False)
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be an integer ≥ 1, got {num_images_per_prompt!r}")
-        negatives = None
-        if negative_prompt is not None:
-            negatives = check_prompts(negative_prompt, "negative_prompt", denoiser.tokenizers, allow_empty=True)
-            if len(negatives) == 1:
-                negatives = negatives * len(prompts)
-            if len(negatives) != len(prompts):
-                raise ValueError(f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}")
-            negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
-        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        batch = len(prompts)
+        check_int(num_images_per_prompt, "num_images_per_prompt", 1)
+        if guidance_rescale not in (None, 0, 0.0) and "guidance_rescale" not in self.defaults:
+            raise ValueError(f"guidance_rescale: {type(self.pipe).__name__} has no guidance_rescale")
+        denoiser, codec = self.denoiser, self.parts.current_codec()
 
         guidance_scale = float(self._default("guidance_scale", guidance_scale))
+        guidance_rescale = float(self._default("guidance_rescale", guidance_rescale) or 0.0)
         cfg = self.cfg or ("full" if guidance_scale > 1 else "none")
+        guider = make_guider(cfg, guidance_scale, self.delta, guidance_rescale if cfg == "full" else 0.0)
+        if guidance_rescale and cfg != "full":
+            raise ValueError(f"guidance_rescale applies to full guidance (guidance_scale > 1, cfg='full'), "
+                             f"not cfg={cfg!r}")
         num_inference_steps = self._default("num_inference_steps", num_inference_steps)
         scheduler = self.pipe.scheduler
 
@@ -141,13 +130,16 @@ class AcceleratedPipeline:
             if image is None:
                 raise ValueError(f"image is required by {type(self.pipe).__name__}")
             pixels = self.pipe.image_processor.preprocess(image, height=height, width=width)
-            if pixels.shape[0] not in (1, batch):
-                raise ValueError(f"image has {pixels.shape[0]} images for a batch of {batch} prompts×images")
-            pixels = pixels.expand(batch, -1, -1, -1) if pixels.shape[0] == 1 else pixels
             height, width = (int(v) for v in pixels.shape[-2:])
         elif image is not None:
             raise ValueError(f"image is not an argument of the txt2img {type(self.pipe).__name__}")
-        height, width = check_size(denoiser, codec, height, width)
+        height, width = self.parts.size(height, width)
+        cond, uncond = self.parts.encode(prompt, negative_prompt, height, width, per_prompt=num_images_per_prompt)
+        batch = len(cond)
+        if pixels is not None:
+            if pixels.shape[0] not in (1, batch):
+                raise ValueError(f"image has {pixels.shape[0]} images for a batch of {batch} prompts×images")
+            pixels = pixels.expand(batch, -1, -1, -1) if pixels.shape[0] == 1 else pixels
 
         if timesteps is not None:
             steps = None
@@ -163,11 +155,13 @@ class AcceleratedPipeline:
                 raise ValueError(f"strength={strength} with num_inference_steps={num_inference_steps} leaves no step to run")
         else:
             steps = list(range(num_inference_steps))
-        schedule = step_schedule(scheduler, steps, timesteps, num_inference_steps, self.solver)
+        # eta reaches the schedulers whose step takes it (DDIM, TCD), as in the pipeline; others ignore it
+        eta = float(self._default("eta", eta) or 0.0) if "eta" in inspect.signature(scheduler.step).parameters else 0.0
+        schedule = step_schedule(scheduler, steps, timesteps, num_inference_steps, self.solver, eta)
 
         from diffusers.utils.torch_utils import randn_tensor
 
-        latent_shape = (denoiser.in_channels, height // codec.scale_factor, width // codec.scale_factor)
+        latent_shape = self.parts.latent_shape(height, width)
         clean = None
         if pixels is not None:
             clean = codec.encode(pixels.to(denoiser.device), sample=True, generator=generator)
@@ -178,12 +172,12 @@ class AcceleratedPipeline:
         else:
             noise = randn_tensor((batch,) + latent_shape, generator=generator, device=denoiser.device,
                                  dtype=denoiser.dtype)
-        cond, uncond = denoiser.encode_prompt(prompts, negatives, height, width)
-        stream = LatentStream(denoiser, schedule, cond, uncond, latent_shape, cfg=cfg,
-                              guidance_scale=guidance_scale, delta=self.delta, noise="fresh", generator=generator)
+        # One slot per step, the whole batch as its frames; noise drawn as the pipeline draws it.
+        stream = LatentStream(denoiser, schedule, cond, uncond, latent_shape, guider=guider, noise="fresh",
+                              generator=generator)
         finished = stream.push(clean, noise=noise)
         result = finished if finished is not None else stream.drain()[0]
-        return self._output(result, output_type, return_dict, codec)
+        return self._output(result.latents, output_type, return_dict, codec)
 
     def _output(self, latents, output_type, return_dict, codec):
         if output_type == "latent":

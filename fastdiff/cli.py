@@ -28,9 +28,12 @@ OPTION_OF = {
     "steps": "--steps", "num_inference_steps": "--steps", "cfg": "--cfg", "guidance_scale": "--guidance-scale",
     "delta": "--delta", "frame_buffer": "--frame-buffer", "similarity_filter": "--similarity-filter",
     "height": "--height", "width": "--width", "prompt": "--prompt", "negative_prompt": "--negative-prompt",
-    "pipe": "--model", "components": "--components", "batch": "--batch", "resolutions": "--resolution",
-    "backend": "--backend",
+    "pipe": "--model", "model": "--model", "components": "--components", "batch": "--batch",
+    "resolutions": "--resolution", "backend": "--backend", "guidance_rescale": "--guidance-rescale",
 }
+# One vocabulary for what runs the model, in every command: "torch" is the pipeline's own modules,
+# the rest are fastdiff's engine backends.
+BACKEND_CHOICES = ("torch", "auto", "onnxruntime", "tensorrt", "aoti", "inductor")
 
 
 @contextlib.contextmanager
@@ -46,30 +49,36 @@ def usage_errors(prompt_hint: str = "--prompt"):
         raise click.BadParameter(str(error), param_hint=f"'{hint}'") from error
 
 
-def load_pipeline(model: str, img2img: bool, device: str | None):
-    """The embedded shapes model, the "tiny" pipeline (random weights, built offline), or a local
-    diffusers folder. Streams use only the components, so a txt2img pipeline serves img2img too."""
+def check_device(device: str | None) -> torch.device:
+    """The torch device to run on (default CUDA when there is one), checked before anything loads."""
     try:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as error:
         raise click.BadParameter(str(error), param_hint="'--device'") from error
-    if model == "tiny":
-        from .testing import tiny_sd_pipeline
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise click.BadParameter(f"{device} asked for, but {why}; use --device cpu, or install a CUDA build of "
+                                 "torch (see the README)", param_hint="'--device'")
+    return device
 
-        pipe = tiny_sd_pipeline(scheduler="lcm", img2img=img2img)
-        click.echo("note: --model tiny has random weights, so its images are noise; "
-                   "pass a local pipeline folder for real ones", err=True)
-    elif model == "shapes" or os.path.isdir(model):
-        from .models import load_model
 
-        try:  # the stream only uses the components, so the folder's pipeline class doesn't matter
-            pipe = load_model(model)
-        except (OSError, ValueError) as error:
-            raise click.BadParameter(f"cannot load a pipeline from {model}: {error}", param_hint="'--model'") from error
-    else:  # a hub id would mean a download; the CLI only reads local folders
-        raise click.BadParameter(f"{model!r} is neither 'shapes', 'tiny' nor a local pipeline folder",
-                                 param_hint="'--model'")
-    return pipe.to(device)
+def load_pipeline(model: str, device: torch.device):
+    """The pipeline --model names, through the one resolver every command uses
+    (:func:`fastdiff.models.load_model`). Streams use only the components, so a txt2img pipeline
+    serves img2img too."""
+    from .models import load_model
+
+    with usage_errors():
+        pipe = load_model(model, device=device)
+    if model in ("tiny", "tiny-sdxl", "tiny-sd3") or model in ("sd15", "sd-turbo", "sdxl", "sd3"):
+        click.echo(f"note: --model {model} has random weights, so its images are noise; pass a pipeline "
+                   "folder or a hub id for real ones", err=True)
+    return pipe
+
+
+def engine_backend(backend: str) -> str | None:
+    """--backend as the library takes it: None runs the pipeline's own PyTorch modules."""
+    return None if backend == "torch" else backend
 
 
 def parse_steps(ctx, param, value):
@@ -85,8 +94,12 @@ def slug(text: str, length: int = 40) -> str:
 
 
 model_option = click.option("--model", default="shapes", show_default=True,
-                            help="'shapes' (the embedded model, offline), 'tiny' (random weights) or a local "
-                                 "diffusers pipeline folder.")
+                            help="'shapes' (the embedded model, offline), 'tiny', 'tiny-sdxl', 'tiny-sd3' (random "
+                                 "weights), an architecture with random weights ('sd15', 'sd-turbo', 'sdxl', 'sd3'), "
+                                 "a local pipeline folder or a hub id.")
+backend_option = click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="torch", show_default=True,
+                              help="What runs the model: 'torch' (its own modules) or an engine backend, built "
+                                   "(or loaded from the engine cache, e.g. after `fastdiff build`).")
 device_option = click.option("--device", default=None, help="torch device; default cuda when available, else cpu.")
 height_option = click.option("--height", type=int, default=None, help="Image height (default: the model's).")
 width_option = click.option("--width", type=int, default=None, help="Image width (default: the model's).")
@@ -107,9 +120,11 @@ def main():
 @main.command(short_help="Generate images from prompts (txt2img).")
 @click.argument("prompts", metavar="PROMPT...", nargs=-1, required=True)
 @model_option
-@click.option("--steps", type=int, default=25, show_default=True, help="num_inference_steps.")
-@click.option("--guidance-scale", type=float, default=None,
-              help="Guidance scale (default: 5 for the shapes model, else the pipeline's).")
+@click.option("--steps", type=click.IntRange(min=1), default=25, show_default=True, help="num_inference_steps.")
+@click.option("--guidance-scale", type=click.FloatRange(min=0), default=None,
+              help="Guidance scale (default: the shapes model's own, else the pipeline's).")
+@click.option("--guidance-rescale", type=click.FloatRange(0, 1), default=None,
+              help="diffusers' guidance_rescale for full CFG (default: the shapes model's own, else 0).")
 @click.option("--cfg", type=click.Choice(CFG_MODES), default=None,
               help="Guidance mode (default: 'full' when guidance scale > 1, else 'none').")
 @click.option("--seed", type=int, default=0, show_default=True, help="Each prompt is generated from this seed.")
@@ -118,20 +133,28 @@ def main():
               show_default=True, help="Folder the PNGs are written to.")
 @height_option
 @width_option
+@backend_option
 @device_option
-def generate(prompts, model, steps, guidance_scale, cfg, seed, num_images, out, height, width, device):
+def generate(prompts, model, steps, guidance_scale, guidance_rescale, cfg, seed, num_images, out, height, width,
+             backend, device):
     """Generate images for each PROMPT with the accelerated pipeline and write them as PNGs."""
     from tqdm import tqdm
 
     from .accelerate import accelerate
 
-    pipe = load_pipeline(model, img2img=False, device=device)
-    if guidance_scale is None and model == "shapes":
-        from .shapes.model import GUIDANCE_SCALE
+    if any(not p.strip() for p in prompts):   # checked before anything loads
+        raise click.BadParameter("a prompt must not be empty", param_hint="PROMPT")
+    device = check_device(device)
+    pipe = load_pipeline(model, device)
+    if model == "shapes":   # the settings its quality figures were measured at
+        from .shapes.model import GUIDANCE_RESCALE, GUIDANCE_SCALE
 
-        guidance_scale = GUIDANCE_SCALE  # the scale its quality figures were measured at
+        guidance_scale = GUIDANCE_SCALE if guidance_scale is None else guidance_scale
+        guidance_rescale = GUIDANCE_RESCALE if guidance_rescale is None else guidance_rescale
+    extra = {"guidance_rescale": guidance_rescale} if guidance_rescale and (guidance_scale or 0) > 1 \
+        and cfg in (None, "full") else {}
     with usage_errors(prompt_hint="PROMPT"):
-        fast = accelerate(pipe, cfg=cfg)
+        fast = accelerate(pipe, cfg=cfg, backend=engine_backend(backend))
     out.mkdir(parents=True, exist_ok=True)
     written, seconds = [], 0.0
     for i, prompt in enumerate(tqdm(prompts, desc="generate", unit="prompt")):
@@ -140,7 +163,8 @@ def generate(prompts, model, steps, guidance_scale, cfg, seed, num_images, out, 
         start = time.perf_counter()
         with usage_errors(prompt_hint="PROMPT"):
             images = fast(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
-                          num_images_per_prompt=num_images, height=height, width=width, output_type="pil").images
+                          num_images_per_prompt=num_images, height=height, width=width, output_type="pil",
+                          **extra).images
         seconds += time.perf_counter() - start
         for k, image in enumerate(images):
             path = out / f"{i:03d}-{slug(prompt)}-{k}.png"
@@ -211,9 +235,10 @@ def ready_results(runner):
               show_default=True, help="Folder the output frames are written to.")
 @height_option
 @width_option
+@backend_option
 @device_option
 def stream(input_dir, clip, frames, prompt, negative_prompt, model, steps, cfg, guidance_scale, delta,
-           frame_buffer, similarity_filter, seed, out, height, width, device):
+           frame_buffer, similarity_filter, seed, out, height, width, backend, device):
     """Stream frames through img2img and write one output frame per input frame.
 
     Frames are center-cropped to the stream's aspect ratio and resized to its resolution
@@ -222,14 +247,18 @@ def stream(input_dir, clip, frames, prompt, negative_prompt, model, steps, cfg, 
     """
     from tqdm import tqdm
 
-    from .stream import Stream
+    from .streaming import Stream
     from .stream.runner import StreamRunner
 
     total, inputs = read_frames(input_dir, clip, frames, seed)
-    pipe = load_pipeline(model, img2img=True, device=device)
+    if not prompt.strip():
+        raise click.BadParameter("the prompt must not be empty", param_hint="'--prompt'")
+    device = check_device(device)
+    pipe = load_pipeline(model, device)
     with usage_errors():
         s = Stream(pipe, steps, cfg=cfg, guidance_scale=guidance_scale, delta=delta, frame_buffer=frame_buffer,
-                   similarity_filter=similarity_filter, seed=seed, height=height, width=width, output_type="pil")
+                   similarity_filter=similarity_filter, seed=seed, height=height, width=width, output_type="pil",
+                   backend=engine_backend(backend))
         s.prepare(prompt, negative_prompt)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -296,7 +325,6 @@ def build(model, components, backend, precision, profile, resolutions, batch, ou
     size fall within what was built.
     """
     from .engines.build import build_engines, default_profile, summary
-    from .models import load_model
     from .engines.profiles import load_family_profile
 
     batch_range = None
@@ -305,8 +333,8 @@ def build(model, components, backend, precision, profile, resolutions, batch, ou
             batch_range = tuple(int(v) for v in batch.split(","))
         except ValueError:
             raise click.BadParameter(f"expected MIN,OPT,MAX such as 1,2,4, got {batch!r}", param_hint="'--batch'") from None
+    pipe = load_pipeline(model, check_device(device))
     try:
-        pipe = load_model(model, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
         defaults = load_family_profile(profile) if profile else default_profile(model, pipe)
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="'--profile'" if profile else "'--model'") from error
@@ -323,8 +351,7 @@ def build(model, components, backend, precision, profile, resolutions, batch, ou
 
 @main.command(short_help="Serve the real-time demo app: webcam, moving shapes or txt2img in a browser.")
 @model_option
-@click.option("--backend", default="torch", show_default=True,
-              help="What runs the model: 'torch', or an engine backend such as 'onnxruntime' or 'auto'.")
+@backend_option
 @click.option("--steps", default="32,45", show_default=True, callback=parse_steps, metavar="I,J,...",
               help="img2img steps (indices into the 50-step schedule); txt2img uses the stream's default.")
 @click.option("--cfg", type=click.Choice(CFG_MODES), default="self", show_default=True, help="Guidance mode.")
@@ -355,7 +382,7 @@ def demo(model, backend, steps, cfg, guidance_scale, prompt, host, port, max_ses
         config = DemoConfig(steps=tuple(steps), cfg=cfg, guidance_scale=guidance_scale, backend=backend,
                             max_sessions=max_sessions, max_message_bytes=max_message_bytes,
                             max_frame_side=max_frame_side, threads=threads, **options)
-    pipe = load_pipeline(model, img2img=True, device=device)
+    pipe = load_pipeline(model, check_device(device))
     with usage_errors():
         try:
             app = create_app(pipe, config)
@@ -384,22 +411,31 @@ def bench():
               help=f"CFG modes, one row each per step count ({', '.join(CFG_MODES)}).")
 @click.option("--solver", type=click.Choice(["ddim", "lcm"]), default="ddim", show_default=True,
               help="ddim: DDIM's step; lcm: the stream's x0 re-noising step.")
-@click.option("--guidance-scale", type=float, default=None, help="Guidance scale (default: the shapes model's).")
-@click.option("--count", type=click.IntRange(min=2), default=128, show_default=True,
-              help="Held-out prompts per kind (one object, two objects).")
+@click.option("--guidance-scale", type=click.FloatRange(min=0), default=None,
+              help="Guidance scale (default: the shapes model's).")
+@click.option("--guidance-rescale", type=click.FloatRange(0, 1), default=None,
+              help="guidance_rescale of full CFG (default: the shapes model's).")
+@click.option("--count", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Held-out prompts per kind (one, two, three objects).")
+@click.option("--unstated", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Held-out prompts that leave attributes unstated ...")
+@click.option("--repeats", type=click.IntRange(min=2), default=8, show_default=True,
+              help="... each drawn from this many seeds, for coverage.")
 @click.option("--teacher-steps", type=click.IntRange(min=1), default=50, show_default=True,
               help="DDIM steps of the full-CFG teacher the PSNR is measured against.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("out/quality.json"),
               show_default=True, help="JSON file the configuration and rows are written to.")
 @device_option
-def quality(model, steps, cfgs, solver, guidance_scale, count, teacher_steps, seed, out, device):
-    """Prompt accuracy, PSNR against a many-step teacher, Fréchet shape distance and seconds per
-    image for each (steps, CFG mode), printed as a Markdown table and written to --out."""
+def quality(model, steps, cfgs, solver, guidance_scale, guidance_rescale, count, unstated, repeats, teacher_steps,
+            seed, out, device):
+    """Prompt accuracy (1, 2, 3 objects; unstated attributes), coverage, PSNR against a many-step
+    teacher, Fréchet shape distance and seconds per image for each (steps, CFG mode), printed as a
+    Markdown table and written to --out."""
     import json
 
-    from .shapes.model import GUIDANCE_SCALE
-    from .shapes.quality import format_table, quality_table, rows_as_dicts
+    from .quality import format_table, quality_table, rows_as_dicts
+    from .shapes.model import GUIDANCE_RESCALE, GUIDANCE_SCALE
 
     modes = [m.strip() for m in cfgs.split(",") if m.strip()]
     unknown = [m for m in modes if m not in CFG_MODES]
@@ -408,14 +444,18 @@ def quality(model, steps, cfgs, solver, guidance_scale, count, teacher_steps, se
     if any(k < 1 for k in steps):
         raise click.BadParameter(f"step counts must be ≥ 1, got {steps}", param_hint="'--steps'")
     guidance_scale = GUIDANCE_SCALE if guidance_scale is None else guidance_scale
-    pipe = load_pipeline(model, img2img=False, device=device)
-    config = dict(model=model, solver=solver, guidance_scale=guidance_scale, count=count,
-                  teacher_steps=teacher_steps, seed=seed, threads=torch.get_num_threads())
-    click.echo(f"quality of {model}: {count} one-object + {count} two-object prompts, guidance {guidance_scale}, "
-               f"teacher {teacher_steps} DDIM steps with full CFG", err=True)
+    guidance_rescale = GUIDANCE_RESCALE if guidance_rescale is None else guidance_rescale
+    pipe = load_pipeline(model, check_device(device))
+    config = dict(model=model, solver=solver, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                  count=count, unstated=unstated, repeats=repeats, teacher_steps=teacher_steps, seed=seed,
+                  threads=torch.get_num_threads())
+    click.echo(f"quality of {model}: {count} prompts each of 1, 2 and 3 objects, {unstated} unstated × {repeats} "
+               f"seeds, guidance {guidance_scale} (rescale {guidance_rescale}), teacher {teacher_steps} DDIM steps "
+               "with full CFG", err=True)
     with usage_errors():
         rows = quality_table(pipe, steps, modes, solver, guidance_scale, count, teacher_steps, seed,
-                             progress=lambda r: click.echo(f"  {r.steps} steps, cfg {r.cfg}: done", err=True))
+                             progress=lambda r: click.echo(f"  {r.steps} steps, cfg {r.cfg}: done", err=True),
+                             guidance_rescale=guidance_rescale, unstated=unstated, repeats=repeats)
     click.echo(format_table(rows))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(config=config, rows=rows_as_dicts(rows)), indent=2))

@@ -9,42 +9,72 @@ above this module (sampling, stream, engines) talks to :class:`Denoiser`, never 
 :func:`denoiser_for` is the one place that looks at what a pipeline holds.
 
 The adapters call the module held in ``.module``; an engine replaces that module with a compiled
-one taking the same arguments.
+one taking the same arguments. What an exporter needs to know of a family — the graph's named
+inputs, a module wrapped to take them positionally, and how the module's own call maps onto them —
+is here too (:meth:`Denoiser.graph_spec`), so the engines layer never branches on the family, and
+any module of the family (a pruned sub-network, say) can become an engine.
 """
 
 from __future__ import annotations
 
 import abc
+import inspect
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 
 @dataclass
 class Conditioning:
-    """Per-row conditioning: `embeds` [B, L, D] and extra tensors, each with B rows first."""
+    """Per-row conditioning: `embeds` [B, L, D] and extra tensors, each with B rows first.
+
+    `route` (int64 [B], optional) says which sub-network each row runs on (prompt-routed pruning:
+    :class:`GroupedDenoiser` groups rows by it). It is not a model input: adapters never pass it on.
+    """
 
     embeds: torch.Tensor
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    route: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.embeds.shape[0]
 
-    def _map(self, fn) -> "Conditioning":
-        return Conditioning(fn(self.embeds), {k: fn(v) for k, v in self.extras.items()})
+    def _map(self, fn, route_fn=None) -> "Conditioning":
+        route = None if self.route is None else (route_fn or fn)(self.route)
+        return Conditioning(fn(self.embeds), {k: fn(v) for k, v in self.extras.items()}, route)
 
     def tile(self, times: int) -> "Conditioning":
         """Rows repeated `times` over: [c0..cB-1, c0..cB-1, ...] (slot-major stream rows)."""
         return self._map(lambda v: v.repeat(times, *([1] * (v.dim() - 1))))
 
+    def rows(self, index) -> "Conditioning":
+        """The rows `index` picks (an int k: the first k; a slice or an index tensor)."""
+        index = slice(0, index) if isinstance(index, int) else index
+        return self._map(lambda v: v[index])
+
     def to(self, device=None, dtype=None) -> "Conditioning":
-        return self._map(lambda v: v.to(device=device, dtype=dtype if v.is_floating_point() else None))
+        return self._map(lambda v: v.to(device=device, dtype=dtype if v.is_floating_point() else None),
+                         lambda r: r.to(device=device))
+
+    def with_route(self, route) -> "Conditioning":
+        """The same rows, each routed to the sub-network `route` names (an int for all, or [B])."""
+        route = torch.as_tensor(route, dtype=torch.int64, device=self.embeds.device)
+        if route.dim() == 0:
+            route = route.expand(len(self)).clone()
+        if route.shape != (len(self),):
+            raise ValueError(f"route must be one integer or one per row ({len(self)}), got shape {tuple(route.shape)}")
+        return Conditioning(self.embeds, dict(self.extras), route)
 
     @staticmethod
     def cat(parts: list["Conditioning"]) -> "Conditioning":
         keys = parts[0].extras.keys()
+        routed = [p.route is not None for p in parts]
+        if any(routed) and not all(routed):
+            raise ValueError("cannot join routed and unrouted conditioning")
+        route = torch.cat([p.route for p in parts]) if all(routed) else None
         return Conditioning(torch.cat([p.embeds for p in parts]),
-                            {k: torch.cat([p.extras[k] for p in parts]) for k in keys})
+                            {k: torch.cat([p.extras[k] for p in parts]) for k in keys}, route)
 
 
 def check_prompts(prompts, name: str, tokenizers, allow_empty: bool) -> list[str]:
@@ -79,6 +109,65 @@ def check_size(denoiser: "Denoiser", codec, height, width) -> tuple[int, int]:
     return height, width
 
 
+@dataclass(frozen=True)
+class ModelInput:
+    """One named input of an exported graph. ``shape`` uses "B" for the batch and "H"/"W" for the
+    image size divided by the component's size divisor; ``dtype`` None means the model's dtype."""
+
+    name: str
+    shape: tuple
+    dtype: torch.dtype | None = None
+
+
+@dataclass
+class GraphSpec:
+    """A denoiser module as exporters see it: its kind, a module taking the named inputs
+    positionally, those inputs, and `feeds` mapping the module's own call (args, kwargs) to them."""
+
+    kind: str
+    graph: torch.nn.Module
+    inputs: list[ModelInput]
+    feeds: Callable
+
+
+def _binder(module):
+    """(args, kwargs) of a call of `module` → {parameter name: value} (the signature is read once)."""
+    signature = inspect.signature(module.forward)
+    return lambda args, kwargs: signature.bind(*args, **kwargs).arguments
+
+
+def _timestep_rows(t, batch: int) -> torch.Tensor:
+    """Timesteps as float32 [B] (diffusers accepts a scalar, a 0-d or a [B] tensor)."""
+    t = torch.as_tensor(t, dtype=torch.float32)
+    return t.reshape(1).expand(batch) if t.dim() == 0 else t.to(torch.float32)
+
+
+class _UNetGraph(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+class _SDXLUNetGraph(_UNetGraph):
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False,
+                         added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})[0]
+
+
+class _SD3Graph(torch.nn.Module):
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections):
+        return self.transformer(hidden_states=hidden_states, timestep=timestep, return_dict=False,
+                                encoder_hidden_states=encoder_hidden_states,
+                                pooled_projections=pooled_projections)[0]
+
+
 class Denoiser(abc.ABC):
     """Base adapter: the pipeline, its denoiser module, and the dtype/device its rows use."""
 
@@ -110,9 +199,19 @@ class Denoiser(abc.ABC):
                       height: int, width: int) -> tuple[Conditioning, Conditioning]:
         """(conditional, unconditional) conditioning, one row per prompt."""
 
-    @abc.abstractmethod
     def __call__(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The model's raw output for each row (ε, v or flow velocity, as its scheduler says)."""
+        return self.run(self.module, latents, t, cond)
+
+    @abc.abstractmethod
+    def run(self, module, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """`module` (this family's model, or an engine standing in for it) called on the rows;
+        ``cond.route`` is never passed on."""
+
+    @abc.abstractmethod
+    def graph_spec(self, module: torch.nn.Module | None = None, text_length: int | None = None) -> GraphSpec:
+        """How exporters see `module` (default the pipeline's own); `text_length` overrides the
+        prompt length the family's text encoders give."""
 
 
 class UNetDenoiser(Denoiser):
@@ -125,8 +224,31 @@ class UNetDenoiser(Denoiser):
             prompts, self.device, 1, True, negative_prompts)
         return Conditioning(cond), Conditioning(uncond)
 
-    def __call__(self, latents, t, cond):
-        return self.module(latents, t, encoder_hidden_states=cond.embeds, return_dict=False)[0]
+    def run(self, module, latents, t, cond):
+        return module(latents, t, encoder_hidden_states=cond.embeds, return_dict=False)[0]
+
+    def _unet_inputs(self, module, text_length):
+        config = module.config
+        text_length = text_length or self.pipe.tokenizer.model_max_length
+        return [ModelInput("sample", ("B", config.in_channels, "H", "W")),
+                ModelInput("timestep", ("B",), torch.float32),
+                ModelInput("encoder_hidden_states", ("B", text_length, config.cross_attention_dim))]
+
+    def _unet_feeds(self, module, added: tuple = ()):
+        bind = _binder(module)
+
+        def feeds(args, kwargs):
+            a = bind(args, kwargs)
+            sample = a["sample"]
+            named = {"sample": sample, "timestep": _timestep_rows(a["timestep"], sample.shape[0]).to(sample.device),
+                     "encoder_hidden_states": a["encoder_hidden_states"]}
+            named.update({k: a["added_cond_kwargs"][k] for k in added})
+            return named
+        return feeds
+
+    def graph_spec(self, module=None, text_length=None):
+        module = module if module is not None else self.original
+        return GraphSpec("unet", _UNetGraph(module), self._unet_inputs(module, text_length), self._unet_feeds(module))
 
 
 class SDXLDenoiser(UNetDenoiser):
@@ -147,9 +269,18 @@ class SDXLDenoiser(UNetDenoiser):
         return (Conditioning(cond, {"text_embeds": pooled, "time_ids": to_rows(ids)}),
                 Conditioning(uncond, {"text_embeds": uncond_pooled, "time_ids": to_rows(neg_ids)}))
 
-    def __call__(self, latents, t, cond):
-        return self.module(latents, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=cond.extras,
-                           return_dict=False)[0]
+    def run(self, module, latents, t, cond):
+        return module(latents, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=cond.extras,
+                      return_dict=False)[0]
+
+    def graph_spec(self, module=None, text_length=None):
+        module = module if module is not None else self.original
+        config = module.config
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        inputs = self._unet_inputs(module, text_length) + [
+            ModelInput("text_embeds", ("B", pooled)), ModelInput("time_ids", ("B", 6))]
+        return GraphSpec("sdxl-unet", _SDXLUNetGraph(module), inputs,
+                         self._unet_feeds(module, ("text_embeds", "time_ids")))
 
 
 class SD3Denoiser(Denoiser):
@@ -164,9 +295,71 @@ class SD3Denoiser(Denoiser):
         return (Conditioning(cond, {"pooled_projections": pooled}),
                 Conditioning(uncond, {"pooled_projections": uncond_pooled}))
 
+    def run(self, module, latents, t, cond):
+        return module(hidden_states=latents, timestep=t, encoder_hidden_states=cond.embeds,
+                      pooled_projections=cond.extras["pooled_projections"], return_dict=False)[0]
+
+    def graph_spec(self, module=None, text_length=None):
+        module = module if module is not None else self.original
+        config = module.config
+        # the CLIP tokens, then T5's max_sequence_length (256 by default; zeros without T5)
+        text_length = text_length or 77 + 256
+        inputs = [ModelInput("hidden_states", ("B", config.in_channels, "H", "W")),
+                  ModelInput("timestep", ("B",), torch.float32),
+                  ModelInput("encoder_hidden_states", ("B", text_length, config.joint_attention_dim)),
+                  ModelInput("pooled_projections", ("B", config.pooled_projection_dim))]
+        bind = _binder(module)
+
+        def feeds(args, kwargs):
+            a = bind(args, kwargs)
+            x = a["hidden_states"]
+            return {"hidden_states": x, "timestep": _timestep_rows(a["timestep"], x.shape[0]).to(x.device),
+                    "encoder_hidden_states": a["encoder_hidden_states"],
+                    "pooled_projections": a["pooled_projections"]}
+        return GraphSpec("sd3", _SD3Graph(module), inputs, feeds)
+
+
+class GroupedDenoiser(Denoiser):
+    """The protocol over several sub-networks of one family (prompt-routed pruning): rows are
+    grouped by ``cond.route``, each group is one call of its route's module, and the outputs come
+    back in the rows' order. Engines replace the modules in :attr:`modules`, one per route."""
+
+    def __init__(self, base: Denoiser, modules: dict):
+        if not modules:
+            raise ValueError("modules must map at least one route to a module")
+        super().__init__(base.pipe, base.original)
+        self.base = base
+        self.family = base.family
+        self.originals = {int(k): m for k, m in modules.items()}   # the PyTorch sub-networks
+        self.modules = dict(self.originals)                        # what runs; engines may replace them
+
+    def encode_prompt(self, prompts, negative_prompts, height, width):
+        return self.base.encode_prompt(prompts, negative_prompts, height, width)
+
+    def run(self, module, latents, t, cond):
+        return self.base.run(module, latents, t, cond)
+
+    def graph_spec(self, module=None, text_length=None):
+        return self.base.graph_spec(module, text_length)
+
     def __call__(self, latents, t, cond):
-        return self.module(hidden_states=latents, timestep=t, encoder_hidden_states=cond.embeds,
-                           pooled_projections=cond.extras["pooled_projections"], return_dict=False)[0]
+        if cond.route is None:
+            raise ValueError("cond: a grouped denoiser needs each row's route (Conditioning.with_route)")
+        routes = cond.route
+        present = routes.unique().tolist()
+        missing = sorted(set(present) - set(self.modules))
+        if missing:
+            raise ValueError(f"cond.route names routes {missing} that have no module (have {sorted(self.modules)})")
+        if len(present) == 1:
+            return self.base.run(self.modules[present[0]], latents, t, cond)
+        out = None
+        for route in present:
+            rows = (routes == route).nonzero().squeeze(1)
+            part = self.base.run(self.modules[route], latents[rows], t[rows], cond.rows(rows))
+            if out is None:
+                out = part.new_empty((latents.shape[0],) + tuple(part.shape[1:]))
+            out[rows] = part
+        return out
 
 
 def denoiser_for(pipe) -> Denoiser:

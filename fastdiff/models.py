@@ -15,17 +15,17 @@ def load_model(model: str, device: str | torch.device = "cpu", dtype: torch.dtyp
     """A pipeline from one of :data:`OFFLINE_MODELS`, a local diffusers folder, or a hub id."""
     if not isinstance(model, str) or not model:
         raise ValueError(f"model must be one of {OFFLINE_MODELS}, a pipeline folder or a hub id, got {model!r}")
-    from . import testing
+    from . import architectures
 
     if model == "shapes":
         from .shapes.model import load_pipeline
         return load_pipeline(torch_dtype=dtype, device=device)
-    makers = {"tiny": testing.tiny_sd_pipeline, "tiny-sdxl": testing.tiny_sdxl_pipeline,
-              "tiny-sd3": testing.tiny_sd3_pipeline}
+    makers = {"tiny": lambda: architectures.tiny_sd_pipeline(scheduler="lcm"),   # streams take LCM's step
+              "tiny-sdxl": architectures.tiny_sdxl_pipeline, "tiny-sd3": architectures.tiny_sd3_pipeline}
     if model in makers:
         return makers[model]().to(device=device, dtype=dtype)
-    if model in testing.ARCHITECTURES:
-        return testing.ARCHITECTURES[model].pipeline(torch_dtype=dtype, device=device)
+    if model in architectures.ARCHITECTURES:
+        return architectures.ARCHITECTURES[model].pipeline(torch_dtype=dtype, device=device)
     looks_local = model.startswith(("/", ".", "~"))   # a path, not a hub id: never ask the hub
     if looks_local and not os.path.isdir(os.path.expanduser(model)):
         raise ValueError(f"model: no pipeline folder at {model}")

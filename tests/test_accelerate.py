@@ -9,7 +9,7 @@ from diffusers import DiffusionPipeline
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
 import fastdiff
-from fastdiff.testing import tiny_sd_pipeline
+from fastdiff.architectures import tiny_sd_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,10 +25,11 @@ def txt2img():
     return pipe
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "lcm"])
 @pytest.mark.parametrize("guidance_scale", [1.0, 6.0])
 def test_txt2img_matches_diffusers(scheduler, guidance_scale):
-    """Same seed, scheduler and steps: full CFG (g > 1) and no CFG give diffusers' own images."""
+    """Same seed, scheduler and steps: full CFG (g > 1) and no CFG give diffusers' own images —
+    LCM's re-noising included, as its noise is drawn in the pipeline's order."""
     pipe = tiny_sd_pipeline(scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     args = dict(prompt=["a red circle", "a blue fox"], num_inference_steps=5, guidance_scale=guidance_scale,
@@ -38,6 +39,31 @@ def test_txt2img_matches_diffusers(scheduler, guidance_scale):
     assert got.shape == expected.shape == (4, 64, 64, 3)
     assert expected.std() > 0.01           # a real picture, not a constant
     np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+@pytest.mark.parametrize("scheduler,eta", [("tcd", 0.3), ("tcd", 0.0), ("ddim", 0.5)])
+def test_stochastic_steps_match_diffusers(scheduler, eta):
+    """TCD's gamma and DDIM's η put fresh noise back each step; drawn in the pipeline's order, the
+    images are diffusers' own."""
+    pipe = tiny_sd_pipeline(scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    args = dict(prompt=["a red circle", "a blue fox"], num_inference_steps=4, guidance_scale=3.0, eta=eta)
+    expected = run(pipe, **args)
+    np.testing.assert_allclose(run(fastdiff.accelerate(pipe), **args), expected, atol=2e-5)
+    if eta:   # and the noise matters: another seed, another picture
+        assert np.abs(run(pipe, seed=2, **args) - expected).max() > 1e-3
+
+
+def test_guidance_rescale_matches_diffusers():
+    pipe = tiny_sd_pipeline(scheduler="ddim", prediction_type="v_prediction")
+    pipe.set_progress_bar_config(disable=True)
+    args = dict(prompt=["a red circle", "a blue fox"], num_inference_steps=5, guidance_scale=7.0)
+    plain = run(pipe, **args)
+    expected = run(pipe, guidance_rescale=0.7, **args)
+    assert np.abs(plain - expected).max() > 1e-4   # the rescale changes the picture
+    np.testing.assert_allclose(run(fastdiff.accelerate(pipe), guidance_rescale=0.7, **args), expected, atol=2e-5)
+    with pytest.raises(ValueError, match="guidance_rescale"):
+        fastdiff.accelerate(pipe, cfg="self")(guidance_rescale=0.7, **args)
 
 
 def test_guidance_changes_the_image(txt2img):
@@ -129,7 +155,7 @@ def test_custom_pipeline_files_load_from_a_saved_pipeline(tmp_path, txt2img):
 @pytest.mark.parametrize("img2img", [False, True])
 def test_sdxl_and_sd3_match_diffusers(family, img2img):
     """SDXL's added conditions and SD3's flow-matching transformer (σ = 1 first step included)."""
-    from fastdiff.testing import tiny_sd3_pipeline, tiny_sdxl_pipeline
+    from fastdiff.architectures import tiny_sd3_pipeline, tiny_sdxl_pipeline
 
     pipe = (tiny_sdxl_pipeline if family == "sdxl" else tiny_sd3_pipeline)(img2img=img2img)
     pipe.set_progress_bar_config(disable=True)

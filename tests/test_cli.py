@@ -7,14 +7,14 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-import fastdiff.testing
+import fastdiff.architectures
 from fastdiff.cli import main
 
 
 @pytest.fixture(autouse=True)
 def cached_tiny_pipeline(monkeypatch):
     # Building the tiny pipeline costs about a second; every command here can share one per kind.
-    monkeypatch.setattr(fastdiff.testing, "tiny_sd_pipeline", _cached_tiny)
+    monkeypatch.setattr(fastdiff.architectures, "tiny_sd_pipeline", _cached_tiny)
 
 
 @functools.cache
@@ -22,7 +22,7 @@ def _cached_tiny(**kwargs):
     return _build_tiny(**kwargs)
 
 
-_build_tiny = fastdiff.testing.tiny_sd_pipeline
+_build_tiny = fastdiff.architectures.tiny_sd_pipeline
 
 
 def run(*args):

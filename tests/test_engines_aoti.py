@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fastdiff.engines import ShapeProfile, component, engine
-from fastdiff.testing import tiny_sd_pipeline
+from fastdiff.architectures import tiny_sd_pipeline
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                                 reason="AOTInductor on the CPU needs a C++ compiler")
@@ -28,7 +28,7 @@ PROFILE = ShapeProfile(batch=(1, 2, 4), height=(64, 64, 64), width=(64, 64, 64))
 FRESH_PROCESS = textwrap.dedent("""
     import sys, torch
     from fastdiff.engines import ShapeProfile, component, engine
-    from fastdiff.testing import tiny_sd_pipeline
+    from fastdiff.architectures import tiny_sd_pipeline
     part = component(tiny_sd_pipeline(vae="tiny"), "vae_decoder")   # same seed: same weights
     runner = engine(part, "aoti", profile=ShapeProfile((1, 2, 4), (64, 64, 64), (64, 64, 64)),
                     cache_dir=sys.argv[1])

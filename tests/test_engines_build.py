@@ -15,7 +15,7 @@ pytest.importorskip("onnxruntime", reason="the build tests use the onnxruntime b
 import fastdiff  # noqa: E402
 from fastdiff.cli import main  # noqa: E402
 from fastdiff.engines.profiles import family_profile_names, load_family_profile  # noqa: E402
-from fastdiff.testing import tiny_sd_pipeline  # noqa: E402
+from fastdiff.architectures import tiny_sd_pipeline  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -15,7 +15,7 @@ import torch
 from fastdiff.engines import ShapeProfile, StaleEngineError, component, engine
 from fastdiff.engines import cache
 from fastdiff.engines.backends import engine_fields, load_runner
-from fastdiff.testing import tiny_sd_pipeline
+from fastdiff.architectures import tiny_sd_pipeline
 
 PROFILE = ShapeProfile(batch=(1, 2, 2), height=(64, 64, 64), width=(64, 64, 64))
 
@@ -74,7 +74,7 @@ def test_manifest_records_the_key_and_a_stale_artefact_is_refused_then_rebuilt(d
     assert fields["weights"] == cache.weights_hash(decoder.module)
     assert fields["profile"] == PROFILE.to_dict() and fields["precision"] == "fp32" and fields["opset"] >= 18
     assert "onnxruntime" in fields["versions"] and "torch" in fields["versions"]
-    assert manifest["files"]["model.onnx"] > 0
+    assert manifest["files"]["model.onnx"]["bytes"] > 0 and len(manifest["files"]["model.onnx"]["sha256"]) == 64
 
     again = engine(decoder, "onnxruntime", profile=PROFILE, cache_dir=str(tmp_path), threads=1)
     assert not again.built_now and again.folder == runner.folder
@@ -104,6 +104,16 @@ def test_artefact_of_other_weights_is_refused(decoder, tmp_path):
 def test_damaged_or_manifestless_artefact_is_refused(decoder, tmp_path):
     runner = engine(decoder, "onnxruntime", profile=PROFILE, cache_dir=str(tmp_path), threads=1)
     fields = runner.manifest["fields"]
+    path = os.path.join(runner.folder, "model.onnx")
+    whole = open(path, "rb").read()
+    with open(path, "r+b") as f:   # same size, one byte changed: only the digest can tell
+        f.seek(len(whole) // 2)
+        f.write(bytes([whole[len(whole) // 2] ^ 0xFF]))
+    with pytest.raises(StaleEngineError, match="digest"):
+        load_runner(decoder, runner.folder, fields)
+    with open(path, "wb") as f:
+        f.write(whole)
+    assert load_runner(decoder, runner.folder, fields) is not None
     with open(os.path.join(runner.folder, "model.onnx"), "ab") as f:
         f.write(b"junk")
     with pytest.raises(StaleEngineError, match="damaged"):
@@ -131,8 +141,10 @@ def test_interrupted_build_leaves_no_loadable_artefact(tmp_path):
     open(os.path.join(folder + ".partial-999-deadbeef", "model.onnx"), "wb").close()
     manifest, built = cache.build_or_load(folder, fields, lambda partial: open(
         os.path.join(partial, "model.onnx"), "wb").write(b"whole") and {"ok": True})
-    assert built and manifest["files"] == {"model.onnx": 5}
+    assert built and {k: v["bytes"] for k, v in manifest["files"].items()} == {"model.onnx": 5}
     assert cache.check_artefact(folder, fields)["key"] == cache.engine_key(fields)
+    # and the leftover of the killed build (its process, pid 999, is gone) was cleaned up
+    assert not os.path.exists(folder + ".partial-999-deadbeef")
 
 
 def _build_in_process(folder, log):

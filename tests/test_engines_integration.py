@@ -13,7 +13,7 @@ import torch
 import fastdiff
 from fastdiff.engines.attach import refit_engines
 from fastdiff.engines.modules import EngineModule, EngineVAE
-from fastdiff.testing import tiny_sd3_pipeline, tiny_sd_pipeline
+from fastdiff.architectures import tiny_sd3_pipeline, tiny_sd_pipeline
 
 FRAME_TOLERANCE = 1e-3
 PROMPT = "a red circle on the left"

@@ -18,7 +18,7 @@ pytest.importorskip("onnxscript", reason="the ONNX tests need onnxscript (pip in
 
 from fastdiff.engines import ShapeProfile, component, engine  # noqa: E402
 from fastdiff.engines.modules import EngineModule  # noqa: E402
-from fastdiff.testing import tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline  # noqa: E402
+from fastdiff.architectures import tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline  # noqa: E402
 
 RELATIVE_TOLERANCE = 1e-4
 PROFILE = ShapeProfile(batch=(1, 2, 4), height=(64, 64, 64), width=(64, 64, 64))

@@ -12,7 +12,7 @@ import torch
 
 from fastdiff.engines import ShapeProfile, component, engine, stream_profile
 from fastdiff.engines.tensorrt import profile_shapes
-from fastdiff.testing import tiny_sd_pipeline
+from fastdiff.architectures import tiny_sd_pipeline
 
 needs_tensorrt = pytest.mark.skipif(
     importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),

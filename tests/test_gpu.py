@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.testing import tiny_sd_pipeline
+from fastdiff.architectures import tiny_sd_pipeline
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

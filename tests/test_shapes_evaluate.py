@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from fastdiff.shapes.evaluate import ATTRIBUTES, attribute_accuracy, read_scene, read_scenes
-from fastdiff.shapes.render import COLOURS, Obj, Scene, batch_tensors, caption, render, render_batch, sample_scene
+from fastdiff.shapes.render import (COLOURS, SYMMETRY, Obj, Scene, batch_tensors, caption, realise, render,
+                                    render_batch, sample_scene)
 
 
 def jpeg(image: np.ndarray, quality: int = 75) -> np.ndarray:
@@ -18,7 +19,7 @@ def jpeg(image: np.ndarray, quality: int = 75) -> np.ndarray:
 @pytest.fixture(scope="module")
 def rendered():
     rng = np.random.default_rng(2024)
-    scenes = [sample_scene(rng, two_objects_prob=0.5) for _ in range(2000)]
+    scenes = [sample_scene(rng) for _ in range(2000)]
     return scenes, render_batch(scenes)
 
 
@@ -41,8 +42,22 @@ def test_prompts_and_scenes_score_alike():
     assert attribute_accuracy(images, captions)["exact"] == 1.0
 
 
+def test_reads_turns_and_details(rendered):
+    scenes, images = rendered
+    errors = []
+    for want, got in zip(scenes[:300], read_scenes(images[:300])):
+        for o in want.objects:
+            (match,) = [g for g in got.objects if (g.colour, g.shape, g.position) == (o.colour, o.shape, o.position)]
+            assert np.hypot(match.centre[0] - o.centre[0], match.centre[1] - o.centre[1]) < 0.5
+            assert abs(match.diameter - o.diameter) < 0.06 * o.diameter
+            period = SYMMETRY[o.shape]
+            errors.append(abs((match.angle - o.angle + period / 2) % period - period / 2))
+    assert np.mean(errors) < 2.5 and np.max(errors) <= 10  # turns are tried 5° apart
+
+
 def test_every_input_form_reads_the_same():
-    scene = Scene("gray", [Obj("triangle", "purple", "large", "bottom left"), Obj("circle", "cyan", "small", "right")])
+    scene = realise(Scene("gray", [Obj("triangle", "purple", "large", "bottom left"),
+                                   Obj("circle", "cyan", "small", "right")]), 0)
     image = render(scene)
     array = np.asarray(image)
     tensor = torch.from_numpy(array.copy()).permute(2, 0, 1)
@@ -60,13 +75,13 @@ def caption_of(obj):
 
 def test_wrong_colour_lowers_accuracy():
     rng = np.random.default_rng(11)
-    scenes = [sample_scene(rng, two_objects_prob=0.0) for _ in range(40)]
+    scenes = [sample_scene(rng, objects=1) for _ in range(40)]
     names = list(COLOURS)
 
     def recoloured(s):
         o = s.objects[0]
         other = next(c for c in names[names.index(o.colour) + 1:] + names if c not in (o.colour, s.background))
-        return Scene(s.background, [Obj(o.shape, other, o.size, o.position, o.offset)])
+        return Scene(s.background, [Obj(o.shape, other, o.size, o.position, o.centre, o.diameter, o.angle)])
 
     right = attribute_accuracy(render_batch(scenes), scenes)
     wrong = attribute_accuracy(render_batch([recoloured(s) for s in scenes]), scenes)
@@ -85,13 +100,27 @@ def test_blank_image_reads_as_no_object():
     assert result["overall"] == pytest.approx(1 / 5)
 
 
-def test_two_objects_match_by_best_assignment():
+def test_objects_match_by_best_assignment():
     a, b = Obj("circle", "red", "large", "left"), Obj("square", "blue", "small", "top right")
-    image = render(Scene("white", [b, a]))  # read in any order
-    assert attribute_accuracy([image], [Scene("white", [a, b])])["exact"] == 1.0
-    # one object missing: half the object attributes, background still right
-    result = attribute_accuracy([render(Scene("white", [a]))], [Scene("white", [a, b])])
-    assert result["colour"] == 0.5 and result["background"] == 1.0 and result["count"] == 0.0
+    c = Obj("triangle", "green", "small", "bottom")
+    drawn = realise(Scene("white", [c, b, a]), 3)
+    assert attribute_accuracy([render(drawn)], [Scene("white", [a, b, c])])["exact"] == 1.0  # any order
+    # one object missing: two thirds of the object attributes, background still right
+    result = attribute_accuracy([render(Scene("white", drawn.objects[1:]))], [Scene("white", [a, b, c])])
+    assert result["colour"] == pytest.approx(2 / 3) and result["background"] == 1.0 and result["count"] == 0.0
+
+
+def test_only_stated_attributes_are_scored():
+    drawn = realise(Scene("white", [Obj("circle", "red", "large", "left")]), 4)
+    image = render(drawn)
+    # the same picture judged against a prompt that leaves size, position and background free
+    result = attribute_accuracy([image], ["a red circle"])
+    assert result["exact"] == 1.0 and result["overall"] == 1.0
+    # a wrong statement counts only where it is made
+    result = attribute_accuracy([image], ["a small red circle"])
+    assert result["size"] == 0.0 and result["overall"] == pytest.approx(2 / 3)
+    result = attribute_accuracy([image], ["a red circle on the right, white background"])
+    assert result["position"] == 0.0 and result["background"] == 1.0 and result["overall"] == pytest.approx(3 / 4)
 
 
 def test_mismatched_lengths_are_refused():

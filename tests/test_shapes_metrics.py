@@ -1,4 +1,4 @@
-"""Quality measures on known inputs: identical sets, a known error, wrong colours, blur."""
+"""Quality measures on known inputs: identical sets, a known error, wrong colours, blur, collapse."""
 
 import math
 
@@ -8,12 +8,19 @@ import torch
 import torch.nn.functional as F
 
 from fastdiff.shapes import metrics
-from fastdiff.shapes.render import Obj, Scene, caption, heldout_prompts, render_batch
+from fastdiff.shapes.render import Obj, Scene, caption, heldout_prompts, realise, render_batch
 
 
 @pytest.fixture(scope="module")
 def held():
-    return heldout_prompts("one", 64)
+    rng = np.random.default_rng(0)
+    return [(p, realise(s, rng)) for p, s in heldout_prompts("one", 64)]
+
+
+def drawn(prompts, seed):
+    """Rendered pictures of `prompts` (held-out pairs), their free parts drawn from `seed`."""
+    rng = np.random.default_rng(seed)
+    return render_batch([realise(s, rng) for _, s in prompts])
 
 
 def _tensor(pixels: np.ndarray) -> torch.Tensor:
@@ -40,16 +47,16 @@ def test_rendered_scenes_are_read_back_and_a_wrong_colour_lowers_accuracy(held):
     for _, scene in held:  # every object redrawn in another colour (never the background's)
         obj = scene.objects[0]
         colour = next(c for c in ("red", "green", "blue") if c not in (obj.colour, scene.background))
-        wrong.append(Scene(scene.background, (Obj(obj.shape, colour, obj.size, obj.position),)))
+        wrong.append(Scene(scene.background, [Obj(obj.shape, colour, obj.size, obj.position, obj.centre,
+                                                  obj.diameter, obj.angle)]))
     accuracy = metrics.prompt_accuracy(render_batch(wrong), prompts)
     # Colour is one of five attributes asked (background, colour, shape, size, position).
     assert accuracy == pytest.approx(0.8, abs=1e-9)
 
 
 def test_distance_grows_with_blur_and_stays_small_within_the_distribution():
-    scenes_a = [s for _, s in heldout_prompts("one", 200, seed=1)]
-    scenes_b = [s for _, s in heldout_prompts("one", 200, seed=2)]
-    a, b = _tensor(render_batch(scenes_a)), _tensor(render_batch(scenes_b))
+    a = _tensor(drawn(heldout_prompts("one", 200, seed=1), 1))
+    b = _tensor(drawn(heldout_prompts("one", 200, seed=2), 2))
     blurred = F.avg_pool2d(b, 5, stride=1, padding=2, count_include_pad=False)
     same = metrics.frechet_distance(a, b)
     blurry = metrics.frechet_distance(a, blurred)
@@ -73,3 +80,40 @@ def test_mismatched_inputs_are_refused_naming_the_argument(held):
         metrics.prompt_accuracy(images, [caption(held[0][1])])
     with pytest.raises(ValueError, match="reference_images must hold at least 2"):
         metrics.frechet_distance(images, images[:1])
+
+
+def test_distance_tells_a_one_step_smear_from_sharp_samples():
+    # What one plain step gives is the mean of the pictures that fit a prompt: render many per prompt
+    # and average them. Sharp samples of the same prompts sit far closer to rendered scenes.
+    prompts = heldout_prompts("unstated", 64) + heldout_prompts("two", 64)
+    reference = _tensor(drawn(prompts, 1))
+    sharp = _tensor(drawn(prompts, 2))
+    smear = torch.stack([_tensor(drawn(prompts, 10 + k)) for k in range(16)]).mean(0)
+    assert metrics.frechet_distance(smear, reference) > 10 * metrics.frechet_distance(sharp, reference)
+
+
+def test_coverage_is_about_one_for_rendered_samples_and_low_for_collapse():
+    held = heldout_prompts("unstated", 24)
+    repeats = 8
+    prompts = [p for p, _ in held for _ in range(repeats)]
+    rng = np.random.default_rng(3)
+    pictures = render_batch([realise(s, rng) for _, s in held for _ in range(repeats)])
+    by_attribute = metrics.coverage_by_attribute(pictures, prompts)
+    assert set(by_attribute) == {"background", "size", "position", "turn", "overall"}
+    assert 0.85 < by_attribute["overall"] < 1.15, by_attribute
+    # one picture per prompt, whatever the seed: nothing free is covered
+    collapsed = np.repeat(pictures[::repeats], repeats, axis=0)
+    assert metrics.coverage(collapsed, prompts) == 0.0
+    # half the seeds collapsed: in between
+    half = pictures.copy().reshape(len(held), repeats, 64, 64, 3)
+    half[:, repeats // 2:] = half[:, :1]
+    assert 0.2 < metrics.coverage(half.reshape(pictures.shape), prompts) < 0.9
+
+
+def test_coverage_refuses_single_pictures_and_mismatched_prompts():
+    held = heldout_prompts("unstated", 4)
+    pictures = drawn(held, 0)
+    with pytest.raises(ValueError, match="several pictures"):
+        metrics.coverage(pictures, [p for p, _ in held])
+    with pytest.raises(ValueError, match="prompts"):
+        metrics.coverage(pictures, [held[0][0]])

@@ -7,7 +7,7 @@ from PIL import Image
 
 import fastdiff
 from fastdiff.stream.runner import StreamRunner
-from fastdiff.testing import tiny_sd_pipeline, tiny_vae
+from fastdiff.architectures import tiny_sd_pipeline, tiny_vae
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_guidance_and_delta_change_at_run_time(pipe):
     frame = frames(1)[0]
     first = run_stream(stream, [frame])[0]
     stream.update(guidance_scale=4.0, delta=0.5)
-    assert stream.latents.guidance_scale == 4.0 and stream.latents.delta == 0.5
+    assert stream.latents.guider is stream.guider and (stream.guidance_scale, stream.delta) == (4.0, 0.5)
     second = run_stream(stream, [frame])[0]
     assert not torch.allclose(first, second, atol=1e-3)
 
@@ -178,12 +178,15 @@ BAD_STREAM_ARGS = [
     (dict(steps=[-1]), r"steps must lie in \[0, 50\)"),
     (dict(timesteps=[100, 500]), "timesteps must be decreasing"),
     (dict(timesteps=[1000]), r"timesteps must lie in \[0, 1000\)"),
-    (dict(guidance_scale=-1), "guidance_scale must be a number"),
-    (dict(delta="big"), "delta must be a number"),
+    (dict(guidance_scale=-1), "guidance_scale must be a finite number ≥ 0"),
+    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
+    (dict(delta="big"), "delta must be a finite number"),
+    (dict(delta=float("inf")), "delta must be a finite number"),
+    (dict(guidance_rescale=0.7), "guidance_rescale applies to cfg='full' only"),
     (dict(height=60), "height must be a positive multiple of 8"),
     (dict(noise="pink"), "noise must be one of"),
     (dict(output_type="gif"), "output_type must be one of"),
-    (dict(similarity_filter=1.5), "similarity_filter must be None or a threshold"),
+    (dict(similarity_filter=1.5), r"similarity_filter must be a finite number in \(0.0, 1.0\) or None"),
 ]
 
 

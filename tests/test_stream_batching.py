@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from fastdiff.denoiser import denoiser_for
+from fastdiff.sampling.guiders import make_guider
 from fastdiff.sampling.schedule import step_schedule
 from fastdiff.stream.batch import LatentStream
-from fastdiff.testing import tiny_sd_pipeline
+from fastdiff.architectures import tiny_sd_pipeline
 
 G, DELTA = 2.5, 0.7
 
@@ -90,12 +91,14 @@ def test_stream_equals_sequential_denoising(pipes, solver, cfg, n, F):
     prompts = ["a red circle", "a blue square", "a green fox"][:F]
     with torch.inference_mode():
         cond, uncond = denoiser.encode_prompt(prompts, None, 64, 64)
-        stream = LatentStream(denoiser, schedule, cond, uncond, (4, 8, 8), cfg=cfg, guidance_scale=G,
-                              delta=DELTA, generator=torch.Generator().manual_seed(3))
+        stream = LatentStream(denoiser, schedule, cond, uncond, (4, 8, 8), guider=make_guider(cfg, G, DELTA),
+                              generator=torch.Generator().manual_seed(3))
         groups = [torch.randn(F, 4, 8, 8, generator=torch.Generator().manual_seed(100 + k)) for k in range(n + 2)]
-        outputs = [stream.push(g) for g in groups]
+        outputs = [stream.push(g, tag=k) for k, g in enumerate(groups)]
         assert all(o is None for o in outputs[: n - 1]), "output must lag input by n-1 calls"
         outputs = [o for o in outputs if o is not None] + stream.drain()
+        assert [o.tag for o in outputs] == list(range(len(groups))), "each group leaves with its own tag"
+        outputs = [o.latents for o in outputs]
         assert len(outputs) == len(groups) and stream.in_flight == 0
         coeffs = reference_coefficients(pipe.scheduler, steps, solver)
         for group, out in zip(groups, outputs):
@@ -121,7 +124,7 @@ def test_rows_per_call_by_mode(pipes):
     counting = Counting(pipe, pipe.unet)
     expected = {"none": 6, "full": 12, "self": 6, "initialize": 8}
     for cfg, rows in expected.items():
-        stream = LatentStream(counting, schedule, cond, uncond, (4, 8, 8), cfg=cfg, guidance_scale=G)
+        stream = LatentStream(counting, schedule, cond, uncond, (4, 8, 8), guider=make_guider(cfg, G))
         assert stream.rows_per_call == rows
         seen.clear()
         with torch.inference_mode():
@@ -144,10 +147,10 @@ def test_guidance_scale_one_gives_conditional_estimate(pipes):
     with torch.inference_mode():
         results = {}
         for cfg in ("none", "full", "self", "initialize"):
-            stream = LatentStream(denoiser, schedule, cond, uncond, (4, 8, 8), cfg=cfg, guidance_scale=1.0,
+            stream = LatentStream(denoiser, schedule, cond, uncond, (4, 8, 8), guider=make_guider(cfg, 1.0),
                                   generator=torch.Generator().manual_seed(0))
             clean = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-            results[cfg] = [stream.push(clean)] + stream.drain()
+            results[cfg] = [g.latents for g in [stream.push(clean)] + stream.drain() if g is not None]
     for cfg in ("full", "self", "initialize"):
         torch.testing.assert_close(results[cfg][-1], results["none"][-1], rtol=1e-5, atol=1e-5)
 
@@ -159,8 +162,8 @@ def test_fresh_noise_differs_from_fixed(pipes):
         outs = {}
         for mode in ("fixed", "fresh"):
             stream = LatentStream(denoiser, schedule, cond, uncond, (4, 8, 8), noise=mode,
-                                  generator=torch.Generator().manual_seed(0))
-            outs[mode] = [o for o in (stream.push(clean) for _ in range(4)) if o is not None]
+                                  guider=make_guider("none"), generator=torch.Generator().manual_seed(0))
+            outs[mode] = [o.latents for o in (stream.push(clean) for _ in range(4)) if o is not None]
     # Fixed noise: the same input gives the same output every time; fresh noise does not.
     torch.testing.assert_close(outs["fixed"][0], outs["fixed"][-1])
     assert not torch.allclose(outs["fresh"][0], outs["fresh"][-1])
@@ -195,7 +198,7 @@ def flow_reference(model, cond, uncond, clean, noise, sigmas, timesteps, cfg):
 @pytest.mark.parametrize("n", [1, 2, 4])
 @pytest.mark.parametrize("F", [1, 3])
 def test_dit_stream_equals_sequential_flow_euler(cfg, n, F):
-    from fastdiff.testing import tiny_sd3_pipeline
+    from fastdiff.architectures import tiny_sd3_pipeline
 
     pipe = tiny_sd3_pipeline()
     denoiser = denoiser_for(pipe)
@@ -208,9 +211,9 @@ def test_dit_stream_equals_sequential_flow_euler(cfg, n, F):
     shape = (denoiser.in_channels, 8, 8)
     with torch.inference_mode():
         cond, uncond = denoiser.encode_prompt(prompts, None, 64, 64)
-        stream = LatentStream(denoiser, schedule, cond, uncond, shape, cfg=cfg, guidance_scale=G, delta=DELTA)
+        stream = LatentStream(denoiser, schedule, cond, uncond, shape, guider=make_guider(cfg, G, DELTA))
         groups = [torch.randn((F,) + shape, generator=torch.Generator().manual_seed(k)) for k in range(n + 1)]
-        outputs = [o for o in (stream.push(g) for g in groups) if o is not None] + stream.drain()
+        outputs = [o.latents for o in [o for o in (stream.push(g) for g in groups) if o is not None] + stream.drain()]
         assert len(outputs) == len(groups)
         for group, out in zip(groups, outputs):
             ref = flow_reference(denoiser, cond, uncond, group, stream.noise, sigmas, timesteps, cfg)

@@ -21,7 +21,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import inspect
 import logging
 import os
 import time
@@ -31,8 +30,9 @@ from fastapi import FastAPI, WebSocket
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from ..stream import Stream
-from ..stream.stream import DEFAULT_STEPS
+from ..checks import check_int
+from ..streaming import Stream
+from ..streaming import DEFAULT_STEPS
 from .inbox import Frame, Inbox
 from .messages import FORMATS, MODES, ClientError, decode_frame, parse_control
 from .session import Session, Settings
@@ -43,12 +43,6 @@ DEFAULT_PROMPT = "a large red circle on the left, blue background"
 CLOSE_TRY_AGAIN_LATER = 1013  # the WebSocket close code for "server overloaded"
 CLOSE_POLICY_VIOLATION = 1008
 log = logging.getLogger("fastdiff.demo")
-
-
-def _check_int(value, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
-    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,18 +60,15 @@ class DemoConfig:
     threads: int | None = None  # torch threads of the compute thread; None: torch's default
 
     def __post_init__(self):
-        _check_int(self.max_sessions, "max_sessions", 1)
-        _check_int(self.max_message_bytes, "max_message_bytes", 1024)
-        _check_int(self.max_frame_side, "max_frame_side", 16)
+        check_int(self.max_sessions, "max_sessions", 1)
+        check_int(self.max_message_bytes, "max_message_bytes", 1024)
+        check_int(self.max_frame_side, "max_frame_side", 16)
         if self.threads is not None:
-            _check_int(self.threads, "threads", 1)
+            check_int(self.threads, "threads", 1)
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise ValueError(f"prompt must be a non-empty string, got {self.prompt!r}")
         if not isinstance(self.backend, str):
             raise ValueError(f"backend must be a string such as 'torch', got {self.backend!r}")
-        if self.backend != "torch" and "backend" not in inspect.signature(Stream).parameters:
-            raise ValueError(f"backend must be 'torch': this version of fastdiff.Stream runs PyTorch only, "
-                             f"got {self.backend!r}")
 
     def stream_options(self) -> dict:
         """Keyword arguments every session's Stream gets. "torch" runs the pipeline's own modules;

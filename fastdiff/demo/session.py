@@ -1,14 +1,13 @@
 """One client's stream state: its settings, its `fastdiff.Stream`, and which output is whose.
 
 A session's methods run on the server's compute thread, one at a time; they return the encoded
-outputs ready to send. The stream lags its input by n−1 calls, so the session keeps the entries
-(index, arrival time) of the calls in flight and pairs each output with the oldest — the same
-bookkeeping as :class:`fastdiff.stream.runner.StreamRunner`, for one frame per call.
+outputs ready to send. The stream lags its input by n−1 calls; each call is tagged with its
+(index, arrival time) and the stream hands the tag back with that frame's output, as it does for
+:class:`fastdiff.stream.runner.StreamRunner`.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import time
 from typing import Callable
@@ -50,7 +49,6 @@ class Session:
         self.make_stream = make_stream
         self.settings = settings
         self.stream = None  # None until started, and after stop
-        self._in_flight: collections.deque = collections.deque()  # (index, started_s), oldest first
         self._generations_wanted = 0  # txt2img: calls left before the image shows the settings
         self._next_generation = 0
 
@@ -72,7 +70,7 @@ class Session:
             outputs = self._finish()
             self.stream = stream
         else:
-            outputs = self._pair(self._update(control.fields))
+            outputs = self._update(control.fields)
         self.settings = settings
         if settings.mode == "txt2img":
             self._generations_wanted = self.stream.lag + 1  # the last one used the new settings all along
@@ -94,25 +92,28 @@ class Session:
             raise ClientError(f"frame {frame.index} sent in txt2img mode, which takes no frames",
                               field="frame", index=frame.index)
         image = ImageOps.fit(frame.image, (self.stream.width, self.stream.height))
-        out = self._run(lambda: self.stream(image), "frame", frame.index)
-        return self._collect(out, (frame.index, frame.received_s))
+        out = self._run(lambda: self.stream(image, tag=(frame.index, frame.received_s)), "frame", frame.index)
+        return self._collect(out)
 
     def generate(self) -> list[Output]:
         """One txt2img call; the image it finished (none while the stream fills)."""
         self._generations_wanted -= 1
-        entry = (self._next_generation, time.perf_counter())
+        tag = (self._next_generation, time.perf_counter())
         self._next_generation += 1
-        return self._collect(self._run(self.stream, "prompt"), entry)
+        return self._collect(self._run(lambda: self.stream(tag=tag), "prompt"))
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def _make(self, settings: Settings):
         return self._run(lambda: self.make_stream(settings), None)
 
-    def _update(self, fields: dict) -> list:
+    def _update(self, fields: dict) -> list[Output]:
         names = ("prompt", "negative_prompt", "guidance_scale", "steps")
         changes = {name: list(value) if name == "steps" else value
                    for name, value in fields.items() if name in names}
-        return self._run(lambda: self.stream.update(**changes), None) if changes else []
+        if not changes:
+            return []
+        # a new shape finishes the frames in flight first: they come back with their tags
+        return self._tagged(self._run(lambda: self.stream.update(**changes, with_tags=True), None))
 
     @staticmethod
     def _run(call, field, index=None):
@@ -124,22 +125,19 @@ class Session:
             field = name if name in Settings.__annotations__ else field
             raise ClientError(str(error), field=field, index=index) from error
 
-    def _collect(self, out, entry) -> list[Output]:
-        if self.stream.last_skipped:  # a skipped call's output is its own frame's
-            return [self._output(entry, out, skipped=True)]
-        self._in_flight.append(entry)
-        return [] if out is None else self._pair([out])
+    def _collect(self, out) -> list[Output]:
+        if out is None:
+            return []
+        return [self._output(self.stream.last_tag, out, skipped=self.stream.last_skipped)]
 
-    def _pair(self, images: list) -> list[Output]:
-        return [self._output(self._in_flight.popleft(), image, skipped=False) for image in images]
+    def _tagged(self, finished: list) -> list[Output]:
+        return [self._output(tag, image, skipped=False) for tag, image in finished]
 
     def _finish(self) -> list[Output]:
         """Flush the frames in flight, so none is lost when the stream is replaced or stopped."""
         if self.stream is None:
             return []
-        outputs = self._pair(self.stream.flush())
-        self._in_flight.clear()  # txt2img: nothing else can be in flight; img2img: all paired
-        return outputs
+        return self._tagged(self.stream.flush_tagged())
 
     def _output(self, entry, image, skipped: bool) -> Output:
         index, started_s = entry

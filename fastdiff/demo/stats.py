@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import collections
+import math
 import time
 
-import numpy as np
+from ..stream.stats import LatencyWindow
 
 RATE_WINDOW_S = 5.0  # frames/s is measured over the last few seconds, so it follows changes
 LATENCY_WINDOW = 512  # latency percentiles are over the most recent outputs
@@ -23,13 +24,13 @@ class FrameStats:
         self.errors = 0  # messages refused with an error
         self._started = clock()
         self._recent = collections.deque()  # output times within RATE_WINDOW_S
-        self._latencies = collections.deque(maxlen=LATENCY_WINDOW)
+        self._latencies = LatencyWindow(LATENCY_WINDOW)
 
     def output(self, latency_s: float) -> None:
         now = self._clock()
         self.outputs += 1
         self._recent.append(now)
-        self._latencies.append(latency_s)
+        self._latencies.add(latency_s)
 
     def drop(self) -> None:
         self.dropped += 1
@@ -45,8 +46,6 @@ class FrameStats:
         return len(self._recent) / span if span > 0 else 0.0
 
     def snapshot(self) -> dict:
-        p50 = p95 = None
-        if self._latencies:
-            p50, p95 = (round(float(ms), 2) for ms in np.percentile(self._latencies, [50, 95]) * 1000)
+        p50, p95 = (None if math.isnan(s) else round(s * 1000, 2) for s in self._latencies.percentiles())
         return {"frames_per_s": round(self.frames_per_s(), 2), "latency_p50_ms": p50, "latency_p95_ms": p95,
                 "outputs": self.outputs, "dropped": self.dropped, "errors": self.errors}

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..denoiser import Denoiser
+from ..denoiser import Denoiser, GroupedDenoiser
 from ..vae import LatentCodec
 from .backends import PRECISIONS, engine, resolve_backend
-from .components import _denoiser_component, vae_component
+from .components import denoiser_component, vae_component
 from .modules import EngineModule, EngineVAE
 from .profiles import ShapeProfile, stream_profile
 
@@ -61,16 +61,21 @@ def attach_engines(denoiser: Denoiser, codec: LatentCodec, backend: str, *, rows
     elif "tensorrt" in options:
         raise ValueError(f"engine_options['tensorrt'] applies to backend='tensorrt', not {backend!r}")
 
-    def make(component, profile: ShapeProfile) -> EngineModule:
+    def make(component, profile: ShapeProfile, key: str | None = None) -> EngineModule:
         runner = engine(component, backend, profile=profile, **build)
-        attached.profiles[component.name] = profile
-        attached.folders[component.name] = getattr(runner, "folder", None)
+        attached.profiles[key or component.name] = profile
+        attached.folders[key or component.name] = getattr(runner, "folder", None)
         precision = build.get("precision")
         checked = None if backend == "inductor" else profile   # torch.compile takes any shape
         return EngineModule(component, runner, PRECISIONS[precision] if precision else component.dtype, checked)
 
     if "denoiser" in options["components"]:
-        denoiser.module = make(_denoiser_component(denoiser.pipe), _profile(rows, best_rows, resolutions))
+        profile = _profile(rows, best_rows, resolutions)
+        if isinstance(denoiser, GroupedDenoiser):   # one engine per sub-network, each under its own key
+            for route, module in denoiser.originals.items():
+                denoiser.modules[route] = make(denoiser_component(denoiser, module), profile, f"denoiser/{route}")
+        else:
+            denoiser.module = make(denoiser_component(denoiser), profile)
     vae = codec.vae.vae if isinstance(codec.vae, EngineVAE) else codec.vae
     halves = {}
     for name in ("vae_encoder", "vae_decoder"):
@@ -89,10 +94,3 @@ def refit_engines(denoiser: Denoiser):
         raise ValueError("refit: the denoiser does not run on a TensorRT engine; only TensorRT engines refit "
                          "(other backends rebuild: the changed weights make a new cache key)")
     runner.refit(denoiser.original)
-
-
-def detach_engines(denoiser: Denoiser, codec: LatentCodec):
-    """Back to the PyTorch modules."""
-    denoiser.module = denoiser.original
-    if isinstance(codec.vae, EngineVAE):
-        codec.vae = codec.vae.vae

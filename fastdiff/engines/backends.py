@@ -19,9 +19,12 @@ import importlib.util
 import logging
 import os
 import shutil
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
+from ..checks import check_int
 from . import cache
 from .components import Component
 from .onnx_export import MIN_OPSET
@@ -29,21 +32,78 @@ from .profiles import ShapeProfile
 
 logger = logging.getLogger("fastdiff.engines")
 
-BACKENDS = ("onnxruntime", "tensorrt", "aoti", "inductor")
-STAGES = {"onnxruntime": ("export", "optimise"), "tensorrt": ("export", "optimise", "build"),
-          "aoti": ("export", "build")}
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# what to install for each backend, by the module it imports
-REQUIREMENTS = {"onnxruntime": [("onnx", "onnx"), ("onnxruntime", "onnxruntime (or onnxruntime-gpu)"),
-                                ("onnxscript", "onnxscript")],
-                "tensorrt": [("onnx", "onnx"), ("onnxscript", "onnxscript"), ("tensorrt", "tensorrt")],
-                "aoti": [], "inductor": []}
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One engine backend, described as data: what it needs, what it does, what its artefact
+    depends on. ``build(source, folder, profile, dtype, fields, options, exporter, progress)`` writes
+    the artefact (None: nothing on disk); ``load(component, folder, fields, threads, options)`` gives a
+    runner of named tensors."""
+
+    name: str
+    requirements: tuple            # (module to import, package to install)
+    stages: tuple                  # what a build goes through, in order (progress is reported per stage)
+    packages: tuple                # whose versions enter the cache key
+    onnx: bool                     # the artefact is built from an ONNX export (opset in the key)
+    devices: tuple                 # device types it runs on
+    needs_compiler: bool           # a C++ compiler on the CPU (torch's inductor)
+    build: Callable | None
+    load: Callable | None
+
+
+def _build_ort(source, folder, profile, dtype, fields, options, exporter, progress):
+    from . import ort
+    return ort.build(source, folder, profile, dtype, fields["opset"], exporter, progress)
+
+
+def _load_ort(component, folder, fields, threads, options):
+    from .ort import OrtEngine
+    return OrtEngine(folder, next(component.module.parameters()).device, threads)
+
+
+def _build_tensorrt(source, folder, profile, dtype, fields, options, exporter, progress):
+    from . import tensorrt
+    return tensorrt.build(source, folder, profile, dtype, fields["opset"], exporter,
+                          {**fields["options"], **(options or {})}, progress)
+
+
+def _load_tensorrt(component, folder, fields, threads, options):
+    from .tensorrt import TensorRTEngine
+    return TensorRTEngine(folder, next(component.module.parameters()).device, [s.name for s in component.inputs],
+                          component.outputs, PRECISIONS[fields["precision"]], {**fields["options"], **(options or {})})
+
+
+def _build_aoti(source, folder, profile, dtype, fields, options, exporter, progress):
+    from . import inductor
+    return inductor.build_aoti(source, folder, profile, dtype, progress)
+
+
+def _load_aoti(component, folder, fields, threads, options):
+    from .inductor import AotiEngine
+    return AotiEngine(folder, next(component.module.parameters()).device, [s.name for s in component.inputs])
+
+
+_ONNX = (("onnx", "onnx"), ("onnxscript", "onnxscript"))
+REGISTRY = {b.name: b for b in (
+    Backend("onnxruntime", _ONNX + (("onnxruntime", "onnxruntime (or onnxruntime-gpu)"),), ("export", "optimise"),
+            ("onnx", "onnxruntime", "onnxruntime-gpu"), True, ("cpu", "cuda"), False, _build_ort, _load_ort),
+    Backend("tensorrt", _ONNX + (("tensorrt", "tensorrt"),), ("export", "optimise", "build"),
+            ("onnx", "tensorrt"), True, ("cuda",), False, _build_tensorrt, _load_tensorrt),
+    Backend("aoti", (), ("export", "build"), (), False, ("cpu", "cuda"), True, _build_aoti, _load_aoti),
+    Backend("inductor", (), (), (), False, ("cpu", "cuda"), True, None, None),
+)}
+BACKENDS = tuple(REGISTRY)
+STAGES = {name: b.stages for name, b in REGISTRY.items() if b.stages}
+INSTALL_HINT = 'pip install "fastdiff[onnx]"'   # the one form the README uses too
 
 
 def missing_requirements(backend: str) -> list[str]:
     """The packages `backend` needs that are not installed (a C++ compiler for the CPU inductor ones)."""
-    missing = [package for module, package in REQUIREMENTS[backend] if importlib.util.find_spec(module) is None]
-    if backend in ("aoti", "inductor") and not torch.cuda.is_available() and shutil.which("g++") is None \
+    record = REGISTRY[backend]
+    missing = [package for module, package in record.requirements if importlib.util.find_spec(module) is None]
+    if record.needs_compiler and not torch.cuda.is_available() and shutil.which("g++") is None \
             and shutil.which("c++") is None:
         missing.append("a C++ compiler (g++)")
     return missing
@@ -57,9 +117,10 @@ def check_backend(backend: str, device: torch.device) -> str:
     if missing:
         raise ImportError(f"backend={backend!r} needs {', '.join(missing)}: install "
                           + ("it" if len(missing) == 1 else "them")
-                          + (" (pip install fastdiff[onnx])" if backend == "onnxruntime" else ""))
-    if backend == "tensorrt" and device.type != "cuda":
-        raise ValueError(f"backend='tensorrt' runs on CUDA devices only; the model is on {device}")
+                          + (f" ({INSTALL_HINT})" if backend == "onnxruntime" else ""))
+    if device.type not in REGISTRY[backend].devices:
+        names = " and ".join(d.upper() if d == "cuda" else d for d in REGISTRY[backend].devices)
+        raise ValueError(f"backend={backend!r} runs on {names} devices only; the model is on {device}")
     return backend
 
 
@@ -77,7 +138,7 @@ def pick_backend(device: torch.device) -> tuple[str, str]:
         if not missing_requirements(name):
             return name, reasons[name]
     raise ImportError("backend='auto' found no engine backend: install onnx, onnxscript and onnxruntime "
-                      "(pip install fastdiff[onnx]) or a C++ compiler for torch.compile")
+                      f"({INSTALL_HINT}) or a C++ compiler for torch.compile")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -105,9 +166,9 @@ def engine_fields(component: Component, backend: str, precision: str, profile: S
         "module": type(component.module).__name__,
         "weights": cache.weights_hash(component.module), "lora": cache.lora_scales(component.module),
         "backend": backend, "precision": precision, "profile": profile.to_dict(),
-        "opset": opset if backend in ("onnxruntime", "tensorrt") else None,
+        "opset": opset if REGISTRY[backend].onnx else None,
         "inputs": [spec.name for spec in component.inputs], "outputs": component.outputs,
-        "versions": cache.library_versions(backend), "device": cache.device_fields(device),
+        "versions": cache.library_versions(REGISTRY[backend].packages), "device": cache.device_fields(device),
         "options": options or {},
     }
 
@@ -126,43 +187,26 @@ def _cast_copy(component: Component, dtype: torch.dtype) -> Component:
 def build_artefact(component: Component, folder: str, fields: dict, *, rebuild: bool = False,
                    exporter: str = "auto", progress=None, options: dict | None = None) -> tuple[dict, bool]:
     """Build (or find up to date) the artefact of `fields` in `folder`; (manifest, built now).
-    ``progress(stage)`` is called as each of the backend's :data:`STAGES` ends."""
-    backend, dtype = fields["backend"], PRECISIONS[fields["precision"]]
+    ``progress(stage)`` is called as each of the backend's stages ends."""
+    record, dtype = REGISTRY[fields["backend"]], PRECISIONS[fields["precision"]]
+    if record.build is None:
+        raise ValueError(f"backend={record.name!r} (torch.compile) builds nothing on disk; use 'aoti' for a "
+                         "persisted engine")
     profile = ShapeProfile.from_dict(fields["profile"])
-    if backend == "inductor":
-        raise ValueError("backend='inductor' (torch.compile) builds nothing on disk; use 'aoti' for a persisted engine")
     source = _cast_copy(component, dtype)
-
-    def build(partial: str) -> dict:
-        if backend == "onnxruntime":
-            from . import ort
-            return ort.build(source, partial, profile, dtype, fields["opset"], exporter, progress)
-        if backend == "tensorrt":
-            from . import tensorrt
-            return tensorrt.build(source, partial, profile, dtype, fields["opset"], exporter,
-                                  {**fields["options"], **(options or {})}, progress)
-        from . import inductor
-        return inductor.build_aoti(source, partial, profile, dtype, progress)
-
-    return cache.build_or_load(folder, fields, build, rebuild=rebuild)
+    return cache.build_or_load(
+        folder, fields, lambda partial: record.build(source, partial, profile, dtype, fields, options, exporter,
+                                                     progress),
+        rebuild=rebuild)
 
 
 def load_runner(component: Component, folder: str, fields: dict, *, threads: int | None = None,
                 options: dict | None = None):
-    """A runner over the checked artefact in `folder` (refused if it was built from anything else)."""
-    cache.check_artefact(folder, fields)
-    device = next(component.module.parameters()).device
-    names = [spec.name for spec in component.inputs]
-    backend = fields["backend"]
-    if backend == "onnxruntime":
-        from .ort import OrtEngine
-        return OrtEngine(folder, device, threads)
-    if backend == "tensorrt":
-        from .tensorrt import TensorRTEngine
-        return TensorRTEngine(folder, device, names, component.outputs, PRECISIONS[fields["precision"]],
-                              {**fields["options"], **(options or {})})
-    from .inductor import AotiEngine
-    return AotiEngine(folder, device, names)
+    """A runner over the checked artefact in `folder` (refused if it was built from anything else),
+    loaded under the slot's lock so that a rebuild can't replace the folder meanwhile."""
+    with cache.loading(folder):
+        cache.check_artefact(folder, fields)
+        return REGISTRY[fields["backend"]].load(component, folder, fields, threads, options)
 
 
 def engine(component: Component, backend: str = "auto", *, profile: ShapeProfile, precision: str | None = None,
@@ -175,8 +219,7 @@ def engine(component: Component, backend: str = "auto", *, profile: ShapeProfile
         raise ValueError(f"profile must be a ShapeProfile (batch, height, width ranges), got {profile!r}")
     if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
         raise ValueError(f"cache_dir must be a folder path, got {cache_dir!r}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be None or an integer ≥ 1, got {threads!r}")
+    check_int(threads, "threads", 1, optional=True)
     device = next(component.module.parameters()).device
     backend = resolve_backend(backend, device)
     precision = check_precision(precision, component)

@@ -83,7 +83,7 @@ def build_engines(pipe, *, components=None, backend: str = "auto", precision: st
                 bar.set_postfix_str("up to date")
                 bar.update(len(stages) - bar.n)
         built.append(BuiltEngine(name, backend, chosen, "built" if now else "up to date", folder, manifest["key"],
-                                 sum(manifest["files"].values()), manifest["details"].get("exporter")))
+                                 sum(f["bytes"] for f in manifest["files"].values()), manifest["details"].get("exporter")))
     return built
 
 

@@ -1,15 +1,17 @@
-"""The engine cache: where artefacts live, what they were built from, and who may write them.
+"""The engine cache: where engine artefacts live, what they were built from, and who may write them.
 
 Each artefact has a folder (a *slot*) named after what was asked for: component, backend,
-precision and a hash of the weights (LoRA scales included), shape profile, opset and options. It
-holds the artefact's files and ``manifest.json``, which records every field of the key, the library
-and device versions too. An artefact is used only when all of them match; one built by other
-library versions or for another device is refused with the fields that differ (or rebuilt when
-``rebuild=True``), and so is any folder handed over explicitly that was built from other weights.
+precision and a hash of the weights (LoRA state included), shape profile, opset and options. It
+holds the artefact's files and ``manifest.json`` (written and checked by :mod:`fastdiff.artefacts`),
+which records every field of the key, the library and device versions too, and a digest of every
+file. An artefact is used only when all of them match; one built by other library versions or for
+another device is refused with the fields that differ (or rebuilt when ``rebuild=True``), and so is
+any folder handed over explicitly that was built from other weights.
 
-Writes are atomic: a build fills a private folder and renames it into place once its manifest is
-written, so an interrupted build leaves nothing loadable. A lock file per slot serialises builders
-of the same slot across processes.
+Builds fill a private folder and rename it into place once its manifest is written, so an
+interrupted build leaves nothing loadable; leftovers of interrupted builds are cleaned up. A lock
+file per slot serialises builders *and loaders* of the slot across processes, so a rebuild never
+deletes a folder while another process loads it.
 """
 
 from __future__ import annotations
@@ -18,17 +20,18 @@ import hashlib
 import json
 import os
 import platform
-import shutil
-import time
-import uuid
 
 import torch
 
-MANIFEST = "manifest.json"
-FORMAT = 1   # bumped when the layout or the key's fields change
+from ..artefacts import (MANIFEST, StaleArtefactError, check_manifest, differences, lock, publish_folder,
+                         read_manifest, remove_leftovers)
+from ..artefacts import weights_hash as weights_hash  # noqa: PLC0414 - the key's weights field
+
+FORMAT = 2   # bumped when the layout or the key's fields change (2: file digests, LoRA state, versions)
+REMEDY = "rebuild it (rebuild=True, or `fastdiff build --rebuild`) or delete the folder"
 
 
-class StaleEngineError(RuntimeError):
+class StaleEngineError(StaleArtefactError):
     """An artefact exists for the slot but was built from something else."""
 
 
@@ -37,39 +40,28 @@ def default_cache_dir() -> str:
         os.path.expanduser("~"), ".cache", "fastdiff", "engines")
 
 
-def weights_hash(module: torch.nn.Module) -> str:
-    """sha256 over the module's state dict: names, dtypes, shapes and bytes, in name order."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        tensor = tensor.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def lora_scales(module: torch.nn.Module) -> dict:
-    """Scales of unfused PEFT LoRA layers ({module name: {adapter: scale}}): they change the output
-    without changing the state dict's values. Fused LoRA is already in the weights."""
-    scales = {}
+    """The PEFT adapter state of the module's LoRA layers ({module name: {"active": [...], "scales":
+    {adapter: scale}, "disabled": bool}}): it changes the output without changing the state dict's
+    values. Fused LoRA is already in the weights."""
+    state = {}
     for name, sub in module.named_modules():
         scaling = getattr(sub, "scaling", None)
         if isinstance(scaling, dict) and scaling:
-            scales[name] = {str(k): float(v) for k, v in sorted(scaling.items())}
-    return scales
+            active = getattr(sub, "active_adapters", None)
+            active = [active] if isinstance(active, str) else list(active or [])
+            state[name] = {"scales": {str(k): float(v) for k, v in sorted(scaling.items())},
+                           "active": sorted(map(str, active)),
+                           "disabled": bool(getattr(sub, "disable_adapters", False))}
+    return state
 
 
-def library_versions(backend: str) -> dict:
-    from importlib import metadata
+def library_versions(packages) -> dict:
+    """The versions an engine depends on: torch, fastdiff, diffusers (they shape the exported graph)
+    and the backend's own `packages`. Not the Python version: a plan does not depend on it."""
+    from ..artefacts import library_versions as versions
 
-    versions = {"torch": torch.__version__, "python": platform.python_version()}
-    packages = {"onnxruntime": ["onnx", "onnxruntime", "onnxruntime-gpu"], "tensorrt": ["onnx", "tensorrt"],
-                "aoti": [], "inductor": []}[backend]
-    for package in packages:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
+    return versions(packages)
 
 
 def device_fields(device: torch.device) -> dict:
@@ -97,49 +89,15 @@ def slot_name(fields: dict) -> str:
     return f"{fields['component']}-{fields['backend']}-{fields['precision']}-{asked}"
 
 
-def _lock(path: str):
-    from filelock import FileLock
-
-    return FileLock(path + ".lock")
-
-
-def _differences(wanted: dict, found: dict) -> list[str]:
-    keys = sorted(set(wanted) | set(found))
-    return [f"{k}: built for {found.get(k)!r}, asked for {wanted.get(k)!r}" for k in keys
-            if wanted.get(k) != found.get(k)]
-
-
-def _folder_files(folder: str) -> dict:
-    return {name: os.path.getsize(os.path.join(folder, name)) for name in sorted(os.listdir(folder))
-            if name != MANIFEST}
-
-
-def read_manifest(folder: str) -> dict | None:
-    path = os.path.join(folder, MANIFEST)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def check_artefact(folder: str, fields: dict) -> dict:
-    """The manifest of the artefact in `folder` if it was built from `fields` and is complete;
-    raises :class:`StaleEngineError` naming what differs otherwise."""
-    manifest = read_manifest(folder)
-    if manifest is None:
-        raise StaleEngineError(f"{folder} holds no {MANIFEST}: not a complete engine")
-    if manifest.get("format") != FORMAT or manifest.get("fields") != fields:
-        differs = _differences(fields, manifest.get("fields", {}))
-        if manifest.get("format") != FORMAT:
-            differs.insert(0, f"format: {manifest.get('format')!r}, this fastdiff reads {FORMAT}")
-        raise StaleEngineError(f"the engine in {folder} is stale or was built for something else ("
-                               + "; ".join(differs) + "); rebuild it (rebuild=True, or `fastdiff build --rebuild`) "
-                               "or delete the folder")
-    for name, size in manifest["files"].items():
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path) or os.path.getsize(path) != size:
-            raise StaleEngineError(f"the engine in {folder} is damaged: {name} is missing or not {size} bytes")
-    return manifest
+def check_artefact(folder: str, fields: dict, *, digest: bool = True) -> dict:
+    """The manifest of the artefact in `folder` if it was built from `fields` and is whole (file
+    sizes and digests); raises :class:`StaleEngineError` naming what differs otherwise."""
+    try:
+        return check_manifest(folder, fields, "engine", FORMAT, REMEDY, digest=digest)
+    except StaleEngineError:
+        raise
+    except StaleArtefactError as error:
+        raise StaleEngineError(str(error)) from None
 
 
 def covers(built: dict, asked: dict) -> bool:
@@ -169,42 +127,34 @@ def find_covering(cache_dir: str, fields: dict) -> str | None:
     return None
 
 
-def build_or_load(folder: str, fields: dict, build, *, rebuild: bool = False, on_stale: str = "error") -> tuple[dict, bool]:
+def build_or_load(folder: str, fields: dict, build, *, rebuild: bool = False) -> tuple[dict, bool]:
     """Make sure `folder` holds the artefact of `fields`; (its manifest, whether it was built now).
 
     ``build(partial_folder) -> dict`` writes the artefact's files into a private folder and returns
     details for the manifest. An up-to-date artefact is kept; a stale one is refused
     (:class:`StaleEngineError`) unless ``rebuild``. Builders of one folder wait for each other.
     """
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    with _lock(folder):
+    os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
+    with lock(folder):
         if os.path.exists(folder) and not rebuild:
             return check_artefact(folder, fields), False
-        partial = f"{folder}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.makedirs(partial)
-        try:
-            start = time.perf_counter()
-            details = build(partial) or {}
-            manifest = {"format": FORMAT, "key": engine_key(fields), "fields": fields, "details": details,
-                        "files": _folder_files(partial), "build_seconds": round(time.perf_counter() - start, 2),
-                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            _write_json(os.path.join(partial, MANIFEST), manifest)
-            if os.path.exists(folder):    # a rebuild: the old artefact goes only once the new one is whole
-                retired = f"{folder}.retired-{uuid.uuid4().hex[:8]}"
-                os.rename(folder, retired)
-                shutil.rmtree(retired, ignore_errors=True)
-            os.rename(partial, folder)
-        finally:
-            if os.path.exists(partial):
-                shutil.rmtree(partial, ignore_errors=True)
+        manifest = publish_folder(folder, fields, build, FORMAT, extra={"key": engine_key(fields)})
     return manifest, True
 
 
-def _write_json(path: str, data: dict):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def loading(folder: str):
+    """The slot's lock, held while an engine is loaded: a rebuild can't swap the folder mid-load."""
+    return lock(folder)
+
+
+def clean(cache_dir: str) -> list[str]:
+    """Delete what interrupted builds and replaced artefacts left in `cache_dir`; their paths."""
+    if not os.path.isdir(cache_dir):
+        return []
+    slots = {name.split(".partial-")[0].split(".retired-")[0] for name in os.listdir(cache_dir)}
+    return [path for slot in sorted(slots) for path in remove_leftovers(os.path.join(cache_dir, slot))]
+
+
+__all__ = ["MANIFEST", "FORMAT", "StaleEngineError", "default_cache_dir", "weights_hash", "lora_scales",
+           "library_versions", "device_fields", "engine_key", "slot_name", "read_manifest", "check_artefact",
+           "covers", "find_covering", "build_or_load", "loading", "clean", "differences"]

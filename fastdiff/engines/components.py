@@ -8,25 +8,17 @@ generic; everything family-specific is here.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from ..denoiser import denoiser_for
+from ..denoiser import Denoiser, ModelInput, denoiser_for
 
 COMPONENTS = ("denoiser", "vae_encoder", "vae_decoder", "text_encoder", "text_encoder_2")
 
 
-@dataclass(frozen=True)
-class Input:
-    """One graph input. ``shape`` uses "B" for the batch and "H"/"W" for the image size divided by
-    the component's ``size_divisor``; ``dtype`` None means the model's floating dtype."""
-
-    name: str
-    shape: tuple
-    dtype: torch.dtype | None = None
+Input = ModelInput   # one named graph input; the denoiser families describe theirs
 
 
 @dataclass
@@ -69,33 +61,7 @@ class Component:
         return any("H" in spec.shape for spec in self.inputs)
 
 
-# -- graphs: positional in, tensors out -------------------------------------------------------------
-class UNetGraph(torch.nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
-
-
-class SDXLUNetGraph(UNetGraph):
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False,
-                         added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})[0]
-
-
-class SD3Graph(torch.nn.Module):
-    def __init__(self, transformer):
-        super().__init__()
-        self.transformer = transformer
-
-    def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections):
-        return self.transformer(hidden_states=hidden_states, timestep=timestep, return_dict=False,
-                                encoder_hidden_states=encoder_hidden_states,
-                                pooled_projections=pooled_projections)[0]
-
-
+# -- graphs: positional in, tensors out (the denoisers' are their families', in fastdiff.denoiser) ---------
 class VAEEncoderGraph(torch.nn.Module):
     """AutoencoderKL: the posterior's moments (mean and log-variance, stacked on channels), so the
     caller can take its mode or draw a sample; AutoencoderTiny: the latents."""
@@ -132,45 +98,7 @@ class TextEncoderGraph(torch.nn.Module):
         return out.hidden_states[-1], out.hidden_states[-2], out[0] if out[0].dim() == 2 else out[1]
 
 
-# -- feeds: the module's own call → named graph inputs ---------------------------------------------
-def _binder(module):
-    """(args, kwargs) of a call of `module` → {parameter name: value} (the signature is read once)."""
-    signature = inspect.signature(module.forward)
-    return lambda args, kwargs: signature.bind(*args, **kwargs).arguments
-
-
-def _rows(t, batch: int) -> torch.Tensor:
-    """Timesteps as float32 [B] (diffusers accepts a scalar, a 0-d or a [B] tensor)."""
-    t = torch.as_tensor(t, dtype=torch.float32)
-    return t.reshape(1).expand(batch) if t.dim() == 0 else t.to(torch.float32)
-
-
-def _unet_feeds(unet, with_added: bool):
-    bind = _binder(unet)
-
-    def feeds(args, kwargs):
-        a = bind(args, kwargs)
-        sample = a["sample"]
-        named = {"sample": sample, "timestep": _rows(a["timestep"], sample.shape[0]).to(sample.device),
-                 "encoder_hidden_states": a["encoder_hidden_states"]}
-        if with_added:
-            added = a["added_cond_kwargs"]
-            named.update(text_embeds=added["text_embeds"], time_ids=added["time_ids"])
-        return named
-    return feeds
-
-
-def _sd3_feeds(transformer):
-    bind = _binder(transformer)
-
-    def feeds(args, kwargs):
-        a = bind(args, kwargs)
-        x = a["hidden_states"]
-        return {"hidden_states": x, "timestep": _rows(a["timestep"], x.shape[0]).to(x.device),
-                "encoder_hidden_states": a["encoder_hidden_states"], "pooled_projections": a["pooled_projections"]}
-    return feeds
-
-
+# -- feeds: the module's own call → named graph inputs ----------------------------------------------
 def _single(name):
     return lambda args, kwargs: {name: args[0] if args else next(iter(kwargs.values()))}
 
@@ -182,29 +110,14 @@ def _vae_factor(vae) -> int:
     return 2 ** (len(blocks) - 1)
 
 
-def _denoiser_component(pipe) -> Component:
-    adapter = denoiser_for(pipe)
-    module, factor = adapter.original, _vae_factor(pipe.vae)
-    config = module.config
-    channels = config.in_channels
-    if adapter.family == "sd3":
-        text_length = 77 + 256   # the CLIP tokens + T5's max_sequence_length (zeros without T5)
-        return Component(
-            "denoiser", "sd3", module, SD3Graph(module),
-            [Input("hidden_states", ("B", channels, "H", "W")), Input("timestep", ("B",), torch.float32),
-             Input("encoder_hidden_states", ("B", text_length, config.joint_attention_dim)),
-             Input("pooled_projections", ("B", config.pooled_projection_dim))],
-            ["out"], factor, _sd3_feeds(module))
-    text_length = pipe.tokenizer.model_max_length
-    inputs = [Input("sample", ("B", channels, "H", "W")), Input("timestep", ("B",), torch.float32),
-              Input("encoder_hidden_states", ("B", text_length, config.cross_attention_dim))]
-    if adapter.family == "sdxl":
-        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        inputs += [Input("text_embeds", ("B", pooled)), Input("time_ids", ("B", 6))]
-        return Component("denoiser", "sdxl-unet", module, SDXLUNetGraph(module), inputs, ["out"], factor,
-                         _unet_feeds(module, True))
-    return Component("denoiser", "unet", module, UNetGraph(module), inputs, ["out"], factor,
-                     _unet_feeds(module, False))
+def denoiser_component(adapter: Denoiser, module: torch.nn.Module | None = None,
+                       text_length: int | None = None) -> Component:
+    """The description of a denoiser `module` of `adapter`'s family (default the pipeline's own):
+    any module of the family, a pruned sub-network too, can become an engine."""
+    spec = adapter.graph_spec(module, text_length)
+    module = module if module is not None else adapter.original
+    return Component("denoiser", spec.kind, module, spec.graph, spec.inputs, ["out"],
+                     _vae_factor(adapter.pipe.vae), spec.feeds)
 
 
 def component(pipe, name: str) -> Component:
@@ -212,7 +125,7 @@ def component(pipe, name: str) -> Component:
     if name not in COMPONENTS:
         raise ValueError(f"component must be one of {COMPONENTS}, got {name!r}")
     if name == "denoiser":
-        return _denoiser_component(pipe)
+        return denoiser_component(denoiser_for(pipe))
     if name.startswith("vae"):
         vae = getattr(pipe, "vae", None)
         if vae is None:

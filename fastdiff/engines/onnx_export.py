@@ -14,6 +14,7 @@ import warnings
 
 import torch
 
+from ..checks import check_int
 from .components import Component
 from .profiles import ShapeProfile
 
@@ -58,8 +59,7 @@ def export_onnx(component: Component, path: str, profile: ShapeProfile, *, opset
     """Write `component` as ONNX to `path`; returns what was done: exporter, opset, external data."""
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
-        raise ValueError(f"opset must be an integer ≥ {MIN_OPSET}, got {opset!r}")
+    check_int(opset, "opset", MIN_OPSET)
     profile.check_multiple(component.size_divisor * (8 if component.size_divisor > 1 and not profile.static_size else 1))
     dtype = dtype or component.dtype
     graph = component.graph.eval()

@@ -6,7 +6,8 @@ it to choose static or dynamic axes and the sizes to trace at. A stream calls it
 fixed number of rows once full (fewer while it fills), so its profile is (1, rows, rows).
 
 The profiles of the supported model families (native resolutions, usual batch ranges) are data
-files, ``engines/profiles/<family>.json`` in the repository: see :func:`load_family_profile`.
+files, ``fastdiff/engines/family_profiles/<family>.json`` (package data, so a wheel carries them;
+``engines/profiles`` in the repository links there): see :func:`load_family_profile`.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
-PROFILES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                            "engines", "profiles")
+from ..checks import check_int
+
+# shipped inside the package (engines/profiles in the repository points here), so installs find them
+PROFILES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "family_profiles")
 
 
 def _check_range(name: str, value) -> tuple[int, int, int]:
@@ -68,8 +71,7 @@ class ShapeProfile:
 def stream_profile(rows: int, resolutions) -> ShapeProfile:
     """The profile of a stream with `rows` denoiser rows per call at the given (height, width)
     resolutions, the first being the one to optimise for."""
-    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-        raise ValueError(f"rows must be an integer ≥ 1, got {rows!r}")
+    check_int(rows, "rows", 1)
     resolutions = check_resolutions(resolutions)
     heights, widths = [h for h, _ in resolutions], [w for _, w in resolutions]
     return ShapeProfile((1, rows, rows), (min(heights), heights[0], max(heights)),

@@ -6,7 +6,7 @@ S = a row's stored residual noise (the noise its latent is believed to carry).
 | mode       | rows per call (n steps, F frames) | guided estimate                           |
 |------------|-----------------------------------|-------------------------------------------|
 | none       | n·F                               | ε = ε_c                                   |
-| full       | 2·n·F                             | ε = ε_u + g·(ε_c − ε_u)                   |
+| full       | 2·n·F                             | ε = ε_u + g·(ε_c − ε_u), optionally rescaled |
 | self       | n·F                               | ε = δ·S + g·(ε_c − δ·S)                   |
 | initialize | (n+1)·F                           | as self; the newest frame's S is a real ε_u |
 
@@ -34,6 +34,14 @@ def check_mode(cfg: str) -> str:
 def full_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
     """o = o_u + g·(o_c − o_u), on raw model outputs (ε, v or flow velocity alike)."""
     return uncond + scale * (cond - uncond)
+
+
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.Tensor:
+    """Lin et al.'s fix for over-exposure at high guidance (diffusers' ``guidance_rescale`` φ):
+    o' = φ·o·std(o_c)/std(o) + (1 − φ)·o, the standard deviations over each row's C, H, W."""
+    dims = list(range(1, guided.dim()))
+    scaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return rescale * scaled + (1 - rescale) * guided
 
 
 def self_guidance(eps_cond: torch.Tensor, residual: torch.Tensor, scale: float, delta: float) -> torch.Tensor:

@@ -5,7 +5,10 @@ Every row of a denoiser call is written in one parametrisation, x = α·x0 + β�
   Euler's k-diffusion state x_k = x0 + σ·ε is the same point scaled by α = 1/√(1+σ²), β = σ·α;
 - flow-matching schedulers: x = (1−σ)·x0 + σ·ε, so α = 1−σ, β = σ.
 Each step i also carries the coefficients of the step its row moves to (α', β'): the next picked
-timestep, or the scheduler's end point for the last one.
+timestep, or the scheduler's end point for the last one — and how the noise β'·n it puts back is
+made: n = √(1−γ²)·ε̂ + γ·z with fresh Gaussian z. γ = 0 is the deterministic DDIM / Euler step,
+γ = 1 LCM's re-noising, and in between DDIM with η > 0 and TCD's gamma (its step to an earlier
+s = ⌊(1−η)·t'⌋ and back up to t', which is exactly such a mix).
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-SOLVERS = ("lcm", "ddim")
+from ..checks import check_int, check_number
+
+SOLVERS = ("lcm", "ddim", "tcd")
 
 
 @dataclass(frozen=True)
@@ -26,11 +31,12 @@ class StepSchedule:
     beta: torch.Tensor
     alpha_next: torch.Tensor    # where each step's row goes; the last goes to the schedule's end
     beta_next: torch.Tensor
-    c_skip: torch.Tensor        # LCM boundary scalings (c_skip = 0, c_out = 1 for DDIM)
+    c_skip: torch.Tensor        # LCM boundary scalings (c_skip = 0, c_out = 1 for DDIM and TCD)
     c_out: torch.Tensor
     prediction_type: str        # "epsilon", "v_prediction" or "flow"
-    solver: str                 # "lcm" (consistency step, re-noised) or "ddim" (deterministic)
+    solver: str                 # "lcm" (consistency step, re-noised), "ddim" (DDIM / Euler) or "tcd"
     noise_scale: float          # txt2img starts from x = noise_scale·ε, as the scheduler does
+    noise_share: torch.Tensor = None   # γ: the share of fresh noise in what each step puts back
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -41,8 +47,8 @@ def is_flow_scheduler(scheduler) -> bool:
 
 
 def default_solver(scheduler) -> str:
-    """LCM's consistency step for LCM schedulers, the deterministic DDIM / Euler step otherwise."""
-    return "lcm" if type(scheduler).__name__ in ("LCMScheduler", "TCDScheduler") else "ddim"
+    """LCM's consistency step for LCM schedulers, TCD's for TCD, the DDIM / Euler step otherwise."""
+    return {"LCMScheduler": "lcm", "TCDScheduler": "tcd"}.get(type(scheduler).__name__, "ddim")
 
 
 def validate_steps(steps, num_inference_steps: int) -> list[int]:
@@ -80,9 +86,12 @@ def validate_timesteps(timesteps, num_train_timesteps: int) -> list[float]:
 
 
 def step_schedule(scheduler, steps=None, timesteps=None, num_inference_steps: int = 50,
-                  solver: str | None = None) -> StepSchedule:
+                  solver: str | None = None, eta: float = 0.0) -> StepSchedule:
     """Coefficients for the stream's steps: `steps` index the scheduler's own schedule of
-    `num_inference_steps` (StreamDiffusion's t_index_list), or `timesteps` gives them explicitly."""
+    `num_inference_steps` (StreamDiffusion's t_index_list), or `timesteps` gives them explicitly.
+
+    `eta` is the stochasticity of the "ddim" solver (DDIM's η) and of "tcd" (TCD's gamma), as
+    diffusers' pipelines pass it to those schedulers' steps."""
     if (steps is None) == (timesteps is None):
         raise ValueError("give exactly one of steps (indices into the schedule) or timesteps (explicit values)")
     if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
@@ -91,8 +100,13 @@ def step_schedule(scheduler, steps=None, timesteps=None, num_inference_steps: in
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     flow = is_flow_scheduler(scheduler)
-    if flow and solver == "lcm":
-        raise ValueError("solver='lcm' needs a variance-preserving scheduler; flow-matching models use 'ddim' (flow Euler)")
+    if flow and solver != "ddim":
+        raise ValueError(f"solver={solver!r} needs a variance-preserving scheduler; flow-matching models use "
+                         "'ddim' (flow Euler)")
+    eta = check_number(eta, "eta", 0.0, 1.0)
+    if eta and (flow or solver == "lcm"):
+        raise ValueError(f"eta applies to the 'ddim' and 'tcd' solvers of variance-preserving schedulers, "
+                         f"not solver={solver!r}{' on a flow-matching scheduler' if flow else ''}")
     num_train = scheduler.config.num_train_timesteps
 
     if steps is not None:
@@ -120,12 +134,16 @@ def step_schedule(scheduler, steps=None, timesteps=None, num_inference_steps: in
         else:
             alpha = 1 / (1 + sigma**2).sqrt()
             beta = sigma * alpha
-        # DDIM ends at its final ᾱ (set_alpha_to_one); LCM returns its denoised estimate; Euler ends at σ=0.
-        abar_end = float(getattr(scheduler, "final_alpha_cumprod", 1.0)) if solver == "ddim" else 1.0
+        # DDIM ends at its final ᾱ (set_alpha_to_one); LCM returns its denoised estimate; Euler ends at
+        # σ=0; TCD's last step goes to t = 0.
+        abar_end = {"ddim": float(getattr(scheduler, "final_alpha_cumprod", 1.0)), "lcm": 1.0,
+                    "tcd": float(scheduler.alphas_cumprod[0])}[solver]
         alpha_end, beta_end = abar_end**0.5, (1 - abar_end) ** 0.5
 
     alpha_next = torch.cat([alpha[1:], alpha.new_tensor([alpha_end])])
     beta_next = torch.cat([beta[1:], beta.new_tensor([beta_end])])
+    noise_share = _noise_share(scheduler, solver, eta, t, alpha, beta, alpha_next, beta_next,
+                               euler=not flow and sigma is not None)
     if solver == "lcm":
         scaled = t * scheduler.config.get("timestep_scaling", 10.0)
         sigma_data = 0.5
@@ -140,4 +158,29 @@ def step_schedule(scheduler, steps=None, timesteps=None, num_inference_steps: in
     prediction_type = "flow" if flow else scheduler.config.get("prediction_type", "epsilon")
     if prediction_type not in ("epsilon", "v_prediction", "flow"):
         raise ValueError(f"scheduler prediction_type {prediction_type!r} is not supported (epsilon, v_prediction, flow)")
-    return StepSchedule(t, alpha, beta, alpha_next, beta_next, c_skip, c_out, prediction_type, solver, noise_scale)
+    return StepSchedule(t, alpha, beta, alpha_next, beta_next, c_skip, c_out, prediction_type, solver, noise_scale,
+                        noise_share)
+
+
+def _noise_share(scheduler, solver, eta, t, alpha, beta, alpha_next, beta_next, euler: bool) -> torch.Tensor:
+    """γ per step (see the module's docstring); the last step puts back no fresh noise but LCM's."""
+    gamma = torch.zeros_like(t)
+    if solver == "lcm":
+        return torch.ones_like(t)
+    if not eta or euler:   # Euler's step takes no eta in diffusers either
+        return gamma
+    last = len(t) - 1
+    for i in range(last):
+        abar, abar_next = float(alpha[i]) ** 2, float(alpha_next[i]) ** 2
+        if solver == "ddim":    # σ = η·√((1−ᾱ')/(1−ᾱ))·√(1−ᾱ/ᾱ')
+            sigma = eta * ((1 - abar_next) / (1 - abar)) ** 0.5 * (1 - abar / abar_next) ** 0.5
+        else:                   # TCD: back down to s = ⌊(1−η)·t'⌋, then noised up to t'
+            abar_s = float(scheduler.alphas_cumprod[int((1 - eta) * float(t[i + 1]))])
+            sigma = max(0.0, 1 - abar_next / abar_s) ** 0.5
+        gamma[i] = sigma / float(beta_next[i]) if beta_next[i] > 0 else 0.0
+    if solver == "ddim" and eta:   # DDIM's last step is noised too, towards its final ᾱ
+        abar, abar_next = float(alpha[last]) ** 2, float(alpha_next[last]) ** 2
+        if beta_next[last] > 0:
+            sigma = eta * ((1 - abar_next) / (1 - abar)) ** 0.5 * (1 - abar / abar_next) ** 0.5
+            gamma[last] = sigma / float(beta_next[last])
+    return gamma

@@ -40,3 +40,9 @@ def advance(x0: torch.Tensor, noise: torch.Tensor, alpha_next, beta_next) -> tor
     Gaussian noise it is LCM's re-noising to the next timestep.
     """
     return alpha_next * x0 + beta_next * noise
+
+
+def injected_noise(eps: torch.Tensor, noise: torch.Tensor, eps_share, noise_share) -> torch.Tensor:
+    """n = √(1−γ²)·ε̂ + γ·z: what a step puts back, from the model's ε̂ and fresh noise z (γ = 0:
+    DDIM's ε̂; γ = 1: LCM's z)."""
+    return eps_share * eps + noise_share * noise

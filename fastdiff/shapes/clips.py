@@ -6,15 +6,11 @@ import random
 
 from PIL import Image, ImageDraw
 
+from ..checks import check_int
+
 __all__ = ["SHAPES", "moving_shapes_clip"]
 
 SHAPES = ("circle", "square", "triangle")
-
-
-def _check_int(value, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
-    return value
 
 
 def _mix(a, b, t: float) -> tuple[int, int, int]:
@@ -36,10 +32,9 @@ def moving_shapes_clip(num_frames: int = 32, size: int = 64, seed: int = 0) -> l
     The seed picks the shape (``SHAPES[seed % 3]``), the colours, the size and the path; the same
     seed always gives the same frames.
     """
-    _check_int(num_frames, "num_frames", 1)
-    _check_int(size, "size", 16)  # smaller frames leave the shape no room to move
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    check_int(num_frames, "num_frames", 1)
+    check_int(size, "size", 16)  # smaller frames leave the shape no room to move
+    check_int(seed, "seed")
 
     rng = random.Random(seed)
     shape = SHAPES[seed % len(SHAPES)]

@@ -4,9 +4,15 @@ Each pixel is named by its nearest palette colour; the background is the commone
 object is a 4-connected region of pixels named otherwise (specks under 40 px are dropped). Its
 colour is the commonest name inside it (edges left out: JPEG and a VAE smear them). Each pixel's
 coverage (how far it lies from the background colour towards the object's) gives the region's
-area and centre of mass; its shape is the circle, square or triangle of that area and centre whose
-redrawing differs least from it, its size the side of that shape's box, its position the 3×3 cell
-of the box centre. Everything is vectorised over a batch, so thousands of pictures take a second."""
+area and centre of mass. Its shape and turn are those of the circle, square or triangle — each
+tried at every turn, 5° apart — of that area and centre whose redrawing differs least from it, so
+the reading is the same at any rotation; its size class comes from the nominal diameter that area
+gives, its position from the 3×3 cell of its centre. Everything is vectorised over a batch, so
+thousands of pictures take seconds.
+
+Scores count only what a prompt states: a caption that leaves out a size, a position or the
+background is judged on the rest.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +24,8 @@ import torch
 from PIL import Image
 
 from .render import (
-    CELL_CENTRES, COLOURS, POSITIONS, RESOLUTION, SHAPES, SIDES, Obj, Scene, parse_caption, signed_distance,
+    CELL_BOUNDS, COLOURS, FILL, POSITIONS, RESOLUTION, SHAPES, SIZE_CUT, SYMMETRY, Obj, Scene, parse_caption,
+    signed_distance,
 )
 
 __all__ = ["read_scene", "read_scenes", "attribute_accuracy", "ATTRIBUTES"]
@@ -28,9 +35,11 @@ ATTRIBUTES = ("background", "colour", "shape", "size", "position")
 _NAMES = list(COLOURS)
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
 _MIN_AREA = 40  # px; smaller regions are compression specks (a small triangle covers ~160)
-_FILL = np.array([np.pi / 4, 1.0, 0.5])  # share of its box each shape fills, in SHAPES order
-_SIDE_CUT = (SIDES["small"] + SIDES["large"]) / 2  # px across: small below, large above
-_CELL_CUTS = ((CELL_CENTRES[0] + CELL_CENTRES[1]) / 2, (CELL_CENTRES[1] + CELL_CENTRES[2]) / 2)
+_CELL_CUTS = CELL_BOUNDS[1:3]
+_TURN_STEP = 5.0  # degrees between the turns each shape is tried at
+# Every (shape, turn) a region is compared with: the circle once, the others over their symmetry.
+_CANDIDATES = [(shape, float(a)) for shape in SHAPES
+               for a in np.arange(0.0, SYMMETRY[shape] if shape != "circle" else _TURN_STEP, _TURN_STEP)]
 _CHUNK = 256  # pictures per vectorised pass: bounds memory
 
 
@@ -161,35 +170,38 @@ def _read_chunk(pixels: np.ndarray) -> list[Scene]:
     cover = np.clip(cover, 0, 1)
     area = np.bincount(comp, weights=cover, minlength=len(comp_root)) + 1e-9  # never 0: divided by
 
-    # Shape: redraw the region as each shape of the same area and centre of mass, and keep the
-    # one that differs least from it (summed |coverage difference|). Blur, JPEG or a VAE smear
-    # every candidate alike, so the comparison survives them where box-based tests do not.
+    # Shape and turn: redraw the region as each shape at each turn, of the same area and centre of
+    # mass, and keep the one that differs least from it (summed |coverage difference|). Blur, JPEG
+    # or a VAE smear every candidate alike, so the comparison survives them where box-based tests
+    # do not. (Every shape's centre of mass is its centre.)
     x, y = xs + 0.5, ys + 0.5
     mx = np.bincount(comp, weights=cover * x, minlength=len(area)) / area
     my = np.bincount(comp, weights=cover * y, minlength=len(area)) / area
-    half = np.sqrt(area[:, None] / _FILL) / 2  # [regions, shape]: half the box side
-    # a triangle's centre of mass lies a sixth of its height below its box centre
-    centre_y = my[:, None] - np.array([0, 0, 1 / 3]) * half
+    fill = np.array([FILL[shape] for shape, _ in _CANDIDATES])
+    radius = np.sqrt(area[:, None] / fill) / 2  # [regions, candidate]: half the nominal diameter
+    px, py = (x - mx[comp]).astype(np.float32), (y - my[comp]).astype(np.float32)
     # Pixels outside the region (coverage 0 there) would add the redrawn shape's coverage m;
     # its total is the area, so they add area - Σ m over the region, and need no visiting.
     error = np.stack([
         area + np.bincount(comp, weights=np.abs(cover - m) - m, minlength=len(area))
         for m in (
-            np.clip(0.5 - signed_distance(name, x - mx[comp], y - centre_y[comp, i], half[comp, i]), 0, 1)
-            for i, name in enumerate(SHAPES)
+            np.clip(0.5 - signed_distance(shape, px, py, radius[comp, i].astype(np.float32), angle), 0, 1)
+            for i, (shape, angle) in enumerate(_CANDIDATES)
         )
     ], 1)
-    shape = error.argmin(1)
+    best = error.argmin(1)
     pick = np.arange(len(area))
 
-    # Size from the side of the chosen shape's box; position from that box's centre.
-    side = 2 * half[pick, shape]
-    cell = np.digitize(centre_y[pick, shape], _CELL_CUTS) * 3 + np.digitize(mx, _CELL_CUTS)
+    # Size class from the nominal diameter of the chosen shape; position from the centre's cell.
+    diameter = 2 * radius[pick, best]
+    cell = np.digitize(my, _CELL_CUTS) * 3 + np.digitize(mx, _CELL_CUTS)
 
     objects: list[list[tuple[float, Obj]]] = [[] for _ in range(n)]
     for c in np.flatnonzero(area >= _MIN_AREA):
-        obj = Obj(SHAPES[shape[c]], _NAMES[colour[c]], "large" if side[c] > _SIDE_CUT else "small",
-                  POSITIONS[cell[c]])
+        shape, angle = _CANDIDATES[best[c]]
+        obj = Obj(shape, _NAMES[colour[c]], "large" if diameter[c] > SIZE_CUT else "small",
+                  POSITIONS[cell[c]], centre=(float(mx[c]), float(my[c])), diameter=float(diameter[c]),
+                  angle=angle)
         objects[image[c]].append((-area[c], obj))
     return [Scene(_NAMES[b], [o for _, o in sorted(objs, key=lambda t: t[0])])
             for b, objs in zip(background, objects)]
@@ -212,20 +224,25 @@ def read_scene(image, value_range=None) -> Scene:
 
 # --- scoring -----------------------------------------------------------------------------------
 
-def _matches(want: Obj, got: Obj) -> list[bool]:
-    return [want.colour == got.colour, want.shape == got.shape, want.size == got.size,
-            want.position == got.position]
+_OBJECT_ATTRIBUTES = ATTRIBUTES[1:]
 
 
-def _best_assignment(wanted: list[Obj], read: list[Obj]) -> list[list[bool]]:
-    """Per wanted object, which of colour/shape/size/position the best-matching read object has."""
+def _matches(want: Obj, got: Obj) -> list[bool | None]:
+    """Per object attribute, whether `got` has the one `want` states (None where it states none)."""
+    return [None if getattr(want, a) is None else getattr(want, a) == getattr(got, a) for a in _OBJECT_ATTRIBUTES]
+
+
+def _best_assignment(wanted: list[Obj], read: list[Obj]) -> list[list[bool | None]]:
+    """Per wanted object, which of its stated colour/shape/size/position the best-matching read
+    object has (None where not stated)."""
     read = read[:6]  # largest first; more would be noise, and permutations grow fast
-    best = [[False] * 4 for _ in wanted]
+    missed = [[None if getattr(w, a) is None else False for a in _OBJECT_ATTRIBUTES] for w in wanted]
+    best, best_hits = missed, -1
     for chosen in permutations(range(len(read)), min(len(wanted), len(read))):
-        hits = [_matches(w, read[j]) for w, j in zip(wanted, chosen)]
-        hits += [[False] * 4] * (len(wanted) - len(chosen))
-        if sum(map(sum, hits)) > sum(map(sum, best)):
-            best = hits
+        rows = [_matches(w, read[j]) for w, j in zip(wanted, chosen)] + missed[len(chosen):]
+        hits = sum(bool(h) for row in rows for h in row)
+        if hits > best_hits:
+            best, best_hits = rows, hits
     return best
 
 
@@ -233,8 +250,9 @@ def attribute_accuracy(images, scenes_or_prompts, value_range=None) -> dict[str,
     """How many asked-for attributes the pictures show, as shares in [0, 1].
 
     `scenes_or_prompts` holds a :class:`Scene` or a caption per picture. Attributes are the
-    background colour and, per asked object, its colour, shape, size and position; the read
-    objects are matched to the asked ones by the assignment that gets most attributes right.
+    background colour and, per asked object, its colour, shape, size and position — only those
+    the scene or prompt states; the read objects are matched to the asked ones by the assignment
+    that gets most attributes right.
     ``overall`` pools them; ``count`` (as many objects read as asked) and ``exact`` (count and
     every attribute right) are reported beside, not pooled.
     """
@@ -247,16 +265,21 @@ def attribute_accuracy(images, scenes_or_prompts, value_range=None) -> dict[str,
     count = exact = 0
     for want, got in zip(wanted, read):
         hits = _best_assignment(want.objects, got.objects)
-        right["background"] += want.background == got.background
-        asked["background"] += 1
-        for attribute, column in zip(ATTRIBUTES[1:], zip(*hits)):
-            right[attribute] += sum(column)
-            asked[attribute] += len(column)
+        all_right = True
+        if want.background is not None:
+            right["background"] += want.background == got.background
+            asked["background"] += 1
+            all_right = want.background == got.background
+        for attribute, column in zip(_OBJECT_ATTRIBUTES, zip(*hits)):
+            stated = [h for h in column if h is not None]
+            right[attribute] += sum(stated)
+            asked[attribute] += len(stated)
+            all_right = all_right and all(stated)
         same_count = len(want.objects) == len(got.objects)
         count += same_count
-        exact += same_count and want.background == got.background and all(map(all, hits))
+        exact += same_count and all_right
     n = max(len(wanted), 1)
     result = {"overall": sum(right.values()) / max(sum(asked.values()), 1)}
-    result.update({a: right[a] / asked[a] if asked[a] else 1.0 for a in ATTRIBUTES})
+    result.update({a: right[a] / asked[a] if asked[a] else float("nan") for a in ATTRIBUTES})  # nan: never asked
     result.update(count=count / n, exact=exact / n)
     return result

@@ -1,5 +1,12 @@
 """Quality measures for pictures of the shapes world: prompt accuracy, paired PSNR against a
-teacher, and a distribution distance to rendered scenes.
+teacher, coverage of what prompts leave free, and a distribution distance to rendered scenes.
+
+*Coverage* catches collapse. A prompt that leaves an object's size or position, or the background,
+unstated asks for all of them, and every square or triangle may be turned any way. Over several
+pictures of one prompt, the entropy of what the evaluator reads for each free attribute (size class,
+position cell, background, turn in six bins of the shape's symmetry) is compared with the entropy
+the renderer's own pictures of that prompt give at the same count. Rendered pictures score about 1;
+a model that draws one picture whatever the seed scores 0.
 
 The distance is the Fréchet distance between Gaussians fitted to *shape features*, 28 numbers per
 picture that this module defines (no learned network, so it is exact and fast on the CPU):
@@ -27,10 +34,11 @@ from functools import cache
 import numpy as np
 import torch
 
-from .evaluate import _as_batch, attribute_accuracy
-from .render import COLOURS, render_batch, sample_scene
+from .evaluate import _as_batch, attribute_accuracy, read_scenes
+from .render import COLOURS, SYMMETRY, Scene, parse_caption, realise, render_batch, sample_scene
 
-__all__ = ["prompt_accuracy", "paired_psnr", "shape_features", "frechet_distance", "FEATURE_NAMES"]
+__all__ = ["prompt_accuracy", "paired_psnr", "coverage", "coverage_by_attribute", "shape_features",
+           "frechet_distance", "FEATURE_NAMES", "FREE_ATTRIBUTES"]
 
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float32) / 255
 _GRID = 4
@@ -45,6 +53,84 @@ def prompt_accuracy(images, prompts, value_range=None) -> float:
     :func:`~fastdiff.shapes.evaluate.attribute_accuracy` for the per-attribute split."""
     _check_pair_lengths(images, prompts, "prompts")
     return attribute_accuracy(images, prompts, value_range)["overall"]
+
+
+FREE_ATTRIBUTES = ("background", "size", "position", "turn")
+_TURN_BINS = 6
+_REFERENCE_DRAWS = 4  # rendered sets per prompt whose entropies are averaged: a steadier yardstick
+
+
+def _entropy(values: list) -> float:
+    """Plug-in entropy (nats) of a list of discrete readings."""
+    if not values:
+        return 0.0
+    _, counts = np.unique(np.array(values, dtype=object).astype(str), return_counts=True)
+    p = counts / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def _free_readings(wanted: Scene, read: list[Scene]) -> dict[tuple[str, int], list]:
+    """For each attribute `wanted` leaves free, and each object, what the pictures show: keys
+    (attribute, object index), values one reading per picture where the object was found (the
+    read object of its colour and shape, else of its colour)."""
+    readings: dict[tuple[str, int], list] = {}
+    if wanted.background is None:
+        readings[("background", -1)] = [scene.background for scene in read]
+    for i, want in enumerate(wanted.objects):
+        free = [a for a in ("size", "position") if getattr(want, a) is None]
+        if want.shape != "circle":
+            free.append("turn")
+        for attribute in free:
+            readings[(attribute, i)] = []
+        for scene in read:
+            found = ([o for o in scene.objects if (o.colour, o.shape) == (want.colour, want.shape)]
+                     or [o for o in scene.objects if o.colour == want.colour])
+            if not found:  # a missing object is prompt accuracy's business, not diversity's
+                continue
+            o = found[0]
+            for attribute in free:
+                value = (int(o.angle // (SYMMETRY[o.shape] / _TURN_BINS)) if attribute == "turn"
+                         else getattr(o, attribute))
+                readings[(attribute, i)].append(value)
+    return readings
+
+
+def coverage_by_attribute(images, prompts, value_range=None, seed: int = 0) -> dict[str, float]:
+    """:func:`coverage` per free attribute (``background``, ``size``, ``position``, ``turn``; those
+    no prompt leaves free are left out) and ``overall``."""
+    _check_pair_lengths(images, prompts, "prompts")
+    read = read_scenes(images, value_range)
+    groups: dict[str, list[Scene]] = {}
+    for prompt, scene in zip(prompts, read):
+        groups.setdefault(prompt, []).append(scene)
+    if all(len(g) < 2 for g in groups.values()):
+        raise ValueError("coverage needs several pictures of one prompt: repeat each prompt over seeds")
+    rng = np.random.default_rng(seed)
+    got = dict.fromkeys(FREE_ATTRIBUTES, 0.0)
+    expected = dict.fromkeys(FREE_ATTRIBUTES, 0.0)
+    for prompt, scenes in groups.items():
+        if len(scenes) < 2:
+            continue
+        wanted = parse_caption(prompt)
+        mine = _free_readings(wanted, scenes)
+        rendered = [[realise(wanted, rng) for _ in scenes] for _ in range(_REFERENCE_DRAWS)]
+        theirs = [_free_readings(wanted, read_scenes(render_batch(draw))) for draw in rendered]
+        for key, values in mine.items():
+            got[key[0]] += _entropy(values)
+            expected[key[0]] += np.mean([_entropy(t[key][:len(values)]) for t in theirs])
+    result = {a: float(got[a] / expected[a]) for a in FREE_ATTRIBUTES if expected[a] > 0}
+    total = sum(expected.values())
+    result["overall"] = float(sum(got.values()) / total) if total > 0 else float("nan")
+    return result
+
+
+def coverage(images, prompts, value_range=None, seed: int = 0) -> float:
+    """How much of the spread the prompts leave free the pictures show: the entropy of the evaluator's
+    readings of every free attribute over the pictures of each prompt, summed, over the same sum for
+    the renderer's pictures of those prompts at the same counts. About 1 for rendered scenes, 0 for
+    one picture repeated. `prompts` holds one caption per picture; each prompt needs ≥ 2 pictures
+    (different seeds) to count. `seed` seeds the rendered yardstick."""
+    return coverage_by_attribute(images, prompts, value_range, seed)["overall"]
 
 
 def _pixels(images, value_range) -> np.ndarray:

@@ -1,6 +1,6 @@
-"""The stateful real-time part: the batched latent stream, the frame-level Stream, filter and runner."""
+"""The stateful real-time part below the front doors: the batched latent stream, what a front door
+prepares once, the similarity filter, the runner and its statistics."""
 
 from .batch import LatentStream
-from .stream import Stream
 
-__all__ = ["LatentStream", "Stream"]
+__all__ = ["LatentStream"]

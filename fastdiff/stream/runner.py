@@ -2,17 +2,16 @@
 
 The stream protocol the runner relies on (``fastdiff.Stream`` implements it):
 
-    out = stream(frame)     # frame_buffer F == 1: an output, or None while the pipeline fills
-    outs = stream(frames)   # F > 1: a list of F inputs -> a list of F outputs, or None while filling
-    stream.last_skipped     # the last call was skipped: its return value belongs to its own input(s)
-    stream.flush() -> list  # the outputs still in flight, oldest first, flattened in frame order
-    stream.frame_buffer     # F
+    out = stream(frame, tag=t)    # frame_buffer F == 1: an output, or None while the pipeline fills
+    outs = stream(frames, tag=t)  # F > 1: a list of F inputs -> a list of F outputs, or None
+    stream.last_tag               # the tag of the call whose output(s) the last call returned
+    stream.last_skipped           # the last call was skipped: it returned its own input's output
+    stream.flush_tagged()         # [(tag, output(s))] of the calls still in flight, oldest first
+    stream.frame_buffer           # F
 
-Pairing: the runner keeps the groups of indices that entered the pipeline in a FIFO. A processed
-call pushes its group; when it returns an output, that output belongs to the oldest group (with
-lag L: the group of processed call k − L). A skipped call's return value belongs to its own group
-at once. `flush()` at close pairs with the groups left, oldest first. Results wait in a reorder
-buffer keyed by index until every earlier index has been delivered.
+Pairing: each call's tag is its group of (index, time queued) entries, and the stream hands a
+group's tag back with its output, so the runner never counts the stream's lag itself. Results
+wait in a reorder buffer keyed by index until every earlier index has been delivered.
 
 The stream must have an empty pipeline (freshly prepared or flushed) when handed to the runner,
 and only the worker thread may call it while the runner is open.
@@ -27,7 +26,8 @@ import threading
 import time
 from typing import Any, Iterator
 
-import numpy as np
+from ..checks import check_choice, check_int
+from .stats import LatencyWindow
 
 __all__ = ["FrameResult", "RunnerStats", "StreamError", "StreamRunner"]
 
@@ -74,15 +74,12 @@ class StreamRunner:
 
     def __init__(self, stream, max_queue: int = 8, when_full: str = "block"):
         frame_buffer = int(stream.frame_buffer)
-        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
-            raise ValueError(f"max_queue must be an int >= 1, got {max_queue!r}")
+        check_int(max_queue, "max_queue", 1)
         if max_queue < frame_buffer:
             raise ValueError(f"max_queue ({max_queue}) must hold a whole group of frame_buffer={frame_buffer} frames")
-        if when_full not in WHEN_FULL:
-            raise ValueError(f"when_full must be one of {WHEN_FULL}, got {when_full!r}")
         self.stream = stream
         self.max_queue = max_queue
-        self.when_full = when_full
+        self.when_full = check_choice(when_full, "when_full", WHEN_FULL)
         self._frame_buffer = frame_buffer
 
         # Everything below is guarded by _changed's lock; every change notifies all waiters.
@@ -95,12 +92,10 @@ class StreamRunner:
         self._error: BaseException | None = None
         self._error_reported = False
         self._counts = {"processed": 0, "skipped": 0, "dropped": 0}
-        self._latencies: collections.deque = collections.deque(maxlen=LATENCY_WINDOW)
+        self._latencies = LatencyWindow(LATENCY_WINDOW)
         self._t_first_put: float | None = None
         self._t_last_ready: float | None = None
 
-        # Worker-only: groups of (index, t_put) entries in the pipeline, oldest first; None marks padding.
-        self._in_flight: collections.deque = collections.deque()
         self._worker = threading.Thread(target=self._work, name="fastdiff-stream-runner", daemon=True)
         self._worker.start()
 
@@ -183,11 +178,10 @@ class StreamRunner:
     def stats(self) -> RunnerStats:
         with self._changed:
             counts = dict(self._counts)
-            latencies = list(self._latencies)
+            p50, p95 = self._latencies.percentiles()
             t0, t1 = self._t_first_put, self._t_last_ready
         delivered = counts["processed"] + counts["skipped"]
         fps = delivered / (t1 - t0) if delivered and t1 > t0 else 0.0
-        p50, p95 = np.percentile(latencies, [50, 95]).tolist() if latencies else (float("nan"),) * 2
         return RunnerStats(**counts, frames_per_s=fps, latency_p50_s=p50, latency_p95_s=p95)
 
     def _finished(self) -> bool:
@@ -206,10 +200,8 @@ class StreamRunner:
         try:
             while (group := self._take_group()) is not None:
                 self._run_group(group)
-            if self._in_flight:
-                entries = [entry for group in self._in_flight for entry in group]
-                self._in_flight.clear()
-                self._deliver(entries, list(self.stream.flush()), skipped=False)
+            for entries, outs in self.stream.flush_tagged():
+                self._deliver(entries, [outs] if self._frame_buffer == 1 else outs, skipped=False)
         except BaseException as error:  # noqa: BLE001 - handed to the caller, who decides
             with self._changed:
                 self._error = error
@@ -228,22 +220,20 @@ class StreamRunner:
             return group
 
     def _run_group(self, group: list) -> None:
+        """One stream call for a group of queued frames; its tag is their (index, time queued)
+        entries (None marks padding)."""
         frames = [frame for _, frame, _ in group]
         entries: list = [(index, t_put) for index, _, t_put in group]
         padding = self._frame_buffer - len(group)
         frames += frames[-1:] * padding
         entries += [None] * padding
         if self._frame_buffer == 1:
-            out = self.stream(frames[0])
+            out = self.stream(frames[0], tag=entries)
             outs = None if out is None else [out]
         else:
-            outs = self.stream(frames)
-        if self.stream.last_skipped:
-            self._deliver(entries, outs, skipped=True)
-            return
-        self._in_flight.append(entries)
+            outs = self.stream(frames, tag=entries)
         if outs is not None:
-            self._deliver(self._in_flight.popleft(), outs, skipped=False)
+            self._deliver(self.stream.last_tag, outs, skipped=self.stream.last_skipped)
 
     def _deliver(self, entries: list, images: list, skipped: bool) -> None:
         if images is None or len(images) != len(entries):

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import check_int, check_number
+
 __all__ = ["SimilarityFilter"]
 
 
@@ -27,11 +29,8 @@ class SimilarityFilter:
     """
 
     def __init__(self, threshold: float = 0.98, max_skip_frames: int = 10, seed: int = 0):
-        if not 0.0 < float(threshold) < 1.0:
-            raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
-        if isinstance(max_skip_frames, bool) or not isinstance(max_skip_frames, int) or max_skip_frames < 0:
-            raise ValueError(f"max_skip_frames must be an int >= 0, got {max_skip_frames!r}")
-        self.threshold = float(threshold)
+        self.threshold = check_number(threshold, "threshold", 0.0, 1.0, low_open=True, high_open=True)
+        check_int(max_skip_frames, "max_skip_frames", 0)
         self.max_skip_frames = max_skip_frames
         self.seed = seed
         self._generator = torch.Generator()
@@ -49,10 +48,12 @@ class SimilarityFilter:
 
     def probability(self, frame: torch.Tensor) -> float:
         """The skip probability p of `frame` against the reference; draws nothing, changes nothing."""
-        flat = self._comparable(frame)
-        if flat is None:
-            return 0.0
-        # One device sync for both numbers.
+        return self._measure(frame, self._flat(frame))[0]
+
+    def _measure(self, frame: torch.Tensor, flat: torch.Tensor) -> tuple[float, float | None]:
+        """(skip probability, the frame's norm — None when not measured) with one device sync."""
+        if self._reference is None or frame.shape != self._shape or flat.device != self._reference.device:
+            return 0.0, None
         dot, norm = torch.stack((torch.dot(flat, self._reference), torch.linalg.vector_norm(flat))).tolist()
         if norm == 0.0 or self._reference_norm == 0.0:
             # The angle is undefined; two all-zero frames are the same frame, one zero frame is not.
@@ -60,38 +61,38 @@ class SimilarityFilter:
         else:
             cos = dot / (norm * self._reference_norm)
         p = 1.0 - (1.0 - cos) / (1.0 - self.threshold)
-        return min(1.0, max(0.0, p))
+        return min(1.0, max(0.0, p)), norm
 
     def should_skip(self, frame: torch.Tensor) -> bool:
         """True: skip `frame` (reuse the previous output). False: process it; it becomes the reference.
 
         Never skips the first frame, a frame whose shape (or device) differs from the reference,
         or a frame that would make the run of consecutive skips longer than `max_skip_frames`.
+        Each frame's norm is computed once, with the one device sync of its measurement.
         """
+        flat, norm = self._flat(frame), None
         if self.skip_run < self.max_skip_frames:
-            p = self.probability(frame)
+            p, norm = self._measure(frame, flat)
             if p > 0.0 and torch.rand((), generator=self._generator).item() < p:
                 self.skipped += 1
                 self.skip_run += 1
                 return True
-        self.accept(frame)
+        self._accept(frame, flat, norm)
         return False
 
     def accept(self, frame: torch.Tensor) -> None:
         """Record `frame` as processed without asking (a stream with no output to reuse yet)."""
-        self._remember(frame)
-        self.processed += 1
-        self.skip_run = 0
+        self._accept(frame, self._flat(frame), None)
 
-    def _comparable(self, frame: torch.Tensor) -> torch.Tensor | None:
-        """`frame` flattened to float32 (a view when possible), or None if it can't be compared."""
-        if self._reference is None or frame.shape != self._shape or frame.device != self._reference.device:
-            return None
+    @staticmethod
+    def _flat(frame: torch.Tensor) -> torch.Tensor:
+        """`frame` flattened to float32 (a view when possible)."""
         return frame.detach().reshape(-1).to(torch.float32)
 
-    def _remember(self, frame: torch.Tensor) -> None:
-        flat = frame.detach().reshape(-1).to(torch.float32)
+    def _accept(self, frame: torch.Tensor, flat: torch.Tensor, norm: float | None) -> None:
         # Copy only if `flat` still shares memory with the caller's frame (which may be reused).
         self._reference = flat.clone() if flat.data_ptr() == frame.data_ptr() else flat
-        self._reference_norm = torch.linalg.vector_norm(self._reference).item()
+        self._reference_norm = torch.linalg.vector_norm(flat).item() if norm is None else norm
         self._shape = frame.shape
+        self.processed += 1
+        self.skip_run = 0

@@ -1,83 +1,26 @@
 """Diffusers pipelines built from configs with random weights, for tests and speed benchmarks.
 
 Nothing here downloads: the CLIP tokenizer's vocabulary is written to a folder by
-:func:`write_clip_vocab`, every model is built from its config. Random weights cost the same
+:func:`fastdiff.vocab.write_clip_vocab`, every model is built from its config. Random weights cost the same
 time as trained ones, so the real architectures' configs serve the speed benchmarks.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import string
 import tempfile
 from typing import Callable, NamedTuple
 
 import torch
 
+from .vocab import DEFAULT_WORDS, write_clip_vocab
+
 __all__ = [
-    "DEFAULT_WORDS", "write_clip_vocab", "tiny_clip_tokenizer", "tiny_vae",
+    "tiny_clip_tokenizer", "tiny_vae",
     "tiny_sd_pipeline", "tiny_sdxl_pipeline", "tiny_sd3_pipeline",
     "sd15_pipeline", "sd_turbo_pipeline", "sdxl_pipeline", "sd3_pipeline",
     "architecture_denoiser", "ARCHITECTURES", "Architecture",
 ]
-
-DEFAULT_WORDS = (
-    "a an the of on in at with and small large big tiny red green blue yellow white black gray "
-    "orange purple pink brown circle square triangle fox cat dog house tree car watercolor photo "
-    "painting left right top bottom center background bright dark"
-).split()
-
-
-def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    """CLIP's byte-pair merging: join every occurrence of the best-ranked adjacent pair, repeat."""
-    while len(pieces) > 1:
-        best = min(zip(pieces, pieces[1:]), key=lambda pair: ranks.get(pair, len(ranks)))
-        if best not in ranks:
-            break
-        merged, i = [], 0
-        while i < len(pieces):
-            if tuple(pieces[i:i + 2]) == best:
-                merged.append(pieces[i] + pieces[i + 1])
-                i += 2
-            else:
-                merged.append(pieces[i])
-                i += 1
-        pieces = merged
-    return pieces
-
-
-def write_clip_vocab(folder: str, words=DEFAULT_WORDS) -> str:
-    """Write vocab.json + merges.txt for a CLIPTokenizer that knows `words` whole and spells the rest.
-
-    Every lower-case letter and digit is a token (alone and as a word end), so any lower-case
-    prompt tokenizes. Each listed word gets the merges that join what the earlier merges leave of
-    it, left to right; merges added later rank lower, so they never split an earlier word.
-    """
-    os.makedirs(folder, exist_ok=True)
-    specials = ["<|startoftext|>", "<|endoftext|>"]
-    chars = list(string.ascii_lowercase + string.digits + ",.'-!?")
-    vocab: dict[str, int] = {}
-    ranks: dict[tuple[str, str], int] = {}
-
-    def add(token):
-        vocab.setdefault(token, len(vocab))
-
-    for token in specials + chars + [c + "</w>" for c in chars]:
-        add(token)
-    for word in words:
-        pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
-        left = pieces[0]
-        for right in pieces[1:]:
-            ranks.setdefault((left, right), len(ranks))
-            left = left + right
-            add(left)
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(" ".join(pair) for pair in ranks) + "\n")
-    return folder
-
 
 def tiny_clip_tokenizer(max_length: int = 77, words=DEFAULT_WORDS):
     from transformers import CLIPTokenizer
@@ -141,10 +84,10 @@ def tiny_vae(kind: str = "kl", latent_channels: int = 4, **config):
 
 
 def _sd_scheduler(name: str, prediction_type: str = "epsilon"):
-    """The SD 1.x / SDXL noise schedule with a "ddim", "lcm" or "euler" sampler."""
-    from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler
+    """The SD 1.x / SDXL noise schedule with a "ddim", "lcm", "tcd" or "euler" sampler."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler, TCDScheduler
 
-    schedulers = {"ddim": DDIMScheduler, "lcm": LCMScheduler, "euler": EulerDiscreteScheduler}
+    schedulers = {"ddim": DDIMScheduler, "lcm": LCMScheduler, "tcd": TCDScheduler, "euler": EulerDiscreteScheduler}
     if name not in schedulers:
         raise ValueError(f"scheduler must be one of {sorted(schedulers)}, got {name!r}")
     extra = {"clip_sample": False, "set_alpha_to_one": False} if name == "ddim" else {}
@@ -158,7 +101,7 @@ def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim", vae: str = "kl", im
                      prediction_type: str = "epsilon", sample_size: int = 8):
     """A Stable-Diffusion-1.x-shaped pipeline small enough for CPU tests (64×64 images by default).
 
-    ``scheduler``: "ddim", "lcm" or "euler". ``vae``: "kl" or "tiny".
+    ``scheduler``: "ddim", "lcm", "tcd" or "euler". ``vae``: "kl" or "tiny".
     """
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, UNet2DConditionModel
 

@@ -2,40 +2,33 @@
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
-from ..denoiser import check_prompts, check_size, denoiser_for
-from ..images import check_output_type, from_model_tensor, to_model_tensor
-from ..sampling.guidance import check_mode
-from ..sampling.schedule import step_schedule
-from ..vae import LatentCodec
-from .batch import NOISE_MODES, LatentStream
-from .similarity import SimilarityFilter
+from .checks import check_choice, check_int, check_number
+from .images import check_output_type, from_model_tensor, to_model_tensor
+from .sampling.guiders import make_guider
+from .sampling.schedule import step_schedule
+from .stream.batch import NOISE_MODES, LatentStream
+from .stream.prepare import Prepared, UsesPrepared
+from .stream.similarity import SimilarityFilter
 
 MODES = ("img2img", "txt2img")
 DEFAULT_STEPS = {"img2img": [32, 45], "txt2img": [0, 16, 32, 45]}
 
 
-def _check_number(value, name: str, low: float = 0.0):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value < low:
-        raise ValueError(f"{name} must be a number ≥ {low}, got {value!r}")
-    return float(value)
-
-
-class Stream:
+class Stream(UsesPrepared):
     """Real-time img2img or txt2img over a diffusers pipeline.
 
     ``steps`` index the scheduler's ``num_inference_steps``-step schedule (noisiest first);
     ``timesteps`` gives the timesteps instead. Every call to the stream runs the denoiser once, on
     n·F rows for n steps and F = ``frame_buffer`` frames per call (2·n·F with ``cfg="full"``,
-    (n+1)·F with ``cfg="initialize"``).
+    (n+1)·F with ``cfg="initialize"``). ``guidance_rescale`` (φ, with ``cfg="full"``) is diffusers'
+    fix for over-exposure at high guidance.
 
     Output lags input by n−1 calls: a frame's result comes out of the call n−1 calls after the one
     it went into, and calls return None until the stream is full. :meth:`flush` returns the frames
     still in flight. With ``frame_buffer`` F > 1 a call takes a list of F frames and returns a list
-    of F outputs.
+    of F outputs. A call's ``tag`` comes back as :attr:`last_tag` with the output of its frame.
 
     ``similarity_filter`` (a threshold such as 0.98) skips inputs too similar to the last processed
     one, returning the previous output; skips are counted in :attr:`skipped_frames`.
@@ -48,32 +41,22 @@ class Stream:
     """
 
     def __init__(self, pipe, steps=None, *, timesteps=None, num_inference_steps: int = 50,
-                 cfg: str = "self", guidance_scale: float = 1.2, delta: float = 1.0,
+                 cfg: str = "self", guidance_scale: float = 1.2, delta: float = 1.0, guidance_rescale: float = 0.0,
                  frame_buffer: int = 1, similarity_filter: float | None = None, max_skip_frames: int = 10,
                  mode: str = "img2img", solver: str | None = None, noise: str = "fixed", seed: int = 0,
                  height: int | None = None, width: int | None = None, output_type: str = "pt",
                  backend: str | None = None, engine_options: dict | None = None):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if isinstance(frame_buffer, bool) or not isinstance(frame_buffer, int) or frame_buffer < 1:
-            raise ValueError(f"frame_buffer must be an integer ≥ 1, got {frame_buffer!r}")
-        if noise not in NOISE_MODES:
-            raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
-        self.pipe = pipe
-        self.denoiser = denoiser_for(pipe)
-        self.codec = LatentCodec(pipe.vae)
-        self.mode = mode
-        self.cfg = check_mode(cfg)
-        self.guidance_scale = _check_number(guidance_scale, "guidance_scale")
-        self.delta = _check_number(delta, "delta")
-        self.frame_buffer = frame_buffer
+        self.mode = check_choice(mode, "mode", MODES)
+        self.frame_buffer = check_int(frame_buffer, "frame_buffer", 1)
+        check_choice(noise, "noise", NOISE_MODES)
+        self.guider = make_guider(cfg, guidance_scale, delta, guidance_rescale)
         self.solver = solver
         self.noise = noise
         self.output_type = check_output_type(output_type)
+        check_number(similarity_filter, "similarity_filter", 0.0, 1.0, low_open=True, high_open=True, optional=True)
+        self.pipe = pipe
+        self.parts = Prepared(pipe, backend, engine_options)
         self.generator = torch.Generator(self.denoiser.device).manual_seed(seed)
-        if similarity_filter is not None and (isinstance(similarity_filter, bool) or not isinstance(
-                similarity_filter, numbers.Real) or not 0 < similarity_filter < 1):
-            raise ValueError(f"similarity_filter must be None or a threshold in (0, 1), got {similarity_filter!r}")
         self.filter = (SimilarityFilter(float(similarity_filter), max_skip_frames, seed)
                        if similarity_filter is not None else None)
         if steps is None and timesteps is None:
@@ -81,31 +64,35 @@ class Stream:
         self.num_inference_steps = num_inference_steps
         self.steps, self.timesteps = steps, timesteps
         self.schedule = step_schedule(pipe.scheduler, steps, timesteps, num_inference_steps, solver)
-        self.height, self.width = self._check_size(height, width)
+        self.height, self.width = self.parts.size(height, width)
         self.prompt = self.negative_prompt = None
         self.latents: LatentStream | None = None
         self.last_skipped = False
+        self.last_tag = None
         self._last_output = None
-        self.engines = None   # what _attach_engines swapped in, if a backend is asked for
-        self.backend, self.engine_options = None, None
-        if backend is not None:
-            from ..engines.attach import check_options
-            from ..engines.backends import resolve_backend
 
-            self.engine_options = check_options(engine_options)
-            self.backend = resolve_backend(backend, self.denoiser.device)
-        elif engine_options is not None:
-            raise ValueError("engine_options needs a backend (backend='onnxruntime', 'tensorrt', 'aoti', 'inductor' or 'auto')")
+    # -- what it runs (held once: in the parts, the guider and the latent stream) ----------------
+    @property
+    def cfg(self) -> str:
+        return self.guider.mode
 
-    # -- set-up ----------------------------------------------------------------------------------
-    def _check_size(self, height, width):
-        return check_size(self.denoiser, self.codec, height, width)
+    @property
+    def guidance_scale(self) -> float:
+        return self.guider.scale
+
+    @property
+    def delta(self) -> float:
+        return self.guider.delta
+
+    @property
+    def guidance_rescale(self) -> float:
+        return self.guider.rescale
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        f = self.codec.scale_factor
-        return (self.denoiser.in_channels, self.height // f, self.width // f)
+        return self.parts.latent_shape(self.height, self.width)
 
+    # -- set-up ----------------------------------------------------------------------------------
     def prepare(self, prompt, negative_prompt=None):
         """Encode the prompt and start the stream. On a running stream this is a prompt change."""
         if self.latents is not None:
@@ -115,26 +102,13 @@ class Stream:
         self._start()
 
     def _encode(self, prompt, negative_prompt):
-        F = self.frame_buffer
-        prompts = check_prompts(prompt, "prompt", self.denoiser.tokenizers, allow_empty=False)
-        negatives = None
-        if negative_prompt is not None:
-            negatives = check_prompts(negative_prompt, "negative_prompt", self.denoiser.tokenizers, allow_empty=True)
-        for name, values in (("prompt", prompts), ("negative_prompt", negatives)):
-            if values is not None and len(values) not in (1, F):
-                raise ValueError(f"{name} must be one string or a list of frame_buffer={F} strings, got {len(values)}")
-        prompts = prompts * (F // len(prompts))
-        if negatives is not None:
-            negatives = negatives * (F // len(negatives))
-        with torch.inference_mode():
-            self._cond = self.denoiser.encode_prompt(prompts, negatives, self.height, self.width)
+        self._cond = self.parts.encode(prompt, negative_prompt, self.height, self.width, frames=self.frame_buffer)
         self.prompt, self.negative_prompt = prompt, negative_prompt
 
     def _start(self):
         cond, uncond = self._cond
-        self.latents = LatentStream(
-            self.denoiser, self.schedule, cond, uncond, self.latent_shape, cfg=self.cfg,
-            guidance_scale=self.guidance_scale, delta=self.delta, noise=self.noise, generator=self.generator)
+        self.latents = LatentStream(self.denoiser, self.schedule, cond, uncond, self.latent_shape,
+                                    guider=self.guider, noise=self.noise, generator=self.generator)
         self._last_output = None
         if self.filter is not None:
             self.filter.reset()
@@ -143,30 +117,32 @@ class Stream:
     def _attach_engines(self, force: bool = False):
         """Engines for the stream's rows per call and resolution (once full the row count is fixed,
         so the batch profile is static at that count); again only when either changes."""
-        if self.backend is None:
-            return
-        shape = (self.latents.rows_per_call, self.frame_buffer, self.height, self.width)
-        if not force and self.engines is not None and self._engine_shape == shape:
-            return
-        from ..engines.attach import attach_engines
+        self.parts.attach_engines(self.latents.rows_per_call, self.frame_buffer, [(self.height, self.width)],
+                                  force=force)
 
-        self.engines = attach_engines(self.denoiser, self.codec, self.backend, rows=shape[0], frames=shape[1],
-                                      resolutions=[(self.height, self.width)], options=self.engine_options)
-        self._engine_shape = shape
+    def refresh_engines(self):
+        """Build (or load) the engines again for the denoiser's current weights — after a LoRA was
+        loaded, fused or rescaled — as :meth:`set_vae` does for a new VAE. No-op without a backend."""
+        self._require_prepared()
+        self._attach_engines(force=True)
 
-    def update(self, *, prompt=None, negative_prompt=None, guidance_scale=None, delta=None, steps=None,
-               timesteps=None, num_inference_steps=None, height=None, width=None) -> list:
+    def update(self, *, prompt=None, negative_prompt=None, guidance_scale=None, delta=None, guidance_rescale=None,
+               steps=None, timesteps=None, num_inference_steps=None, height=None, width=None,
+               with_tags: bool = False) -> list:
         """Change settings at run time, without rebuilding anything.
 
-        Prompt, negative prompt, guidance scale and delta apply from the next call on, to the frames
-        in flight as well. Steps and resolution change the stream's shape: the frames in flight are
-        first finished with the old settings and returned (oldest first), so none is lost.
+        Prompt, negative prompt, guidance scale, delta and rescale apply from the next call on, to
+        the frames in flight as well. Steps and resolution change the stream's shape: the frames in
+        flight are first finished with the old settings and returned (oldest first), so none is lost
+        — as (tag, output) pairs with `with_tags`, as :meth:`flush_tagged` gives them.
         """
         self._require_prepared()
-        if guidance_scale is not None:
-            self.guidance_scale = self.latents.guidance_scale = _check_number(guidance_scale, "guidance_scale")
-        if delta is not None:
-            self.delta = self.latents.delta = _check_number(delta, "delta")
+        if any(v is not None for v in (guidance_scale, delta, guidance_rescale)):
+            g = self.guider
+            self.guider = make_guider(g.mode, g.scale if guidance_scale is None else guidance_scale,
+                                      g.delta if delta is None else delta,
+                                      g.rescale if guidance_rescale is None else guidance_rescale)
+            self.latents.set_guider(self.guider)
         structural = any(v is not None for v in (steps, timesteps, num_inference_steps, height, width))
         drained, resized = [], False
         if structural:
@@ -174,8 +150,8 @@ class Stream:
                 steps, timesteps = self.steps, self.timesteps
             num_inference_steps = num_inference_steps or self.num_inference_steps
             schedule = step_schedule(self.pipe.scheduler, steps, timesteps, num_inference_steps, self.solver)
-            size = self._check_size(height or self.height, width or self.width)
-            drained = self.flush()
+            size = self.parts.size(height or self.height, width or self.width)
+            drained = self.flush_tagged() if with_tags else self.flush()
             self.schedule, self.steps, self.timesteps = schedule, steps, timesteps
             self.num_inference_steps = num_inference_steps
             resized, (self.height, self.width) = size != (self.height, self.width), size
@@ -191,13 +167,7 @@ class Stream:
 
     def set_vae(self, vae):
         """Decode and encode with another VAE (e.g. AutoencoderTiny) from the next call on."""
-        channels = vae.config.get("latent_channels")
-        if channels != self.denoiser.in_channels:
-            raise ValueError(f"vae has {channels} latent channels; the denoiser takes {self.denoiser.in_channels}")
-        codec = LatentCodec(vae)
-        if codec.scale_factor != self.codec.scale_factor:
-            raise ValueError(f"vae downsamples by {codec.scale_factor}; the stream's latents need {self.codec.scale_factor}")
-        self.codec = codec
+        self.parts.set_vae(vae)
         if self.latents is not None:
             self._attach_engines(force=True)
 
@@ -240,10 +210,11 @@ class Stream:
                           for f in frames])
 
     @torch.inference_mode()
-    def __call__(self, image=None):
+    def __call__(self, image=None, tag=None):
         """Process one frame (a list of F frames with frame_buffer F > 1; nothing for txt2img).
 
-        Returns the output of the frame that went in n−1 calls ago, or None while the stream fills.
+        Returns the output of the frame that went in n−1 calls ago, or None while the stream fills;
+        :attr:`last_tag` is then the `tag` that frame was given (a skipped call's own tag).
         """
         self._require_prepared()
         pixels = self._inputs(image)
@@ -252,13 +223,14 @@ class Stream:
             if self._last_output is None:   # nothing to reuse yet: never skip
                 self.filter.accept(pixels)
             elif self.filter.should_skip(pixels):
-                self.last_skipped = True
+                self.last_skipped, self.last_tag = True, tag
                 return self._last_output
         clean = self.codec.encode(pixels) if pixels is not None else None
-        finished = self.latents.push(clean)
+        finished = self.latents.push(clean, tag=tag)
         if finished is None:
+            self.last_tag = None
             return None
-        self._last_output = self._decode(finished)
+        self._last_output, self.last_tag = self._decode(finished.latents), finished.tag
         return self._last_output
 
     def _decode(self, latents):
@@ -267,14 +239,19 @@ class Stream:
         return frames[0] if self.frame_buffer == 1 else frames
 
     @torch.inference_mode()
-    def flush(self) -> list:
-        """Finish the frames still in flight; their outputs, oldest first (flattened when F > 1)."""
+    def flush_tagged(self) -> list[tuple]:
+        """Finish the frames still in flight: (tag, output) per call, oldest first (the output is a
+        list of F with frame_buffer F > 1)."""
         if self.latents is None:
             return []
-        outputs = []
-        for latents in self.latents.drain():
-            decoded = self._decode(latents)
-            outputs.extend(decoded if self.frame_buffer > 1 else [decoded])
+        outputs = [(group.tag, self._decode(group.latents)) for group in self.latents.drain()]
         if outputs:
-            self._last_output = outputs[-1] if self.frame_buffer == 1 else outputs[-self.frame_buffer:]
+            self._last_output = outputs[-1][1]
+        return outputs
+
+    def flush(self) -> list:
+        """Finish the frames still in flight; their outputs, oldest first (flattened when F > 1)."""
+        outputs = []
+        for _, decoded in self.flush_tagged():
+            outputs.extend(decoded if self.frame_buffer > 1 else [decoded])
         return outputs

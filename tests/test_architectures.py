@@ -5,16 +5,15 @@ import warnings
 import pytest
 import torch
 
-from fastdiff.testing import (
+from fastdiff.architectures import (
     ARCHITECTURES,
-    DEFAULT_WORDS,
     architecture_denoiser,
     tiny_clip_tokenizer,
     tiny_sd3_pipeline,
     tiny_sd_pipeline,
     tiny_sdxl_pipeline,
-    write_clip_vocab,
 )
+from fastdiff.vocab import DEFAULT_WORDS, unknown_words, write_clip_vocab
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -117,3 +116,9 @@ def test_architecture_tiny_vae(name):
     pipe = ARCHITECTURES[name].pipeline(device="meta", vae="tiny")
     assert type(pipe.vae).__name__ == "AutoencoderTiny"
     assert pipe.vae.config.latent_channels == (16 if name == "sd3" else 4)
+
+
+def test_unknown_words_of_a_word_level_tokenizer():
+    tokenizer = tiny_clip_tokenizer(words=["a", "red", "circle"])
+    assert unknown_words(tokenizer, "a red circle") == []
+    assert unknown_words(tokenizer, "A watercolor painting of a red circle") == ["of", "painting", "watercolor"]

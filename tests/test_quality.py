@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from fastdiff.cli import main
 from fastdiff.shapes import model as M
-from fastdiff.shapes.quality import format_table, generate, quality_table
+from fastdiff.quality import format_table, generate, held_out, quality_table
 
 
 @pytest.fixture(scope="module")
@@ -17,14 +17,25 @@ def pipe():
 
 
 def test_rows_are_paired_with_the_teacher_on_the_same_noise(pipe):
-    rows = quality_table(pipe, steps_list=(3, 1), cfgs=("full", "none"), count=4, teacher_steps=3)
+    rows = quality_table(pipe, steps_list=(3, 1), cfgs=("full", "none"), count=4, teacher_steps=3, unstated=2,
+                         repeats=2)
     assert [(r.steps, r.cfg) for r in rows] == [(3, "full"), (3, "none"), (1, "full"), (1, "none")]
     # The teacher's own configuration reproduces it exactly: same prompts, seeds and initial noise.
     assert rows[0].psnr == math.inf
     assert all(math.isfinite(r.psnr) and r.psnr > 5 for r in rows[1:])
-    assert all(0 <= r.accuracy_one <= 1 and 0 <= r.accuracy_two <= 1 and r.distance >= 0 for r in rows)
+    for r in rows:
+        shares = (r.accuracy_one, r.accuracy_two, r.accuracy_three, r.accuracy_unstated)
+        assert all(0 <= a <= 1 for a in shares) and r.distance >= 0 and r.coverage >= 0
     table = format_table(rows)
     assert table.count("\n") == 5 and "| 3 | full | ddim |" in table and "∞" in table
+
+
+def test_held_out_set_holds_every_kind_and_repeats_the_unstated_prompts():
+    held = held_out(count=3, unstated=2, repeats=4)
+    assert [held.kinds.count(k) for k in ("one", "two", "three", "unstated")] == [3, 3, 3, 8]
+    unstated = held.texts[held.of("unstated")]
+    assert len(set(unstated)) == 2 and unstated[:4] == [unstated[0]] * 4
+    assert held.rendered.shape == (17, 64, 64, 3)
 
 
 def test_generate_rejects_bad_arguments(pipe):
@@ -37,7 +48,8 @@ def test_generate_rejects_bad_arguments(pipe):
 def test_bench_quality_prints_and_writes_the_table(tmp_path):
     out = tmp_path / "q.json"
     result = CliRunner().invoke(main, ["bench", "quality", "--steps", "2", "--cfg", "self,none", "--count", "2",
-                                       "--teacher-steps", "2", "--out", str(out)])
+                                       "--unstated", "1", "--repeats", "2", "--teacher-steps", "2",
+                                       "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "| 2 | self | ddim |" in result.output and "| 2 | none | ddim |" in result.output
     written = json.loads(out.read_text())

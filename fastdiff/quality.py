@@ -1,0 +1,165 @@
+"""The quality of a sampling configuration on a shapes-world model: one table row per (steps, CFG mode).
+
+Each row generates the held-out prompts of the shapes world from fixed seeds through
+:func:`fastdiff.accelerate` (the stream's own step and guidance code, so a stream with the same
+timesteps, solver and CFG mode gives the same pictures — the stream tests check that equality) and
+measures, from :mod:`fastdiff.shapes.metrics`:
+
+- prompt accuracy on one-, two- and three-object prompts and on prompts that leave attributes
+  unstated (only what a prompt states is scored);
+- coverage of what the unstated prompts leave free, over several seeds per prompt;
+- PSNR against a many-step ``full``-CFG teacher on the same seeds and initial noise;
+- the Fréchet shape distance to rendered scenes of the same prompts;
+- seconds per image.
+
+It sits above the front doors (it drives ``accelerate``), not in :mod:`fastdiff.shapes`, which is the
+yardstick and imports nothing above the sampling layer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from .checks import check_choice, check_int
+from .sampling.guidance import CFG_MODES
+from .shapes.metrics import coverage, frechet_distance, paired_psnr, prompt_accuracy
+from .shapes.render import heldout_prompts, realise, render_batch
+
+__all__ = ["QualityRow", "Prompts", "held_out", "generate", "quality_table", "format_table", "rows_as_dicts",
+           "SOLVERS"]
+
+SOLVERS = ("ddim", "lcm")  # DDIM's deterministic step; LCM's x̂0 re-noised to the next step (the stream's)
+KINDS = ("one", "two", "three")
+
+
+@dataclass
+class QualityRow:
+    steps: int
+    cfg: str
+    solver: str
+    accuracy_one: float
+    accuracy_two: float
+    accuracy_three: float
+    accuracy_unstated: float
+    coverage: float      # of what the unstated prompts leave free; ~1 for rendered scenes
+    psnr: float          # dB against the teacher; inf for the teacher itself
+    distance: float      # Fréchet shape distance to rendered scenes of the same prompts
+    seconds_per_image: float
+    label: str = ""      # what else the row ran with (a schedule, an adapter, a router)
+
+
+@dataclass
+class Prompts:
+    """The held-out prompts a table runs, in one list: `count` per kind, then the unstated prompts
+    `repeats` times each (coverage needs several seeds per prompt), and their rendered scenes."""
+
+    texts: list[str]
+    kinds: list[str]
+    rendered: np.ndarray
+
+    def of(self, kind: str) -> slice:
+        first = self.kinds.index(kind)
+        return slice(first, first + self.kinds.count(kind))
+
+
+def held_out(count: int = 128, unstated: int = 32, repeats: int = 8, seed: int = 0) -> Prompts:
+    """The held-out set of the quality table (see :class:`Prompts`)."""
+    check_int(count, "count", 1)
+    check_int(unstated, "unstated", 1)
+    check_int(repeats, "repeats", 2)
+    texts, kinds, scenes = [], [], []
+    for kind in KINDS:
+        for text, scene in heldout_prompts(kind, count):
+            texts.append(text), kinds.append(kind), scenes.append(scene)
+    for text, scene in heldout_prompts("unstated", unstated):
+        for _ in range(repeats):
+            texts.append(text), kinds.append("unstated"), scenes.append(scene)
+    rng = np.random.default_rng(seed)
+    return Prompts(texts, kinds, render_batch([realise(s, rng) for s in scenes]))
+
+
+def _noise(count: int, shape: tuple, seed: int) -> torch.Tensor:
+    """The initial latents every configuration starts from: the i-th prompt always gets the same."""
+    return torch.randn((count, *shape), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.inference_mode()
+def generate(pipe, prompts: list[str], steps: int, cfg: str, solver: str = "ddim", guidance_scale: float = 5.0,
+             seed: int = 0, batch: int = 64, guidance_rescale: float = 0.0, fast=None,
+             call_options: dict | None = None) -> tuple[torch.Tensor, float]:
+    """Pictures [N, 3, 64, 64] in [0, 1] for `prompts`, and the seconds it took per picture.
+
+    `fast` is an already wrapped pipeline (e.g. with a schedule or an adapter); by default
+    ``fastdiff.accelerate(pipe, cfg=cfg, solver=solver)``. `call_options` go to each call."""
+    from .accelerate import accelerate
+
+    check_choice(cfg, "cfg", CFG_MODES)
+    check_choice(solver, "solver", SOLVERS)
+    check_int(steps, "steps", 1)
+    fast = fast or accelerate(pipe, cfg=cfg, solver=solver)
+    height, width = fast.parts.size(None, None)   # the model's native size
+    noise = _noise(len(prompts), fast.parts.latent_shape(height, width), seed)
+    rescale = {"guidance_rescale": guidance_rescale} if guidance_rescale and cfg == "full" else {}
+    images, start = [], time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        out = fast(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance_scale,
+                   latents=noise[i:i + batch], generator=torch.Generator().manual_seed(seed + i),
+                   output_type="pt", height=height, width=width, **rescale, **(call_options or {}))
+        images.append(out.images.float().cpu())
+    seconds = (time.perf_counter() - start) / max(len(prompts), 1)
+    return torch.cat(images), seconds
+
+
+def measure(images: torch.Tensor, held: Prompts, teacher: torch.Tensor | None) -> dict:
+    """The row's measures of `images` (one per held-out prompt) against `teacher`'s pictures."""
+    values = {f"accuracy_{kind}": prompt_accuracy(images[held.of(kind)], held.texts[held.of(kind)], (0.0, 1.0))
+              for kind in (*KINDS, "unstated")}
+    values["coverage"] = coverage(images[held.of("unstated")], held.texts[held.of("unstated")], (0.0, 1.0))
+    values["psnr"] = paired_psnr(images, teacher, (0.0, 1.0)) if teacher is not None else float("nan")
+    values["distance"] = frechet_distance(images, held.rendered, (0.0, 1.0))
+    return values
+
+
+def quality_table(pipe, steps_list=(50, 25, 8, 4, 2, 1), cfgs=CFG_MODES[:3], solver: str = "ddim",
+                  guidance_scale: float = 5.0, count: int = 128, teacher_steps: int = 50, seed: int = 0,
+                  batch: int = 64, progress=None, guidance_rescale: float = 0.0, unstated: int = 32,
+                  repeats: int = 8) -> list[QualityRow]:
+    """One :class:`QualityRow` per (steps, cfg) over the held-out set (:func:`held_out`); the
+    teacher is `teacher_steps` DDIM steps with ``full`` CFG (and the same rescale)."""
+    held = held_out(count, unstated, repeats, seed)
+    teacher, _ = generate(pipe, held.texts, teacher_steps, "full", "ddim", guidance_scale, seed, batch,
+                          guidance_rescale)
+    rows = []
+    for steps in steps_list:
+        for cfg in cfgs:
+            images, seconds = generate(pipe, held.texts, steps, cfg, solver, guidance_scale, seed, batch,
+                                       guidance_rescale)
+            rows.append(QualityRow(steps=steps, cfg=cfg, solver=solver, seconds_per_image=seconds,
+                                   **measure(images, held, teacher)))
+            if progress is not None:
+                progress(rows[-1])
+    return rows
+
+
+def format_table(rows: list[QualityRow]) -> str:
+    """The rows as a Markdown table."""
+    lines = ["| steps | CFG | solver | accuracy 1 / 2 / 3 objects | accuracy, unstated | coverage "
+             "| PSNR vs teacher (dB) | Fréchet shape distance | s / image |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        psnr = "∞" if np.isinf(r.psnr) else f"{r.psnr:.2f}"
+        label = f" {r.label}" if r.label else ""
+        lines.append(f"| {r.steps} | {r.cfg}{label} | {r.solver} | {100 * r.accuracy_one:.1f}% / "
+                     f"{100 * r.accuracy_two:.1f}% / {100 * r.accuracy_three:.1f}% | "
+                     f"{100 * r.accuracy_unstated:.1f}% | {r.coverage:.3f} | {psnr} | {r.distance:.3f} | "
+                     f"{r.seconds_per_image:.4f} |")
+    return "\n".join(lines)
+
+
+def rows_as_dicts(rows: list[QualityRow]) -> list[dict]:
+    return [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in asdict(r).items()}
+            for r in rows]

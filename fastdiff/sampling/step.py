@@ -1,0 +1,196 @@
+"""The stream step: one denoiser call takes every row one step, each from its own timestep.
+
+    x_next, residual_next = stream_step(denoiser, x, rows, residual, guider, noise)
+
+A row is x = α·x0 + β·ε. The guider lays the model's rows out and turns its outputs into the
+guided pair (x̂0, ε̂) (:mod:`.guiders`); the solver then moves each row to its next timestep
+(:mod:`.solvers`): LCM's consistency estimate re-noised with `noise`, or the deterministic
+DDIM / Euler / flow-Euler step. Residual guidance carries each row's residual S along.
+
+For fixed per-row coefficients every one of these maps is affine in (x, the model's outputs, S,
+noise). :func:`fold` therefore runs the very same functions once on one number per row, reads off
+the coefficients of each input, and the step becomes a few fused multiply-adds per call — the
+equations stay written once, in the small functions above.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ..denoiser import Conditioning
+from .guidance import next_residual, safe_ratio
+from .guiders import Guider
+from .schedule import StepSchedule
+from .solvers import advance, consistency_x0, injected_noise
+
+__all__ = ["StepRows", "FoldedStep", "step_rows", "reference_update", "fold", "stream_step"]
+
+_COEFFICIENTS = ("alpha", "beta", "alpha_next", "beta_next", "c_skip", "c_out", "ratio", "beta_over_alpha",
+                 "eps_share", "noise_share")
+
+
+@dataclass
+class StepRows:
+    """One call's rows: R rows, the first ``new`` of them frames entering the stream now.
+
+    Coefficients are per-row tensors [R, 1, 1, 1]; ``t_model`` / ``cond_model`` are the model
+    call's timesteps and conditioning as the guider lays them out."""
+
+    new: int
+    noise_rows: int              # the leading rows that take fresh noise z (every row that needs it)
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    alpha_next: torch.Tensor
+    beta_next: torch.Tensor
+    c_skip: torch.Tensor
+    c_out: torch.Tensor
+    ratio: torch.Tensor            # α'/β' (0 for rows leaving the stream)
+    beta_over_alpha: torch.Tensor  # β/α (0 for flow rows at σ = 1)
+    eps_share: torch.Tensor        # √(1−γ²) and γ: how the noise put back is made (see .schedule)
+    noise_share: torch.Tensor
+    prediction_type: str
+    solver: str
+    t_model: torch.Tensor = None
+    cond_model: Conditioning = None
+    folded: "FoldedStep | None" = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return self.alpha.shape[0]
+
+
+def _pad_rows(noise: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Noise for the leading rows, zeros for the rest (rows that take no fresh noise)."""
+    if noise is None:
+        return torch.zeros_like(like)
+    if noise.shape[0] == like.shape[0]:
+        return noise
+    return torch.cat([noise, like.new_zeros((like.shape[0] - noise.shape[0],) + like.shape[1:])])
+
+
+def reference_update(guider: Guider, rows: StepRows, x, out_c, out_u, residual, noise):
+    """(x', S') of every row from the model's outputs, straight from the equations.
+
+    `noise` holds the fresh noise z of the first ``rows.noise_rows`` rows (None when no row takes any)."""
+    x0, eps, residual = guider.combine(out_c, out_u, x, residual, rows)
+    x0 = consistency_x0(x0, x, rows.c_skip, rows.c_out)   # LCM's; c_skip = 0, c_out = 1 leave x̂0 as it is
+    injected = injected_noise(eps, _pad_rows(noise, x), rows.eps_share, rows.noise_share)
+    x_next = advance(x0, injected, rows.alpha_next, rows.beta_next)
+    if residual is not None:
+        residual = next_residual(residual, eps, injected, rows.beta, rows.c_skip, rows.c_out,
+                                 rows.beta_over_alpha, rows.ratio)
+    return x_next, residual
+
+
+@dataclass
+class FoldedStep:
+    """x' = Σ a_k·input_k and S' = Σ b_k·input_k over the inputs (x, out_c, out_u, residual,
+    noise); each term is (input name, coefficients [R, 1, 1, 1]). An input with fewer rows than R
+    (``initialize``'s unconditional rows, the noise of the rows that take some) covers the first rows."""
+
+    x_terms: list
+    residual_terms: list | None
+
+    @staticmethod
+    def _apply(terms, inputs) -> torch.Tensor:
+        (name, coef), rest = terms[0], terms[1:]
+        out = coef * inputs[name]
+        for name, coef in rest:
+            value = inputs[name]
+            k = value.shape[0]
+            if k == out.shape[0]:
+                out.addcmul_(coef, value)
+            else:
+                out[:k].addcmul_(coef[:k], value)
+        return out
+
+    def __call__(self, **inputs):
+        x_next = self._apply(self.x_terms, inputs)
+        residual = self._apply(self.residual_terms, inputs) if self.residual_terms is not None else None
+        return x_next, residual
+
+
+def fold(guider: Guider, rows: StepRows) -> FoldedStep | None:
+    """The step of `rows` under `guider` as per-row affine coefficients, found by running
+    :func:`reference_update` on one float64 number per row; None when the step is not affine
+    (guidance rescale) or a coefficient is not finite (ε-prediction at α = 0)."""
+    if not guider.affine:
+        return None
+    R, new = len(rows), rows.new
+    scalar = replace(rows, **{k: getattr(rows, k).detach().to("cpu", torch.float64) for k in _COEFFICIENTS})
+    sizes = {"x": R, "out_c": R}
+    if guider.uncond_rows(R, new):
+        sizes["out_u"] = guider.uncond_rows(R, new)
+    if guider.carries_residual:
+        sizes["residual"] = R
+    if rows.noise_rows:
+        sizes["noise"] = rows.noise_rows
+
+    def run(probe: str | None):
+        inputs = {k: torch.full((n, 1, 1, 1), float(k == probe), dtype=torch.float64) for k, n in sizes.items()}
+        return reference_update(guider, scalar, inputs["x"], inputs["out_c"], inputs.get("out_u"),
+                                inputs.get("residual"), inputs.get("noise"))
+
+    base_x, base_s = run(None)
+    if base_x.abs().max() > 0 or (base_s is not None and base_s.abs().max() > 0):
+        raise AssertionError("the stream step has a constant term; it must be linear in its inputs")
+    device, dtype = rows.alpha.device, rows.alpha.dtype
+    x_terms, s_terms = [], []
+    for name, n in sizes.items():
+        dx, ds = run(name)
+        for terms, coef in ((x_terms, dx), (s_terms, ds)):
+            if coef is None:
+                continue
+            coef = coef[:n]
+            if not torch.isfinite(coef).all():
+                return None
+            if coef.abs().max() > 0:
+                terms.append((name, coef.to(device, dtype)))
+    # the first term allocates the output, so it must cover every row
+    for terms in (x_terms, s_terms):
+        terms.sort(key=lambda term: term[1].shape[0] < R)
+        if terms and terms[0][1].shape[0] < R:
+            terms.insert(0, ("x", torch.zeros((R, 1, 1, 1), device=device, dtype=dtype)))
+    if not x_terms:
+        x_terms = [("x", torch.zeros((R, 1, 1, 1), device=device, dtype=dtype))]
+    if guider.carries_residual and not s_terms:
+        s_terms = [("x", torch.zeros((R, 1, 1, 1), device=device, dtype=dtype))]
+    return FoldedStep(x_terms, s_terms if guider.carries_residual else None)
+
+
+def step_rows(schedule: StepSchedule, steps: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,
+              new: int, guider: Guider, device, dtype, folded: bool = True) -> StepRows:
+    """The rows of one call: row r is at step ``steps[r]`` of `schedule` (the first `new` rows
+    just entered); `cond` / `uncond` hold one row of conditioning per row."""
+    def per_row(values):
+        return values[steps].to(device, dtype).view(-1, 1, 1, 1)
+
+    s = schedule
+    gamma = s.noise_share if s.noise_share is not None else torch.zeros_like(s.alpha)
+    # a row takes fresh noise where it has a share and the step puts any noise back
+    takes_noise = ((gamma * s.beta_next) > 0)[steps]
+    noise_rows = int(takes_noise.nonzero().max()) + 1 if bool(takes_noise.any()) else 0
+    rows = StepRows(
+        new=new, noise_rows=noise_rows,
+        alpha=per_row(s.alpha), beta=per_row(s.beta), alpha_next=per_row(s.alpha_next),
+        beta_next=per_row(s.beta_next), c_skip=per_row(s.c_skip), c_out=per_row(s.c_out),
+        ratio=per_row(safe_ratio(s.alpha_next, s.beta_next)), beta_over_alpha=per_row(safe_ratio(s.beta, s.alpha)),
+        eps_share=per_row((1 - gamma**2).clamp_min(0).sqrt()), noise_share=per_row(gamma),
+        prediction_type=s.prediction_type, solver=s.solver)
+    t = s.timesteps[steps].to(device, torch.float32)
+    rows.t_model, rows.cond_model = guider.model_conditioning(t, cond, uncond, new)
+    rows.folded = fold(guider, rows) if folded else None
+    return rows
+
+
+def stream_step(denoiser, x: torch.Tensor, rows: StepRows, residual: torch.Tensor | None, guider: Guider,
+                noise: torch.Tensor | None):
+    """One denoiser call over `rows`: (x', S'), each row one step on (S' None without residual
+    guidance). `noise` holds the fresh noise z of the first ``rows.noise_rows`` rows."""
+    output = denoiser(guider.model_latents(x, rows.new), rows.t_model, rows.cond_model)
+    out_c, out_u = guider.split(output, rows.new)
+    if rows.folded is not None:
+        inputs = {"x": x, "out_c": out_c, "out_u": out_u, "residual": residual, "noise": noise}
+        return rows.folded(**inputs)
+    return reference_update(guider, rows, x, out_c, out_u, residual, noise)

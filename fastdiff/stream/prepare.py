@@ -1,0 +1,136 @@
+"""What both front doors prepare once, held once: a pipeline's denoiser adapter, its latent codec
+and their engines, and the checks and encoding of prompts and sizes.
+
+:class:`fastdiff.Stream` and :func:`fastdiff.accelerate` each hold one :class:`Prepared`; the
+per-prepare state (schedule, guider, conditioning) then lives in the :class:`~.batch.LatentStream`
+they run, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..denoiser import Conditioning, check_prompts, check_size, denoiser_for
+from ..vae import LatentCodec
+
+__all__ = ["Prepared", "UsesPrepared"]
+
+
+class Prepared:
+    """`pipe`'s denoiser and codec, ready to run; with ``backend`` they run as engines once
+    :meth:`attach_engines` is called for the rows and sizes they will see."""
+
+    def __init__(self, pipe, backend: str | None = None, engine_options: dict | None = None):
+        self.pipe = pipe
+        self.denoiser = denoiser_for(pipe)
+        self._vae = pipe.vae
+        self.codec = LatentCodec(pipe.vae)
+        self.backend = self.engine_options = None
+        self.engines = None        # what attach_engines swapped in
+        self._engine_shape = None
+        if backend is not None:
+            from ..engines.attach import check_options
+            from ..engines.backends import resolve_backend
+
+            self.engine_options = check_options(engine_options)
+            self.backend = resolve_backend(backend, self.denoiser.device)
+        elif engine_options is not None:
+            raise ValueError("engine_options needs a backend (backend='onnxruntime', 'tensorrt', 'aoti', "
+                             "'inductor' or 'auto')")
+
+    # -- sizes ---------------------------------------------------------------------------------
+    def size(self, height, width) -> tuple[int, int]:
+        """Image size in pixels: the model's native one by default (see :func:`check_size`)."""
+        return check_size(self.denoiser, self.current_codec(), height, width)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        f = self.codec.scale_factor
+        return (self.denoiser.in_channels, height // f, width // f)
+
+    def current_codec(self) -> LatentCodec:
+        """The codec built at preparation (with any VAE engines), unless ``pipe.vae`` was replaced since."""
+        if self.pipe.vae is not self._vae:
+            self._vae, self.codec = self.pipe.vae, LatentCodec(self.pipe.vae)
+            self._engine_shape = None
+        return self.codec
+
+    def set_vae(self, vae):
+        """Encode and decode with another VAE (e.g. AutoencoderTiny) that fits the denoiser."""
+        channels = vae.config.get("latent_channels")
+        if channels != self.denoiser.in_channels:
+            raise ValueError(f"vae has {channels} latent channels; the denoiser takes {self.denoiser.in_channels}")
+        codec = LatentCodec(vae)
+        if codec.scale_factor != self.codec.scale_factor:
+            raise ValueError(f"vae downsamples by {codec.scale_factor}; the latents need {self.codec.scale_factor}")
+        self.codec = codec
+        self._engine_shape = None   # its engines (if any) are attached again
+
+    # -- prompts -------------------------------------------------------------------------------
+    def encode(self, prompt, negative_prompt, height: int, width: int, *, frames: int | None = None,
+               per_prompt: int = 1) -> tuple[Conditioning, Conditioning]:
+        """(conditional, unconditional) rows for `prompt` and `negative_prompt` (a string or a list).
+
+        A stream (`frames` F) takes one prompt or F, one row per frame. A pipeline call takes any
+        number of prompts, each repeated `per_prompt` times; a negative prompt is one string or one
+        per prompt."""
+        tokenizers = self.denoiser.tokenizers
+        prompts = check_prompts(prompt, "prompt", tokenizers, allow_empty=False)
+        negatives = None
+        if negative_prompt is not None:
+            negatives = check_prompts(negative_prompt, "negative_prompt", tokenizers, allow_empty=True)
+        if frames is not None:
+            for name, values in (("prompt", prompts), ("negative_prompt", negatives)):
+                if values is not None and len(values) not in (1, frames):
+                    raise ValueError(f"{name} must be one string or a list of frame_buffer={frames} strings, "
+                                     f"got {len(values)}")
+            prompts = prompts * (frames // len(prompts))
+            negatives = negatives * (frames // len(negatives)) if negatives is not None else None
+        else:
+            if negatives is not None:
+                negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
+                if len(negatives) != len(prompts):
+                    raise ValueError(f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}")
+                negatives = [n for n in negatives for _ in range(per_prompt)]
+            prompts = [p for p in prompts for _ in range(per_prompt)]
+        with torch.inference_mode():
+            return self.denoiser.encode_prompt(prompts, negatives, height, width)
+
+    # -- engines -------------------------------------------------------------------------------
+    def attach_engines(self, rows: int, frames: int, resolutions, *, best_rows: int | None = None,
+                       best_frames: int | None = None, force: bool = False):
+        """Engines for up to `rows` denoiser rows and `frames` images per call at `resolutions`;
+        again only when those change, the VAE changes, or `force` (e.g. after the weights changed)."""
+        if self.backend is None:
+            return None
+        shape = (rows, frames, tuple(map(tuple, resolutions)), best_rows, best_frames)
+        if not force and self.engines is not None and self._engine_shape == shape:
+            return self.engines
+        from ..engines.attach import attach_engines
+
+        self.engines = attach_engines(self.denoiser, self.codec, self.backend, rows=rows, frames=frames,
+                                      resolutions=resolutions, options=self.engine_options,
+                                      best_rows=best_rows, best_frames=best_frames)
+        self._engine_shape = shape
+        return self.engines
+
+
+class UsesPrepared:
+    """What a front door holding ``self.parts`` (a :class:`Prepared`) shows of it."""
+
+    parts: Prepared
+
+    @property
+    def denoiser(self):
+        return self.parts.denoiser
+
+    @property
+    def codec(self):
+        return self.parts.codec
+
+    @property
+    def engines(self):
+        return self.parts.engines
+
+    @property
+    def backend(self):
+        return self.parts.backend

@@ -19,6 +19,7 @@ from .sampling.guiders import make_guider
 from .sampling.schedule import step_schedule
 from .stream.batch import LatentStream
 from .stream.prepare import Prepared, UsesPrepared
+from .tuning.adapters import HoldsAdapter
 
 # pipeline class → (task, module of its output dataclass, output dataclass)
 SUPPORTED = {
@@ -35,8 +36,20 @@ ACCEPTED_ARGS = ("prompt", "image", "negative_prompt", "height", "width", "num_i
 
 
 def accelerate(pipe, *, cfg: str | None = None, delta: float = 1.0, solver: str | None = None,
-               backend: str | None = None, engine_options: dict | None = None) -> "AcceleratedPipeline":
+               backend: str | None = None, engine_options: dict | None = None, schedule=None, adapter=None,
+               adapter_scale: float = 1.0, adapter_scheduler: str | None = None) -> "AcceleratedPipeline":
     """Wrap a diffusers pipeline; the result is called exactly like `pipe`.
+
+    ``schedule``: a searched step schedule (a path, a :class:`fastdiff.tuning.Schedule`, or a list of
+    them, one per step count) made for this pipeline by ``fastdiff tune steps``; a call that asks for
+    that many steps over the whole trajectory (txt2img, or img2img at strength 1) runs its timesteps
+    and solver, unless the call gives ``timesteps`` itself.
+
+    ``adapter``: a LoRA (a folder or ``.safetensors``; ours from ``fastdiff tune onestep``, or a known
+    few-step family: LCM-LoRA, TCD, Hyper-SD, SDXL-Lightning, DMD2 — ``adapter_scheduler`` names the
+    family when the file name does not) loaded into the pipeline's denoiser at ``adapter_scale``;
+    calls then default to its step count, timesteps, scheduler and guidance. ``set_adapter`` swaps or
+    rescales it later.
 
     ``cfg``: None follows diffusers (``"full"`` when guidance_scale > 1, else ``"none"``); ``"self"``
     or ``"initialize"`` use residual guidance at n (or n+1) rows per step instead of 2n.
@@ -46,8 +59,11 @@ def accelerate(pipe, *, cfg: str | None = None, delta: float = 1.0, solver: str 
     ``engine_options["max_batch"]`` images per call (default 8) at ``engine_options["resolutions"]``
     (default the model's native size); other options as for :class:`fastdiff.Stream`.
     """
-    return AcceleratedPipeline(pipe, cfg=cfg, delta=delta, solver=solver, backend=backend,
-                               engine_options=engine_options)
+    wrapped = AcceleratedPipeline(pipe, cfg=cfg, delta=delta, solver=solver, backend=backend,
+                                  engine_options=engine_options, schedule=schedule)
+    if adapter is not None:
+        wrapped.set_adapter(adapter, adapter_scale, adapter_scheduler)
+    return wrapped
 
 
 def supported_base(pipe) -> type:
@@ -59,8 +75,8 @@ def supported_base(pipe) -> type:
                      f"{', '.join(sorted(SUPPORTED))}")
 
 
-class AcceleratedPipeline(UsesPrepared):
-    def __init__(self, pipe, cfg=None, delta=1.0, solver=None, backend=None, engine_options=None):
+class AcceleratedPipeline(UsesPrepared, HoldsAdapter):
+    def __init__(self, pipe, cfg=None, delta=1.0, solver=None, backend=None, engine_options=None, schedule=None):
         base = supported_base(pipe)
         self.pipe = pipe
         self.task, module, output_class = SUPPORTED[base.__name__]
@@ -68,6 +84,7 @@ class AcceleratedPipeline(UsesPrepared):
         self.cfg = check_mode(cfg) if cfg is not None else None
         self.delta = check_number(delta, "delta", 0.0)
         self.solver = solver
+        self.schedules = self._load_schedules(schedule)
         # Defaults (steps, guidance, strength) are the wrapped pipeline class's own.
         self.defaults = {k: p.default for k, p in inspect.signature(base.__call__).parameters.items()}
         options = dict(engine_options) if isinstance(engine_options, dict) else engine_options
@@ -85,11 +102,32 @@ class AcceleratedPipeline(UsesPrepared):
         self.parts.attach_engines(2 * self._max_batch, self._max_batch, self._resolutions, best_rows=2,
                                   best_frames=1, force=force)
 
+    def _load_schedules(self, schedule) -> dict:
+        """{steps: Schedule} of the pipeline schedules given (each checked against the pipeline)."""
+        if schedule is None:
+            return {}
+        from .tuning.schedules import load_schedule
+
+        found = {}
+        for item in schedule if isinstance(schedule, (list, tuple)) else [schedule]:
+            loaded = load_schedule(item, self.pipe, mode="pipeline")
+            if loaded.steps in found:
+                raise ValueError(f"schedule: two schedules of {loaded.steps} steps")
+            found[loaded.steps] = loaded
+        return found
+
     def refresh_engines(self):
         """Build (or load) the engines again for the denoiser's current weights — after a LoRA was
         loaded, fused or rescaled. No-op without a backend."""
         if self.parts.backend is not None:
             self._attach_engines(force=True)
+
+    def set_adapter(self, adapter, scale: float = 1.0, adapter_scheduler: str | None = None):
+        """Attach another adapter (None: none), or rescale the one attached; engines follow (a rebuild
+        from the cache key, which holds the LoRA state; PyTorch needs none)."""
+        self._set_adapter(adapter, scale, adapter_scheduler)
+        self.refresh_engines()
+        return self
 
     def __getattr__(self, name):
         # Everything else (components, config, progress bars...) is the wrapped pipeline's.
@@ -100,7 +138,14 @@ class AcceleratedPipeline(UsesPrepared):
         return self
 
     def _default(self, name, value):
-        return self.defaults.get(name) if value is None else value
+        """The call's value, else the adapter's sampling, else the wrapped pipeline's default."""
+        if value is not None:
+            return value
+        sampling = self.adapter.sampling if self.adapter is not None else None
+        if sampling is not None and name in ("num_inference_steps", "guidance_scale", "eta"):
+            return {"num_inference_steps": sampling.steps, "guidance_scale": sampling.guidance_scale,
+                    "eta": sampling.eta}[name]
+        return self.defaults.get(name)
 
     @torch.inference_mode()
     def __call__(self, prompt=None, image=None, *, negative_prompt=None, height=None, width=None,
@@ -123,7 +168,7 @@ class AcceleratedPipeline(UsesPrepared):
             raise ValueError(f"guidance_rescale applies to full guidance (guidance_scale > 1, cfg='full'), "
                              f"not cfg={cfg!r}")
         num_inference_steps = self._default("num_inference_steps", num_inference_steps)
-        scheduler = self.pipe.scheduler
+        scheduler = self.scheduler
 
         pixels = None
         if self.task == "img2img":
@@ -141,6 +186,15 @@ class AcceleratedPipeline(UsesPrepared):
                 raise ValueError(f"image has {pixels.shape[0]} images for a batch of {batch} prompts×images")
             pixels = pixels.expand(batch, -1, -1, -1) if pixels.shape[0] == 1 else pixels
 
+        solver = self.solver
+        searched = self.schedules.get(num_inference_steps)
+        whole = self.task == "txt2img" or float(self._default("strength", strength)) == 1.0
+        if timesteps is None and searched is not None and whole:
+            timesteps, solver = searched.timesteps, self.solver or searched.solver
+        sampling = self.adapter.sampling if self.adapter is not None else None
+        if timesteps is None and whole and sampling is not None and sampling.timesteps \
+                and num_inference_steps == sampling.steps:
+            timesteps = list(sampling.timesteps)
         if timesteps is not None:
             steps = None
         elif self.task == "img2img":
@@ -149,7 +203,10 @@ class AcceleratedPipeline(UsesPrepared):
                 raise ValueError(f"strength must be in (0, 1], got {strength}")
             # The pipeline's own rounding of strength to a first step (SD and SD3 round differently).
             scheduler.set_timesteps(num_inference_steps)
-            remaining = len(self.pipe.get_timesteps(num_inference_steps, strength, denoiser.device)[0])
+            if scheduler is self.pipe.scheduler:
+                remaining = len(self.pipe.get_timesteps(num_inference_steps, strength, denoiser.device)[0])
+            else:   # an adapter's own scheduler: SD's rounding
+                remaining = min(int(num_inference_steps * strength), num_inference_steps)
             steps = list(range(num_inference_steps - remaining, num_inference_steps))
             if not steps:
                 raise ValueError(f"strength={strength} with num_inference_steps={num_inference_steps} leaves no step to run")
@@ -157,7 +214,7 @@ class AcceleratedPipeline(UsesPrepared):
             steps = list(range(num_inference_steps))
         # eta reaches the schedulers whose step takes it (DDIM, TCD), as in the pipeline; others ignore it
         eta = float(self._default("eta", eta) or 0.0) if "eta" in inspect.signature(scheduler.step).parameters else 0.0
-        schedule = step_schedule(scheduler, steps, timesteps, num_inference_steps, self.solver, eta)
+        schedule = step_schedule(scheduler, steps, timesteps, num_inference_steps, solver, eta)
 
         from diffusers.utils.torch_utils import randn_tensor
 

@@ -37,10 +37,15 @@ class StaleArtefactError(RuntimeError):
     """An artefact exists but was built from something else (the message names what differs)."""
 
 
-def weights_hash(module: torch.nn.Module) -> str:
-    """sha256 over the module's state dict: names, dtypes, shapes and bytes, in name order."""
+def weights_hash(module: torch.nn.Module, base_only: bool = False) -> str:
+    """sha256 over the module's state dict: names, dtypes, shapes and bytes, in name order. With
+    `base_only`, PEFT's LoRA layers are left out and the weights they wrap keep their own names, so
+    the hash is the base model's whatever adapters are attached."""
+    state = module.state_dict()
+    if base_only:
+        state = {k.replace(".base_layer", ""): v for k, v in state.items() if ".lora_" not in k}
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         tensor = tensor.detach().to("cpu").contiguous().reshape(-1)
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes())

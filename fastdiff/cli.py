@@ -30,6 +30,7 @@ OPTION_OF = {
     "height": "--height", "width": "--width", "prompt": "--prompt", "negative_prompt": "--negative-prompt",
     "pipe": "--model", "model": "--model", "components": "--components", "batch": "--batch",
     "resolutions": "--resolution", "backend": "--backend", "guidance_rescale": "--guidance-rescale",
+    "schedule": "--schedule", "adapter": "--adapter", "adapter_scheduler": "--adapter", "scale": "--adapter-scale",
 }
 # One vocabulary for what runs the model, in every command: "torch" is the pipeline's own modules,
 # the rest are fastdiff's engine backends.
@@ -76,6 +77,46 @@ def load_pipeline(model: str, device: torch.device):
     return pipe
 
 
+def pick_adapter(adapter: str, model: str, steps: int | None) -> str | None:
+    """--adapter PATH, none, or auto — the shapes model's shipped one-step adapter at --steps 1."""
+    if adapter == "none":
+        return None
+    if adapter == "auto":
+        if model != "shapes" or steps != 1:
+            return None
+        from .shapes import artefact_path
+
+        path = artefact_path("onestep")
+        return path if os.path.isfile(os.path.join(path, "manifest.json")) else None
+    if not os.path.exists(adapter):
+        raise click.BadParameter(f"no LoRA folder or .safetensors file at {adapter}", param_hint="'--adapter'")
+    return adapter
+
+
+def pick_schedule(schedule: str, model: str, steps: int | None) -> tuple[str | None, int]:
+    """(schedule file or None, steps): --schedule PATH (its step count unless --steps says so), none,
+    or auto — the shapes model's shipped schedule for the step count, when there is one."""
+    from .tuning.schedules import Schedule
+
+    if schedule == "none":
+        return None, steps or 25
+    if schedule == "auto":
+        steps = steps or 25
+        if model != "shapes":
+            return None, steps
+        from .shapes import artefact_path
+
+        path = os.path.join(artefact_path("schedule"), f"shapes-{steps}.json")
+        return (path if os.path.isfile(path) else None), steps
+    try:
+        found = Schedule.load(schedule)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="'--schedule'") from error
+    if steps is not None and steps != found.steps:
+        raise click.BadParameter(f"{schedule} has {found.steps} steps, not --steps {steps}", param_hint="'--schedule'")
+    return schedule, found.steps
+
+
 def engine_backend(backend: str) -> str | None:
     """--backend as the library takes it: None runs the pipeline's own PyTorch modules."""
     return None if backend == "torch" else backend
@@ -120,9 +161,17 @@ def main():
 @main.command(short_help="Generate images from prompts (txt2img).")
 @click.argument("prompts", metavar="PROMPT...", nargs=-1, required=True)
 @model_option
-@click.option("--steps", type=click.IntRange(min=1), default=25, show_default=True, help="num_inference_steps.")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="num_inference_steps (default: the schedule's, else 25).")
+@click.option("--schedule", default="auto", show_default=True, metavar="auto|none|PATH",
+              help="A searched step schedule (fastdiff tune steps); auto: the shapes model's shipped one for "
+                   "--steps, when there is one.")
+@click.option("--adapter", default="auto", show_default=True, metavar="auto|none|PATH",
+              help="A LoRA adapter (ours from `fastdiff tune onestep`, or LCM/TCD/Hyper-SD/Lightning/DMD2); auto: "
+                   "the shapes model's shipped one-step adapter when --steps is 1.")
+@click.option("--adapter-scale", type=click.FloatRange(min=0), default=1.0, show_default=True)
 @click.option("--guidance-scale", type=click.FloatRange(min=0), default=None,
-              help="Guidance scale (default: the shapes model's own, else the pipeline's).")
+              help="Guidance scale (default: the adapter's, the shapes model's own, else the pipeline's).")
 @click.option("--guidance-rescale", type=click.FloatRange(0, 1), default=None,
               help="diffusers' guidance_rescale for full CFG (default: the shapes model's own, else 0).")
 @click.option("--cfg", type=click.Choice(CFG_MODES), default=None,
@@ -135,8 +184,8 @@ def main():
 @width_option
 @backend_option
 @device_option
-def generate(prompts, model, steps, guidance_scale, guidance_rescale, cfg, seed, num_images, out, height, width,
-             backend, device):
+def generate(prompts, model, steps, schedule, adapter, adapter_scale, guidance_scale, guidance_rescale, cfg, seed,
+             num_images, out, height, width, backend, device):
     """Generate images for each PROMPT with the accelerated pipeline and write them as PNGs."""
     from tqdm import tqdm
 
@@ -144,9 +193,12 @@ def generate(prompts, model, steps, guidance_scale, guidance_rescale, cfg, seed,
 
     if any(not p.strip() for p in prompts):   # checked before anything loads
         raise click.BadParameter("a prompt must not be empty", param_hint="PROMPT")
+    adapter = pick_adapter(adapter, model, steps)
+    asked_steps = steps
+    schedule, steps = pick_schedule(schedule if adapter is None else "none", model, steps)
     device = check_device(device)
     pipe = load_pipeline(model, device)
-    if model == "shapes":   # the settings its quality figures were measured at
+    if model == "shapes" and adapter is None:   # the settings its quality figures were measured at
         from .shapes.model import GUIDANCE_RESCALE, GUIDANCE_SCALE
 
         guidance_scale = GUIDANCE_SCALE if guidance_scale is None else guidance_scale
@@ -154,7 +206,15 @@ def generate(prompts, model, steps, guidance_scale, guidance_rescale, cfg, seed,
     extra = {"guidance_rescale": guidance_rescale} if guidance_rescale and (guidance_scale or 0) > 1 \
         and cfg in (None, "full") else {}
     with usage_errors(prompt_hint="PROMPT"):
-        fast = accelerate(pipe, cfg=cfg, backend=engine_backend(backend))
+        fast = accelerate(pipe, cfg=cfg, backend=engine_backend(backend), schedule=schedule, adapter=adapter,
+                          adapter_scale=adapter_scale)
+    if adapter is not None:
+        sampling = fast.adapter.sampling
+        steps = asked_steps or sampling.steps   # the adapter's own step count unless --steps says otherwise
+        click.echo(f"adapter {adapter} ({fast.adapter.family}): {sampling.steps} step(s), "
+                   f"{type(fast.scheduler).__name__}", err=True)
+    if schedule is not None:
+        click.echo(f"schedule {schedule}: timesteps {[int(t) for t in fast.schedules[steps].timesteps]}", err=True)
     out.mkdir(parents=True, exist_ok=True)
     written, seconds = [], 0.0
     for i, prompt in enumerate(tqdm(prompts, desc="generate", unit="prompt")):
@@ -233,12 +293,14 @@ def ready_results(runner):
 @click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (and the clip's).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out/stream"),
               show_default=True, help="Folder the output frames are written to.")
+@click.option("--adapter", default=None, metavar="PATH", help="A LoRA adapter loaded into the denoiser.")
+@click.option("--adapter-scale", type=click.FloatRange(min=0), default=1.0, show_default=True)
 @height_option
 @width_option
 @backend_option
 @device_option
 def stream(input_dir, clip, frames, prompt, negative_prompt, model, steps, cfg, guidance_scale, delta,
-           frame_buffer, similarity_filter, seed, out, height, width, backend, device):
+           frame_buffer, similarity_filter, seed, out, adapter, adapter_scale, height, width, backend, device):
     """Stream frames through img2img and write one output frame per input frame.
 
     Frames are center-cropped to the stream's aspect ratio and resized to its resolution
@@ -258,7 +320,7 @@ def stream(input_dir, clip, frames, prompt, negative_prompt, model, steps, cfg, 
     with usage_errors():
         s = Stream(pipe, steps, cfg=cfg, guidance_scale=guidance_scale, delta=delta, frame_buffer=frame_buffer,
                    similarity_filter=similarity_filter, seed=seed, height=height, width=width, output_type="pil",
-                   backend=engine_backend(backend))
+                   backend=engine_backend(backend), adapter=adapter, adapter_scale=adapter_scale)
         s.prepare(prompt, negative_prompt)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -397,6 +459,169 @@ def demo(model, backend, steps, cfg, guidance_scale, prompt, host, port, max_ses
 
 
 
+def read_prompts(path: Path | None, model: str, count: int, kind: str) -> list[str]:
+    """Prompts for a search: one per line of --prompt-file, else the shapes world's (search prompts
+    drawn from their own seeds, disjoint from the held-out evaluation prompts)."""
+    if path is not None:
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise click.BadParameter(f"{path} holds no prompts", param_hint="'--prompt-file'")
+        return prompts
+    if model != "shapes" and not os.path.isdir(model):
+        raise click.BadParameter("give --prompt-file for a model outside the shapes world", param_hint="'--prompt-file'")
+    from .shapes.render import tuning_prompts
+
+    return tuning_prompts(kind, count)
+
+
+@main.group()
+def tune():
+    """Offline searches that write artefacts the runtime loads (timestep schedules, ...)."""
+
+
+@tune.command(name="steps", short_help="Search the few timesteps that lose least (a schedule file).")
+@model_option
+@click.option("--steps", "steps", type=click.IntRange(1, 64), required=True, help="Number of denoising steps.")
+@click.option("--method", type=click.Choice(["evolution", "dp", "ays", "uniform"]), default="evolution",
+              show_default=True, help="evolution (AutoDiffusion), dp (BOSS/GITS), ays (Align Your Steps).")
+@click.option("--mode", type=click.Choice(["pipeline", "stream"]), default="pipeline", show_default=True,
+              help="pipeline: txt2img from pure noise; stream: the stream's img2img LCM step on a moving-shapes clip.")
+@click.option("--budget-minutes", type=float, default=10.0, show_default=True, help="Time budget of the search.")
+@click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Search prompts, one per line (default: the shapes world's).")
+@click.option("--prompts", "count", type=click.IntRange(min=1), default=48, show_default=True,
+              help="How many shapes-world search prompts.")
+@click.option("--eval-prompts", "eval_count", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Held-out shapes-world prompts the result is also measured on (0: none).")
+@click.option("--teacher-steps", type=click.IntRange(min=2), default=50, show_default=True)
+@click.option("--cfg", type=click.Choice(CFG_MODES), default=None, help="Guidance mode (default: full; stream: self).")
+@click.option("--guidance-scale", type=click.FloatRange(min=0), default=None,
+              help="Guidance scale (default: the shapes model's; stream: 1.2).")
+@click.option("--guidance-rescale", type=click.FloatRange(0, 1), default=None)
+@click.option("--solver", type=click.Choice(["ddim", "lcm", "tcd"]), default=None,
+              help="The step the schedule is for (default: ddim; stream: lcm).")
+@click.option("--strength-step", type=click.IntRange(0, 49), default=32, show_default=True,
+              help="Stream mode: the first timestep, as an index into the 50-step schedule (img2img's strength).")
+@click.option("--frames", type=click.IntRange(min=1), default=16, show_default=True, help="Stream mode: clip frames.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Evolution: a state file, written each generation; a rerun continues from it.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The schedule (.json).")
+@device_option
+def tune_steps(model, steps, method, mode, budget_minutes, prompt_file, count, eval_count, teacher_steps, cfg,
+               guidance_scale, guidance_rescale, solver, strength_step, frames, seed, resume, out, device):
+    """Search STEPS timesteps for --model against a --teacher-steps teacher and write the schedule to
+    --out; `fastdiff generate --schedule OUT` and `fastdiff.accelerate(pipe, schedule=OUT)` use it."""
+    from .tuning import search_steps, shapes_judge
+
+    if budget_minutes <= 0:
+        raise click.BadParameter(f"must be > 0, got {budget_minutes}", param_hint="'--budget-minutes'")
+    if not str(out).endswith(".json"):
+        raise click.BadParameter(f"the schedule is a .json file, got {out}", param_hint="'--out'")
+    prompts = read_prompts(prompt_file, model, count, "search")
+    shapes = prompt_file is None
+    eval_prompts = read_prompts(None, model, eval_count, "eval") if shapes and eval_count else []
+    pipe = load_pipeline(model, check_device(device))
+    if model == "shapes":
+        from .shapes.model import GUIDANCE_RESCALE, GUIDANCE_SCALE
+
+        if mode == "pipeline":
+            guidance_scale = GUIDANCE_SCALE if guidance_scale is None else guidance_scale
+            guidance_rescale = GUIDANCE_RESCALE if guidance_rescale is None else guidance_rescale
+    options = {}
+    if mode == "stream":
+        from .shapes import moving_shapes_clip
+
+        pipe.scheduler.set_timesteps(50)
+        options = dict(frames=moving_shapes_clip(num_frames=frames, seed=seed),
+                       strength_timestep=float(pipe.scheduler.timesteps[strength_step]))
+        prompts, eval_prompts = prompts[:1], []
+    click.echo(f"searching {steps} steps for {model} by {method} ({mode}), {len(prompts)} search prompts, "
+               f"{len(eval_prompts)} held-out, teacher {teacher_steps} steps", err=True)
+
+    def progress(entry):
+        click.echo(f"  generation {entry['generation']}: best fitness {entry['fitness']:.5f} {entry['best']} "
+                   f"({entry['evaluations']} evaluated)", err=True)
+
+    with usage_errors():
+        schedule = search_steps(pipe, prompts, steps, method, budget_minutes, mode=mode, cfg=cfg,
+                                guidance_scale=guidance_scale, guidance_rescale=guidance_rescale or 0.0, solver=solver,
+                                eval_prompts=eval_prompts, teacher_steps=teacher_steps,
+                                judge=shapes_judge if shapes else None, seed=seed,
+                                resume=str(resume) if resume else None, progress=progress, **options)
+    schedule.save(str(out))
+    search = schedule.fitness["search"]["metrics"]
+    click.echo(f"timesteps {[int(t) for t in schedule.timesteps]} ({schedule.solver}); search: "
+               + ", ".join(f"{k} {v:.4g}" for k, v in search.items() if v is not None))
+    if "eval" in schedule.fitness:
+        click.echo("held-out: " + ", ".join(f"{k} {v:.4g}" for k, v in schedule.fitness["eval"]["metrics"].items()
+                                            if v is not None))
+    click.echo(f"written to {out}", err=True)
+
+
+@tune.command(name="onestep", short_help="Train a one-step LoRA adapter (HiPA-style).")
+@model_option
+@click.option("--rank", type=click.IntRange(1, 512), default=16, show_default=True)
+@click.option("--minutes", type=float, default=30.0, show_default=True, help="Time budget of the training.")
+@click.option("--iterations", type=click.IntRange(min=1), default=None, help="Training steps (default: the budget).")
+@click.option("--targets", type=click.Choice(["attention", "attention+conv+ff"]), default="attention+conv+ff",
+              show_default=True, help="Which layers get LoRA.")
+@click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Training prompts, one per line (default: the shapes world's).")
+@click.option("--prompts", "count", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="How many shapes-world training prompts.")
+@click.option("--teachers", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Teacher samples (prompt, noise) computed once and cached.")
+@click.option("--teacher-steps", type=click.IntRange(min=2), default=25, show_default=True)
+@click.option("--guidance-scale", type=click.FloatRange(min=0), default=None,
+              help="The teacher's guidance (default: the shapes model's).")
+@click.option("--guidance-rescale", type=click.FloatRange(0, 1), default=None)
+@click.option("--hf-weight", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Weight of the high-frequency (Laplacian) term; 0 for the ablation.")
+@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Teacher cache and checkpoints; a rerun with the same settings resumes.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="The adapter folder.")
+@device_option
+def tune_onestep(model, rank, minutes, iterations, targets, prompt_file, count, teachers, teacher_steps,
+                 guidance_scale, guidance_rescale, hf_weight, batch, workdir, seed, out, device):
+    """Train a LoRA on --model's frozen denoiser so that one step draws what --teacher-steps draw, and
+    write it (diffusers' LoRA format + a manifest) to --out."""
+    from .tuning.onestep import train_onestep
+
+    if minutes <= 0:
+        raise click.BadParameter(f"must be > 0, got {minutes}", param_hint="'--minutes'")
+    prompts = read_prompts(prompt_file, model, count, "search")
+    pipe = load_pipeline(model, check_device(device))
+    if model == "shapes":
+        from .shapes.model import GUIDANCE_RESCALE, GUIDANCE_SCALE
+
+        guidance_scale = GUIDANCE_SCALE if guidance_scale is None else guidance_scale
+        guidance_rescale = GUIDANCE_RESCALE if guidance_rescale is None else guidance_rescale
+    from tqdm import tqdm
+
+    bar = tqdm(total=iterations, desc="onestep", unit="step")
+
+    def progress(entry):
+        if "loss" in entry:
+            bar.update(entry["step"] - bar.n)
+            bar.set_postfix(loss=f"{entry['loss']:.4f}", high=f"{entry['high']:.4f}")
+        else:
+            click.echo(f"teacher samples: {entry['count']} in {entry['seconds']} s", err=True)
+
+    with usage_errors():
+        trained = train_onestep(pipe, prompts, rank, minutes, iterations=iterations, targets=targets,
+                                teachers=teachers, teacher_steps=teacher_steps, guidance_scale=guidance_scale or 5.0,
+                                guidance_rescale=guidance_rescale or 0.0, batch=batch, hf_weight=hf_weight, seed=seed,
+                                workdir=str(workdir) if workdir else None, progress=progress)
+    bar.close()
+    saved = trained.save(str(out))
+    first, last = trained.details["first_loss"], trained.details["final_loss"]
+    click.echo(f"{trained.details['iterations']} steps, loss {first['loss']:.4f} -> {last['loss']:.4f}; "
+               f"written to {saved.path}")
+
+
 @main.group()
 def bench():
     """Measure fastdiff configurations."""
@@ -423,12 +648,15 @@ def bench():
               help="... each drawn from this many seeds, for coverage.")
 @click.option("--teacher-steps", type=click.IntRange(min=1), default=50, show_default=True,
               help="DDIM steps of the full-CFG teacher the PSNR is measured against.")
+@click.option("--schedule", default=None, metavar="PATH", multiple=True,
+              help="Searched step schedules (fastdiff tune steps): rows of their step counts run them.")
+@click.option("--adapter", default=None, metavar="PATH", help="A LoRA adapter every row but the teacher runs with.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("out/quality.json"),
               show_default=True, help="JSON file the configuration and rows are written to.")
 @device_option
 def quality(model, steps, cfgs, solver, guidance_scale, guidance_rescale, count, unstated, repeats, teacher_steps,
-            seed, out, device):
+            schedule, adapter, seed, out, device):
     """Prompt accuracy (1, 2, 3 objects; unstated attributes), coverage, PSNR against a many-step
     teacher, Fréchet shape distance and seconds per image for each (steps, CFG mode), printed as a
     Markdown table and written to --out."""
@@ -452,10 +680,17 @@ def quality(model, steps, cfgs, solver, guidance_scale, guidance_rescale, count,
     click.echo(f"quality of {model}: {count} prompts each of 1, 2 and 3 objects, {unstated} unstated × {repeats} "
                f"seeds, guidance {guidance_scale} (rescale {guidance_rescale}), teacher {teacher_steps} DDIM steps "
                "with full CFG", err=True)
+    options, label = {}, []
+    if schedule:
+        options["schedule"], label = list(schedule), label + ["searched"]
+    if adapter:
+        options["adapter"], label = adapter, label + ["adapter"]
+    config.update(schedule=list(schedule) or None, adapter=adapter)
     with usage_errors():
-        rows = quality_table(pipe, steps, modes, solver, guidance_scale, count, teacher_steps, seed,
-                             progress=lambda r: click.echo(f"  {r.steps} steps, cfg {r.cfg}: done", err=True),
-                             guidance_rescale=guidance_rescale, unstated=unstated, repeats=repeats)
+        rows = quality_table(pipe, steps, modes, None if options else solver, guidance_scale, count, teacher_steps,
+                             seed, progress=lambda r: click.echo(f"  {r.steps} steps, cfg {r.cfg}: done", err=True),
+                             guidance_rescale=guidance_rescale, unstated=unstated, repeats=repeats, options=options,
+                             label=" ".join(label))
     click.echo(format_table(rows))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(config=config, rows=rows_as_dicts(rows)), indent=2))

@@ -88,19 +88,20 @@ def _noise(count: int, shape: tuple, seed: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def generate(pipe, prompts: list[str], steps: int, cfg: str, solver: str = "ddim", guidance_scale: float = 5.0,
-             seed: int = 0, batch: int = 64, guidance_rescale: float = 0.0, fast=None,
+def generate(pipe, prompts: list[str], steps: int, cfg: str, solver: str | None = "ddim", guidance_scale: float = 5.0,
+             seed: int = 0, batch: int = 64, guidance_rescale: float = 0.0, options: dict | None = None,
              call_options: dict | None = None) -> tuple[torch.Tensor, float]:
     """Pictures [N, 3, 64, 64] in [0, 1] for `prompts`, and the seconds it took per picture.
 
-    `fast` is an already wrapped pipeline (e.g. with a schedule or an adapter); by default
-    ``fastdiff.accelerate(pipe, cfg=cfg, solver=solver)``. `call_options` go to each call."""
+    `options` go to ``fastdiff.accelerate`` (a ``schedule``, an ``adapter``, a ``router``...);
+    `call_options` to each call. ``solver=None`` leaves the solver to a schedule or an adapter."""
     from .accelerate import accelerate
 
     check_choice(cfg, "cfg", CFG_MODES)
-    check_choice(solver, "solver", SOLVERS)
+    if solver is not None:
+        check_choice(solver, "solver", SOLVERS)
     check_int(steps, "steps", 1)
-    fast = fast or accelerate(pipe, cfg=cfg, solver=solver)
+    fast = accelerate(pipe, cfg=cfg, solver=solver, **(options or {}))
     height, width = fast.parts.size(None, None)   # the model's native size
     noise = _noise(len(prompts), fast.parts.latent_shape(height, width), seed)
     rescale = {"guidance_rescale": guidance_rescale} if guidance_rescale and cfg == "full" else {}
@@ -124,12 +125,13 @@ def measure(images: torch.Tensor, held: Prompts, teacher: torch.Tensor | None) -
     return values
 
 
-def quality_table(pipe, steps_list=(50, 25, 8, 4, 2, 1), cfgs=CFG_MODES[:3], solver: str = "ddim",
+def quality_table(pipe, steps_list=(50, 25, 8, 4, 2, 1), cfgs=CFG_MODES[:3], solver: str | None = "ddim",
                   guidance_scale: float = 5.0, count: int = 128, teacher_steps: int = 50, seed: int = 0,
                   batch: int = 64, progress=None, guidance_rescale: float = 0.0, unstated: int = 32,
-                  repeats: int = 8) -> list[QualityRow]:
+                  repeats: int = 8, options: dict | None = None, label: str = "") -> list[QualityRow]:
     """One :class:`QualityRow` per (steps, cfg) over the held-out set (:func:`held_out`); the
-    teacher is `teacher_steps` DDIM steps with ``full`` CFG (and the same rescale)."""
+    teacher is `teacher_steps` DDIM steps with ``full`` CFG (and the same rescale). `options` go to
+    ``fastdiff.accelerate`` for every row but the teacher's (e.g. a schedule), named by `label`."""
     held = held_out(count, unstated, repeats, seed)
     teacher, _ = generate(pipe, held.texts, teacher_steps, "full", "ddim", guidance_scale, seed, batch,
                           guidance_rescale)
@@ -137,9 +139,9 @@ def quality_table(pipe, steps_list=(50, 25, 8, 4, 2, 1), cfgs=CFG_MODES[:3], sol
     for steps in steps_list:
         for cfg in cfgs:
             images, seconds = generate(pipe, held.texts, steps, cfg, solver, guidance_scale, seed, batch,
-                                       guidance_rescale)
-            rows.append(QualityRow(steps=steps, cfg=cfg, solver=solver, seconds_per_image=seconds,
-                                   **measure(images, held, teacher)))
+                                       guidance_rescale, options)
+            rows.append(QualityRow(steps=steps, cfg=cfg, solver=solver or "", seconds_per_image=seconds,
+                                   label=label, **measure(images, held, teacher)))
             if progress is not None:
                 progress(rows[-1])
     return rows

@@ -11,16 +11,19 @@ from .sampling.schedule import step_schedule
 from .stream.batch import NOISE_MODES, LatentStream
 from .stream.prepare import Prepared, UsesPrepared
 from .stream.similarity import SimilarityFilter
+from .tuning.adapters import HoldsAdapter
 
 MODES = ("img2img", "txt2img")
 DEFAULT_STEPS = {"img2img": [32, 45], "txt2img": [0, 16, 32, 45]}
 
 
-class Stream(UsesPrepared):
+class Stream(UsesPrepared, HoldsAdapter):
     """Real-time img2img or txt2img over a diffusers pipeline.
 
     ``steps`` index the scheduler's ``num_inference_steps``-step schedule (noisiest first);
-    ``timesteps`` gives the timesteps instead. Every call to the stream runs the denoiser once, on
+    ``timesteps`` gives the timesteps instead; ``steps`` may also be a searched schedule (a path
+    or a :class:`fastdiff.tuning.Schedule` from ``fastdiff tune steps --mode stream``), whose
+    timesteps and solver the stream then runs. Every call to the stream runs the denoiser once, on
     n·F rows for n steps and F = ``frame_buffer`` frames per call (2·n·F with ``cfg="full"``,
     (n+1)·F with ``cfg="initialize"``). ``guidance_rescale`` (φ, with ``cfg="full"``) is diffusers'
     fix for over-exposure at high guidance.
@@ -38,6 +41,10 @@ class Stream(UsesPrepared):
     and resolution or loaded from the engine cache. ``engine_options`` passes ``components``,
     ``precision``, ``cache_dir``, ``rebuild``, ``compile_mode``, ``threads`` and ``tensorrt`` on (see
     :mod:`fastdiff.engines`).
+
+    ``adapter`` loads a LoRA into the denoiser (see :func:`fastdiff.accelerate`); the stream then
+    samples with its scheduler, and a txt2img stream with its timesteps. :meth:`set_adapter` swaps or
+    rescales it while streaming.
     """
 
     def __init__(self, pipe, steps=None, *, timesteps=None, num_inference_steps: int = 50,
@@ -45,12 +52,14 @@ class Stream(UsesPrepared):
                  frame_buffer: int = 1, similarity_filter: float | None = None, max_skip_frames: int = 10,
                  mode: str = "img2img", solver: str | None = None, noise: str = "fixed", seed: int = 0,
                  height: int | None = None, width: int | None = None, output_type: str = "pt",
-                 backend: str | None = None, engine_options: dict | None = None):
+                 backend: str | None = None, engine_options: dict | None = None, adapter=None,
+                 adapter_scale: float = 1.0, adapter_scheduler: str | None = None):
         self.mode = check_choice(mode, "mode", MODES)
         self.frame_buffer = check_int(frame_buffer, "frame_buffer", 1)
         check_choice(noise, "noise", NOISE_MODES)
         self.guider = make_guider(cfg, guidance_scale, delta, guidance_rescale)
         self.solver = solver
+        self.searched = None   # the searched schedule the steps came from, if any
         self.noise = noise
         self.output_type = check_output_type(output_type)
         check_number(similarity_filter, "similarity_filter", 0.0, 1.0, low_open=True, high_open=True, optional=True)
@@ -59,11 +68,15 @@ class Stream(UsesPrepared):
         self.generator = torch.Generator(self.denoiser.device).manual_seed(seed)
         self.filter = (SimilarityFilter(float(similarity_filter), max_skip_frames, seed)
                        if similarity_filter is not None else None)
+        self._pending = None   # an engine rebuild running in the background (set_adapter(wait=False))
+        if adapter is not None:
+            self._set_adapter(adapter, adapter_scale, adapter_scheduler)
         if steps is None and timesteps is None:
-            steps = DEFAULT_STEPS[mode]
+            steps, timesteps = self._default_steps()
+        steps, timesteps, self.solver = self._searched(steps, timesteps, solver)
         self.num_inference_steps = num_inference_steps
         self.steps, self.timesteps = steps, timesteps
-        self.schedule = step_schedule(pipe.scheduler, steps, timesteps, num_inference_steps, solver)
+        self.schedule = step_schedule(self.scheduler, steps, timesteps, num_inference_steps, self.solver)
         self.height, self.width = self.parts.size(height, width)
         self.prompt = self.negative_prompt = None
         self.latents: LatentStream | None = None
@@ -148,8 +161,9 @@ class Stream(UsesPrepared):
         if structural:
             if steps is None and timesteps is None:
                 steps, timesteps = self.steps, self.timesteps
+            steps, timesteps, self.solver = self._searched(steps, timesteps, self.solver)
             num_inference_steps = num_inference_steps or self.num_inference_steps
-            schedule = step_schedule(self.pipe.scheduler, steps, timesteps, num_inference_steps, self.solver)
+            schedule = step_schedule(self.scheduler, steps, timesteps, num_inference_steps, self.solver)
             size = self.parts.size(height or self.height, width or self.width)
             drained = self.flush_tagged() if with_tags else self.flush()
             self.schedule, self.steps, self.timesteps = schedule, steps, timesteps
@@ -164,6 +178,56 @@ class Stream(UsesPrepared):
         elif prompt is not None or negative_prompt is not None:
             self.latents.set_conditioning(*self._cond)
         return drained
+
+    def _default_steps(self):
+        """(steps, timesteps) when none are given: an adapter's timesteps for txt2img, one step at the
+        default strength for a one-step adapter's img2img, else the mode's defaults."""
+        sampling = self.adapter.sampling if self.adapter is not None else None
+        if sampling is not None and self.mode == "txt2img" and sampling.timesteps:
+            return None, list(sampling.timesteps)
+        if sampling is not None and sampling.steps == 1:
+            return DEFAULT_STEPS[self.mode][:1], None
+        return DEFAULT_STEPS[self.mode], None
+
+    def set_adapter(self, adapter, scale: float = 1.0, adapter_scheduler: str | None = None, wait: bool = True):
+        """Swap the adapter (None: none) or change its scale while streaming, from the next call on.
+
+        PyTorch and torch.compile: immediate, no recompilation (the scale is a tensor). Engines: built
+        again from the cache key (which holds the LoRA state) — with ``wait=False`` in the background,
+        the stream running on the old engines until :meth:`adapter_ready`. The schedule stays."""
+        self._require_prepared()
+        if self._pending is not None:
+            self._pending.join()
+        self._set_adapter(adapter, scale, adapter_scheduler)
+        if self.backend is None:
+            return
+        if wait:
+            self._attach_engines(force=True)
+            return
+        import threading
+
+        self._pending = threading.Thread(target=self._attach_engines, kwargs={"force": True}, daemon=True,
+                                         name="fastdiff-engine-rebuild")
+        self._pending.start()
+
+    def adapter_ready(self) -> bool:
+        """Whether the engines follow the adapter set last (always, without engines or once built)."""
+        return self._pending is None or not self._pending.is_alive()
+
+    def _searched(self, steps, timesteps, solver):
+        """(steps, timesteps, solver): a searched schedule given as `steps` becomes its timesteps."""
+        if steps is None or isinstance(steps, (list, tuple)):
+            return steps, timesteps, solver
+        from .tuning.schedules import load_schedule
+
+        if timesteps is not None:
+            raise ValueError("timesteps: give a schedule (as steps) or timesteps, not both")
+        schedule = load_schedule(steps, self.pipe)
+        if self.mode == "img2img" and schedule.mode != "stream":
+            raise ValueError(f"steps: this schedule is a {schedule.mode} one, searched from pure noise; an img2img "
+                             "stream needs a stream schedule (fastdiff tune steps --mode stream)")
+        self.searched = schedule
+        return None, schedule.timesteps, solver or schedule.solver
 
     def set_vae(self, vae):
         """Decode and encode with another VAE (e.g. AutoencoderTiny) from the next call on."""

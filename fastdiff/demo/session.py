@@ -80,7 +80,8 @@ class Session:
 
     def public_settings(self) -> dict:
         settings = dataclasses.asdict(self.settings)
-        settings["steps"] = list(self.stream.steps) if self.stream is not None else settings["steps"]
+        if self.stream is not None:   # None when the stream runs explicit (e.g. searched) timesteps
+            settings["steps"] = list(self.stream.steps) if self.stream.steps is not None else None
         return settings
 
     def process(self, frame: Frame) -> list[Output]:

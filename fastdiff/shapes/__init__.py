@@ -6,6 +6,18 @@ from .evaluate import attribute_accuracy, read_scene, read_scenes
 from .render import (Obj, Scene, batch_tensors, caption, heldout_prompts, parse_caption, render,
                      render_batch, sample_scene, scene_stream, vocabulary)
 
-__all__ = ["Obj", "Scene", "attribute_accuracy", "batch_tensors", "caption", "heldout_prompts",
+__all__ = ["Obj", "Scene", "artefact_path", "attribute_accuracy", "batch_tensors", "caption", "heldout_prompts",
            "moving_shapes_clip", "parse_caption", "read_scene", "read_scenes", "render", "render_batch",
            "sample_scene", "scene_stream", "vocabulary"]
+
+
+def artefact_path(kind: str) -> str:
+    """Where the tuning artefacts shipped for the embedded model live: ``"schedule"`` (a folder of
+    searched step schedules, ``shapes-K.json``), ``"onestep"`` (the one-step adapter) and
+    ``"router"`` (the prompt router and its pruned sub-networks)."""
+    import os
+
+    kinds = ("schedule", "onestep", "router")
+    if kind not in kinds:
+        raise ValueError(f"kind must be one of {kinds}, got {kind!r}")
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "artefacts", kind)

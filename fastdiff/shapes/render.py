@@ -531,3 +531,27 @@ def heldout_prompts(kind: str = "one", count: int = 256, seed: int | None = None
     else:
         raise ValueError(f"could not draw {count} distinct {kind!r} prompts")
     return list(prompts.items())
+
+
+TUNING_SEEDS = {"one": 7_001, "two": 7_002, "three": 7_003, "unstated": 7_004}
+
+
+def tuning_prompts(role: str = "search", count: int = 48) -> list[str]:
+    """Prompts for the offline tuning tools: ``role="search"`` draws `count` from the tuning seeds
+    (none of them in the held-out sets), ``"eval"`` takes them from the held-out sets; a quarter
+    of each kind (one, two, three objects, unstated attributes)."""
+    check_int(count, "count", 1)
+    if role not in ("search", "eval"):
+        raise ValueError(f"role must be 'search' or 'eval', got {role!r}")
+    shares = [count // 4 + (i < count % 4) for i in range(4)]
+    prompts = []
+    for kind, share in zip(HELDOUT_KINDS, shares):
+        if not share:
+            continue
+        if role == "eval":
+            prompts += [p for p, _ in heldout_prompts(kind, share)]
+            continue
+        held = {p for p, _ in heldout_prompts(kind, 256)}
+        drawn = [p for p, _ in heldout_prompts(kind, share + 64, seed=TUNING_SEEDS[kind]) if p not in held]
+        prompts += drawn[:share]
+    return prompts

@@ -44,11 +44,12 @@ _HASHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def model_hash(module: torch.nn.Module) -> str:
-    """The weights hash of `module`, computed again only when a parameter changed in place."""
-    version = sum(p._version for p in module.parameters())
+    """The hash of `module`'s base weights (attached LoRA adapters left out), computed again only when
+    a parameter changed in place or an adapter came or went."""
+    version = (sum(p._version for p in module.parameters()), len(module.state_dict()))
     known = _HASHES.get(module)
     if known is None or known[0] != version:
-        known = (version, weights_hash(module))
+        known = (version, weights_hash(module, base_only=True))
         _HASHES[module] = known
     return known[1]
 

@@ -1,0 +1,218 @@
+"""Low-rank adapters on the denoiser: ours (one-step, with a manifest) and the few-step ones users
+already have (LCM-LoRA, TCD, Hyper-SD, SDXL-Lightning, DMD2), loaded the way diffusers loads them.
+
+An adapter folder of ours holds ``pytorch_lora_weights.safetensors`` in diffusers' LoRA format —
+``pipe.load_lora_weights(folder)`` works with no fastdiff installed — and ``manifest.json``: the base
+weights hash, target modules, rank, and the sampling the adapter was trained for (scheduler,
+timesteps, guidance). A file of someone else's (a folder or a ``.safetensors``, diffusers/PEFT or
+kohya keys) gets its sampling from :data:`KNOWN_FAMILIES`, by name, or from ``adapter_scheduler=``.
+
+:func:`attach_adapter` loads one into the pipeline's denoiser as the PEFT adapter named
+:data:`ADAPTER_NAME`, with its scale held in 0-d tensors rather than Python floats: changing the
+scale then changes no code path, so a ``torch.compile``'d denoiser does not recompile, and an
+engine is rebuilt (ONNX Runtime) or refitted (TensorRT) from the cache key, which holds the scale.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from ..artefacts import StaleArtefactError, check_fields, read_json
+from ..checks import check_number
+from ..denoiser import denoiser_for
+from .schedules import model_hash
+
+__all__ = ["ADAPTER_NAME", "WEIGHTS_FILE", "KNOWN_FAMILIES", "AdapterSampling", "Adapter", "HoldsAdapter",
+           "load_adapter", "attach_adapter", "detach_adapter", "set_adapter_scale", "adapter_scheduler"]
+
+ADAPTER_NAME = "fastdiff"
+WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+FORMAT = 1
+KIND = "fastdiff-adapter"
+
+
+@dataclass(frozen=True)
+class AdapterSampling:
+    """How an adapter samples: its scheduler class (None: the pipeline's own), extra scheduler
+    config, its timesteps (None: the scheduler's own for `steps`), its step count and guidance."""
+
+    scheduler: str | None
+    steps: int
+    timesteps: tuple | None = None
+    guidance_scale: float = 1.0
+    config: dict = field(default_factory=dict)
+    eta: float = 0.0
+
+
+# Few-step adapters users already have, by a word of their name (their cards' settings).
+KNOWN_FAMILIES = {
+    "lcm": AdapterSampling("LCMScheduler", 4, guidance_scale=1.0),
+    "tcd": AdapterSampling("TCDScheduler", 4, guidance_scale=1.0, eta=0.3),
+    "dmd2": AdapterSampling("LCMScheduler", 4, timesteps=(999, 749, 499, 249), guidance_scale=1.0),
+    "hyper": AdapterSampling("DDIMScheduler", 8, guidance_scale=1.0, config={"timestep_spacing": "trailing"}),
+    "lightning": AdapterSampling("EulerDiscreteScheduler", 8, guidance_scale=1.0,
+                                 config={"timestep_spacing": "trailing"}),
+}
+
+
+def _family_of(name: str) -> tuple[str, AdapterSampling] | None:
+    """The known family a file name names, with its step count read off '…-2step…' names."""
+    lowered = os.path.basename(str(name)).lower()
+    for family, sampling in KNOWN_FAMILIES.items():
+        if family in lowered:
+            steps = re.search(r"(\d+)[-_]?steps?", lowered)
+            if steps and sampling.timesteps is None:
+                sampling = AdapterSampling(sampling.scheduler, int(steps.group(1)), None, sampling.guidance_scale,
+                                           sampling.config, sampling.eta)
+            return family, sampling
+    return None
+
+
+@dataclass
+class Adapter:
+    """A LoRA file (or folder) and how it samples; `manifest` is set for adapters of ours."""
+
+    path: str
+    sampling: AdapterSampling
+    family: str
+    manifest: dict | None = None
+
+    @property
+    def weights(self) -> str:
+        return os.path.join(self.path, WEIGHTS_FILE) if os.path.isdir(self.path) else self.path
+
+    def check(self, pipe) -> "Adapter":
+        """Refuse an adapter of ours trained on other base weights (StaleArtefactError, naming them)."""
+        if self.manifest is not None:
+            found = self.manifest.get("fields", {})
+            wanted = {"base": model_hash(denoiser_for(pipe).original), "family": denoiser_for(pipe).family}
+            check_fields(f"the adapter in {self.path}", wanted, {k: found.get(k) for k in wanted},
+                         "train one for this model (fastdiff tune onestep)")
+        return self
+
+
+def load_adapter(adapter, pipe=None, adapter_scheduler: str | None = None) -> Adapter:
+    """An :class:`Adapter` from a folder or ``.safetensors`` path (or one already loaded), checked
+    against `pipe` when given. `adapter_scheduler` (a key of :data:`KNOWN_FAMILIES`) overrides the
+    sampling of a file that is not ours."""
+    if isinstance(adapter, Adapter):
+        return adapter.check(pipe) if pipe is not None else adapter
+    if not isinstance(adapter, (str, os.PathLike)) or not os.path.exists(adapter):
+        raise ValueError(f"adapter: no LoRA folder or .safetensors file at {adapter!r}")
+    path = str(adapter)
+    manifest_path = os.path.join(path, "manifest.json") if os.path.isdir(path) else None
+    if manifest_path and os.path.isfile(manifest_path):
+        manifest = read_json(manifest_path)
+        if manifest.get("kind") != KIND:
+            raise ValueError(f"adapter: {path} holds a manifest that is not a fastdiff adapter's")
+        if manifest.get("format") != FORMAT:
+            raise StaleArtefactError(f"adapter: {path} has format {manifest.get('format')!r}; this fastdiff reads "
+                                     f"{FORMAT}")
+        s = manifest["sampling"]
+        sampling = AdapterSampling(s.get("scheduler"), s["steps"], tuple(s["timesteps"]) if s.get("timesteps") else None,
+                                   s.get("guidance_scale", 1.0), s.get("config", {}), s.get("eta", 0.0))
+        loaded = Adapter(path, sampling, "fastdiff", manifest)
+    else:
+        weights = os.path.join(path, WEIGHTS_FILE) if os.path.isdir(path) else path
+        if not os.path.isfile(weights) or not weights.endswith(".safetensors"):
+            raise ValueError(f"adapter: {path} is neither a .safetensors file nor a folder holding {WEIGHTS_FILE}")
+        if adapter_scheduler is not None:
+            if adapter_scheduler not in KNOWN_FAMILIES:
+                raise ValueError(f"adapter_scheduler must be one of {tuple(KNOWN_FAMILIES)}, got {adapter_scheduler!r}")
+            found = (adapter_scheduler, KNOWN_FAMILIES[adapter_scheduler])
+        else:
+            found = _family_of(path)
+        if found is None:
+            raise ValueError(f"adapter: {os.path.basename(path)} is not ours and names no known family "
+                             f"({', '.join(KNOWN_FAMILIES)}); say how it samples with adapter_scheduler=")
+        loaded = Adapter(path, found[1], found[0])
+    return loaded.check(pipe) if pipe is not None else loaded
+
+
+def _lora_layers(module: torch.nn.Module):
+    for sub in module.modules():
+        scaling = getattr(sub, "scaling", None)
+        if isinstance(scaling, dict) and ADAPTER_NAME in scaling:
+            yield sub
+
+
+def set_adapter_scale(module: torch.nn.Module, scale: float) -> None:
+    """Set the attached adapter's scale in place (no recompilation: the scales are 0-d tensors)."""
+    scale = check_number(scale, "scale", 0.0)
+    for sub in _lora_layers(module):
+        value = sub.scaling[ADAPTER_NAME]
+        if not isinstance(value, torch.Tensor):   # first time: PEFT's float at weight 1, a tensor from now on
+            sub._fastdiff_unit_scaling = float(value)
+            sub.scaling[ADAPTER_NAME] = value = torch.tensor(0.0, device=next(sub.parameters()).device)
+        value.fill_(sub._fastdiff_unit_scaling * scale)
+
+
+def attach_adapter(pipe, adapter: Adapter, scale: float = 1.0) -> Adapter:
+    """Load `adapter` into `pipe`'s denoiser as the PEFT adapter :data:`ADAPTER_NAME` (replacing one
+    attached before) at `scale`. The pipeline's text encoders are left as they are."""
+    module = denoiser_for(pipe).original
+    detach_adapter(pipe)
+    kwargs = {}
+    if not os.path.isdir(adapter.path):
+        kwargs["weight_name"] = os.path.basename(adapter.path)
+    source = os.path.dirname(adapter.path) if "weight_name" in kwargs else adapter.path
+    try:
+        pipe.load_lora_weights(source, adapter_name=ADAPTER_NAME, **kwargs)
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise ValueError(f"adapter: {adapter.path} does not fit this {type(module).__name__} ({error})") from error
+    if not any(True for _ in _lora_layers(module)):
+        raise ValueError(f"adapter: {adapter.path} holds no LoRA weights for the denoiser")
+    set_adapter_scale(module, scale)
+    return adapter
+
+
+def detach_adapter(pipe) -> None:
+    """Remove the adapter :func:`attach_adapter` loaded, if any (other adapters stay)."""
+    module = denoiser_for(pipe).original
+    if any(True for _ in _lora_layers(module)):
+        module.delete_adapters(ADAPTER_NAME)
+
+
+def adapter_scheduler(pipe, adapter: "Adapter | None"):
+    """The scheduler `adapter` samples with: a new one of its class from `pipe`'s config (the
+    pipeline's own scheduler is never replaced), or None when it is the pipeline's own."""
+    if adapter is None or adapter.sampling.scheduler in (None, type(pipe.scheduler).__name__):
+        if adapter is not None and adapter.sampling.config:
+            return type(pipe.scheduler).from_config(pipe.scheduler.config, **adapter.sampling.config)
+        return None
+    import diffusers
+
+    cls = getattr(diffusers, adapter.sampling.scheduler)
+    return cls.from_config(pipe.scheduler.config, **adapter.sampling.config)
+
+
+class HoldsAdapter:
+    """The adapter part of a front door holding ``self.pipe`` and ``self.parts``: which adapter is
+    attached, at which scale, and the scheduler it samples with."""
+
+    adapter: Adapter | None = None
+    adapter_scale: float = 1.0
+    own_scheduler = None   # the adapter's own scheduler, when not the pipeline's
+
+    def _set_adapter(self, adapter, scale: float = 1.0, family: str | None = None) -> None:
+        scale = check_number(scale, "scale", 0.0)
+        if adapter is None:
+            detach_adapter(self.pipe)
+            self.adapter, self.own_scheduler = None, None
+        else:
+            loaded = load_adapter(adapter, self.pipe, family)
+            if self.adapter is None or os.path.abspath(loaded.path) != os.path.abspath(self.adapter.path):
+                attach_adapter(self.pipe, loaded, scale)
+            else:
+                set_adapter_scale(self.parts.denoiser.original, scale)
+            self.adapter, self.own_scheduler = loaded, adapter_scheduler(self.pipe, loaded)
+        self.adapter_scale = scale
+
+    @property
+    def scheduler(self):
+        """The scheduler this front door samples with: the adapter's, else the pipeline's."""
+        return self.own_scheduler if self.own_scheduler is not None else self.pipe.scheduler

@@ -1,0 +1,242 @@
+"""One-step adapters (HiPA-style): low-rank adapters trained on a frozen denoiser so that one step
+from pure noise draws what the base model draws in many.
+
+    adapter = train_onestep(pipe, prompts, rank=16, minutes=30)
+    adapter.save("shapes-onestep")        # diffusers-loadable LoRA + manifest
+
+- The base stays frozen; PEFT LoRA layers go on the attention projections and, by default, on the
+  ResNet convolutions and the feed-forward layers too (``targets``).
+- Targets are the base model's own many-step samples from the same initial noise, guidance
+  included, computed once and cached in `workdir`, so a run resumes without recomputing them.
+- Loss: a spatial term (latents and decoded pixels against the teacher's) plus HiPA's high-frequency
+  term — the Laplacian of the decoded picture against the teacher's (``hf_weight``; 0 for the
+  ablation).
+- Seeded; resumable from `workdir` (LoRA weights, optimizer, step, RNG); progress per step.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..artefacts import library_versions, lock, publish_folder, weights_hash
+from ..checks import check_int, check_number
+from ..denoiser import denoiser_for
+from ..sampling.guiders import make_guider
+from ..sampling.schedule import step_schedule
+from ..sampling.solvers import to_x0_eps
+from ..stream.batch import LatentStream
+from ..stream.prepare import Prepared
+from .adapters import FORMAT, KIND, WEIGHTS_FILE, Adapter, AdapterSampling
+from .schedules import model_hash, prompts_hash
+
+__all__ = ["TARGETS", "TrainedAdapter", "train_onestep", "teacher_targets", "laplacian"]
+
+# Module-name endings PEFT targets: the attention projections alone, or with the ResNets' convolutions
+# and the transformer blocks' feed-forward layers.
+TARGETS = {
+    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
+    "attention+conv+ff": ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "ff.net.0.proj", "ff.net.2"),
+}
+
+
+def laplacian(images: torch.Tensor) -> torch.Tensor:
+    """The high-frequency part of [B, C, H, W] images: a per-channel 3×3 Laplacian."""
+    kernel = images.new_tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
+    kernel = kernel.expand(images.shape[1], 1, 3, 3)
+    return F.conv2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), kernel, groups=images.shape[1])
+
+
+@dataclass
+class TrainedAdapter:
+    """What :func:`train_onestep` made: the student (base + LoRA), its settings and loss history."""
+
+    student: torch.nn.Module
+    sampling: AdapterSampling
+    fields: dict
+    details: dict = field(default_factory=dict)
+
+    def save(self, folder: str) -> Adapter:
+        """Write the LoRA (diffusers' format, loadable by ``pipe.load_lora_weights(folder)``) and its
+        manifest into `folder`, atomically; returns it as an :class:`Adapter`."""
+        from diffusers import StableDiffusionPipeline
+        from peft.utils import get_peft_model_state_dict
+
+        layers = get_peft_model_state_dict(self.student)   # PEFT's key layout, which diffusers loads as it is
+        sampling = {"scheduler": self.sampling.scheduler, "steps": self.sampling.steps,
+                    "timesteps": list(self.sampling.timesteps or []), "guidance_scale": self.sampling.guidance_scale,
+                    "config": dict(self.sampling.config), "eta": self.sampling.eta}
+
+        def build(partial):
+            StableDiffusionPipeline.save_lora_weights(  # the LoRA config travels in the file's metadata
+                partial, unet_lora_layers=layers, safe_serialization=True, weight_name=WEIGHTS_FILE,
+                unet_lora_adapter_metadata=self.student.peft_config["default"].to_dict())
+            return self.details
+
+        os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
+        with lock(folder):
+            manifest = publish_folder(folder, self.fields, build, FORMAT,
+                                      extra={"kind": KIND, "sampling": sampling, "versions": library_versions(("peft",))})
+        return Adapter(folder, self.sampling, "fastdiff", manifest)
+
+
+@torch.inference_mode()
+def teacher_targets(parts: Prepared, cond, uncond, noise: torch.Tensor, steps: int, guidance_scale: float,
+                    guidance_rescale: float, batch: int = 64) -> torch.Tensor:
+    """The base model's final latents from `noise` after `steps` DDIM steps with full CFG."""
+    scheduler = parts.pipe.scheduler
+    schedule = step_schedule(scheduler, steps=list(range(steps)), num_inference_steps=steps, solver="ddim")
+    guider = make_guider("full" if guidance_scale > 1 else "none", guidance_scale, 1.0,
+                         guidance_rescale if guidance_scale > 1 else 0.0)
+    out = []
+    for i in range(0, len(noise), batch):
+        rows = slice(i, i + batch)
+        stream = LatentStream(parts.denoiser, schedule, cond.rows(rows), uncond.rows(rows), tuple(noise.shape[1:]),
+                              guider=guider, noise="fresh")
+        first = stream.push(None, noise=noise[rows])
+        out.append((first if first is not None else stream.drain()[0]).latents.float().cpu())
+    return torch.cat(out)
+
+
+def _teachers(parts, prompts, count, steps, guidance_scale, guidance_rescale, seed, workdir, progress):
+    """(prompt index per target, initial noise, teacher latents), cached in `workdir`."""
+    height, width = parts.size(None, None)
+    shape = parts.latent_shape(height, width)
+    key = dict(model=model_hash(parts.denoiser.original), prompts=prompts_hash(prompts), count=count, steps=steps,
+               guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, seed=seed, shape=list(shape))
+    path = os.path.join(workdir, "teachers.pt") if workdir else None
+    if path and os.path.isfile(path):
+        cached = torch.load(path, weights_only=False)
+        if cached["key"] == key:
+            return cached["index"], cached["noise"], cached["latents"]
+    gen = torch.Generator().manual_seed(seed)
+    index = torch.arange(count) % len(prompts)
+    noise = torch.randn((count, *shape), generator=gen)
+    cond, uncond = parts.encode([prompts[i] for i in index.tolist()], None, height, width)
+    start = time.perf_counter()
+    latents = teacher_targets(parts, cond, uncond, noise, steps, guidance_scale, guidance_rescale)
+    if progress:
+        progress({"stage": "teachers", "count": count, "seconds": round(time.perf_counter() - start, 1)})
+    if path:
+        os.makedirs(workdir, exist_ok=True)
+        torch.save({"key": key, "index": index, "noise": noise, "latents": latents}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return index, noise, latents
+
+
+def train_onestep(pipe, prompts, rank: int = 16, minutes: float = 30.0, *, iterations: int | None = None,
+                  targets: str = "attention+conv+ff", teachers: int = 2048, teacher_steps: int = 25,
+                  guidance_scale: float = 5.0, guidance_rescale: float = 0.0, batch: int = 32, lr: float = 1e-3,
+                  pixel_weight: float = 1.0, hf_weight: float = 1.0, seed: int = 0, workdir: str | None = None,
+                  progress=None) -> TrainedAdapter:
+    """Train a rank-`rank` LoRA on a copy of `pipe`'s denoiser so that one step from pure noise (at the
+    scheduler's first timestep, no guidance) gives the teacher's picture; for `minutes` or
+    `iterations` steps, whichever ends first. `prompts` are the training prompts (each gets
+    ``teachers / len(prompts)`` noises)."""
+    from peft import LoraConfig
+
+    check_int(rank, "rank", 1, 512)
+    check_number(minutes, "minutes", 0.0, low_open=True)
+    check_int(iterations, "iterations", 1, optional=True)
+    check_int(teachers, "teachers", 1)
+    check_number(hf_weight, "hf_weight", 0.0)
+    check_number(pixel_weight, "pixel_weight", 0.0)
+    if targets not in TARGETS:
+        raise ValueError(f"targets must be one of {tuple(TARGETS)}, got {targets!r}")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("prompts must hold at least one prompt")
+    adapter_family = denoiser_for(pipe)
+    if adapter_family.family != "unet":
+        raise ValueError(f"pipe: one-step training is written for SD-family UNets, not {adapter_family.family!r}")
+    parts = Prepared(pipe)
+    torch.manual_seed(seed)
+    index, noise, target = _teachers(parts, prompts, teachers, teacher_steps, guidance_scale, guidance_rescale, seed,
+                                     workdir, progress)
+    noise, target = noise.clone(), target.clone()   # plain tensors: they meet autograd below
+
+    # one step: at the scheduler's first timestep of a `teacher_steps` schedule, from pure noise
+    schedule = step_schedule(pipe.scheduler, steps=[0], num_inference_steps=teacher_steps, solver="ddim")
+    t_first = float(schedule.timesteps[0])
+    alpha, beta, noise_scale = float(schedule.alpha[0]), float(schedule.beta[0]), schedule.noise_scale
+    base = parts.denoiser.original
+    modules = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
+    present = [t for t in TARGETS[targets] if t.rsplit(".", 1)[-1] in modules]
+    student = copy.deepcopy(base).float().train()
+    student.requires_grad_(False)
+    student.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=present))
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    height, width = parts.size(None, None)
+    cond_all, _ = parts.encode(prompts, None, height, width)
+    embeds = cond_all.embeds.detach().float().clone()
+    vae = copy.deepcopy(pipe.vae).float().eval().requires_grad_(False)
+    scaling = float(vae.config.get("scaling_factor", 1.0) or 1.0)
+    shift = float(vae.config.get("shift_factor", 0.0) or 0.0)
+
+    def decode(latents):
+        return vae.decode(latents / scaling + shift).sample
+
+    with torch.no_grad():
+        target_images = torch.cat([decode(c) for c in target.split(64)]).clamp(-1, 1)
+
+    step, history, rng = 0, [], torch.Generator().manual_seed(seed + 1)
+    state_path = os.path.join(workdir, "onestep.pt") if workdir else None
+    settings = dict(rank=rank, targets=present, teachers=teachers, teacher_steps=teacher_steps, batch=batch, lr=lr,
+                    pixel_weight=pixel_weight, hf_weight=hf_weight, seed=seed, guidance_scale=guidance_scale,
+                    guidance_rescale=guidance_rescale, prompts=prompts_hash(prompts))
+    if state_path and os.path.isfile(state_path):
+        state = torch.load(state_path, weights_only=False)
+        if state["settings"] == settings:
+            student.load_state_dict(state["student"], strict=False)
+            optimizer.load_state_dict(state["optimizer"])
+            step, history = state["step"], state["history"]
+            rng.set_state(state["rng"])
+    deadline = time.time() + minutes * 60
+    total = iterations or 10**9
+    while step < total and time.time() < deadline:
+        rows = torch.randint(0, len(noise), (batch,), generator=rng)
+        x = noise_scale * noise[rows]
+        t = torch.full((batch,), t_first)
+        out = student(x, t, encoder_hidden_states=embeds[index[rows]], return_dict=False)[0]
+        x0 = to_x0_eps(out, x, alpha, beta, schedule.prediction_type)[0]
+        images = decode(x0)
+        spatial = F.mse_loss(x0, target[rows]) + pixel_weight * F.mse_loss(images, target_images[rows])
+        high = F.mse_loss(laplacian(images), laplacian(target_images[rows]))
+        loss = spatial + hf_weight * high
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for group in optimizer.param_groups:   # cosine decay to a tenth over the planned steps
+            group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total)))))
+        optimizer.step()
+        step += 1
+        history.append({"step": step, "loss": loss.item(), "spatial": spatial.item(), "high": high.item()})
+        if progress and (step % 25 == 0 or step == 1):
+            progress(history[-1])
+        if state_path and step % 200 == 0:
+            _save_state(state_path, student, optimizer, step, history, rng, settings)
+    if state_path:
+        _save_state(state_path, student, optimizer, step, history, rng, settings)
+    sampling = AdapterSampling(None, 1, (t_first,), 1.0)
+    fields = {"base": model_hash(base), "family": adapter_family.family, "rank": rank, "targets": present,
+              "steps": 1, "prompts": prompts_hash(prompts)}
+    details = {"settings": settings, "iterations": step, "final_loss": history[-1] if history else None,
+               "first_loss": history[0] if history else None, "base_weights": weights_hash(base)[:16]}
+    return TrainedAdapter(student.eval(), sampling, fields, details)
+
+
+def _save_state(path, student, optimizer, step, history, rng, settings):
+    from peft.utils import get_peft_model_state_dict
+
+    lora = {k: v for k, v in student.state_dict().items() if "lora_" in k}
+    torch.save({"student": lora, "optimizer": optimizer.state_dict(), "step": step, "history": history,
+                "rng": rng.get_state(), "settings": settings, "peft": len(get_peft_model_state_dict(student))},
+               path + ".tmp")
+    os.replace(path + ".tmp", path)

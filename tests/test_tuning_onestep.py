@@ -1,0 +1,215 @@
+"""One-step adapters on the tiny pipeline: training lowers the loss; the file is plain diffusers';
+its effect on the weights is exact; scales, swaps, known families, kohya files, bad input."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import fastdiff
+from fastdiff.architectures import tiny_sd_pipeline, tiny_sdxl_pipeline
+from fastdiff.artefacts import StaleArtefactError
+from fastdiff.tuning.adapters import ADAPTER_NAME, load_adapter
+from fastdiff.tuning.onestep import laplacian, train_onestep
+
+PROMPTS = ["a red circle", "a blue square"]
+
+
+def tiny():
+    pipe = tiny_sd_pipeline(scheduler="ddim")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    pipe = tiny()
+    adapter = train_onestep(pipe, PROMPTS, rank=4, minutes=2, iterations=30, teachers=16, teacher_steps=4, batch=8,
+                            workdir=str(tmp_path_factory.mktemp("work")))
+    folder = str(tmp_path_factory.mktemp("adapters") / "tiny-onestep")
+    return pipe, adapter, adapter.save(folder)
+
+
+def run(fast, **kwargs):
+    return fast(PROMPTS, generator=torch.Generator().manual_seed(0), output_type="np", **kwargs).images
+
+
+def test_training_lowers_the_loss_and_writes_a_manifest(trained):
+    _, adapter, saved = trained
+    first, last = adapter.details["first_loss"]["loss"], adapter.details["final_loss"]["loss"]
+    assert last < 0.7 * first, (first, last)
+    manifest = saved.manifest
+    assert manifest["fields"]["rank"] == 4 and manifest["fields"]["steps"] == 1
+    assert {"to_q", "to_k", "to_v", "conv1"} <= set(manifest["fields"]["targets"])
+    assert manifest["sampling"]["steps"] == 1 and manifest["sampling"]["timesteps"]
+    assert set(os.listdir(saved.path)) == {"pytorch_lora_weights.safetensors", "manifest.json"}
+
+
+def test_the_file_loads_with_plain_diffusers(trained):
+    _, _, saved = trained
+    plain = tiny()
+    before = run(plain, num_inference_steps=1, guidance_scale=1.0)
+    plain.load_lora_weights(saved.path)   # diffusers alone, no fastdiff involved
+    after = run(plain, num_inference_steps=1, guidance_scale=1.0)
+    assert np.abs(after - before).max() > 1e-3
+
+
+def test_scale_zero_is_the_base_model_and_scale_one_is_the_merged_weights(trained):
+    pipe, _, saved = trained
+    base = run(fastdiff.accelerate(pipe), num_inference_steps=2, guidance_scale=1.0)
+    fast = fastdiff.accelerate(pipe, adapter=saved.path, adapter_scale=0.0)
+    np.testing.assert_array_equal(run(fast, num_inference_steps=2, guidance_scale=1.0), base)
+    fast.set_adapter(saved.path, 1.0)
+    with_lora = run(fast, num_inference_steps=2, guidance_scale=1.0)
+    assert np.abs(with_lora - base).max() > 1e-3
+    # the same as merging B·A·(α/r) into every targeted weight by hand
+    merged = tiny()
+    state = load_file(os.path.join(saved.path, "pytorch_lora_weights.safetensors"))
+    with torch.no_grad():
+        for key, down in state.items():
+            if not key.endswith("lora_A.weight"):
+                continue
+            up = state[key.replace("lora_A", "lora_B")]
+            name = key[len("unet."):-len(".lora_A.weight")]
+            weight = merged.unet.get_submodule(name).weight
+            delta = (up.flatten(1) @ down.flatten(1)).view(weight.shape) if weight.dim() == 4 else up @ down
+            weight += delta   # α = r: a scale of one
+    np.testing.assert_allclose(run(fastdiff.accelerate(merged), num_inference_steps=2, guidance_scale=1.0),
+                               with_lora, atol=1e-5)
+    fast.set_adapter(None)
+    np.testing.assert_array_equal(run(fast, num_inference_steps=2, guidance_scale=1.0), base)
+
+
+def test_the_adapter_sets_one_step_and_its_timestep(trained):
+    pipe, _, saved = trained
+    fast = fastdiff.accelerate(pipe, adapter=saved.path)
+    calls = []
+    real = fast.denoiser.run
+    fast.denoiser.run = lambda module, x, t, c: calls.append((x.shape[0], float(t[0]))) or real(module, x, t, c)
+    try:
+        run(fast)   # no steps, no guidance: the adapter's
+    finally:
+        del fast.denoiser.run
+    assert calls == [(2, saved.sampling.timesteps[0])]   # one call, unguided, at the trained timestep
+    fast.set_adapter(None)
+
+
+def test_a_mismatched_base_is_refused(trained):
+    _, _, saved = trained
+    other = tiny_sd_pipeline(seed=1)
+    with pytest.raises(StaleArtefactError, match="base"):
+        fastdiff.accelerate(other, adapter=saved.path)
+
+
+def test_set_adapter_rescales_a_compiled_denoiser_without_recompiling(trained):
+    pipe, _, saved = trained
+    compiles = []
+
+    def counting_backend(graph, inputs):
+        compiles.append(1)
+        return graph.forward
+
+    fast = fastdiff.accelerate(pipe, adapter=saved.path, adapter_scale=1.0)
+    fast.denoiser.module = torch.compile(pipe.unet, backend=counting_backend, dynamic=False)
+    try:
+        one = run(fast, num_inference_steps=1, guidance_scale=1.0)
+        n = len(compiles)
+        fast.set_adapter(saved.path, 0.3)
+        three = run(fast, num_inference_steps=1, guidance_scale=1.0)
+        assert len(compiles) == n and n >= 1   # the scale is a tensor: no guard failed, nothing recompiled
+        assert np.abs(one - three).max() > 1e-4   # and yet the output changed
+    finally:
+        fast.denoiser.module = fast.denoiser.original
+        fast.set_adapter(None)
+
+
+def test_stream_set_adapter_changes_the_frames(trained):
+    pipe, _, saved = trained
+    stream = fastdiff.Stream(pipe, [30], cfg="none", output_type="latent", adapter=saved.path)
+    stream.prepare("a red circle")
+    frame = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with_adapter = stream(frame)
+    stream.set_adapter(saved.path, scale=0.0)
+    without = stream(frame)
+    assert not torch.allclose(with_adapter, without)
+    assert stream.adapter_ready()
+    stream.set_adapter(None)
+
+
+def test_known_families_set_their_scheduler(trained, tmp_path):
+    pipe, _, saved = trained
+    weights = os.path.join(saved.path, "pytorch_lora_weights.safetensors")
+    lcm = str(tmp_path / "lcm-lora-tiny.safetensors")
+    shutil.copy(weights, lcm)
+    fast = fastdiff.accelerate(pipe, adapter=lcm)
+    assert type(fast.scheduler).__name__ == "LCMScheduler" and type(pipe.scheduler).__name__ == "DDIMScheduler"
+    assert fast.adapter.sampling.steps == 4 and fast.adapter.family == "lcm"
+    assert run(fast).shape == (2, 64, 64, 3)
+    tcd = str(tmp_path / "my-tcd-adapter.safetensors")
+    shutil.copy(weights, tcd)
+    assert type(fastdiff.accelerate(pipe, adapter=tcd).scheduler).__name__ == "TCDScheduler"
+    hyper = str(tmp_path / "Hyper-SD15-2steps-lora.safetensors")
+    shutil.copy(weights, hyper)
+    assert load_adapter(hyper).sampling.steps == 2
+    mystery = str(tmp_path / "mystery.safetensors")
+    shutil.copy(weights, mystery)
+    with pytest.raises(ValueError, match="adapter_scheduler"):
+        fastdiff.accelerate(pipe, adapter=mystery)
+    fast = fastdiff.accelerate(pipe, adapter=mystery, adapter_scheduler="lcm")
+    assert type(fast.scheduler).__name__ == "LCMScheduler"
+    fast.set_adapter(None)
+
+
+def to_kohya(state: dict) -> dict:
+    """Our LoRA (PEFT keys) written in kohya's layout: lora_unet_<path with _>.lora_down/up.weight + alpha."""
+    out = {}
+    for key, value in state.items():
+        path, kind = key[len("unet."):].rsplit(".lora_", 1)   # kind: "A.weight" or "B.weight"
+        name = "lora_unet_" + path.replace(".", "_")
+        out[f"{name}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = value
+        if kind.startswith("A"):
+            out[f"{name}.alpha"] = torch.tensor(float(value.shape[0]))
+    return out
+
+
+def test_a_kohya_file_gives_the_same_weights_as_peft_loading_ours(trained, tmp_path):
+    pipe, _, saved = trained
+    state = load_file(os.path.join(saved.path, "pytorch_lora_weights.safetensors"))
+    kohya = str(tmp_path / "lcm-kohya.safetensors")
+    save_file(to_kohya(state), kohya)
+    ours = fastdiff.accelerate(pipe, adapter=saved.path)
+    want = run(ours, num_inference_steps=2, guidance_scale=1.0)
+    ours.set_adapter(None)
+    theirs = fastdiff.accelerate(pipe, adapter=kohya, adapter_scheduler="hyper")
+    theirs.own_scheduler = None   # compare the weights alone, on the same scheduler
+    got = run(theirs, num_inference_steps=2, guidance_scale=1.0)
+    theirs.set_adapter(None)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_bad_input_is_named(tmp_path):
+    pipe = tiny()
+    with pytest.raises(ValueError, match="rank"):
+        train_onestep(pipe, PROMPTS, rank=0, iterations=1)
+    with pytest.raises(ValueError, match="targets"):
+        train_onestep(pipe, PROMPTS, targets="everything", iterations=1)
+    with pytest.raises(ValueError, match="adapter: no LoRA"):
+        fastdiff.accelerate(pipe, adapter=str(tmp_path / "missing"))
+    sdxl = tiny_sdxl_pipeline()
+    foreign = tmp_path / "sdxl"
+    sdxl_adapter = train_onestep(tiny(), PROMPTS, rank=2, iterations=1, teachers=2, teacher_steps=2, batch=2)
+    sdxl_adapter.save(str(foreign))
+    with pytest.raises((ValueError, StaleArtefactError)):
+        fastdiff.accelerate(sdxl, adapter=str(foreign))
+
+
+def test_the_high_frequency_term_is_a_laplacian():
+    flat = torch.ones(1, 3, 8, 8)
+    assert laplacian(flat).abs().max() == 0
+    edge = torch.zeros(1, 1, 8, 8)
+    edge[..., 4:] = 1
+    assert laplacian(edge).abs().sum() > 0
+    assert ADAPTER_NAME == "fastdiff"

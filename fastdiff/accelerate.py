@@ -20,6 +20,7 @@ from .sampling.schedule import step_schedule
 from .stream.batch import LatentStream
 from .stream.prepare import Prepared, UsesPrepared
 from .tuning.adapters import HoldsAdapter
+from .tuning.routing import HoldsRouter
 
 # pipeline class → (task, module of its output dataclass, output dataclass)
 SUPPORTED = {
@@ -37,7 +38,7 @@ ACCEPTED_ARGS = ("prompt", "image", "negative_prompt", "height", "width", "num_i
 
 def accelerate(pipe, *, cfg: str | None = None, delta: float = 1.0, solver: str | None = None,
                backend: str | None = None, engine_options: dict | None = None, schedule=None, adapter=None,
-               adapter_scale: float = 1.0, adapter_scheduler: str | None = None) -> "AcceleratedPipeline":
+               adapter_scale: float = 1.0, adapter_scheduler: str | None = None, router=None) -> "AcceleratedPipeline":
     """Wrap a diffusers pipeline; the result is called exactly like `pipe`.
 
     ``schedule``: a searched step schedule (a path, a :class:`fastdiff.tuning.Schedule`, or a list of
@@ -51,6 +52,10 @@ def accelerate(pipe, *, cfg: str | None = None, delta: float = 1.0, solver: str 
     calls then default to its step count, timesteps, scheduler and guidance. ``set_adapter`` swaps or
     rescales it later.
 
+    ``router``: a prompt router (``fastdiff tune route``): each prompt of a call runs on the pruned
+    sub-network of its code, rows grouped by code, one denoiser call per group; outputs come back in
+    the caller's order. :attr:`last_call_macs` reports the MACs of the last call's denoiser calls.
+
     ``cfg``: None follows diffusers (``"full"`` when guidance_scale > 1, else ``"none"``); ``"self"``
     or ``"initialize"`` use residual guidance at n (or n+1) rows per step instead of 2n.
     ``solver``: None picks from the scheduler (LCM's step for LCMScheduler, DDIM/Euler otherwise).
@@ -60,7 +65,7 @@ def accelerate(pipe, *, cfg: str | None = None, delta: float = 1.0, solver: str 
     (default the model's native size); other options as for :class:`fastdiff.Stream`.
     """
     wrapped = AcceleratedPipeline(pipe, cfg=cfg, delta=delta, solver=solver, backend=backend,
-                                  engine_options=engine_options, schedule=schedule)
+                                  engine_options=engine_options, schedule=schedule, router=router)
     if adapter is not None:
         wrapped.set_adapter(adapter, adapter_scale, adapter_scheduler)
     return wrapped
@@ -75,8 +80,9 @@ def supported_base(pipe) -> type:
                      f"{', '.join(sorted(SUPPORTED))}")
 
 
-class AcceleratedPipeline(UsesPrepared, HoldsAdapter):
-    def __init__(self, pipe, cfg=None, delta=1.0, solver=None, backend=None, engine_options=None, schedule=None):
+class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
+    def __init__(self, pipe, cfg=None, delta=1.0, solver=None, backend=None, engine_options=None, schedule=None,
+                 router=None):
         base = supported_base(pipe)
         self.pipe = pipe
         self.task, module, output_class = SUPPORTED[base.__name__]
@@ -93,6 +99,8 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter):
         resolutions = options.pop("resolutions", None) if isinstance(options, dict) else None
         check_int(max_batch, "engine_options['max_batch']", 1, 31)
         self.parts = Prepared(pipe, backend, options)
+        self._set_router(router)
+        self._last_rows = None   # (model conditioning, latent shape) of the last call's denoiser calls
         self._max_batch, self._resolutions = max_batch, resolutions or [self.parts.size(None, None)]
         if backend is not None:
             self._attach_engines()
@@ -115,6 +123,12 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter):
                 raise ValueError(f"schedule: two schedules of {loaded.steps} steps")
             found[loaded.steps] = loaded
         return found
+
+    @property
+    def last_call_macs(self) -> float | None:
+        """MACs of one denoiser call of the last ``__call__`` (every row, CFG's too, each row on its
+        route's sub-network), by the shared counter; None before the first call."""
+        return None if self._last_rows is None else self.parts.rows_macs(*self._last_rows)
 
     def refresh_engines(self):
         """Build (or load) the engines again for the denoiser's current weights — after a LoRA was
@@ -179,7 +193,8 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter):
         elif image is not None:
             raise ValueError(f"image is not an argument of the txt2img {type(self.pipe).__name__}")
         height, width = self.parts.size(height, width)
-        cond, uncond = self.parts.encode(prompt, negative_prompt, height, width, per_prompt=num_images_per_prompt)
+        cond, uncond = self.parts.encode(prompt, negative_prompt, height, width, per_prompt=num_images_per_prompt,
+                                         route=self._route())
         batch = len(cond)
         if pixels is not None:
             if pixels.shape[0] not in (1, batch):
@@ -232,6 +247,8 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter):
         # One slot per step, the whole batch as its frames; noise drawn as the pipeline draws it.
         stream = LatentStream(denoiser, schedule, cond, uncond, latent_shape, guider=guider, noise="fresh",
                               generator=generator)
+        t_rows = torch.zeros(len(cond), device=denoiser.device)
+        self._last_rows = (guider.model_conditioning(t_rows, cond, uncond, len(cond))[1], latent_shape)
         finished = stream.push(clean, noise=noise)
         result = finished if finished is not None else stream.drain()[0]
         return self._output(result.latents, output_type, return_dict, codec)

@@ -31,6 +31,7 @@ OPTION_OF = {
     "pipe": "--model", "model": "--model", "components": "--components", "batch": "--batch",
     "resolutions": "--resolution", "backend": "--backend", "guidance_rescale": "--guidance-rescale",
     "schedule": "--schedule", "adapter": "--adapter", "adapter_scheduler": "--adapter", "scale": "--adapter-scale",
+    "router": "--router", "codes": "--codes", "target": "--target",
 }
 # One vocabulary for what runs the model, in every command: "torch" is the pipeline's own modules,
 # the rest are fastdiff's engine backends.
@@ -91,6 +92,23 @@ def pick_adapter(adapter: str, model: str, steps: int | None) -> str | None:
     if not os.path.exists(adapter):
         raise click.BadParameter(f"no LoRA folder or .safetensors file at {adapter}", param_hint="'--adapter'")
     return adapter
+
+
+def pick_router(router: str | None, model: str) -> str | None:
+    """--router PATH, or 'shapes' — the shapes model's shipped router."""
+    if router is None:
+        return None
+    if router == "shapes":
+        from .shapes import artefact_path
+
+        path = artefact_path("router")
+        if model != "shapes" or not os.path.isfile(os.path.join(path, "manifest.json")):
+            raise click.BadParameter("the shapes router goes with --model shapes, and ships with it",
+                                     param_hint="'--router'")
+        return path
+    if not os.path.isdir(router):
+        raise click.BadParameter(f"no router folder at {router}", param_hint="'--router'")
+    return router
 
 
 def pick_schedule(schedule: str, model: str, steps: int | None) -> tuple[str | None, int]:
@@ -170,6 +188,9 @@ def main():
               help="A LoRA adapter (ours from `fastdiff tune onestep`, or LCM/TCD/Hyper-SD/Lightning/DMD2); auto: "
                    "the shapes model's shipped one-step adapter when --steps is 1.")
 @click.option("--adapter-scale", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option("--router", default=None, metavar="shapes|PATH",
+              help="A prompt router (fastdiff tune route): each prompt runs on its pruned sub-network; "
+                   "'shapes': the shapes model's shipped one.")
 @click.option("--guidance-scale", type=click.FloatRange(min=0), default=None,
               help="Guidance scale (default: the adapter's, the shapes model's own, else the pipeline's).")
 @click.option("--guidance-rescale", type=click.FloatRange(0, 1), default=None,
@@ -184,8 +205,8 @@ def main():
 @width_option
 @backend_option
 @device_option
-def generate(prompts, model, steps, schedule, adapter, adapter_scale, guidance_scale, guidance_rescale, cfg, seed,
-             num_images, out, height, width, backend, device):
+def generate(prompts, model, steps, schedule, adapter, adapter_scale, router, guidance_scale, guidance_rescale, cfg,
+             seed, num_images, out, height, width, backend, device):
     """Generate images for each PROMPT with the accelerated pipeline and write them as PNGs."""
     from tqdm import tqdm
 
@@ -194,6 +215,7 @@ def generate(prompts, model, steps, schedule, adapter, adapter_scale, guidance_s
     if any(not p.strip() for p in prompts):   # checked before anything loads
         raise click.BadParameter("a prompt must not be empty", param_hint="PROMPT")
     adapter = pick_adapter(adapter, model, steps)
+    router = pick_router(router, model)
     asked_steps = steps
     schedule, steps = pick_schedule(schedule if adapter is None else "none", model, steps)
     device = check_device(device)
@@ -207,7 +229,7 @@ def generate(prompts, model, steps, schedule, adapter, adapter_scale, guidance_s
         and cfg in (None, "full") else {}
     with usage_errors(prompt_hint="PROMPT"):
         fast = accelerate(pipe, cfg=cfg, backend=engine_backend(backend), schedule=schedule, adapter=adapter,
-                          adapter_scale=adapter_scale)
+                          adapter_scale=adapter_scale, router=router)
     if adapter is not None:
         sampling = fast.adapter.sampling
         steps = asked_steps or sampling.steps   # the adapter's own step count unless --steps says otherwise
@@ -232,6 +254,10 @@ def generate(prompts, model, steps, schedule, adapter, adapter_scale, guidance_s
             written.append(path)
     n = len(written)
     click.echo(f"wrote {n} image{'s' * (n != 1)} to {out}")
+    if router is not None:
+        full = fast.router.details.get("macs_full")
+        click.echo(f"routed: {fast.last_call_macs / 1e6:.1f} M MACs in the last denoiser call"
+                   + (f" (the full model: {full * 2 * num_images / 1e6:.1f} M per prompt's rows)" if full else ""))
     click.echo(f"{seconds / n:.3f} s/image, {n / seconds:.2f} images/s (generation only, first call included)")
 
 
@@ -429,9 +455,10 @@ def build(model, components, backend, precision, profile, resolutions, batch, ou
 @click.option("--max-frame-side", type=click.IntRange(min=16), default=1024, show_default=True,
               help="Largest width or height of a client's frames.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads (default: torch's).")
+@click.option("--router", default=None, metavar="shapes|PATH", help="A prompt router for every session's stream.")
 @device_option
 def demo(model, backend, steps, cfg, guidance_scale, prompt, host, port, max_sessions, max_message_bytes,
-         max_frame_side, threads, device):
+         max_frame_side, threads, router, device):
     """Serve the demo page and its WebSocket at http://HOST:PORT/ (one model, a session per browser tab)."""
     try:
         import uvicorn
@@ -443,7 +470,8 @@ def demo(model, backend, steps, cfg, guidance_scale, prompt, host, port, max_ses
     with usage_errors():
         config = DemoConfig(steps=tuple(steps), cfg=cfg, guidance_scale=guidance_scale, backend=backend,
                             max_sessions=max_sessions, max_message_bytes=max_message_bytes,
-                            max_frame_side=max_frame_side, threads=threads, **options)
+                            max_frame_side=max_frame_side, threads=threads, router=pick_router(router, model),
+                            **options)
     pipe = load_pipeline(model, check_device(device))
     with usage_errors():
         try:
@@ -622,6 +650,53 @@ def tune_onestep(model, rank, minutes, iterations, targets, prompt_file, count, 
                f"written to {saved.path}")
 
 
+@tune.command(name="route", short_help="Train a prompt router over pruned sub-networks (APTP).")
+@click.option("--model", default="shapes", show_default=True, help="'shapes' (its renderer gives the training pictures).")
+@click.option("--codes", type=click.IntRange(min=1), default=4, show_default=True, help="Architecture codes K.")
+@click.option("--target", type=float, default=0.6, show_default=True,
+              help="Mean share of the full model's MACs to aim at, in (0, 1].")
+@click.option("--minutes", type=float, default=40.0, show_default=True,
+              help="Whole budget: routing, then a third of it fine-tuning the sub-networks.")
+@click.option("--iterations", type=click.IntRange(min=1), default=None, help="Steps of each phase (default: the budget).")
+@click.option("--batch", type=click.IntRange(min=2), default=32, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="The router folder.")
+@device_option
+def tune_route(model, codes, target, minutes, iterations, batch, seed, out, device):
+    """Train a router that sends each prompt to one of --codes pruned sub-networks of --model, at
+    --target of its MACs on average, and write router, codes and sub-networks to --out."""
+    from .tuning.routing import train_router
+
+    if not 0 < target <= 1:
+        raise click.BadParameter(f"must be in (0, 1], got {target}", param_hint="'--target'")
+    if minutes <= 0:
+        raise click.BadParameter(f"must be > 0, got {minutes}", param_hint="'--minutes'")
+    if model != "shapes" and not os.path.isdir(model):
+        raise click.BadParameter("routing trains on pictures of its prompts: the shapes model (or a shapes-world "
+                                 "folder) brings its renderer", param_hint="'--model'")
+    pipe = load_pipeline(model, check_device(device))
+    from .shapes.render import batch_tensors
+
+    def draw(count, generator):
+        seed_now = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        return batch_tensors(count, seed_now)
+
+    def progress(entry):
+        if entry["stage"] == "route":
+            click.echo(f"  route {entry['step']}: loss {entry['loss']:.4f}, distill {entry['distill']:.4f}, "
+                       f"MACs {100 * entry['macs_ratio']:.0f}%, codes used {entry['used_codes']}", err=True)
+        else:
+            click.echo(f"  finetune {entry['step']}: " + ", ".join(f"code {k} {v:.4f}" for k, v in entry["losses"].items()),
+                       err=True)
+
+    with usage_errors():
+        router = train_router(pipe, None, draw, codes=codes, target=target, minutes=minutes, iterations=iterations,
+                              batch=batch, seed=seed, progress=progress)
+    router.save(str(out))
+    shares = ", ".join(f"{100 * r:.0f}%" for r in router.details["macs_ratio_per_code"])
+    click.echo(f"{codes} codes at {shares} of the full model's MACs; written to {out}")
+
+
 @main.group()
 def bench():
     """Measure fastdiff configurations."""
@@ -651,12 +726,13 @@ def bench():
 @click.option("--schedule", default=None, metavar="PATH", multiple=True,
               help="Searched step schedules (fastdiff tune steps): rows of their step counts run them.")
 @click.option("--adapter", default=None, metavar="PATH", help="A LoRA adapter every row but the teacher runs with.")
+@click.option("--router", default=None, metavar="shapes|PATH", help="A prompt router every row but the teacher runs with.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("out/quality.json"),
               show_default=True, help="JSON file the configuration and rows are written to.")
 @device_option
 def quality(model, steps, cfgs, solver, guidance_scale, guidance_rescale, count, unstated, repeats, teacher_steps,
-            schedule, adapter, seed, out, device):
+            schedule, adapter, router, seed, out, device):
     """Prompt accuracy (1, 2, 3 objects; unstated attributes), coverage, PSNR against a many-step
     teacher, Fréchet shape distance and seconds per image for each (steps, CFG mode), printed as a
     Markdown table and written to --out."""
@@ -685,7 +761,9 @@ def quality(model, steps, cfgs, solver, guidance_scale, guidance_rescale, count,
         options["schedule"], label = list(schedule), label + ["searched"]
     if adapter:
         options["adapter"], label = adapter, label + ["adapter"]
-    config.update(schedule=list(schedule) or None, adapter=adapter)
+    if router:
+        options["router"], label = pick_router(router, model), label + ["routed"]
+    config.update(schedule=list(schedule) or None, adapter=adapter, router=router)
     with usage_errors():
         rows = quality_table(pipe, steps, modes, None if options else solver, guidance_scale, count, teacher_steps,
                              seed, progress=lambda r: click.echo(f"  {r.steps} steps, cfg {r.cfg}: done", err=True),

@@ -12,12 +12,13 @@ from .stream.batch import NOISE_MODES, LatentStream
 from .stream.prepare import Prepared, UsesPrepared
 from .stream.similarity import SimilarityFilter
 from .tuning.adapters import HoldsAdapter
+from .tuning.routing import HoldsRouter
 
 MODES = ("img2img", "txt2img")
 DEFAULT_STEPS = {"img2img": [32, 45], "txt2img": [0, 16, 32, 45]}
 
 
-class Stream(UsesPrepared, HoldsAdapter):
+class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
     """Real-time img2img or txt2img over a diffusers pipeline.
 
     ``steps`` index the scheduler's ``num_inference_steps``-step schedule (noisiest first);
@@ -45,6 +46,10 @@ class Stream(UsesPrepared, HoldsAdapter):
     ``adapter`` loads a LoRA into the denoiser (see :func:`fastdiff.accelerate`); the stream then
     samples with its scheduler, and a txt2img stream with its timesteps. :meth:`set_adapter` swaps or
     rescales it while streaming.
+
+    ``router`` routes the prompt (each frame's, with F > 1) to a pruned sub-network at
+    :meth:`prepare` / :meth:`update`; frames of different codes are grouped, one call per group;
+    :attr:`macs_per_call` counts a full call's MACs.
     """
 
     def __init__(self, pipe, steps=None, *, timesteps=None, num_inference_steps: int = 50,
@@ -53,7 +58,7 @@ class Stream(UsesPrepared, HoldsAdapter):
                  mode: str = "img2img", solver: str | None = None, noise: str = "fixed", seed: int = 0,
                  height: int | None = None, width: int | None = None, output_type: str = "pt",
                  backend: str | None = None, engine_options: dict | None = None, adapter=None,
-                 adapter_scale: float = 1.0, adapter_scheduler: str | None = None):
+                 adapter_scale: float = 1.0, adapter_scheduler: str | None = None, router=None):
         self.mode = check_choice(mode, "mode", MODES)
         self.frame_buffer = check_int(frame_buffer, "frame_buffer", 1)
         check_choice(noise, "noise", NOISE_MODES)
@@ -69,6 +74,7 @@ class Stream(UsesPrepared, HoldsAdapter):
         self.filter = (SimilarityFilter(float(similarity_filter), max_skip_frames, seed)
                        if similarity_filter is not None else None)
         self._pending = None   # an engine rebuild running in the background (set_adapter(wait=False))
+        self._set_router(router)
         if adapter is not None:
             self._set_adapter(adapter, adapter_scale, adapter_scheduler)
         if steps is None and timesteps is None:
@@ -115,7 +121,8 @@ class Stream(UsesPrepared, HoldsAdapter):
         self._start()
 
     def _encode(self, prompt, negative_prompt):
-        self._cond = self.parts.encode(prompt, negative_prompt, self.height, self.width, frames=self.frame_buffer)
+        self._cond = self.parts.encode(prompt, negative_prompt, self.height, self.width, frames=self.frame_buffer,
+                                       route=self._route())
         self.prompt, self.negative_prompt = prompt, negative_prompt
 
     def _start(self):
@@ -245,6 +252,17 @@ class Stream(UsesPrepared, HoldsAdapter):
     def rows_per_call(self) -> int:
         self._require_prepared()
         return self.latents.rows_per_call
+
+    @property
+    def macs_per_call(self) -> float:
+        """MACs of one denoiser call on the full stream (every row, unconditional ones too), each row
+        on its route's sub-network, by the shared counter."""
+        self._require_prepared()
+        cond, uncond = self._cond
+        n, F = len(self.schedule), self.frame_buffer
+        t = torch.zeros(n * F, device=self.denoiser.device)
+        rows = self.guider.model_conditioning(t, cond.tile(n), uncond.tile(n) if uncond is not None else None, F)[1]
+        return self.parts.rows_macs(rows, self.latent_shape)
 
     @property
     def skipped_frames(self) -> int:

@@ -58,6 +58,7 @@ class DemoConfig:
     max_message_bytes: int = 1 << 20  # any one message, frame or control
     max_frame_side: int = 1024  # width and height of a client's frames
     threads: int | None = None  # torch threads of the compute thread; None: torch's default
+    router: str | None = None  # a prompt router folder (fastdiff tune route), loaded once for every session
 
     def __post_init__(self):
         check_int(self.max_sessions, "max_sessions", 1)
@@ -86,9 +87,15 @@ def create_app(pipe, config: DemoConfig | None = None) -> FastAPI:
                         guidance_scale=config.guidance_scale, steps=config.steps, format="jpeg")
     default_steps = {"img2img": config.steps or DEFAULT_STEPS["img2img"], "txt2img": DEFAULT_STEPS["txt2img"]}
 
+    router = None
+    if config.router is not None:   # loaded once: every session's stream shares its sub-networks
+        from ..tuning.routing import load_router
+
+        router = load_router(config.router, pipe)
+
     def make_stream(settings: Settings) -> Stream:
         stream = Stream(pipe, list(settings.steps or default_steps[settings.mode]), mode=settings.mode,
-                        guidance_scale=settings.guidance_scale, **config.stream_options())
+                        guidance_scale=settings.guidance_scale, router=router, **config.stream_options())
         stream.prepare(settings.prompt, settings.negative_prompt)
         return stream
 

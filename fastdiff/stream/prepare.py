@@ -67,12 +67,13 @@ class Prepared:
 
     # -- prompts -------------------------------------------------------------------------------
     def encode(self, prompt, negative_prompt, height: int, width: int, *, frames: int | None = None,
-               per_prompt: int = 1) -> tuple[Conditioning, Conditioning]:
+               per_prompt: int = 1, route=None) -> tuple[Conditioning, Conditioning]:
         """(conditional, unconditional) rows for `prompt` and `negative_prompt` (a string or a list).
 
         A stream (`frames` F) takes one prompt or F, one row per frame. A pipeline call takes any
         number of prompts, each repeated `per_prompt` times; a negative prompt is one string or one
-        per prompt."""
+        per prompt. `route` (``prompts -> int64 [B]``, a router's) gives every row, and its
+        unconditional row alike, the sub-network it runs on."""
         tokenizers = self.denoiser.tokenizers
         prompts = check_prompts(prompt, "prompt", tokenizers, allow_empty=False)
         negatives = None
@@ -93,7 +94,36 @@ class Prepared:
                 negatives = [n for n in negatives for _ in range(per_prompt)]
             prompts = [p for p in prompts for _ in range(per_prompt)]
         with torch.inference_mode():
-            return self.denoiser.encode_prompt(prompts, negatives, height, width)
+            cond, uncond = self.denoiser.encode_prompt(prompts, negatives, height, width)
+            if route is not None:
+                routes = route(prompts)
+                cond, uncond = cond.with_route(routes), uncond.with_route(routes)
+        return cond, uncond
+
+    # -- cost ----------------------------------------------------------------------------------
+    def row_macs(self, cond_row: Conditioning, latent_shape: tuple, route: int | None = None) -> float:
+        """MACs of one denoiser row at `latent_shape` (on `route`'s sub-network when routed), counted
+        once by the shared counter (:mod:`fastdiff.macs`) and kept."""
+        from ..denoiser import GroupedDenoiser
+        from ..macs import call_macs
+
+        cache = self.__dict__.setdefault("_row_macs", {})
+        key = (route, tuple(latent_shape), tuple(cond_row.embeds.shape[1:]))
+        if key not in cache:
+            d = self.denoiser
+            module = d.originals[route] if isinstance(d, GroupedDenoiser) and route is not None else d.original
+            x = torch.zeros((1, *latent_shape), device=d.device, dtype=d.dtype)
+            t = torch.full((1,), 500.0, device=d.device)
+            plain = Conditioning(cond_row.embeds[:1], {k: v[:1] for k, v in cond_row.extras.items()})
+            cache[key] = call_macs(d.run, module, x, t, plain)
+        return cache[key]
+
+    def rows_macs(self, cond_model: Conditioning, latent_shape: tuple) -> float:
+        """MACs of a denoiser call over the rows of `cond_model` (each on its route's sub-network)."""
+        if cond_model.route is None:
+            return len(cond_model) * self.row_macs(cond_model, latent_shape)
+        routes, counts = cond_model.route.unique(return_counts=True)
+        return sum(int(n) * self.row_macs(cond_model, latent_shape, int(r)) for r, n in zip(routes, counts))
 
     # -- engines -------------------------------------------------------------------------------
     def attach_engines(self, rows: int, frames: int, resolutions, *, best_rows: int | None = None,

@@ -1,13 +1,21 @@
-"""The tuning layer: offline searches that write artefacts the runtime loads.
+"""The tuning layer: offline searches that write artefacts the runtime loads, each a function
+(pipeline, prompts, budget) → an artefact with a manifest, plus the loader the front doors use.
 
-- :func:`search_steps` — timestep search (evolution, dynamic programming, Align Your Steps) →
-  a :class:`Schedule` JSON file, loaded by ``fastdiff.accelerate(pipe, schedule=...)`` and
-  ``fastdiff.Stream(pipe, steps=...)``.
+- :func:`search_steps` — timestep search (evolution, dynamic programming, Align Your Steps) → a
+  :class:`Schedule` JSON file; ``fastdiff.accelerate(pipe, schedule=...)``, ``fastdiff.Stream(pipe, steps=...)``.
+- :func:`train_onestep` — a one-step LoRA adapter (HiPA-style) → a diffusers-loadable LoRA folder;
+  ``accelerate(pipe, adapter=...)``, ``Stream(pipe, adapter=...)``, ``stream.set_adapter(...)``.
+- :func:`train_router` — prompt-routed pruning (APTP) → a router folder with its pruned
+  sub-networks; ``accelerate(pipe, router=...)``, ``Stream(pipe, router=...)``.
 """
 
+from .adapters import KNOWN_FAMILIES, Adapter, load_adapter
 from .fitness import DEFAULT_WEIGHTS, Trajectories, shapes_judge
+from .onestep import train_onestep
+from .routing import Router, load_router, train_router
 from .schedules import Schedule, load_schedule
 from .steps import METHODS, search_steps
 
-__all__ = ["DEFAULT_WEIGHTS", "METHODS", "Schedule", "Trajectories", "load_schedule", "search_steps",
-           "shapes_judge"]
+__all__ = ["Adapter", "DEFAULT_WEIGHTS", "KNOWN_FAMILIES", "METHODS", "Router", "Schedule", "Trajectories",
+           "load_adapter", "load_router", "load_schedule", "search_steps", "shapes_judge", "train_onestep",
+           "train_router"]

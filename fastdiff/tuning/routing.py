@@ -1,0 +1,369 @@
+"""Prompt-routed pruning (APTP, "Not All Prompts Are Made Equal"): a router sends each prompt to one
+of K architecture codes, each a physically pruned sub-network of the denoiser sized to its prompts.
+
+    router = train_router(pipe, prompts, codes=4, target=0.6, minutes=40)
+    router.save("shapes-router")
+    fast = fastdiff.accelerate(pipe, router="shapes-router")   # rows grouped by code, one call each
+
+Training, the denoiser frozen (:mod:`.pruning` holds the units and gates):
+
+- the router: the pipeline's own text encoder, pooled and frozen → a small head → an architecture
+  vector, compared by cosine with K learned codes; each code holds gate logits over every unit;
+- a prompt's gates are its codes' logits mixed by a Sinkhorn-balanced soft assignment (so the codes
+  don't collapse), then Gumbel-sigmoid with a straight-through hard threshold;
+- losses: distillation to the full model's output and its up-block features; the resource loss
+  |log(mean MACs ratio / target)|; a contrastive loss aligning prompt similarity with architecture
+  similarity; the balancing cross-entropy against the Sinkhorn assignment;
+- then each code's sub-network is pruned for real (:func:`.pruning.prune`) and fine-tuned on the
+  prompts routed to it, the full model as teacher.
+
+Training data: noisy latents of pictures of the prompts (``images``, e.g. the shapes world's
+renderer), at random timesteps. The artefact: the router's weights, the codes' gates and the pruned
+sub-networks' weights, with a manifest (base weights hash, units, K, MACs per code, target).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..artefacts import StaleArtefactError, check_fields, library_versions, lock, publish_folder, read_manifest
+from ..checks import check_int, check_number
+from ..denoiser import GroupedDenoiser, denoiser_for
+from .pruning import Unit, attach_gates, gate_size, keep_one, macs_of, prunable_units, prune, unit_macs
+from .schedules import model_hash, prompts_hash
+
+__all__ = ["Router", "RouterHead", "HoldsRouter", "train_router", "load_router", "sinkhorn", "gumbel_sigmoid",
+           "pooled_prompts", "FORMAT"]
+
+FORMAT = 1
+KIND = "fastdiff-router"
+REMEDY = "train a router for this model (fastdiff tune route)"
+
+
+class RouterHead(torch.nn.Module):
+    """Pooled prompt embedding → architecture vector; K learned codes, each a direction in that space
+    and a vector of gate logits."""
+
+    def __init__(self, text_dim: int, gates: int, codes: int, hidden: int = 256):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(text_dim, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden))
+        self.directions = torch.nn.Parameter(torch.randn(codes, hidden) / math.sqrt(hidden))
+        self.logits = torch.nn.Parameter(torch.full((codes, gates), 1.0))   # start open: the full model
+
+    def scores(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of each prompt's architecture vector to each code [B, K]."""
+        return F.normalize(self.net(pooled), dim=-1) @ F.normalize(self.directions, dim=-1).T
+
+
+def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
+    """A balanced soft assignment [B, K] from scores: each row sums to 1 and every code gets an equal
+    share of the rows (Sinkhorn-Knopp on exp(scores / ε))."""
+    q = torch.exp((scores - scores.max()) / epsilon).T   # [K, B]
+    q = q / q.sum()
+    codes, rows = q.shape
+    for _ in range(iterations):
+        q = q / q.sum(dim=1, keepdim=True) / codes
+        q = q / q.sum(dim=0, keepdim=True) / rows
+    return (q * rows).T
+
+
+def gumbel_sigmoid(logits: torch.Tensor, temperature: float = 0.5, hard: bool = True,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gates in [0, 1] from logits with logistic noise; with `hard`, 0/1 forward and the soft gate's
+    gradient backward (straight-through)."""
+    u = torch.rand(logits.shape, generator=generator).clamp(1e-6, 1 - 1e-6).to(logits)
+    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / temperature)
+    if not hard:
+        return soft
+    return (soft > 0.5).to(soft) + soft - soft.detach()
+
+
+@dataclass
+class Router:
+    """A trained router: its head, each code's binary gates and sub-network, and their MACs."""
+
+    head: RouterHead
+    units: list[Unit]
+    gates: torch.Tensor            # [K, G] binary
+    subnets: dict                  # code → pruned module
+    fields: dict
+    details: dict = field(default_factory=dict)
+
+    @property
+    def codes(self) -> int:
+        return self.gates.shape[0]
+
+    @torch.no_grad()
+    def route(self, pipe, prompts: list[str]) -> torch.Tensor:
+        """The code of each prompt (int64 [B]), deterministic: the nearest code by cosine."""
+        return self.head.scores(pooled_prompts(pipe, prompts)).argmax(-1)
+
+    def check(self, pipe) -> "Router":
+        adapter = denoiser_for(pipe)
+        wanted = {"base": model_hash(adapter.original), "family": adapter.family,
+                  "text_encoder": model_hash(pipe.text_encoder)}
+        check_fields("this router", wanted, {k: self.fields.get(k) for k in wanted}, REMEDY)
+        return self
+
+    def grouped(self, pipe) -> GroupedDenoiser:
+        """The pipeline's denoiser as a grouped one over this router's sub-networks."""
+        return GroupedDenoiser(denoiser_for(pipe), self.subnets)
+
+    def save(self, folder: str) -> str:
+        from safetensors.torch import save_file
+
+        def build(partial):
+            save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, os.path.join(partial, "router.safetensors"))
+            for code, module in self.subnets.items():
+                save_file({k: v.contiguous() for k, v in module.state_dict().items()},
+                          os.path.join(partial, f"subnet-{code}.safetensors"))
+            return self.details
+
+        extra = {"kind": KIND, "units": [asdict(u) for u in self.units], "gates": self.gates.int().tolist(),
+                 "head": {"text_dim": self.head.net[0].in_features, "hidden": self.head.net[0].out_features},
+                 "versions": library_versions()}
+        os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
+        with lock(folder):
+            publish_folder(folder, self.fields, build, FORMAT, extra=extra)
+        return folder
+
+
+def pooled_prompts(pipe, prompts: list[str]) -> torch.Tensor:
+    """The frozen sentence embedding of each prompt: the text encoder's pooled output (float32 [B, D])."""
+    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(encoder.device)
+    with torch.no_grad():
+        return encoder(ids)[1].float()
+
+
+def load_router(router, pipe) -> Router:
+    """A :class:`Router` from its folder (or one already loaded), checked against `pipe`."""
+    if isinstance(router, Router):
+        return router.check(pipe)
+    if not isinstance(router, (str, os.PathLike)) or not os.path.isdir(router):
+        raise ValueError(f"router: no router folder at {router!r}")
+    from safetensors.torch import load_file
+
+    from ..artefacts import check_manifest
+
+    manifest = read_manifest(str(router))
+    if manifest is None or manifest.get("kind") != KIND:
+        raise ValueError(f"router: {router} is not a fastdiff router folder")
+    try:
+        check_manifest(str(router), manifest["fields"], "router", FORMAT, REMEDY)
+    except StaleArtefactError as error:
+        raise StaleArtefactError(str(error)) from None
+    units = [Unit(**u) for u in manifest["units"]]
+    gates = torch.tensor(manifest["gates"], dtype=torch.float32)
+    head = RouterHead(manifest["head"]["text_dim"], gate_size(units), len(gates), manifest["head"]["hidden"])
+    head.load_state_dict(load_file(os.path.join(router, "router.safetensors")))
+    loaded = Router(head.eval(), units, gates, {}, manifest["fields"], manifest.get("details", {}))
+    loaded.check(pipe)
+    base = denoiser_for(pipe).original
+    for code in range(len(gates)):
+        module = prune(base, units, gates[code])
+        module.load_state_dict(load_file(os.path.join(router, f"subnet-{code}.safetensors")))
+        loaded.subnets[code] = _placed(module, base).eval().requires_grad_(False)
+    return loaded
+
+
+def _placed(module, like):
+    """`module` on `like`'s device and in its dtype (cast only when it differs)."""
+    module = module.to(like.device)
+    return module if next(module.parameters()).dtype == like.dtype else module.to(like.dtype)
+
+
+# -- training ------------------------------------------------------------------------------------------
+def _noisy(scheduler, latents, generator):
+    """(x_t, t): `latents` noised at uniform random training timesteps."""
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    return scheduler.add_noise(latents, noise, t), t
+
+
+def _features(unet):
+    """Hooks recording each up block's output (the block features distilled), and their remover."""
+    store, handles = [], []
+    for block in unet.up_blocks:
+        handles.append(block.register_forward_hook(lambda m, a, out: store.append(out)))
+    return store, handles
+
+
+def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, minutes: float = 40.0, *,
+                 finetune_minutes: float | None = None, iterations: int | None = None, batch: int = 32,
+                 lr: float = 1e-2, finetune_lr: float = 1e-4, resource_weight: float = 1.0,
+                 contrastive_weight: float = 0.5, balance_weight: float = 0.5, feature_weight: float = 0.5,
+                 uncond_share: float = 0.3, seed: int = 0, progress=None, workdir: str | None = None) -> Router:
+    """Train a router of `codes` codes for `pipe` on `prompts` and their pictures `images` ([N, 3, H, W]
+    in [-1, 1], one per prompt, or a callable ``(count, generator) -> (images, prompts)`` drawing fresh
+    ones), aiming at `target` of the full model's MACs on average. `minutes` is the whole budget:
+    routing first, then the sub-networks' fine-tuning (``finetune_minutes``, default a third)."""
+    check_int(codes, "codes", 1, 64)
+    check_number(target, "target", 0.0, 1.0, low_open=True)
+    check_number(minutes, "minutes", 0.0, low_open=True)
+    adapter = denoiser_for(pipe)
+    if adapter.family != "unet":
+        raise ValueError(f"pipe: routed pruning is written for SD-family UNets, not {adapter.family!r}")
+    draw = images if callable(images) else None
+    if draw is None:
+        prompts = list(prompts)
+        if len(images) != len(prompts):
+            raise ValueError(f"images must hold one picture per prompt: {len(images)} pictures, {len(prompts)} prompts")
+    start = time.time()
+    finetune_minutes = minutes / 3 if finetune_minutes is None else finetune_minutes
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    unet = copy.deepcopy(adapter.original).float().eval().requires_grad_(False)
+    teacher = adapter.original
+    units = prunable_units(unet)
+    G = gate_size(units)
+    scheduler = pipe.scheduler
+    vae = pipe.vae
+    scaling = float(vae.config.get("scaling_factor", 1.0) or 1.0)
+
+    def batch_of(count):
+        if draw is not None:
+            pics, texts = draw(count, generator)
+        else:
+            rows = torch.randint(0, len(prompts), (count,), generator=generator)
+            pics, texts = images[rows], [prompts[i] for i in rows.tolist()]
+        with torch.no_grad():
+            latents = vae.encode(pics.to(vae.dtype)).latent_dist.mode().float() * scaling
+        return latents, list(texts)
+
+    sample_latents, sample_texts = batch_of(2)
+    with torch.no_grad():
+        embeds0 = adapter.pipe.encode_prompt(sample_texts, unet.device, 1, False)[0].float()
+    total, per_entry, blocks = unit_macs(unet, units, (sample_latents, torch.tensor([500.0, 500.0]), embeds0))
+    total, per_entry = total / 2, per_entry / 2
+    blocks = {k: v / 2 for k, v in blocks.items()}
+    text_dim = pooled_prompts(pipe, sample_texts[:1]).shape[-1]
+    head = RouterHead(text_dim, G, codes)
+    optimizer = torch.optim.Adam(head.parameters(), lr=lr)
+    gates_hooks = attach_gates(unet, units)
+    store, feature_handles = _features(unet)
+    uncond = adapter.pipe.encode_prompt([""], unet.device, 1, False)[0].float()
+    history, step = [], 0
+    route_deadline = start + max(0.0, minutes - finetune_minutes) * 60
+    while time.time() < route_deadline and (iterations is None or step < iterations):
+        latents, texts = batch_of(batch)
+        x, t = _noisy(scheduler, latents, generator)
+        with torch.no_grad():
+            embeds = adapter.pipe.encode_prompt(texts, unet.device, 1, False)[0].float()
+            drop = torch.rand(batch, generator=generator) < uncond_share   # CFG's unconditional rows, routed alike
+            embeds[drop] = uncond
+            pooled = pooled_prompts(pipe, texts)
+            target_out = teacher(x.to(teacher.dtype), t, embeds.to(teacher.dtype), return_dict=False)[0].float()
+            gates_hooks.set(None)
+            store.clear()
+            unet(x, t, embeds, return_dict=False)
+            target_features = [f.detach() for f in store]
+        scores = head.scores(pooled)
+        assign = torch.softmax(scores / 0.1, dim=-1)
+        balanced = sinkhorn(scores.detach())
+        logits = assign @ head.logits
+        gates = gumbel_sigmoid(logits, generator=generator)
+        gates_hooks.set(gates)
+        store.clear()
+        out = unet(x, t, embeds, return_dict=False)[0]
+        distill = F.mse_loss(out, target_out)
+        features = sum(F.mse_loss(f, g) for f, g in zip(store, target_features)) / max(len(store), 1)
+        ratio = macs_of(torch.sigmoid(logits), units, total, per_entry, blocks) / total
+        resource = (torch.log(ratio.mean() / target)).abs()
+        prompt_sim = F.normalize(pooled, dim=-1) @ F.normalize(pooled, dim=-1).T
+        arch = F.normalize(torch.sigmoid(logits), dim=-1)
+        contrastive = F.kl_div(F.log_softmax(arch @ arch.T / 0.1, dim=-1), F.softmax(prompt_sim / 0.1, dim=-1),
+                               reduction="batchmean")
+        balance = -(balanced * torch.log(assign + 1e-8)).sum(-1).mean()
+        loss = (distill + feature_weight * features + resource_weight * resource + contrastive_weight * contrastive
+                + balance_weight * balance)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        entry = {"stage": "route", "step": step, "loss": loss.item(), "distill": distill.item(),
+                 "macs_ratio": ratio.mean().item(), "used_codes": int(assign.argmax(-1).unique().numel())}
+        history.append(entry)
+        if progress and (step % 10 == 0 or step == 1):
+            progress(entry)
+    gates_hooks.remove()
+    for handle in feature_handles:
+        handle.remove()
+    # each code's architecture: its logits, thresholded (at least one entry kept per width unit)
+    with torch.no_grad():
+        hard = keep_one((head.logits > 0).float(), units, head.logits)
+    base = adapter.original
+    subnets = {k: prune(copy.deepcopy(base).float(), units, hard[k]) for k in range(codes)}
+    macs = [float(macs_of(hard[k], units, total, per_entry, blocks)) for k in range(codes)]
+    _finetune(subnets, head, teacher, adapter, pipe, batch_of, scheduler, generator, batch, finetune_lr,
+              start + minutes * 60, history, progress, uncond, uncond_share, iterations)
+    for k, module in subnets.items():
+        subnets[k] = _placed(module, base).eval().requires_grad_(False)
+    fields = {"base": model_hash(base), "family": adapter.family, "text_encoder": model_hash(pipe.text_encoder),
+              "codes": codes, "target": target, "units": len(units)}
+    details = {"macs_per_code": macs, "macs_full": total, "macs_ratio_per_code": [m / total for m in macs],
+               "route_steps": step, "history": history[-50:], "seconds": round(time.time() - start, 1),
+               "prompts": prompts_hash(prompts) if draw is None else "drawn", "seed": seed}
+    return Router(head.eval(), units, hard, subnets, fields, details)
+
+
+def _finetune(subnets, head, teacher, adapter, pipe, batch_of, scheduler, generator, batch, lr, deadline, history,
+              progress, uncond, uncond_share, iterations):
+    """Each sub-network trained on the prompts routed to it, the full model as teacher, in turns."""
+    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0) for k, m in subnets.items()}
+    for module in subnets.values():
+        module.train().requires_grad_(True)
+    step = 0
+    while time.time() < deadline and (iterations is None or step < iterations):
+        latents, texts = batch_of(batch)
+        x, t = _noisy(scheduler, latents, generator)
+        with torch.no_grad():
+            embeds = adapter.pipe.encode_prompt(texts, teacher.device, 1, False)[0].float()
+            embeds[torch.rand(batch, generator=generator) < uncond_share] = uncond
+            routes = head.scores(pooled_prompts(pipe, texts)).argmax(-1)
+            target = teacher(x.to(teacher.dtype), t, embeds.to(teacher.dtype), return_dict=False)[0].float()
+        losses = {}
+        for k in routes.unique().tolist():
+            rows = routes == k
+            out = subnets[k](x[rows], t[rows], embeds[rows], return_dict=False)[0]
+            loss = F.mse_loss(out, target[rows])
+            optimizers[k].zero_grad(set_to_none=True)
+            loss.backward()
+            optimizers[k].step()
+            losses[k] = loss.item()
+        step += 1
+        entry = {"stage": "finetune", "step": step, "losses": losses}
+        history.append(entry)
+        if progress and (step % 10 == 0 or step == 1):
+            progress(entry)
+
+
+class HoldsRouter:
+    """The router part of a front door holding ``self.pipe`` and ``self.parts``: the router, and the
+    grouped denoiser its sub-networks run as."""
+
+    router: Router | None = None
+
+    def _set_router(self, router) -> None:
+        if router is None:
+            if self.router is not None:
+                self.parts.denoiser = denoiser_for(self.pipe)
+            self.router = None
+            return
+        self.router = load_router(router, self.pipe)
+        self.parts.denoiser = self.router.grouped(self.pipe)
+
+    def _route(self):
+        """What :meth:`fastdiff.stream.prepare.Prepared.encode` routes prompts with (None: unrouted)."""
+        if self.router is None:
+            return None
+        device = self.parts.denoiser.device
+        return lambda prompts: self.router.route(self.pipe, prompts).to(device)

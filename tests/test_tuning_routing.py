@@ -1,0 +1,169 @@
+"""Prompt-routed pruning on the tiny pipeline: units and gates, physical pruning, the MACs counter,
+Sinkhorn, the router artefact, and routed accelerate / Stream."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.architectures import tiny_sd_pipeline
+from fastdiff.artefacts import StaleArtefactError
+from fastdiff.macs import call_macs, module_macs
+from fastdiff.tuning.pruning import attach_gates, gate_size, keep_one, macs_of, prunable_units, prune, unit_macs
+from fastdiff.tuning.routing import load_router, sinkhorn, train_router
+
+PROMPTS = ["a red circle", "a blue square", "a red fox and a dog", "a green tree and a house and a car"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = tiny_sd_pipeline(scheduler="ddim")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def inputs(pipe):
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([700.0, 100.0])
+    with torch.no_grad():
+        c = pipe.encode_prompt(PROMPTS[:2], "cpu", 1, False)[0]
+    return x, t, c
+
+
+@pytest.fixture(scope="module")
+def trained(pipe, tmp_path_factory):
+    images = torch.rand(len(PROMPTS), 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    router = train_router(pipe, PROMPTS, images, codes=2, target=0.5, minutes=2, iterations=12, batch=8)
+    folder = str(tmp_path_factory.mktemp("routers") / "tiny-router")
+    return router, router.save(folder)
+
+
+def test_units_cover_every_family_of_unit(pipe):
+    units = prunable_units(pipe.unet)
+    assert {u.kind for u in units} == {"resnet", "heads", "ff", "depth"}
+    assert all(u.size >= 1 for u in units) and gate_size(units) == sum(u.size for u in units)
+    assert all(u.inside is None or any(d.module == u.inside and d.kind == "depth" for d in units) for u in units)
+
+
+def test_open_gates_and_an_unpruned_copy_equal_the_full_network(pipe, inputs):
+    unet = copy.deepcopy(pipe.unet)
+    units = prunable_units(unet)
+    with torch.no_grad():
+        full = unet(*inputs).sample
+        gates = attach_gates(unet, units)
+        gates.set(torch.ones(gate_size(units)))
+        opened = unet(*inputs).sample
+        gates.remove()
+        unpruned = prune(unet, units, torch.ones(gate_size(units)))(*inputs).sample
+    torch.testing.assert_close(opened, full, rtol=0, atol=0)
+    torch.testing.assert_close(unpruned, full, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_pruned_network_equals_the_gated_one_and_its_macs_model(pipe, inputs, seed):
+    unet = copy.deepcopy(pipe.unet)
+    units = prunable_units(unet)
+    g = keep_one((torch.rand(gate_size(units), generator=torch.Generator().manual_seed(seed)) > 0.5).float(), units)
+    with torch.no_grad():
+        gates = attach_gates(unet, units)
+        gates.set(g)
+        gated = unet(*inputs).sample
+        gates.set(torch.stack([g, torch.ones_like(g)]))   # per row: row 0 pruned, row 1 full
+        mixed = unet(*inputs).sample
+        gates.remove()
+        pruned = prune(unet, units, g)
+        out = pruned(*inputs).sample
+        full = unet(*inputs).sample
+    torch.testing.assert_close(out, gated, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mixed[1], full[1], rtol=1e-4, atol=1e-5)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in unet.parameters())
+    total, per_entry, blocks = unit_macs(unet, units, inputs)
+    assert macs_of(g, units, total, per_entry, blocks).item() == pytest.approx(module_macs(pruned, *inputs)[0], rel=1e-6)
+
+
+def test_the_macs_counter_matches_a_hand_count():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(8 * 16 * 16, 10))
+    x = torch.randn(2, 3, 16, 16)
+    hand = 2 * (16 * 16 * 8 * 3 * 3 * 3) + 2 * (8 * 16 * 16 * 10)   # per output value: in·k² MACs; then the matmul
+    total, per_module = module_macs(net, x)
+    assert total == hand == call_macs(net, x)
+    assert per_module["0"] == 2 * 16 * 16 * 8 * 27 and per_module["2"] == 2 * 8 * 16 * 16 * 10
+
+
+def test_sinkhorn_balances_a_skewed_assignment():
+    scores = torch.zeros(12, 3)
+    scores[:, 0] = 1.0   # every row prefers code 0
+    scores[:4, 1] += 0.2
+    balanced = sinkhorn(scores, epsilon=0.5, iterations=50)
+    torch.testing.assert_close(balanced.sum(1), torch.ones(12), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(balanced.sum(0), torch.full((3,), 4.0), rtol=1e-3, atol=1e-3)
+    assert torch.softmax(scores, -1).sum(0)[0] > 6   # unbalanced, code 0 would take most rows
+
+
+def test_routing_is_deterministic_and_the_artefact_round_trips(pipe, trained):
+    router, folder = trained
+    first = router.route(pipe, PROMPTS)
+    assert torch.equal(first, router.route(pipe, PROMPTS))
+    loaded = load_router(folder, pipe)
+    assert torch.equal(loaded.route(pipe, PROMPTS), first)
+    assert torch.equal(loaded.gates, router.gates)
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        c = pipe.encode_prompt(PROMPTS[:1], "cpu", 1, False)[0]
+        for code in range(router.codes):
+            torch.testing.assert_close(loaded.subnets[code](x, torch.tensor([300.0]), c).sample,
+                                       router.subnets[code](x, torch.tensor([300.0]), c).sample, rtol=0, atol=0)
+    assert len(router.details["macs_per_code"]) == 2
+
+
+def test_a_router_for_another_model_is_refused(trained):
+    _, folder = trained
+    with pytest.raises(StaleArtefactError, match="base"):
+        load_router(folder, tiny_sd_pipeline(seed=1))
+    with pytest.raises(ValueError, match="router: no router folder"):
+        load_router("/no/such/router", tiny_sd_pipeline())
+
+
+def test_routed_accelerate_equals_each_prompt_on_its_sub_network(pipe, trained):
+    router, folder = trained
+    fast = fastdiff.accelerate(pipe, router=folder)
+    args = dict(num_inference_steps=2, guidance_scale=3.0, output_type="np")
+    codes = fast.router.route(pipe, PROMPTS)
+    noise = torch.randn((len(PROMPTS), 4, 8, 8), generator=torch.Generator().manual_seed(5))
+    together = fast(PROMPTS, latents=noise, **args).images
+    routed_macs = fast.last_call_macs
+    for i, prompt in enumerate(PROMPTS):   # one prompt at a time: one group, one sub-network
+        alone = fast([prompt], latents=noise[i:i + 1], **args).images[0]
+        np.testing.assert_allclose(together[i], alone, atol=2e-5)
+    plain = fastdiff.accelerate(pipe)
+    plain(PROMPTS, latents=noise, **args)
+    expected = sum(2 * router.details["macs_per_code"][int(c)] for c in codes)   # CFG: two rows a prompt
+    assert routed_macs == pytest.approx(expected, rel=1e-6)
+    assert routed_macs <= plain.last_call_macs
+
+
+def test_a_routed_stream_reports_its_macs(pipe, trained):
+    _, folder = trained
+    stream = fastdiff.Stream(pipe, [20, 40], cfg="full", guidance_scale=2.0, output_type="latent", router=folder)
+    stream.prepare("a red circle")
+    plain = fastdiff.Stream(pipe, [20, 40], cfg="full", guidance_scale=2.0, output_type="latent")
+    plain.prepare("a red circle")
+    assert 0 < stream.macs_per_call <= plain.macs_per_call
+    frame = torch.rand(3, 64, 64)
+    outs = [stream(frame) for _ in range(3)]
+    assert outs[0] is None and outs[-1] is not None
+
+
+def test_bad_router_arguments_are_named(pipe):
+    images = torch.zeros(4, 3, 64, 64)
+    with pytest.raises(ValueError, match="codes"):
+        train_router(pipe, PROMPTS, images, codes=0)
+    with pytest.raises(ValueError, match="target"):
+        train_router(pipe, PROMPTS, images, target=1.5)
+    with pytest.raises(ValueError, match="target"):
+        train_router(pipe, PROMPTS, images, target=0.0)
+    with pytest.raises(ValueError, match="images"):
+        train_router(pipe, PROMPTS, images[:2], iterations=1)

@@ -13,7 +13,7 @@ import inspect
 import torch
 
 from .checks import check_int, check_number
-from .images import check_output_type
+from .images import FiniteWatch, check_finite, check_output_type
 from .sampling.guidance import check_mode
 from .sampling.guiders import make_guider
 from .sampling.schedule import step_schedule
@@ -38,7 +38,8 @@ ACCEPTED_ARGS = ("prompt", "image", "negative_prompt", "height", "width", "num_i
 
 def accelerate(pipe, *, cfg: str | None = None, delta: float = 1.0, solver: str | None = None,
                backend: str | None = None, engine_options: dict | None = None, schedule=None, adapter=None,
-               adapter_scale: float = 1.0, adapter_scheduler: str | None = None, router=None) -> "AcceleratedPipeline":
+               adapter_scale: float = 1.0, adapter_scheduler: str | None = None, router=None,
+               attention: str = "sdpa") -> "AcceleratedPipeline":
     """Wrap a diffusers pipeline; the result is called exactly like `pipe`.
 
     ``schedule``: a searched step schedule (a path, a :class:`fastdiff.tuning.Schedule`, or a list of
@@ -52,6 +53,9 @@ def accelerate(pipe, *, cfg: str | None = None, delta: float = 1.0, solver: str 
     calls then default to its step count, timesteps, scheduler and guidance. ``set_adapter`` swaps or
     rescales it later.
 
+    ``attention``: the attention kernel (``"sdpa"``, ``"sdpa-flash"``, ``"sdpa-math"``..., ``"xformers"``,
+    or a diffusers attention backend; see :mod:`fastdiff.attention`).
+
     ``router``: a prompt router (``fastdiff tune route``): each prompt of a call runs on the pruned
     sub-network of its code, rows grouped by code, one denoiser call per group; outputs come back in
     the caller's order. :attr:`last_call_macs` reports the MACs of the last call's denoiser calls.
@@ -61,11 +65,13 @@ def accelerate(pipe, *, cfg: str | None = None, delta: float = 1.0, solver: str 
     ``solver``: None picks from the scheduler (LCM's step for LCMScheduler, DDIM/Euler otherwise).
     ``backend`` ("onnxruntime", "tensorrt", "aoti", "inductor" or "auto"; None: PyTorch) runs the
     denoiser and VAE as engines, built now or loaded from the engine cache, for up to
-    ``engine_options["max_batch"]`` images per call (default 8) at ``engine_options["resolutions"]``
+    ``engine_options["max_batch"]`` images per call (default 4: 8 denoiser rows with full CFG, what
+    ``fastdiff build`` builds by default) at ``engine_options["resolutions"]``
     (default the model's native size); other options as for :class:`fastdiff.Stream`.
     """
     wrapped = AcceleratedPipeline(pipe, cfg=cfg, delta=delta, solver=solver, backend=backend,
-                                  engine_options=engine_options, schedule=schedule, router=router)
+                                  engine_options=engine_options, schedule=schedule, router=router,
+                                  attention=attention)
     if adapter is not None:
         wrapped.set_adapter(adapter, adapter_scale, adapter_scheduler)
     return wrapped
@@ -82,7 +88,7 @@ def supported_base(pipe) -> type:
 
 class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
     def __init__(self, pipe, cfg=None, delta=1.0, solver=None, backend=None, engine_options=None, schedule=None,
-                 router=None):
+                 router=None, attention="sdpa"):
         base = supported_base(pipe)
         self.pipe = pipe
         self.task, module, output_class = SUPPORTED[base.__name__]
@@ -95,11 +101,13 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         self.defaults = {k: p.default for k, p in inspect.signature(base.__call__).parameters.items()}
         options = dict(engine_options) if isinstance(engine_options, dict) else engine_options
         # accelerate's own engine options: the largest batch and the sizes the engines must take
-        max_batch = options.pop("max_batch", 8) if isinstance(options, dict) else 8
+        max_batch = options.pop("max_batch", 4) if isinstance(options, dict) else 4
         resolutions = options.pop("resolutions", None) if isinstance(options, dict) else None
         check_int(max_batch, "engine_options['max_batch']", 1, 31)
         self.parts = Prepared(pipe, backend, options)
         self._set_router(router)
+        self.parts.set_attention(attention)
+        self._finite = FiniteWatch()
         self._last_rows = None   # (model conditioning, latent shape) of the last call's denoiser calls
         self._max_batch, self._resolutions = max_batch, resolutions or [self.parts.size(None, None)]
         if backend is not None:
@@ -189,6 +197,7 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
             if image is None:
                 raise ValueError(f"image is required by {type(self.pipe).__name__}")
             pixels = self.pipe.image_processor.preprocess(image, height=height, width=width)
+            check_finite(pixels, "image")
             height, width = (int(v) for v in pixels.shape[-2:])
         elif image is not None:
             raise ValueError(f"image is not an argument of the txt2img {type(self.pipe).__name__}")
@@ -240,6 +249,7 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         if latents is not None:
             if tuple(latents.shape) != (batch,) + latent_shape:
                 raise ValueError(f"latents must have shape {(batch,) + latent_shape}, got {tuple(latents.shape)}")
+            check_finite(latents, "latents")
             noise = latents.to(denoiser.device, denoiser.dtype)
         else:
             noise = randn_tensor((batch,) + latent_shape, generator=generator, device=denoiser.device,
@@ -258,6 +268,7 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
             images = latents
         else:
             decoded = codec.decode(latents)
+            self._finite.check(latents, decoded)
             images = self.pipe.image_processor.postprocess(decoded, output_type=output_type)
         fields = {"images": images}
         if "nsfw_content_detected" in self.output_class.__dataclass_fields__:

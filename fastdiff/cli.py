@@ -31,7 +31,7 @@ OPTION_OF = {
     "pipe": "--model", "model": "--model", "components": "--components", "batch": "--batch",
     "resolutions": "--resolution", "backend": "--backend", "guidance_rescale": "--guidance-rescale",
     "schedule": "--schedule", "adapter": "--adapter", "adapter_scheduler": "--adapter", "scale": "--adapter-scale",
-    "router": "--router", "codes": "--codes", "target": "--target",
+    "router": "--router", "codes": "--codes", "target": "--target", "attention": "--attention",
 }
 # One vocabulary for what runs the model, in every command: "torch" is the pipeline's own modules,
 # the rest are fastdiff's engine backends.
@@ -156,6 +156,9 @@ model_option = click.option("--model", default="shapes", show_default=True,
                             help="'shapes' (the embedded model, offline), 'tiny', 'tiny-sdxl', 'tiny-sd3' (random "
                                  "weights), an architecture with random weights ('sd15', 'sd-turbo', 'sdxl', 'sd3'), "
                                  "a local pipeline folder or a hub id.")
+attention_option = click.option("--attention", default="sdpa", show_default=True, metavar="NAME",
+                                help="Attention kernel: sdpa, sdpa-flash, sdpa-efficient, sdpa-math, sdpa-cudnn, "
+                                     "xformers, or a diffusers attention backend (flash, flex, sage, ...).")
 backend_option = click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="torch", show_default=True,
                               help="What runs the model: 'torch' (its own modules) or an engine backend, built "
                                    "(or loaded from the engine cache, e.g. after `fastdiff build`).")
@@ -204,9 +207,10 @@ def main():
 @height_option
 @width_option
 @backend_option
+@attention_option
 @device_option
 def generate(prompts, model, steps, schedule, adapter, adapter_scale, router, guidance_scale, guidance_rescale, cfg,
-             seed, num_images, out, height, width, backend, device):
+             seed, num_images, out, height, width, backend, attention, device):
     """Generate images for each PROMPT with the accelerated pipeline and write them as PNGs."""
     from tqdm import tqdm
 
@@ -228,8 +232,11 @@ def generate(prompts, model, steps, schedule, adapter, adapter_scale, router, gu
     extra = {"guidance_rescale": guidance_rescale} if guidance_rescale and (guidance_scale or 0) > 1 \
         and cfg in (None, "full") else {}
     with usage_errors(prompt_hint="PROMPT"):
-        fast = accelerate(pipe, cfg=cfg, backend=engine_backend(backend), schedule=schedule, adapter=adapter,
-                          adapter_scale=adapter_scale, router=router)
+        try:
+            fast = accelerate(pipe, cfg=cfg, backend=engine_backend(backend), schedule=schedule, adapter=adapter,
+                              adapter_scale=adapter_scale, router=router, attention=attention)
+        except ImportError as error:   # an engine or attention backend whose packages are missing
+            raise click.UsageError(str(error)) from error
     if adapter is not None:
         sampling = fast.adapter.sampling
         steps = asked_steps or sampling.steps   # the adapter's own step count unless --steps says otherwise
@@ -303,7 +310,8 @@ def ready_results(runner):
 @click.option("--clip", type=click.Choice(CLIPS), help="Use a generated clip instead of --input.")
 @click.option("--frames", type=click.IntRange(min=1), default=None,
               help="Clip length (default 32); with --input, use only the first N files.")
-@click.option("--prompt", default="a watercolor painting", show_default=True)
+@click.option("--prompt", default="a large red circle on the left, blue background", show_default=True,
+              help="The prompt (the shapes model knows only its own words: see the README).")
 @click.option("--negative-prompt", default=None)
 @model_option
 @click.option("--steps", default="32,45", show_default=True, callback=parse_steps, metavar="I,J,...",
@@ -324,9 +332,11 @@ def ready_results(runner):
 @height_option
 @width_option
 @backend_option
+@attention_option
 @device_option
 def stream(input_dir, clip, frames, prompt, negative_prompt, model, steps, cfg, guidance_scale, delta,
-           frame_buffer, similarity_filter, seed, out, adapter, adapter_scale, height, width, backend, device):
+           frame_buffer, similarity_filter, seed, out, adapter, adapter_scale, height, width, backend, attention,
+           device):
     """Stream frames through img2img and write one output frame per input frame.
 
     Frames are center-cropped to the stream's aspect ratio and resized to its resolution
@@ -346,7 +356,7 @@ def stream(input_dir, clip, frames, prompt, negative_prompt, model, steps, cfg, 
     with usage_errors():
         s = Stream(pipe, steps, cfg=cfg, guidance_scale=guidance_scale, delta=delta, frame_buffer=frame_buffer,
                    similarity_filter=similarity_filter, seed=seed, height=height, width=width, output_type="pil",
-                   backend=engine_backend(backend), adapter=adapter, adapter_scale=adapter_scale)
+                   backend=engine_backend(backend), adapter=adapter, adapter_scale=adapter_scale, attention=attention)
         s.prepare(prompt, negative_prompt)
     out.mkdir(parents=True, exist_ok=True)
 

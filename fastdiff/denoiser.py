@@ -77,8 +77,27 @@ class Conditioning:
                             {k: torch.cat([p.extras[k] for p in parts]) for k in keys}, route)
 
 
+_WARNED_WORDS: set = set()
+
+
+def _warn_unknown(tokenizer, prompt: str, name: str) -> None:
+    """Warn once per word that a word-level tokenizer (the shapes model's) does not know: it would be
+    spelt out letter by letter, which such a model has never seen."""
+    from .vocab import unknown_words
+
+    new = [w for w in unknown_words(tokenizer, prompt) if w not in _WARNED_WORDS]
+    if new:
+        import warnings
+
+        _WARNED_WORDS.update(new)
+        warnings.warn(f"{name}: the model's vocabulary has no {', '.join(repr(w) for w in new)}; such words are spelt "
+                      "out letter by letter and draw nothing the model was trained on (the shapes model's words "
+                      "are listed in the README)", UserWarning, stacklevel=4)
+
+
 def check_prompts(prompts, name: str, tokenizers, allow_empty: bool) -> list[str]:
-    """A prompt or list of prompts, each non-empty (unless allowed) and within the tokenizers' length."""
+    """A prompt or list of prompts, each non-empty (unless allowed) and within the tokenizers' length;
+    words a word-level vocabulary lacks are warned about once."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
@@ -93,6 +112,7 @@ def check_prompts(prompts, name: str, tokenizers, allow_empty: bool) -> list[str
             if n_tokens > tok.model_max_length:
                 raise ValueError(f"{name} is {n_tokens} tokens long; the tokenizer takes at most "
                                  f"{tok.model_max_length} (start and end tokens included): {p[:60]!r}...")
+            _warn_unknown(tok, p, name)
     return list(prompts)
 
 
@@ -177,6 +197,7 @@ class Denoiser(abc.ABC):
         self.pipe = pipe
         self.original = module   # the PyTorch module: its parameters say where rows must live
         self.module = module     # what runs; an engine may replace it
+        self.attention = "sdpa"  # the attention backend (fastdiff.attention); sdpa kernels apply per call
 
     @property
     def dtype(self) -> torch.dtype:
@@ -201,7 +222,10 @@ class Denoiser(abc.ABC):
 
     def __call__(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The model's raw output for each row (ε, v or flow velocity, as its scheduler says)."""
-        return self.run(self.module, latents, t, cond)
+        from .attention import attention_context
+
+        with attention_context(self.attention):
+            return self.run(self.module, latents, t, cond)
 
     @abc.abstractmethod
     def run(self, module, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -350,12 +374,16 @@ class GroupedDenoiser(Denoiser):
         missing = sorted(set(present) - set(self.modules))
         if missing:
             raise ValueError(f"cond.route names routes {missing} that have no module (have {sorted(self.modules)})")
+        from .attention import attention_context
+
         if len(present) == 1:
-            return self.base.run(self.modules[present[0]], latents, t, cond)
+            with attention_context(self.attention):
+                return self.base.run(self.modules[present[0]], latents, t, cond)
         out = None
         for route in present:
             rows = (routes == route).nonzero().squeeze(1)
-            part = self.base.run(self.modules[route], latents[rows], t[rows], cond.rows(rows))
+            with attention_context(self.attention):
+                part = self.base.run(self.modules[route], latents[rows], t[rows], cond.rows(rows))
             if out is None:
                 out = part.new_empty((latents.shape[0],) + tuple(part.shape[1:]))
             out[rows] = part

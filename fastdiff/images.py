@@ -17,8 +17,43 @@ def check_output_type(output_type: str) -> str:
     return output_type
 
 
+def check_finite(values, name: str) -> None:
+    """ValueError naming `name` when a float array or tensor holds NaN or ±Inf. A host array is
+    checked before it moves (no device sync); a device tensor costs one reduction."""
+    if isinstance(values, np.ndarray):
+        bad = values.dtype.kind == "f" and not np.isfinite(values).all()
+    elif isinstance(values, torch.Tensor):
+        bad = values.is_floating_point() and not bool(torch.isfinite(values).all())
+    else:
+        return
+    if bad:
+        raise ValueError(f"{name} holds NaN or infinite values; a frame or image must be finite")
+
+
+class FiniteWatch:
+    """Reports, once per component, outputs that turned non-finite inside the model (fp16 overflow,
+    say), naming the component: nothing is streamed as garbage without a word."""
+
+    def __init__(self):
+        self.reported: set = set()
+
+    def check(self, latents: torch.Tensor, images: torch.Tensor) -> None:
+        """One reduction over the decoded `images` (before any conversion clamps ±Inf away)."""
+        if bool(torch.isfinite(images).all()):
+            return
+        component = "denoiser" if not bool(torch.isfinite(latents).all()) else "vae_decoder"
+        if component not in self.reported:
+            import warnings
+
+            self.reported.add(component)
+            hint = (" (fp16 overflow: run it in fp32 — the VAE's force_upcast, or engine_options "
+                    "precision={'vae_decoder': 'fp32'})" if component == "vae_decoder" else "")
+            warnings.warn(f"the {component} produced NaN or infinite values{hint}", RuntimeWarning, stacklevel=3)
+
+
 def to_model_tensor(image, height: int, width: int, device, dtype, name: str = "image") -> torch.Tensor:
-    """One frame as a [1, 3, H, W] tensor in [-1, 1]; its size must be exactly height×width."""
+    """One frame as a [1, 3, H, W] tensor in [-1, 1]; its size must be exactly height×width, and its
+    values finite (checked on the host before the transfer, where it comes from the host)."""
     if isinstance(image, Image.Image):
         if image.mode != "RGB":
             raise ValueError(f"{name} must be an RGB image, got mode {image.mode!r}")
@@ -26,7 +61,10 @@ def to_model_tensor(image, height: int, width: int, device, dtype, name: str = "
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"{name} must be an [H, W, 3] array, got shape {image.shape}")
+        check_finite(image, name)
         image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    elif isinstance(image, torch.Tensor):
+        check_finite(image, name)
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"{name} must be one of: {'; '.join(ACCEPTED)}; got {type(image).__name__}")
     if image.dim() == 4 and image.shape[0] == 1:
@@ -36,10 +74,10 @@ def to_model_tensor(image, height: int, width: int, device, dtype, name: str = "
     if tuple(image.shape[1:]) != (height, width):
         raise ValueError(f"{name} is {image.shape[2]}×{image.shape[1]} (W×H) but the stream is prepared "
                          f"for {width}×{height}; resize it, or change the stream's resolution")
-    if image.dtype == torch.uint8:
-        image = image.to(device=device, dtype=dtype) / 127.5 - 1
-    elif image.is_floating_point():
-        image = image.to(device=device, dtype=dtype) * 2 - 1
+    if image.dtype == torch.uint8:   # a new tensor: converted in place from here
+        image = image.to(device=device, dtype=dtype).div_(127.5).sub_(1)
+    elif image.is_floating_point():   # `to` may return the caller's own tensor: one new one, then in place
+        image = torch.mul(image.to(device=device, dtype=dtype), 2).sub_(1)
     else:
         raise ValueError(f"{name} must hold uint8 or floating-point values, got {image.dtype}")
     return image.unsqueeze(0)
@@ -47,7 +85,7 @@ def to_model_tensor(image, height: int, width: int, device, dtype, name: str = "
 
 def from_model_tensor(images: torch.Tensor, output_type: str):
     """[B, 3, H, W] in [-1, 1] → a list of B images: PIL, float32 [H, W, 3] arrays, or [3, H, W] tensors in [0, 1]."""
-    images = (images.float() / 2 + 0.5).clamp(0, 1)
+    images = images.float().div_(2).add_(0.5).clamp_(0, 1)   # the decoder's own fresh tensor: in place
     if output_type == "pt":
         return list(images)
     arrays = images.permute(0, 2, 3, 1).cpu().numpy()

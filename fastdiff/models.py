@@ -26,12 +26,19 @@ def load_model(model: str, device: str | torch.device = "cpu", dtype: torch.dtyp
         return makers[model]().to(device=device, dtype=dtype)
     if model in architectures.ARCHITECTURES:
         return architectures.ARCHITECTURES[model].pipeline(torch_dtype=dtype, device=device)
-    looks_local = model.startswith(("/", ".", "~"))   # a path, not a hub id: never ask the hub
-    if looks_local and not os.path.isdir(os.path.expanduser(model)):
+    path = os.path.expanduser(model)
+    looks_local = model.startswith(("/", ".", "~")) or os.path.isdir(path)   # a path: never ask the hub
+    if looks_local and not os.path.isdir(path):
         raise ValueError(f"model: no pipeline folder at {model}")
+    if looks_local and not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise ValueError(f"model: {model} is a folder but not a diffusers pipeline (no model_index.json in it)")
     from diffusers import DiffusionPipeline
 
     try:
-        return DiffusionPipeline.from_pretrained(os.path.expanduser(model), torch_dtype=dtype).to(device)
+        return DiffusionPipeline.from_pretrained(path, torch_dtype=dtype).to(device)
     except (OSError, ValueError) as error:
-        raise ValueError(f"model: cannot load a pipeline from {model!r} ({error})") from error
+        if looks_local:
+            raise ValueError(f"model: cannot load the pipeline in {model}: {error}") from error
+        raise ValueError(f"model: {model!r} is none of {', '.join(OFFLINE_MODELS)}, no local folder, and no hub id "
+                         "that could be loaded (not in the local cache, and the hub is not reachable or has no "
+                         "such model)") from error

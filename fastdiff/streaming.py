@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .checks import check_choice, check_int, check_number
-from .images import check_output_type, from_model_tensor, to_model_tensor
+from .images import FiniteWatch, check_output_type, from_model_tensor, to_model_tensor
 from .sampling.guiders import make_guider
 from .sampling.schedule import step_schedule
 from .stream.batch import NOISE_MODES, LatentStream
@@ -47,6 +47,9 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
     samples with its scheduler, and a txt2img stream with its timesteps. :meth:`set_adapter` swaps or
     rescales it while streaming.
 
+    ``attention`` picks the attention kernel (``"sdpa"``, ``"sdpa-flash"``..., ``"xformers"``, or a
+    diffusers backend: :mod:`fastdiff.attention`).
+
     ``router`` routes the prompt (each frame's, with F > 1) to a pruned sub-network at
     :meth:`prepare` / :meth:`update`; frames of different codes are grouped, one call per group;
     :attr:`macs_per_call` counts a full call's MACs.
@@ -58,7 +61,8 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
                  mode: str = "img2img", solver: str | None = None, noise: str = "fixed", seed: int = 0,
                  height: int | None = None, width: int | None = None, output_type: str = "pt",
                  backend: str | None = None, engine_options: dict | None = None, adapter=None,
-                 adapter_scale: float = 1.0, adapter_scheduler: str | None = None, router=None):
+                 adapter_scale: float = 1.0, adapter_scheduler: str | None = None, router=None,
+                 attention: str = "sdpa"):
         self.mode = check_choice(mode, "mode", MODES)
         self.frame_buffer = check_int(frame_buffer, "frame_buffer", 1)
         check_choice(noise, "noise", NOISE_MODES)
@@ -75,6 +79,7 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
                        if similarity_filter is not None else None)
         self._pending = None   # an engine rebuild running in the background (set_adapter(wait=False))
         self._set_router(router)
+        self.parts.set_attention(attention)
         if adapter is not None:
             self._set_adapter(adapter, adapter_scale, adapter_scheduler)
         if steps is None and timesteps is None:
@@ -89,6 +94,7 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         self.last_skipped = False
         self.last_tag = None
         self._last_output = None
+        self._finite = FiniteWatch()
 
     # -- what it runs (held once: in the parts, the guider and the latent stream) ----------------
     @property
@@ -281,15 +287,13 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
             return None
         if image is None:
             raise ValueError("image is required by an img2img stream (mode='img2img'); for txt2img create the stream with mode='txt2img'")
-        if F == 1:
-            frames = [image]
-        else:
-            if not isinstance(image, (list, tuple)) or len(image) != F:
-                got = len(image) if isinstance(image, (list, tuple)) else type(image).__name__
-                raise ValueError(f"image must be a list of frame_buffer={F} frames, got {got}")
-            frames = image
-        return torch.cat([to_model_tensor(f, self.height, self.width, self.denoiser.device, self.codec.dtype)
-                          for f in frames])
+        if F == 1:   # no list, no cat
+            return to_model_tensor(image, self.height, self.width, self.denoiser.device, self.codec.dtype)
+        if not isinstance(image, (list, tuple)) or len(image) != F:
+            got = len(image) if isinstance(image, (list, tuple)) else type(image).__name__
+            raise ValueError(f"image must be a list of frame_buffer={F} frames, got {got}")
+        return torch.cat([to_model_tensor(f, self.height, self.width, self.denoiser.device, self.codec.dtype,
+                                          name=f"image[{i}]") for i, f in enumerate(image)])
 
     @torch.inference_mode()
     def __call__(self, image=None, tag=None):
@@ -316,8 +320,12 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         return self._last_output
 
     def _decode(self, latents):
-        images = latents if self.output_type == "latent" else self.codec.decode(latents)
-        frames = list(images) if self.output_type == "latent" else from_model_tensor(images, self.output_type)
+        if self.output_type == "latent":
+            frames = list(latents)
+        else:
+            images = self.codec.decode(latents)
+            self._finite.check(latents, images)   # before the conversion clamps ±Inf away
+            frames = from_model_tensor(images, self.output_type)
         return frames[0] if self.frame_buffer == 1 else frames
 
     @torch.inference_mode()

@@ -10,12 +10,17 @@ import torch
 
 
 class LatentCodec:
-    def __init__(self, vae):
+    """`upcast` (default: the VAE's own ``force_upcast``, as diffusers' pipelines follow it) decodes an
+    fp16 VAE in fp32, on a float32 copy made once: the SDXL VAE's fp16 activations overflow."""
+
+    def __init__(self, vae, upcast: bool | None = None):
         self.vae = vae
         self.scaling = float(vae.config.get("scaling_factor", 1.0) or 1.0)
         self.shift = float(vae.config.get("shift_factor", 0.0) or 0.0)
         # AutoencoderKL returns a distribution; AutoencoderTiny returns latents directly.
         self.is_tiny = type(vae).__name__ == "AutoencoderTiny"
+        self.upcast = bool(vae.config.get("force_upcast", False)) if upcast is None else upcast
+        self._vae32 = None
 
     @property
     def scale_factor(self) -> int:
@@ -41,6 +46,13 @@ class LatentCodec:
         return (z - self.shift) * self.scaling
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] (not clamped) from denoiser latents."""
+        """Images in [-1, 1] (not clamped) from denoiser latents (float32 ones when upcast)."""
+        if self.upcast and self.dtype == torch.float16 and isinstance(self.vae, torch.nn.Module):
+            if self._vae32 is None:
+                import copy
+
+                self._vae32 = copy.deepcopy(self.vae).float()
+            z = latents.float() / self.scaling + self.shift
+            return self._vae32.decode(z, return_dict=False)[0]
         z = latents.to(self.dtype) / self.scaling + self.shift
         return self.vae.decode(z, return_dict=False)[0]

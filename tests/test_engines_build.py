@@ -71,6 +71,6 @@ def test_build_rejects_bad_options_naming_them(tmp_path):
 
 def test_the_script_is_the_same_command():
     done = subprocess.run([sys.executable, os.path.join(ROOT, "engines", "build.py"), "--help"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     assert "--backend" in done.stdout and "--resolution" in done.stdout and "--rebuild" in done.stdout

@@ -62,11 +62,36 @@ def test_refit_map_rebuilds_every_weight_of_the_onnx_file(pipe, tmp_path):
     ids = part.sample_inputs(2, 64, 64)[0]
     got = ort.InferenceSession(refitted, providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids.numpy()})
     with torch.no_grad():
-        want = changed(ids, output_hidden_states=True).hidden_states[-1]
-        before = part.module(ids, output_hidden_states=True).hidden_states[-1]
+        want = changed(ids).last_hidden_state   # after CLIP's final LayerNorm, as the export gives it
+        before = part.module(ids).last_hidden_state
     error = (torch.from_numpy(got[0]) - want).abs().max().item()
     assert error <= 1e-4 * max(1.0, want.abs().max().item()), f"refitted ONNX − changed PyTorch = {error:.3g}"
     assert (want - before).abs().max().item() > 1e-2   # the change is visible, so the bound means something
+
+
+def test_refit_refuses_to_leave_unplaced_weights_stale(pipe, tmp_path):
+    """Exported graphs share equal constants, so some parameters have no initializer of their own: a
+    refit cannot reach them, and must refuse once one of them changed (everywhere; no TensorRT)."""
+    from fastdiff.engines.onnx_export import export_onnx
+    from fastdiff.engines.refit import changed_unplaced, weight_map
+
+    part = component(pipe, "denoiser")
+    path = str(tmp_path / "unet.onnx")
+    export_onnx(part, path, ShapeProfile((1, 2, 2), (64, 64, 64), (64, 64, 64)))
+    mapping = weight_map(path, part.module, torch.float32)
+    placed = {entry["param"] for entry in mapping["map"].values()}
+    assert mapping["unplaced"], "the tiny UNet's export shares constants: some parameters have no place"
+    assert set(mapping["unplaced"]) == set(part.module.state_dict()) - placed
+    changed = copy.deepcopy(part.module)
+    with torch.no_grad():   # what a fused LoRA changes: the placed weights
+        for name, p in changed.named_parameters():
+            if name in placed:
+                p.mul_(1.01)
+    assert changed_unplaced(changed, mapping, torch.float32) == []
+    name = next(iter(mapping["unplaced"]))
+    with torch.no_grad():
+        changed.get_parameter(name).add_(0.5)
+    assert changed_unplaced(changed, mapping, torch.float32) == [name]
 
 
 def test_tensorrt_options_are_checked(pipe, tmp_path):
@@ -90,10 +115,22 @@ def test_tensorrt_engine_matches_pytorch_and_refits(tmp_path):
     for _ in range(2):   # the second call replays the captured CUDA graph
         got = runner(feeds)[0]
         assert (got - want).abs().max().item() <= 1e-2 * max(1.0, want.abs().max().item())
-    with torch.no_grad():
-        for p in pipe.unet.parameters():
-            p.mul_(1.01)
+    import json
+    import os
+
+    mapping = json.load(open(os.path.join(runner.folder, "refit_map.json")))
+    placed = {entry["param"] for entry in mapping["map"].values()}
+    with torch.no_grad():   # the weights a refit can reach (what a fused LoRA changes)
+        for name, p in pipe.unet.named_parameters():
+            if name in placed:
+                p.mul_(1.01)
         want = part.graph(*inputs)
     runner.refit(pipe.unet)
     got = runner(feeds)[0]
     assert (got - want).abs().max().item() <= 1e-2 * max(1.0, want.abs().max().item())
+    unplaced = next(iter(mapping["unplaced"]), None)
+    if unplaced is not None:   # one it cannot: refused, not left stale
+        with torch.no_grad():
+            pipe.unet.get_parameter(unplaced).add_(0.5)
+        with pytest.raises(RuntimeError, match="no place"):
+            runner.refit(pipe.unet)

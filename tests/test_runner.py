@@ -40,7 +40,7 @@ class FakeStream:
         call = self.calls
         self.calls += 1
         if self.gate is not None:
-            assert self.gate.wait(timeout=10)
+            assert self.gate.wait(timeout=120)
         if call == self.fail_at:
             raise ValueError(f"boom at call {call}")
         group = [frames] if self.frame_buffer == 1 else list(frames)
@@ -68,7 +68,7 @@ class FakeStream:
         return outs
 
 
-def collect(runner, timeout=5.0):
+def collect(runner, timeout=120.0):
     """Every result until the runner is closed and drained (a bounded wait per result)."""
     results = []
     while True:
@@ -106,7 +106,7 @@ def test_consumer_on_another_thread_sees_order():
     for k in range(30):
         runner.put(k)
     runner.close()
-    consumer.join(timeout=10)
+    consumer.join(timeout=120)
     assert seen == list(range(30))
 
 
@@ -176,7 +176,7 @@ def test_block_applies_backpressure():
     blocked.join(timeout=0.1)
     assert blocked.is_alive()  # still waiting for room
     gate.set()
-    blocked.join(timeout=5)
+    blocked.join(timeout=60)
     assert not blocked.is_alive()
     runner.close()
     results = collect(runner)
@@ -191,7 +191,7 @@ def test_stream_exception_propagates_and_stops_the_runner():
         runner.put(k)
     with pytest.raises(StreamError) as raised:
         for _ in range(6):
-            runner.get(timeout=5)
+            runner.get(timeout=60)
     assert isinstance(raised.value.__cause__, ValueError)
     assert "boom at call 3" in str(raised.value.__cause__)
     with pytest.raises(StreamError):
@@ -222,7 +222,7 @@ def test_close_drains_frames_in_flight_with_flush():
     runner = StreamRunner(stream, max_queue=8)
     for k in range(5):
         runner.put(k)
-    assert [runner.get(timeout=5).image for _ in range(2)] == [f(0), f(1)]
+    assert [runner.get(timeout=60).image for _ in range(2)] == [f(0), f(1)]
     with pytest.raises(queue.Empty):
         runner.get(timeout=0.05)  # frames 2, 3, 4 are in the pipeline until flushed
     assert stream.flushes == 0

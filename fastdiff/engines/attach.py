@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from ..denoiser import Denoiser, GroupedDenoiser
 from ..vae import LatentCodec
 from .backends import PRECISIONS, engine, resolve_backend
@@ -36,7 +38,24 @@ def check_options(options: dict | None) -> dict:
     if isinstance(components, str) or not set(components) <= set(HOT_COMPONENTS) or not components:
         raise ValueError(f"engine_options['components'] must be a non-empty list of {HOT_COMPONENTS}, got {components!r}")
     options["components"] = tuple(components)
+    precision = options.get("precision")
+    if isinstance(precision, dict) and not set(precision) <= set(HOT_COMPONENTS):
+        raise ValueError(f"engine_options['precision'] per component takes keys of {HOT_COMPONENTS}, "
+                         f"got {sorted(precision)}")
     return options
+
+
+def precision_of(options: dict, name: str, vae=None, backend: str | None = None) -> str | None:
+    """A component's engine precision: engine_options['precision'] (one for all, or per component),
+    else fp32 for the halves of a VAE that asks diffusers to upcast it (the SDXL VAE; not for
+    'inductor', which compiles the module as it is), else the module's."""
+    precision = options.get("precision")
+    if isinstance(precision, dict):
+        precision = precision.get(name)
+    if precision is None and vae is not None and name.startswith("vae") and backend != "inductor" \
+            and vae.config.get("force_upcast", False) and next(vae.parameters()).dtype == torch.float16:
+        return "fp32"
+    return precision
 
 
 def _profile(most: int, best: int | None, resolutions) -> ShapeProfile:
@@ -55,17 +74,17 @@ def attach_engines(denoiser: Denoiser, codec: LatentCodec, backend: str, *, rows
     options = check_options(options)
     backend = resolve_backend(backend, denoiser.device)
     attached = AttachedEngines(backend)
-    build = {k: options[k] for k in ("precision", "cache_dir", "rebuild", "compile_mode", "threads") if k in options}
+    build = {k: options[k] for k in ("cache_dir", "rebuild", "compile_mode", "threads") if k in options}
     if backend == "tensorrt":   # the stream's shapes are static once it is full: replay CUDA graphs
         build["options"] = {"cuda_graph": True, **options.get("tensorrt", {})}
     elif "tensorrt" in options:
         raise ValueError(f"engine_options['tensorrt'] applies to backend='tensorrt', not {backend!r}")
 
-    def make(component, profile: ShapeProfile, key: str | None = None) -> EngineModule:
-        runner = engine(component, backend, profile=profile, **build)
+    def make(component, profile: ShapeProfile, key: str | None = None, vae=None) -> EngineModule:
+        precision = precision_of(options, component.name, vae, backend)
+        runner = engine(component, backend, profile=profile, precision=precision, **build)
         attached.profiles[key or component.name] = profile
         attached.folders[key or component.name] = getattr(runner, "folder", None)
-        precision = build.get("precision")
         checked = None if backend == "inductor" else profile   # torch.compile takes any shape
         return EngineModule(component, runner, PRECISIONS[precision] if precision else component.dtype, checked)
 
@@ -79,7 +98,7 @@ def attach_engines(denoiser: Denoiser, codec: LatentCodec, backend: str, *, rows
     vae = codec.vae.vae if isinstance(codec.vae, EngineVAE) else codec.vae
     halves = {}
     for name in ("vae_encoder", "vae_decoder"):
-        halves[name] = make(vae_component(vae, name), _profile(frames, best_frames, resolutions)) \
+        halves[name] = make(vae_component(vae, name), _profile(frames, best_frames, resolutions), vae=vae) \
             if name in options["components"] else None
     if any(halves.values()):
         codec.vae = EngineVAE(vae, halves["vae_encoder"], halves["vae_decoder"])

@@ -39,7 +39,8 @@ def default_profile(model: str, pipe) -> dict:
     from ..vae import LatentCodec
 
     native = denoiser_for(pipe).original.config.sample_size * LatentCodec(pipe.vae).scale_factor
-    return {"resolutions": [[native, native]], "batch": [1, 2, 4], "components": available_components(pipe)}
+    # batch up to 8 rows: what accelerate's defaults (4 images, full CFG) and a 2-step stream use
+    return {"resolutions": [[native, native]], "batch": [1, 2, 8], "components": available_components(pipe)}
 
 
 def build_engines(pipe, *, components=None, backend: str = "auto", precision: str | None = None,
@@ -57,7 +58,7 @@ def build_engines(pipe, *, components=None, backend: str = "auto", precision: st
         if name not in held:
             raise ValueError(f"components: {name!r} is not one of this pipeline's {held}")
     resolutions = check_resolutions(resolutions or defaults.get("resolutions") or [])
-    batch = tuple(batch or defaults.get("batch") or (1, 2, 4))
+    batch = tuple(batch or defaults.get("batch") or (1, 2, 8))
     heights, widths = [h for h, _ in resolutions], [w for _, w in resolutions]
     profile = ShapeProfile(batch, (min(heights), heights[0], max(heights)), (min(widths), widths[0], max(widths)))
     device = next(pipe.unet.parameters() if getattr(pipe, "unet", None) is not None
@@ -69,7 +70,7 @@ def build_engines(pipe, *, components=None, backend: str = "auto", precision: st
     out_dir = out_dir or cache.default_cache_dir()
     built = []
     for name in components:
-        part = component(pipe, name)
+        part = component(pipe, name, text_length=defaults.get("text_length"))
         chosen = check_precision(precision, part)
         fields = engine_fields(part, backend, chosen, profile, opset)
         folder = os.path.join(out_dir, cache.slot_name(fields))

@@ -95,7 +95,9 @@ class TextEncoderGraph(torch.nn.Module):
 
     def forward(self, input_ids):
         out = self.encoder(input_ids, output_hidden_states=True)
-        return out.hidden_states[-1], out.hidden_states[-2], out[0] if out[0].dim() == 2 else out[1]
+        # last_hidden_state is after CLIP's final LayerNorm (hidden_states[-1] is before it)
+        pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+        return out.last_hidden_state, out.hidden_states[-2], pooled
 
 
 # -- feeds: the module's own call → named graph inputs ----------------------------------------------
@@ -120,12 +122,13 @@ def denoiser_component(adapter: Denoiser, module: torch.nn.Module | None = None,
                      _vae_factor(adapter.pipe.vae), spec.feeds)
 
 
-def component(pipe, name: str) -> Component:
-    """The description of `pipe`'s component `name` (one of :data:`COMPONENTS`)."""
+def component(pipe, name: str, text_length: int | None = None) -> Component:
+    """The description of `pipe`'s component `name` (one of :data:`COMPONENTS`); `text_length` (from a
+    family profile, e.g. SD3's CLIP + T5 tokens) sets the denoiser's text rows."""
     if name not in COMPONENTS:
         raise ValueError(f"component must be one of {COMPONENTS}, got {name!r}")
     if name == "denoiser":
-        return denoiser_component(denoiser_for(pipe))
+        return denoiser_component(denoiser_for(pipe), text_length=text_length)
     if name.startswith("vae"):
         vae = getattr(pipe, "vae", None)
         if vae is None:

@@ -50,8 +50,10 @@ def _dims(component: Component, profile: ShapeProfile):
     return dynamo, names
 
 
-def _weights_bytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.state_dict().values())
+def _weights_bytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
+    """The weights' size once exported in `dtype` (floating tensors take its size, the rest theirs)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(p.numel() * (size if p.is_floating_point() else p.element_size()) for p in module.state_dict().values())
 
 
 def export_onnx(component: Component, path: str, profile: ShapeProfile, *, opset: int = MIN_OPSET,
@@ -69,7 +71,9 @@ def export_onnx(component: Component, path: str, profile: ShapeProfile, *, opset
                                      device=next(component.module.parameters()).device)
     names = [spec.name for spec in component.inputs]
     dynamo_dims, axis_names = _dims(component, profile)
-    external = _weights_bytes(component.module) > PROTOBUF_LIMIT * 0.9
+    external = _weights_bytes(component.module, dtype) > PROTOBUF_LIMIT * 0.9
+    folder = os.path.dirname(os.path.abspath(path))
+    before = set(os.listdir(folder))
     errors = []
     # the exporter warns about every torchvision op it cannot register when torchvision is absent
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -91,6 +95,7 @@ def export_onnx(component: Component, path: str, profile: ShapeProfile, *, opset
                         do_constant_folding=True)
                     if external:
                         _move_to_external_data(path)
+                        _remove_strays(folder, before, path)
             break
         except Exception as error:  # noqa: BLE001 - any exporter failure means: try the next one
             cause = error.__cause__ or error   # the exporter's own error wraps the real one
@@ -98,8 +103,21 @@ def export_onnx(component: Component, path: str, profile: ShapeProfile, *, opset
             logger.info("ONNX export of %s with the %s exporter failed: %s", component.name, name, errors[-1])
     else:
         raise RuntimeError(f"ONNX export of {component.name} failed:\n" + "\n".join(errors))
-    return {"exporter": name, "opset": opset, "external_data": external,
+    written = sorted(set(os.listdir(folder)) - before)
+    return {"exporter": name, "opset": opset, "external_data": external, "files": written,
             "fallback_reason": errors[0] if errors else None}
+
+
+def _remove_strays(folder: str, before: set, path: str) -> list[str]:
+    """Delete what the TorchScript exporter wrote per tensor beside `path` once it is merged into one
+    ``.data`` file (an SDXL UNet would leave gigabytes of them otherwise)."""
+    keep = {os.path.basename(path), os.path.basename(path) + ".data"}
+    strays = [name for name in set(os.listdir(folder)) - before - keep]
+    for name in strays:
+        full = os.path.join(folder, name)
+        if os.path.isfile(full):
+            os.remove(full)
+    return strays
 
 
 def _move_to_external_data(path: str):

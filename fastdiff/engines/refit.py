@@ -46,7 +46,10 @@ def _initializer_arrays(model) -> dict[str, np.ndarray]:
 
 def weight_map(onnx_path: str, module: torch.nn.Module, dtype: torch.dtype) -> dict:
     """{"map": {initializer: {"param": name, "transpose": bool, "shape": [...]}}, "unmapped": [initializers that
-    look like weights but match no parameter]} for the ONNX file exported from `module` in `dtype`."""
+    look like weights but match no parameter], "unplaced": {parameter: digest}} for the ONNX file
+    exported from `module` in `dtype`. "unplaced" holds the parameters no initializer maps to (equal
+    constants the exporter shared, say): a refit can't reach them, so it refuses to run once any of
+    them has changed (:func:`changed_unplaced`) rather than leave them stale."""
     import onnx
 
     model = onnx.load(onnx_path, load_external_data=True)
@@ -72,7 +75,18 @@ def weight_map(onnx_path: str, module: torch.nn.Module, dtype: torch.dtype) -> d
             mapping[init_name] = {"param": transposed[0], "transpose": True, "shape": list(array.shape)}
         elif array.size >= MIN_WEIGHT_ELEMENTS and array.dtype.kind == "f" or same or transposed:
             unmapped.append(init_name)
-    return {"map": mapping, "unmapped": sorted(unmapped)}
+    placed = {entry["param"] for entry in mapping.values()}
+    unplaced = {name: _digest(array) for name, array in params.items() if name not in placed}
+    return {"map": mapping, "unmapped": sorted(unmapped), "unplaced": dict(sorted(unplaced.items()))}
+
+
+def changed_unplaced(module: torch.nn.Module, mapping: dict, dtype: torch.dtype) -> list[str]:
+    """The parameters no initializer holds whose values changed since the map was made."""
+    unplaced = mapping.get("unplaced", {})
+    if not unplaced:
+        return []
+    params = _state_arrays(module, dtype)
+    return sorted(name for name, digest in unplaced.items() if name not in params or _digest(params[name]) != digest)
 
 
 def weights_from(module: torch.nn.Module, mapping: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -83,6 +97,18 @@ def weights_from(module: torch.nn.Module, mapping: dict, dtype: torch.dtype) -> 
         tensor = state[entry["param"]].detach().to("cpu", dtype)
         values[init_name] = (tensor.t() if entry["transpose"] else tensor).contiguous().reshape(entry["shape"])
     return values
+
+
+def constants_from(onnx_path: str, name: str) -> torch.Tensor:
+    """The value an initializer was built with (a graph constant a refit hands back unchanged)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(onnx_path, load_external_data=True)
+    for init in model.graph.initializer:
+        if init.name == name:
+            return torch.from_numpy(numpy_helper.to_array(init).copy())
+    raise KeyError(f"refit: no initializer {name!r} in {onnx_path}")
 
 
 def apply_to_onnx(onnx_path: str, out_path: str, module: torch.nn.Module, mapping: dict, dtype: torch.dtype):

@@ -9,8 +9,11 @@ refittable and the artefact keeps the ONNX initializer → parameter map (:mod:`
 fused at another scale is refitted in place instead of rebuilding.
 
 At run time the I/O buffers are torch tensors allocated once per input shape; inputs are copied
-into them and the engine runs on the current torch CUDA stream (``execute_async_v3``). With
-``options["cuda_graph"]`` each shape's execution is captured once into a CUDA graph and replayed.
+into them and the engine runs on a CUDA stream of its own (``execute_async_v3``), ordered after
+and before torch's current stream. Every call's return value is checked. With
+``options["cuda_graph"]`` each shape's execution is captured once into a CUDA graph and replayed; a
+capture that fails falls back to direct execution, with a warning, and never replays an empty
+graph. The engines of one process share one activation buffer (they run one after another).
 
 Everything that does not need TensorRT itself (the profile's shapes, the refit map) is a plain
 function here or in :mod:`.refit`, tested on every machine.
@@ -95,12 +98,14 @@ def build(component: Component, folder: str, profile: ShapeProfile, dtype: torch
     trt_profile = builder.create_optimization_profile()
     for name, (low, best, high) in profile_shapes(component, profile).items():
         trt_profile.set_shape(name, low, best, high)
-    config.add_optimization_profile(trt_profile)
+    if config.add_optimization_profile(trt_profile) < 0:
+        raise RuntimeError(f"TensorRT refused the optimisation profile of {component.name}: {profile}")
 
     cache_path = options.get("timing_cache") or default_timing_cache(folder)
     cache_bytes = open(cache_path, "rb").read() if os.path.isfile(cache_path) else b""
     timing_cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(timing_cache, False)
+    if not config.set_timing_cache(timing_cache, False):
+        raise RuntimeError(f"TensorRT refused the timing cache {cache_path}; delete it to start a new one")
 
     plan = builder.build_serialized_network(network, config)
     if plan is None:
@@ -115,10 +120,35 @@ def build(component: Component, folder: str, profile: ShapeProfile, dtype: torch
 
 
 def _write_atomically(path: str, data: bytes):
-    tmp = f"{path}.{os.getpid()}.tmp"
+    """Atomic across processes and threads: a private temporary file (pid and thread), then a rename."""
+    import threading
+    import uuid
+
+    tmp = f"{path}.{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:6]}.tmp"
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
+
+
+class _SharedActivations:
+    """One device buffer for the activations of every engine on a device (they run in turn), grown
+    to the largest engine's need; each context points into it."""
+
+    def __init__(self):
+        self.buffers, self.contexts = {}, {}
+
+    def attach(self, context, size: int, device: torch.device):
+        key = str(device)
+        self.contexts.setdefault(key, []).append(context)
+        if key not in self.buffers or self.buffers[key].numel() < size:
+            self.buffers[key] = torch.empty(size, dtype=torch.uint8, device=device)
+            for ctx in self.contexts[key]:   # the buffer moved: every context points at the new one
+                ctx.device_memory = self.buffers[key].data_ptr()
+        else:
+            context.device_memory = self.buffers[key].data_ptr()
+
+
+SHARED_ACTIVATIONS = _SharedActivations()
 
 
 def _torch_dtype(trt_dtype) -> torch.dtype:
@@ -145,18 +175,32 @@ class TensorRTEngine:
             self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(f.read())
         if self.engine is None:
             raise RuntimeError(f"TensorRT could not load {folder}/{PLAN_FILE} (built by another TensorRT or GPU?)")
-        self.context = self.engine.create_execution_context()
+        self.context = self._context(trt)
+        self.stream = torch.cuda.Stream(device)   # ours, not the legacy default stream
         self.dtypes = {name: _torch_dtype(self.engine.get_tensor_dtype(name)) for name in input_names + output_names}
         self.buffers: dict[tuple, dict[str, torch.Tensor]] = {}   # input shapes → I/O tensors
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.current = None
+
+    def _context(self, trt):
+        """An execution context whose activations live in the shared buffer (where TensorRT allows)."""
+        strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
+        if strategy is None or not hasattr(self.engine, "device_memory_size_v2"):
+            return self.engine.create_execution_context()
+        context = self.engine.create_execution_context(strategy.USER_MANAGED)
+        SHARED_ACTIVATIONS.attach(context, int(self.engine.device_memory_size_v2), self.device)
+        return context
+
+    def _set_shape(self, name: str, shape: tuple):
+        if not self.context.set_input_shape(name, shape):
+            raise RuntimeError(f"TensorRT refused the shape {shape} for {name} of {self.folder} (outside its profile?)")
 
     def _buffers_for(self, shapes: tuple) -> dict[str, torch.Tensor]:
         """The I/O tensors of one input-shape combination, allocated the first time it is seen."""
         if shapes not in self.buffers:
             buffers = {}
             for name, shape in zip(self.input_names, shapes):
-                self.context.set_input_shape(name, shape)
+                self._set_shape(name, shape)
                 buffers[name] = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
             for name in self.output_names:
                 shape = tuple(self.context.get_tensor_shape(name))
@@ -168,7 +212,7 @@ class TensorRTEngine:
         if self.current == shapes:
             return
         for name, shape in zip(self.input_names, shapes):
-            self.context.set_input_shape(name, shape)
+            self._set_shape(name, shape)
         for name, tensor in buffers.items():
             self.context.set_tensor_address(name, tensor.data_ptr())
         self.current = shapes
@@ -179,44 +223,78 @@ class TensorRTEngine:
         for name in self.input_names:
             buffers[name].copy_(feeds[name])
         self._bind(shapes, buffers)
-        stream = torch.cuda.current_stream(self.device)
-        if self.use_cuda_graph:
-            graph = self.graphs.get(shapes)
-            if graph is None:
-                self.context.execute_async_v3(stream.cuda_stream)   # a plain run first: lazy initialisation
-                graph = torch.cuda.CUDAGraph()
-                capture = torch.cuda.Stream(self.device)
-                capture.wait_stream(stream)
-                with torch.cuda.graph(graph, stream=capture):
-                    self.context.execute_async_v3(capture.cuda_stream)
-                stream.wait_stream(capture)
-                self.graphs[shapes] = graph
-            graph.replay()
-        elif not self.context.execute_async_v3(stream.cuda_stream):
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)   # the inputs were copied on the caller's stream
+        with torch.cuda.stream(self.stream):
+            graph = self.graphs.get(shapes) if self.use_cuda_graph else None
+            if self.use_cuda_graph and graph is None:
+                graph = self._capture(shapes)
+            if graph is not None:
+                graph.replay()
+            else:
+                self._execute()
+            outputs = [buffers[name].clone() for name in self.output_names]
+        caller.wait_stream(self.stream)
+        return outputs
+
+    def _execute(self):
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError(f"TensorRT execution failed for {self.folder}")
-        return [buffers[name].clone() for name in self.output_names]
+
+    def _capture(self, shapes: tuple):
+        """A CUDA graph of one execution at `shapes`; None (direct execution from then on, with a
+        warning) when the capture fails — never an empty graph replayed for ever."""
+        import warnings
+
+        self._execute()   # a plain run first: TensorRT initialises lazily
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=self.stream):
+                if not self.context.execute_async_v3(self.stream.cuda_stream):
+                    raise RuntimeError("execute_async_v3 returned False during capture")
+        except Exception as error:  # noqa: BLE001 - any capture failure means: run directly
+            warnings.warn(f"CUDA graph capture failed for {self.folder} ({error}); running without graphs",
+                          RuntimeWarning, stacklevel=3)
+            self.use_cuda_graph = False
+            return None
+        self.graphs[shapes] = graph
+        return graph
 
     def refit(self, module: torch.nn.Module):
-        """Load `module`'s current weights into the engine (built with options["refit"])."""
+        """Load `module`'s current weights into the engine (built with options["refit"]): every weight
+        the engine lists, each in the dtype of its prototype; parameters the map can't place must be
+        unchanged, or the refit refuses to run (they would stay stale)."""
         import tensorrt as trt
 
-        from .refit import weights_from
+        from .refit import changed_unplaced, constants_from, weights_from
 
         path = os.path.join(self.folder, REFIT_FILE)
         if not os.path.isfile(path):
             raise ValueError("refit: this engine was not built refittable; build it with options={'refit': True}")
         with open(path) as f:
             mapping = json.load(f)
+        stale = changed_unplaced(module, mapping, self.weights_dtype)
+        if stale:
+            raise RuntimeError(f"refit: {len(stale)} changed parameters have no place in the engine's weights "
+                               f"({stale[:5]}...); rebuild the engine instead")
         refitter = trt.Refitter(self.engine, self.logger)
-        trt_type = {torch.float32: trt.float32, torch.float16: trt.float16, torch.bfloat16: trt.bfloat16}[
-            self.weights_dtype]
-        values = weights_from(module, mapping, self.weights_dtype)   # kept alive until the refit is done
-        for name, tensor in values.items():
-            if not refitter.set_named_weights(name, trt.Weights(trt_type, tensor.data_ptr(), tensor.numel())):
+        values = weights_from(module, mapping, self.weights_dtype)
+        kept = []   # every array handed over stays alive until the refit is done
+        for name in refitter.get_all_weights():
+            prototype = refitter.get_weights_prototype(name)
+            dtype = _torch_dtype(prototype.dtype)
+            if name in values:
+                tensor = values[name].to(dtype).contiguous()
+            else:   # a graph constant no parameter feeds: its built value, unchanged
+                tensor = constants_from(os.path.join(self.folder, ONNX_FILE), name).to(dtype).contiguous()
+            kept.append(tensor)
+            if not refitter.set_named_weights(name, trt.Weights(prototype.dtype, tensor.data_ptr(), tensor.numel())):
                 raise RuntimeError(f"refit: TensorRT refused new weights for {name}")
         missing = refitter.get_missing_weights()
         if missing:
             raise RuntimeError(f"refit: weights not supplied for {missing[:5]}... ({len(missing)} in all)")
+        torch.cuda.current_stream(self.device).synchronize()   # no execution may still read the old weights
+        self.stream.synchronize()
         if not refitter.refit_cuda_engine():
             raise RuntimeError("refit: TensorRT could not refit the engine")
         self.graphs.clear()   # captured graphs hold the old weights' kernels' arguments

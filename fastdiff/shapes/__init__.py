@@ -2,11 +2,12 @@
 64×64 picture of one, and moving-shape clips for streams."""
 
 from .clips import moving_shapes_clip
+from .model import load_pipeline
 from .evaluate import attribute_accuracy, read_scene, read_scenes
 from .render import (Obj, Scene, batch_tensors, caption, heldout_prompts, parse_caption, render,
                      render_batch, sample_scene, scene_stream, vocabulary)
 
-__all__ = ["Obj", "Scene", "artefact_path", "attribute_accuracy", "batch_tensors", "caption", "heldout_prompts",
+__all__ = ["Obj", "Scene", "artefact_path", "attribute_accuracy", "load_pipeline", "batch_tensors", "caption", "heldout_prompts",
            "moving_shapes_clip", "parse_caption", "read_scene", "read_scenes", "render", "render_batch",
            "sample_scene", "scene_stream", "vocabulary"]
 

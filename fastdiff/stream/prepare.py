@@ -125,6 +125,18 @@ class Prepared:
         routes, counts = cond_model.route.unique(return_counts=True)
         return sum(int(n) * self.row_macs(cond_model, latent_shape, int(r)) for r, n in zip(routes, counts))
 
+    # -- attention -----------------------------------------------------------------------------
+    def set_attention(self, name: str) -> None:
+        """The denoiser's attention backend (:mod:`fastdiff.attention`), for every sub-network too."""
+        from ..attention import apply_attention
+        from ..denoiser import GroupedDenoiser
+
+        d = self.denoiser
+        modules = list(d.originals.values()) if isinstance(d, GroupedDenoiser) else [d.original]
+        for module in modules:
+            apply_attention(module, name)
+        d.attention = name
+
     # -- engines -------------------------------------------------------------------------------
     def attach_engines(self, rows: int, frames: int, resolutions, *, best_rows: int | None = None,
                        best_frames: int | None = None, force: bool = False):

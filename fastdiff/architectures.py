@@ -121,11 +121,13 @@ def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim", vae: str = "kl", im
         norm_num_groups=8,
     ).eval()
     cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
-    return cls(
+    pipe = cls(
         vae=tiny_vae(vae), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=_sd_scheduler(scheduler, prediction_type),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+    pipe.set_progress_bar_config(disable=True)   # a test's or a benchmark's pipeline: no bars
+    return pipe
 
 
 def tiny_sdxl_pipeline(seed: int = 0, scheduler: str = "ddim", vae: str = "kl", img2img: bool = False):
@@ -306,34 +308,29 @@ def _sd_schedule(cls_name: str, **config):
                                         num_train_timesteps=1000, steps_offset=1, **config)
 
 
-def sd15_pipeline(torch_dtype=torch.float32, device="cpu", vae: str = "kl"):
-    """Stable Diffusion 1.5 (512²) with random weights: CLIP-L text encoder, 859.52M-parameter UNet."""
+def _sd_pipeline(arch: str, text: dict, vae_size: int, scheduler, torch_dtype, device, vae: str):
+    """An SD 1.x / 2.x pipeline of architecture `arch` with random weights."""
     from diffusers import StableDiffusionPipeline
 
     tokenizer = tiny_clip_tokenizer()
     return StableDiffusionPipeline(
-        vae=_vae(vae, dict(_VAE, sample_size=512), torch_dtype, device),
-        text_encoder=_clip_text(_CLIP_L, tokenizer, False, torch_dtype, device),
-        tokenizer=tokenizer,
-        unet=architecture_denoiser("sd15", torch_dtype, device),
-        scheduler=_sd_schedule("PNDMScheduler", skip_prk_steps=True, set_alpha_to_one=False),
+        vae=_vae(vae, dict(_VAE, sample_size=vae_size), torch_dtype, device),
+        text_encoder=_clip_text(text, tokenizer, False, torch_dtype, device), tokenizer=tokenizer,
+        unet=architecture_denoiser(arch, torch_dtype, device), scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+
+
+def sd15_pipeline(torch_dtype=torch.float32, device="cpu", vae: str = "kl"):
+    """Stable Diffusion 1.5 (512²) with random weights: CLIP-L text encoder, 859.52M-parameter UNet."""
+    return _sd_pipeline("sd15", _CLIP_L, 512, _sd_schedule("PNDMScheduler", skip_prk_steps=True,
+                                                           set_alpha_to_one=False), torch_dtype, device, vae)
 
 
 def sd_turbo_pipeline(torch_dtype=torch.float32, device="cpu", vae: str = "kl"):
     """SD-Turbo (SD 2.1 base architecture, 512²) with random weights: OpenCLIP-H text encoder, 865.91M UNet."""
-    from diffusers import StableDiffusionPipeline
-
-    tokenizer = tiny_clip_tokenizer()
-    return StableDiffusionPipeline(
-        vae=_vae(vae, dict(_VAE, sample_size=768), torch_dtype, device),
-        text_encoder=_clip_text(_CLIP_H, tokenizer, False, torch_dtype, device),
-        tokenizer=tokenizer,
-        unet=architecture_denoiser("sd-turbo", torch_dtype, device),
-        scheduler=_sd_schedule("EulerDiscreteScheduler", timestep_spacing="trailing"),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    return _sd_pipeline("sd-turbo", _CLIP_H, 768, _sd_schedule("EulerDiscreteScheduler", timestep_spacing="trailing"),
+                        torch_dtype, device, vae)
 
 
 def sdxl_pipeline(torch_dtype=torch.float32, device="cpu", vae: str = "kl"):

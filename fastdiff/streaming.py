@@ -47,6 +47,10 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
     samples with its scheduler, and a txt2img stream with its timesteps. :meth:`set_adapter` swaps or
     rescales it while streaming.
 
+    ``compile="whole"`` compiles the whole steady-state step — encode, denoiser, step, decode — as one
+    ``torch.compile`` graph once the stream is full (on CUDA with CUDA graphs, ``"reduce-overhead"``,
+    unless ``compile_mode`` says otherwise); the calls that fill the stream run eagerly.
+
     ``attention`` picks the attention kernel (``"sdpa"``, ``"sdpa-flash"``..., ``"xformers"``, or a
     diffusers backend: :mod:`fastdiff.attention`).
 
@@ -62,7 +66,7 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
                  height: int | None = None, width: int | None = None, output_type: str = "pt",
                  backend: str | None = None, engine_options: dict | None = None, adapter=None,
                  adapter_scale: float = 1.0, adapter_scheduler: str | None = None, router=None,
-                 attention: str = "sdpa"):
+                 attention: str = "sdpa", compile: str | None = None, compile_mode: str | None = None):
         self.mode = check_choice(mode, "mode", MODES)
         self.frame_buffer = check_int(frame_buffer, "frame_buffer", 1)
         check_choice(noise, "noise", NOISE_MODES)
@@ -80,6 +84,9 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         self._pending = None   # an engine rebuild running in the background (set_adapter(wait=False))
         self._set_router(router)
         self.parts.set_attention(attention)
+        self.compile = check_choice(compile, "compile", (None, "whole"))
+        self.compile_mode = compile_mode
+        self._whole = None   # the compiled steady step, made when the stream first fills
         if adapter is not None:
             self._set_adapter(adapter, adapter_scale, adapter_scheduler)
         if steps is None and timesteps is None:
@@ -311,6 +318,10 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
             elif self.filter.should_skip(pixels):
                 self.last_skipped, self.last_tag = True, tag
                 return self._last_output
+        if self.compile == "whole" and self.latents.full:
+            out = self._whole_step(pixels, tag)
+            if out is not None:
+                return out
         clean = self.codec.encode(pixels) if pixels is not None else None
         finished = self.latents.push(clean, tag=tag)
         if finished is None:
@@ -319,14 +330,46 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         self._last_output, self.last_tag = self._decode(finished.latents), finished.tag
         return self._last_output
 
-    def _decode(self, latents):
+    def _whole_step(self, pixels, tag):
+        """One steady-state call through the compiled whole step; None when it can't (fresh noise)."""
+        ls = self.latents
+        if self._whole is None:
+            step = ls.steady_step()
+            if step is None:
+                self.compile = None
+                return None
+            codec, schedule = self.codec, self.schedule
+            a0, b0 = float(schedule.alpha[0]), float(schedule.beta[0])
+            eps0 = ls._fixed_noise()[0]
+
+            def whole(pixels, buffer, residual):
+                x_new = schedule.noise_scale * eps0 if pixels is None else a0 * codec.encode(pixels) + b0 * eps0
+                finished, buffer, residual = step(x_new.to(ls.dtype), eps0, buffer, residual)
+                return codec.decode(finished), finished, buffer, residual
+
+            mode = self.compile_mode or ("reduce-overhead" if self.denoiser.device.type == "cuda" else None)
+            self._whole = torch.compile(whole, mode=mode, dynamic=False)
+        buffer, residual = ls.state()
+        images, finished, buffer, residual = self._whole(pixels, buffer, residual)
+        if self.denoiser.device.type == "cuda":   # CUDA graphs reuse their outputs' memory
+            images, finished = images.clone(), finished.clone()
+            buffer = buffer.clone() if buffer is not None else None
+            residual = residual.clone() if residual is not None else None
+        self.last_tag = ls.shift_in(buffer, residual, tag)
+        self._last_output = self._frames_of(finished, images)
+        return self._last_output
+
+    def _frames_of(self, latents, images):
         if self.output_type == "latent":
             frames = list(latents)
         else:
-            images = self.codec.decode(latents)
             self._finite.check(latents, images)   # before the conversion clamps ±Inf away
             frames = from_model_tensor(images, self.output_type)
         return frames[0] if self.frame_buffer == 1 else frames
+
+    def _decode(self, latents):
+        images = None if self.output_type == "latent" else self.codec.decode(latents)
+        return self._frames_of(latents, images)
 
     @torch.inference_mode()
     def flush_tagged(self) -> list[tuple]:

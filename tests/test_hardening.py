@@ -20,9 +20,7 @@ from fastdiff.vae import LatentCodec
 
 @pytest.fixture(scope="module")
 def pipe():
-    pipe = tiny_sd_pipeline(scheduler="lcm")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return tiny_sd_pipeline(scheduler="lcm")
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

@@ -225,3 +225,24 @@ def test_bad_frames_and_prompts_are_named(pipe):
         batch(frames(2))
     with pytest.raises(ValueError, match="prompt must be one string or a list of frame_buffer=3"):
         batch.update(prompt=["a", "b"])
+
+
+def test_the_compiled_whole_step_equals_the_eager_stream(pipe):
+    """encode + denoiser + step + decode as one torch.compile graph once the stream is full."""
+    import shutil
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    clip = frames(5)
+    outputs = {}
+    for compile in (None, "whole"):
+        stream = fastdiff.Stream(pipe, [20, 40], cfg="self", guidance_scale=1.4, compile=compile, output_type="pt")
+        stream.prepare("a red circle")
+        outputs[compile] = [stream(frame, tag=i) for i, frame in enumerate(clip)] + stream.flush()
+        if compile:
+            assert stream._whole is not None   # the steady calls went through the compiled step
+    for eager, whole in zip(outputs[None], outputs["whole"]):
+        if eager is None:
+            assert whole is None
+        else:
+            torch.testing.assert_close(whole, eager, rtol=1e-4, atol=1e-4)

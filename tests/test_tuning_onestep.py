@@ -19,9 +19,7 @@ PROMPTS = ["a red circle", "a blue square"]
 
 
 def tiny():
-    pipe = tiny_sd_pipeline(scheduler="ddim")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return tiny_sd_pipeline(scheduler="ddim")
 
 
 @pytest.fixture(scope="module")

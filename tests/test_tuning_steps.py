@@ -22,9 +22,7 @@ PROMPTS = ["a red circle", "a blue square"]
 
 @pytest.fixture(scope="module")
 def pipe():
-    pipe = tiny_sd_pipeline(scheduler="ddim")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return tiny_sd_pipeline(scheduler="ddim")
 
 
 def test_dp_finds_the_known_least_cost_path():

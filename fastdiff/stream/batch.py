@@ -182,6 +182,53 @@ class LatentStream:
             x_new = a0 * clean.to(self.device, self.dtype) + b0 * eps0
         return self._step(_Slot(x_new, eps0, tag))
 
+    # -- the steady state as one pure function (what a compiled whole step runs) ----------------
+    @property
+    def full(self) -> bool:
+        return all(slot is not None for slot in self.slots)
+
+    def steady_step(self):
+        """The full stream's step as a pure function ``(x_new, eps_new, buffer, residual) -> (finished
+        latents, buffer', residual')`` over contiguous buffers (slots 1..n−1, slot-major), with the
+        fixed noise as a constant: what ``fastdiff.Stream(compile="whole")`` compiles with its encode
+        and decode. None when the stream is not in a steady state it can express (fresh noise)."""
+        if self.noise_mode != "fixed" or self.n < 1:
+            return None
+        call = self._call(True, tuple(range(self.n - 1)))
+        F, guider, denoiser = self.frames, self.guider, self.denoiser
+        renoise = self._renoise(call)
+
+        def step(x_new, eps_new, buffer, residual):
+            x = torch.cat([x_new, buffer]) if buffer is not None else x_new
+            r = None
+            if guider.carries_residual:
+                r = torch.cat([eps_new, residual]) if residual is not None else eps_new
+            x_next, r_next = stream_step(denoiser, x, call.rows, r, guider, renoise)
+            keep = x_next.shape[0] - F
+            return x_next[keep:], (x_next[:keep] if keep else None), (r_next[:keep] if r_next is not None and keep
+                                                                       else None)
+        return step
+
+    def state(self):
+        """(buffer, residual) of the slots in flight, as the steady step takes them."""
+        groups = [slot for slot in self.slots]
+        if not groups:
+            return None, None
+        buffer = torch.cat([g.latents for g in groups])
+        residual = torch.cat([g.residual for g in groups]) if self.guider.carries_residual else None
+        return buffer, residual
+
+    def shift_in(self, buffer, residual, tag):
+        """Take back the state after a steady step that entered a group tagged `tag`; the tag of
+        the group that left."""
+        F = self.frames
+        leaving = self.slots[-1].tag if self.slots else tag
+        tags = [tag] + [slot.tag for slot in self.slots[:-1]]
+        chunks = buffer.split(F) if buffer is not None else []
+        r_chunks = residual.split(F) if residual is not None else [None] * len(chunks)
+        self.slots = [_Slot(x, r, t) for x, r, t in zip(chunks, r_chunks, tags)]
+        return leaving
+
     def drain(self) -> list[Finished]:
         """Run the frames in flight to the end (no new input); their groups, oldest first."""
         finished = []

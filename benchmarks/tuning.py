@@ -1,0 +1,171 @@
+"""The tuning tools judged on the shapes world, each by its anchor's own comparison, on the held-out set
+of ``fastdiff bench quality`` (one, two, three objects; unstated attributes over several seeds):
+
+- ``schedules``: searched steps against uniform steps (twice as many, and as many) and Align Your
+  Steps, with full CFG at the model's guidance; the stream's searched schedule against its default
+  [32, 45] in PSNR against the 50-step teacher on moving-shape clips;
+- ``onestep``: the one-step adapter against the 25-step teacher, the base model's best one step and
+  its 4-step LCM-style stream step, with and without the adapter's high-frequency term;
+- ``routing``: routed against the full model and against one pruned model of the same mean MACs;
+  MACs per prompt kind; the measured speed of routed ``accelerate`` against the full model.
+
+    python benchmarks/tuning.py schedules [--schedules DIR] [--count 128] [--out out/tuning-schedules.json]
+    python benchmarks/tuning.py onestep --adapter PATH [--ablation PATH] [--count 128]
+    python benchmarks/tuning.py routing --router PATH [--single PATH] [--count 128]
+
+Every row is one :class:`fastdiff.quality.QualityRow` on the same prompts, seeds and initial noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+from machine import environment  # noqa: E402
+
+
+def _rows(pipe, held, teacher, configs, batch=64):
+    from fastdiff.quality import QualityRow, generate, measure
+
+    rows = []
+    for label, steps, cfg, solver, options, call in configs:
+        images, seconds = generate(pipe, held.texts, steps, cfg, solver, GUIDANCE[0], 0, batch, GUIDANCE[1],
+                                   options, call)
+        rows.append(QualityRow(steps=steps, cfg=cfg, solver=solver or "", seconds_per_image=seconds, label=label,
+                               **measure(images, held, teacher)))
+        print(f"  {label}: done", file=sys.stderr)
+    return rows
+
+
+GUIDANCE = [5.0, 0.0]
+
+
+def schedules(pipe, held, teacher, folder, clip_frames=16):
+    from fastdiff.tuning import Schedule
+    from fastdiff.tuning.fitness import Trajectories
+    from fastdiff.shapes import moving_shapes_clip
+
+    configs = [("uniform", 8, "full", "ddim", None, None)]
+    for k in (4, 2):
+        configs.append(("uniform", k, "full", "ddim", None, None))
+        for method in ("ays", "dp", ""):
+            name = f"shapes-{k}{'-' + method if method else ''}.json"
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                label = {"": "searched (evolution)", "dp": "searched (DP)", "ays": "AYS"}[method]
+                configs.append((label, k, "full", None, {"schedule": path}, None))
+    rows = _rows(pipe, held, teacher, configs)
+    stream_rows = []
+    path = os.path.join(folder, "shapes-stream-2.json")
+    if os.path.isfile(path):
+        searched = Schedule.load(path, pipe)
+        clip = [f for seed in range(2) for f in moving_shapes_clip(num_frames=clip_frames // 2, seed=seed)]
+        run = Trajectories(pipe, ["a circle"], mode="stream", cfg="self", guidance_scale=1.2, solver="lcm",
+                           teacher_steps=50, frames=clip, strength_timestep=searched.timesteps[0])
+        pipe.scheduler.set_timesteps(50)
+        default = [float(pipe.scheduler.timesteps[i]) for i in (32, 45)]
+        for label, timesteps in (("default [32, 45]", default), ("searched", searched.timesteps)):
+            if timesteps[0] != searched.timesteps[0]:
+                label += " (other strength)"
+            _, metrics = run.score(timesteps)
+            stream_rows.append({"label": label, "timesteps": [int(t) for t in timesteps], **metrics})
+    return rows, stream_rows
+
+
+def onestep(pipe, held, teacher, adapter, ablation=None):
+    configs = [("teacher: 25 steps, full CFG", 25, "full", "ddim", None, None),
+               ("base, 1 step, no CFG", 1, "none", "ddim", None, None),
+               ("base, 1 step, full CFG", 1, "full", "ddim", None, None),
+               ("base, 4 steps, LCM step, no CFG", 4, "none", "lcm", None, None),
+               ("adapter, 1 step", 1, "none", None, {"adapter": adapter}, None)]
+    if ablation:
+        configs.append(("adapter without the high-frequency term, 1 step", 1, "none", None, {"adapter": ablation}, None))
+    return _rows(pipe, held, teacher, configs)
+
+
+def routing(pipe, held, teacher, router, single=None, steps=25):
+    import fastdiff
+    from fastdiff.tuning import load_router
+
+    configs = [("full model", steps, "full", "ddim", None, None),
+               ("routed", steps, "full", "ddim", {"router": router}, None)]
+    if single:
+        configs.append(("one pruned model (same mean MACs)", steps, "full", "ddim", {"router": single}, None))
+    rows = _rows(pipe, held, teacher, configs)
+    loaded = load_router(router, pipe)
+    macs = {}
+    for kind in ("one", "two", "three", "unstated"):
+        prompts = held.texts[held.of(kind)]
+        codes = loaded.route(pipe, prompts)
+        per = loaded.details["macs_per_code"]
+        macs[kind] = sum(per[int(c)] for c in codes) / len(codes) / loaded.details["macs_full"]
+    mix = [held.texts[held.of(k)] for k in ("one", "two", "three")]
+    mean = sum(macs[k] for k in ("one", "two", "three")) / 3
+    # measured speed: routed accelerate against the full model, alternating, same prompts
+    full = fastdiff.accelerate(pipe)
+    routed = fastdiff.accelerate(pipe, router=router)
+    prompts = [p for group in mix for p in group[:16]]
+    times = {"full": [], "routed": []}
+    for _ in range(3):
+        for name, fast in (("full", full), ("routed", routed)):
+            start = time.perf_counter()
+            fast(prompts, num_inference_steps=8, guidance_scale=GUIDANCE[0], output_type="latent",
+                 generator=torch.Generator().manual_seed(0))
+            times[name].append(time.perf_counter() - start)
+    speed = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return rows, {"macs_share_by_kind": macs, "macs_share_mean_of_1_2_3": mean,
+                  "seconds": speed, "speedup": speed["full"] / speed["routed"],
+                  "codes": loaded.codes, "macs_share_per_code": loaded.details["macs_ratio_per_code"]}
+
+
+def main(argv=None) -> int:
+    from fastdiff.quality import format_table, generate, held_out, rows_as_dicts
+    from fastdiff.shapes.model import GUIDANCE_RESCALE, GUIDANCE_SCALE, load_pipeline
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("tool", choices=["schedules", "onestep", "routing"])
+    parser.add_argument("--schedules", default=None, help="folder of shapes-K[-method].json (default: the shipped)")
+    parser.add_argument("--adapter", default=None)
+    parser.add_argument("--ablation", default=None, help="an adapter trained without the high-frequency term")
+    parser.add_argument("--router", default=None)
+    parser.add_argument("--single", default=None, help="a router of one code at the routed mean MACs")
+    parser.add_argument("--count", type=int, default=128)
+    parser.add_argument("--unstated", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    GUIDANCE[:] = [GUIDANCE_SCALE, GUIDANCE_RESCALE]
+    pipe = load_pipeline()
+    held = held_out(args.count, args.unstated, args.repeats)
+    teacher, _ = generate(pipe, held.texts, 50, "full", "ddim", GUIDANCE_SCALE, 0, 64, GUIDANCE_RESCALE)
+    extra = None
+    if args.tool == "schedules":
+        from fastdiff.shapes import artefact_path
+
+        rows, extra = schedules(pipe, held, teacher, args.schedules or artefact_path("schedule"))
+    elif args.tool == "onestep":
+        rows = onestep(pipe, held, teacher, args.adapter, args.ablation)
+    else:
+        rows, extra = routing(pipe, held, teacher, args.router, args.single)
+    print(format_table(rows))
+    if extra:
+        print(json.dumps(extra, indent=2))
+    out = args.out or f"out/tuning-{args.tool}.json"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"environment": environment(["benchmarks/tuning.py", *(argv or sys.argv[1:])]),
+                   "guidance": GUIDANCE, "rows": rows_as_dicts(rows), "extra": extra}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

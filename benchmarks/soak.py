@@ -56,18 +56,6 @@ class _Client(threading.Thread):
         self.crash: str | None = None
         self.refused = 0
 
-    def _session(self):
-        from websockets.sync.client import connect
-
-        ws = connect(self.url, max_size=None, open_timeout=self.timeout)
-        ready = json.loads(ws.recv(timeout=self.timeout))
-        if ready.get("type") != "ready":
-            ws.close()
-            self.refused += 1
-            return None
-        ws.send(json.dumps({"type": "start", "mode": "img2img", "prompt": "a red circle"}))
-        return ws
-
     def _count(self, message) -> None:
         if isinstance(message, bytes):
             return
@@ -85,43 +73,45 @@ class _Client(threading.Thread):
             self.answered += 1
 
     def run(self) -> None:
+        from websockets.sync.client import connect
+
         try:
             while not self.stop.is_set():
-                ws = self._session()
-                if ws is None:
-                    time.sleep(0.2)
-                    continue
-                if self.behaviour == "quitter":   # a frame, then gone before its answer
-                    ws.send(self.rng.choice(self.frames))
-                    ws.close()
-                    time.sleep(self.rng.uniform(0.05, 0.3))
-                    continue
-                self._stream(ws)
-                return
+                with connect(self.url, max_size=None, open_timeout=self.timeout) as ws:
+                    if json.loads(ws.recv(timeout=self.timeout)).get("type") != "ready":   # the server is full
+                        self.refused += 1
+                        time.sleep(0.2)
+                        continue
+                    ws.send(json.dumps({"type": "start", "mode": "img2img", "prompt": "a red circle"}))
+                    if self.behaviour == "quitter":   # a frame, then gone before its answer
+                        ws.send(self.rng.choice(self.frames))
+                        continue
+                    self._stream(ws)
+                    return
+                time.sleep(self.rng.uniform(0.05, 0.3))
         except Exception as error:  # noqa: BLE001 - a client that fails is what this script counts
             self.crash = f"{type(error).__name__}: {error}"
 
     def _stream(self, ws) -> None:
-        with ws:
-            while not self.stop.is_set():
-                ws.send(self.rng.choice(self.frames))
-                self.sent += 1
-                if self.behaviour == "steady":   # one frame at a time: wait for its answer
-                    while self.answered < self.sent and not self.stop.is_set():
-                        self._count(ws.recv(timeout=self.timeout))
-                else:   # flood: answers are read as they come
-                    time.sleep(0.005)
-                    while True:
-                        try:
-                            self._count(ws.recv(timeout=0))
-                        except TimeoutError:
-                            break
-            deadline = time.monotonic() + self.timeout   # drain: every frame sent is owed an answer
-            while self.answered < self.sent and time.monotonic() < deadline:
-                try:
-                    self._count(ws.recv(timeout=max(0.1, deadline - time.monotonic())))
-                except TimeoutError:
-                    break
+        while not self.stop.is_set():
+            ws.send(self.rng.choice(self.frames))
+            self.sent += 1
+            if self.behaviour == "steady":   # one frame at a time: wait for its answer
+                while self.answered < self.sent and not self.stop.is_set():
+                    self._count(ws.recv(timeout=self.timeout))
+            else:   # flood: answers are read as they come
+                time.sleep(0.005)
+                while True:
+                    try:
+                        self._count(ws.recv(timeout=0))
+                    except TimeoutError:
+                        break
+        deadline = time.monotonic() + self.timeout   # drain: every frame sent is owed an answer
+        while self.answered < self.sent and time.monotonic() < deadline:
+            try:
+                self._count(ws.recv(timeout=max(0.1, deadline - time.monotonic())))
+            except TimeoutError:
+                break
 
 
 def soak(url: str, clients: int = 50, seconds: float = 60, frame_side: int = 64, seed: int = 0,

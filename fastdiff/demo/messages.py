@@ -60,7 +60,7 @@ def parse_control(text: str) -> Control:
     if not isinstance(message, dict):
         raise ClientError(f"control message must be a JSON object, got {type(message).__name__}")
     kind = message.pop("type", None)
-    if kind not in FIELDS:
+    if not isinstance(kind, str) or kind not in FIELDS:
         raise ClientError(f"type must be one of {sorted(FIELDS)}, got {kind!r}", field="type")
     unknown = sorted(set(message) - set(FIELDS[kind]))
     if unknown:

@@ -259,6 +259,9 @@ class Client:
                     self.inbox.put_control(parse_control(text))
             except ClientError as error:
                 await self.error(error)
+            except Exception:  # a bug of ours reading it: this client hears of it, the connection lives on
+                log.exception("reading a client's message failed")
+                await self.error(ClientError("the server could not read that message; see its log", index=index))
 
     async def _receive_frame(self, data: bytes, index: int, config: DemoConfig) -> None:
         received = time.perf_counter()

@@ -211,3 +211,28 @@ def test_the_high_frequency_term_is_a_laplacian():
     edge[..., 4:] = 1
     assert laplacian(edge).abs().sum() > 0
     assert ADAPTER_NAME == "fastdiff"
+
+
+def test_an_onnxruntime_stream_keeps_running_on_the_old_engine_while_the_new_one_builds(trained, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pipe, _, saved = trained
+    options = {"cache_dir": str(tmp_path), "threads": 1, "components": ["denoiser"]}
+    stream = fastdiff.Stream(pipe, [40], cfg="none", output_type="latent", backend="onnxruntime",
+                             engine_options=options, adapter=saved.path, adapter_scale=1.0)
+    stream.prepare("a red circle")
+    frame = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    full = stream(frame)
+    old_engine = stream.denoiser.module
+    stream.set_adapter(saved.path, scale=0.0, wait=False)   # a new cache key: a rebuild, in the background
+    during = stream(frame)   # served meanwhile, by an engine either way
+    assert isinstance(during, torch.Tensor)
+    stream._pending.join(timeout=600)
+    assert stream.adapter_ready() and stream.denoiser.module is not old_engine
+    off = stream(frame)
+    assert not torch.allclose(off, full)   # the rebuilt engine has the adapter at scale 0
+    plain = fastdiff.Stream(pipe, [40], cfg="none", output_type="latent")
+    plain.prepare("a red circle")
+    torch.testing.assert_close(off, plain(frame), rtol=1e-3, atol=1e-3)
+    from fastdiff.tuning.adapters import detach_adapter
+
+    detach_adapter(pipe)   # the module's pipeline, as the other tests found it

@@ -512,6 +512,50 @@ def read_prompts(path: Path | None, model: str, count: int, kind: str) -> list[s
     return tuning_prompts(kind, count)
 
 
+@main.command(short_help="Serve the real-time demo on Ray Serve: replicas, autoscaling, sessions pinned.")
+@model_option
+@click.option("--replicas", type=click.IntRange(min=1), default=None,
+              help="A fixed number of replicas (default: autoscaling from --min-replicas).")
+@click.option("--min-replicas", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--max-replicas", type=click.IntRange(min=1), default=None, help="Autoscaling's ceiling (default 8).")
+@click.option("--target-sessions", type=float, default=None,
+              help="Ongoing sessions per replica autoscaling aims at (default: 3/4 of --max-sessions).")
+@click.option("--address", default=None, help="A Ray cluster to join ('auto': the local one); default: start Ray here.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--max-sessions", type=click.IntRange(min=1), default=4, show_default=True, help="Sessions per replica.")
+@click.option("--cfg", type=click.Choice(CFG_MODES), default="self", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads per replica.")
+@device_option
+def serve(model, replicas, min_replicas, max_replicas, target_sessions, address, host, port, max_sessions, cfg,
+          threads, device):
+    """The demo's page and /ws protocol, served by Ray Serve replicas of --model."""
+    try:
+        from .serve import serve as run
+    except ImportError as error:
+        raise click.UsageError(str(error)) from error
+    from .demo import DemoConfig
+
+    with usage_errors():
+        config = DemoConfig(cfg=cfg, max_sessions=max_sessions, threads=threads)
+        try:
+            url = run(model, config, host=host, port=port, address=address, block=False, replicas=replicas,
+                      min_replicas=min_replicas, max_replicas=max_replicas, target_sessions=target_sessions,
+                      device=device)
+        except ImportError as error:
+            raise click.UsageError(str(error)) from error
+    click.echo(f"fastdiff serve: open {url}/ (Ray Serve; Ctrl-C stops)", err=True)
+    import time as _time
+
+    try:
+        while True:
+            _time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve as ray_serve
+
+        ray_serve.shutdown()
+
+
 @main.group()
 def tune():
     """Offline searches that write artefacts the runtime loads (timestep schedules, ...)."""

@@ -80,8 +80,12 @@ class DemoConfig:
         return options
 
 
-def create_app(pipe, config: DemoConfig | None = None) -> FastAPI:
-    """The demo's ASGI app over `pipe` (any pipeline `fastdiff.Stream` takes)."""
+def create_app(pipe, config: DemoConfig | None = None, *, replica: str | None = None, cluster=None) -> FastAPI:
+    """The demo's ASGI app over `pipe` (any pipeline `fastdiff.Stream` takes).
+
+    Behind several servers (``fastdiff serve``: Ray Serve replicas), `replica` names this one in the
+    "ready" message, `/health` and `/stats`, and `cluster()` gives every replica's statistics and
+    their total for `/stats`."""
     config = config or DemoConfig()
     defaults = Settings(mode="img2img", prompt=config.prompt, negative_prompt=None,
                         guidance_scale=config.guidance_scale, steps=config.steps, format="jpeg")
@@ -123,14 +127,24 @@ def create_app(pipe, config: DemoConfig | None = None) -> FastAPI:
     async def page():
         return FileResponse(os.path.join(STATIC_DIR, "index.html"))
 
+    def snapshot() -> dict:
+        return {"sessions": len(app.state.sessions), "max_sessions": config.max_sessions,
+                "uptime_s": round(time.time() - started, 1), **app.state.stats.snapshot()}
+
+    app.state.snapshot = snapshot
+
     @app.get("/health")
     async def health():
-        return {"status": "ok", "sessions": len(app.state.sessions), "max_sessions": config.max_sessions}
+        return {"status": "ok", "sessions": len(app.state.sessions), "max_sessions": config.max_sessions,
+                **({"replica": replica} if replica else {})}
 
     @app.get("/stats")
     async def stats():
-        return {"sessions": len(app.state.sessions), "max_sessions": config.max_sessions,
-                "uptime_s": round(time.time() - started, 1), **app.state.stats.snapshot()}
+        local = snapshot()
+        if replica is None:
+            return local
+        view = await asyncio.to_thread(cluster) if cluster is not None else {}
+        return {"replica": replica, **local, **view}
 
     @app.websocket("/ws")
     async def websocket(ws: WebSocket):
@@ -148,7 +162,7 @@ def create_app(pipe, config: DemoConfig | None = None) -> FastAPI:
         client = Client(ws, app.state.stats)
         sessions[id(client)] = client.stats
         try:
-            await client.send({"type": "ready", "defaults": dataclasses.asdict(defaults),
+            await client.send({"type": "ready", "defaults": dataclasses.asdict(defaults), "replica": replica,
                                "default_steps": default_steps, "modes": list(MODES), "formats": list(FORMATS),
                                "limits": {"max_message_bytes": config.max_message_bytes,
                                           "max_frame_side": config.max_frame_side}})

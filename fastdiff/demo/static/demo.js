@@ -21,7 +21,10 @@ const page = {
   stepsEdited: false,
   camera: null,         // the webcam's MediaStream while in use
   shapeTime: 0,
+  reconnects: 0,        // tries since the connection was lost (a server behind several replicas lives on)
+  resume: false,        // start again once reconnected: the stream was running when the connection went
 };
+const RECONNECT_MAX_MS = 10000;
 
 function status(text, isError = false) {
   $("status").textContent = text;
@@ -61,9 +64,17 @@ function connect() {
   ws.binaryType = "blob";
   ws.onmessage = (event) => (typeof event.data === "string" ? onMessage(JSON.parse(event.data)) : showOutput(event.data));
   ws.onclose = (event) => {
+    const wasRunning = page.running;
+    const lost = wasRunning ? Math.max(0, page.sent - page.firstIndex - page.answered) : 0;
     setRunning(false);
     $("toggle").disabled = true;
-    status(`disconnected (${event.code}${event.reason ? ": " + event.reason : ""}); reload to reconnect`, true);
+    // Lost, not closed by us: another server (replica) takes over once we reconnect.
+    page.resume = page.resume || wasRunning;
+    const wait = Math.min(RECONNECT_MAX_MS, 500 * 2 ** page.reconnects);
+    page.reconnects += 1;
+    const why = `${event.code}${event.reason ? ": " + event.reason : ""}`;
+    status(`connection lost (${why})${lost ? `; ${lost} frame(s) in flight were lost` : ""}; reconnecting…`, true);
+    setTimeout(connect, wait);
   };
   page.ws = ws;
 }
@@ -77,7 +88,15 @@ function onMessage(message) {
       $("guidance-value").textContent = Number(message.defaults.guidance_scale).toFixed(1);
       $("steps").value = message.default_steps[mode()].join(",");
       $("toggle").disabled = false;
-      status("connected: press Start");
+      page.reconnects = 0;
+      if (page.resume) {   // reconnected after a lost connection: carry on where we were
+        page.resume = false;
+        page.sent = 0;
+        status(`reconnected${message.replica ? " to " + message.replica : ""}`);
+        start();
+      } else {
+        status("connected: press Start");
+      }
       break;
     case "started":
     case "updated":

@@ -135,13 +135,25 @@ def pick_schedule(schedule: str, model: str, steps: int | None) -> tuple[str | N
     return schedule, found.steps
 
 
+def stream_steps(model: str) -> list[int]:
+    """The img2img stream's steps by default: the shapes model's own (which keep the input), else
+    StreamDiffusion's [32, 45]."""
+    if model == "shapes":
+        from .shapes.model import STREAM_STEPS
+
+        return list(STREAM_STEPS)
+    return [32, 45]
+
+
 def engine_backend(backend: str) -> str | None:
     """--backend as the library takes it: None runs the pipeline's own PyTorch modules."""
     return None if backend == "torch" else backend
 
 
 def parse_steps(ctx, param, value):
-    """'32,45' → [32, 45]; order and range are the library's to check."""
+    """'32,45' → [32, 45]; order and range are the library's to check (None: the model's default)."""
+    if value is None:
+        return None
     try:
         return [int(s) for s in value.split(",")]
     except ValueError:
@@ -314,8 +326,9 @@ def ready_results(runner):
               help="The prompt (the shapes model knows only its own words: see the README).")
 @click.option("--negative-prompt", default=None)
 @model_option
-@click.option("--steps", default="32,45", show_default=True, callback=parse_steps, metavar="I,J,...",
-              help="Indices into the 50-step schedule, noisiest first; one denoising step each.")
+@click.option("--steps", default=None, callback=parse_steps, metavar="I,J,...",
+              help="Indices into the 50-step schedule, noisiest first; one denoising step each (default: the "
+                   "shapes model's, which keep the input picture; else 32,45).")
 @click.option("--cfg", type=click.Choice(CFG_MODES), default="self", show_default=True, help="Guidance mode.")
 @click.option("--guidance-scale", type=float, default=1.2, show_default=True)
 @click.option("--delta", type=float, default=1.0, show_default=True, help="Residual-guidance strength.")
@@ -354,8 +367,9 @@ def stream(input_dir, clip, frames, prompt, negative_prompt, model, steps, cfg, 
     device = check_device(device)
     pipe = load_pipeline(model, device)
     with usage_errors():
-        s = Stream(pipe, steps, cfg=cfg, guidance_scale=guidance_scale, delta=delta, frame_buffer=frame_buffer,
-                   similarity_filter=similarity_filter, seed=seed, height=height, width=width, output_type="pil",
+        s = Stream(pipe, steps or stream_steps(model), cfg=cfg, guidance_scale=guidance_scale, delta=delta,
+                   frame_buffer=frame_buffer, similarity_filter=similarity_filter, seed=seed, height=height,
+                   width=width, output_type="pil",
                    backend=engine_backend(backend), adapter=adapter, adapter_scale=adapter_scale, attention=attention)
         s.prepare(prompt, negative_prompt)
     out.mkdir(parents=True, exist_ok=True)
@@ -450,8 +464,8 @@ def build(model, components, backend, precision, profile, resolutions, batch, ou
 @main.command(short_help="Serve the real-time demo app: webcam, moving shapes or txt2img in a browser.")
 @model_option
 @backend_option
-@click.option("--steps", default="32,45", show_default=True, callback=parse_steps, metavar="I,J,...",
-              help="img2img steps (indices into the 50-step schedule); txt2img uses the stream's default.")
+@click.option("--steps", default=None, callback=parse_steps, metavar="I,J,...",
+              help="img2img steps (indices into the 50-step schedule; default: the shapes model's, else 32,45).")
 @click.option("--cfg", type=click.Choice(CFG_MODES), default="self", show_default=True, help="Guidance mode.")
 @click.option("--guidance-scale", type=float, default=1.2, show_default=True, help="Each session's starting value.")
 @click.option("--prompt", default=None, help="Each session's starting prompt (default: a shapes caption).")
@@ -478,8 +492,8 @@ def demo(model, backend, steps, cfg, guidance_scale, prompt, host, port, max_ses
         raise click.UsageError(f"the demo needs its extra: pip install \"fastdiff[demo]\" ({error})") from error
     options = {} if prompt is None else {"prompt": prompt}
     with usage_errors():
-        config = DemoConfig(steps=tuple(steps), cfg=cfg, guidance_scale=guidance_scale, backend=backend,
-                            max_sessions=max_sessions, max_message_bytes=max_message_bytes,
+        config = DemoConfig(steps=tuple(steps or stream_steps(model)), cfg=cfg, guidance_scale=guidance_scale,
+                            backend=backend, max_sessions=max_sessions, max_message_bytes=max_message_bytes,
                             max_frame_side=max_frame_side, threads=threads, router=pick_router(router, model),
                             **options)
     pipe = load_pipeline(model, check_device(device))

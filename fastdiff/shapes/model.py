@@ -18,7 +18,8 @@ from ..vocab import write_clip_vocab
 from .render import vocabulary
 
 __all__ = [
-    "WEIGHTS_DIR", "MAX_TOKENS", "GUIDANCE_SCALE", "GUIDANCE_RESCALE", "VAE_CONFIG", "TEXT_CONFIG", "UNET_CONFIG", "SCHEDULER_CONFIG",
+    "WEIGHTS_DIR", "MAX_TOKENS", "GUIDANCE_SCALE", "GUIDANCE_RESCALE", "STREAM_STEPS",
+    "VAE_CONFIG", "TEXT_CONFIG", "UNET_CONFIG", "SCHEDULER_CONFIG",
     "build_tokenizer", "build_vae", "build_text_encoder", "build_unet", "build_scheduler",
     "build_pipeline", "load_pipeline",
 ]
@@ -28,6 +29,9 @@ MAX_TOKENS = 48  # the longest caption (three objects, paraphrased) is 35 words 
 # The guidance its quality figures are measured at (full CFG; guidance_rescale is diffusers' φ).
 GUIDANCE_SCALE = 5.0
 GUIDANCE_RESCALE = 0.0
+# The img2img stream's default steps (indices into the 50-step schedule): late enough that a
+# stream keeps the input picture and follows the prompt in its details.
+STREAM_STEPS = (40, 45)
 
 # Four levels give the scale factor 8 (64 → 8). Flat-colour scenes need little width at full
 # resolution; the deep levels are wider, as turned shapes of any size must fit 8×8×4 latents (they

@@ -2,10 +2,11 @@
 of ``fastdiff bench quality`` (one, two, three objects; unstated attributes over several seeds):
 
 - ``schedules``: searched steps against uniform steps (twice as many, and as many) and Align Your
-  Steps, with full CFG at the model's guidance; the stream's searched schedule against its default
-  [32, 45] in PSNR against the 50-step teacher on moving-shape clips;
+  Steps, with full CFG at the model's guidance; the stream's searched schedule against the model's
+  default stream steps in PSNR against the 50-step teacher on moving-shape clips;
 - ``onestep``: the one-step adapter against the 25-step teacher, the base model's best one step and
-  its 4-step LCM-style stream step, with and without the adapter's high-frequency term;
+  its 4-step LCM-style stream step, with and without the adapter's high-frequency term; in the
+  stream, one step with the adapter against the model's default two steps without it;
 - ``routing``: routed against the full model and against one pruned model of the same mean MACs;
   MACs per prompt kind; the measured speed of routed ``accelerate`` against the full model.
 
@@ -49,7 +50,7 @@ def _rows(pipe, held, teacher, configs, batch=64):
 GUIDANCE = [5.0, 0.0]
 
 
-def schedules(pipe, held, teacher, folder, clip_frames=16):
+def schedules(pipe, held, teacher, folder, stream_steps, clip_frames=16):
     from fastdiff.tuning import Schedule
     from fastdiff.tuning.fitness import Trajectories
     from fastdiff.shapes import moving_shapes_clip
@@ -72,13 +73,40 @@ def schedules(pipe, held, teacher, folder, clip_frames=16):
         run = Trajectories(pipe, ["a circle"], mode="stream", cfg="self", guidance_scale=1.2, solver="lcm",
                            teacher_steps=50, frames=clip, strength_timestep=searched.timesteps[0])
         pipe.scheduler.set_timesteps(50)
-        default = [float(pipe.scheduler.timesteps[i]) for i in (32, 45)]
-        for label, timesteps in (("default [32, 45]", default), ("searched", searched.timesteps)):
+        default = [float(pipe.scheduler.timesteps[i]) for i in stream_steps]
+        for label, timesteps in ((f"default {list(stream_steps)}", default), ("searched", searched.timesteps)):
             if timesteps[0] != searched.timesteps[0]:
                 label += " (other strength)"
             _, metrics = run.score(timesteps)
             stream_rows.append({"label": label, "timesteps": [int(t) for t in timesteps], **metrics})
     return rows, stream_rows
+
+
+def onestep_stream(pipe, adapter, steps, clip_frames=16):
+    """The stream on moving-shape clips, PSNR against the 50-step teacher from the same first timestep:
+    n = 2 (`steps`) and n = 1 without the adapter, n = 1 with it (no guidance: it carries its own)."""
+    from fastdiff.shapes import moving_shapes_clip
+    from fastdiff.tuning.adapters import attach_adapter, detach_adapter, load_adapter
+    from fastdiff.tuning.fitness import Trajectories
+
+    clip = [f for seed in range(2) for f in moving_shapes_clip(num_frames=clip_frames // 2, seed=seed)]
+    pipe.scheduler.set_timesteps(50)
+    times = [float(pipe.scheduler.timesteps[i]) for i in steps]
+    rows = []
+    for cfg in ("self", "none"):
+        run = Trajectories(pipe, ["a circle"], mode="stream", cfg=cfg, guidance_scale=1.2, solver="lcm",
+                           teacher_steps=50, frames=clip, strength_timestep=times[0])
+        if cfg == "self":
+            for label, timesteps in ((f"base, n = 2 {list(steps)}, self CFG", times),
+                                     (f"base, n = 1 [{steps[0]}], self CFG", times[:1])):
+                rows.append({"label": label, **run.score(timesteps)[1]})
+        else:
+            attach_adapter(pipe, load_adapter(adapter, pipe))
+            try:
+                rows.append({"label": f"adapter, n = 1 [{steps[0]}], no CFG", **run.score(times[:1])[1]})
+            finally:
+                detach_adapter(pipe)
+    return rows
 
 
 def onestep(pipe, held, teacher, adapter, ablation=None):
@@ -129,7 +157,7 @@ def routing(pipe, held, teacher, router, single=None, steps=25):
 
 def main(argv=None) -> int:
     from fastdiff.quality import format_table, generate, held_out, rows_as_dicts
-    from fastdiff.shapes.model import GUIDANCE_RESCALE, GUIDANCE_SCALE, load_pipeline
+    from fastdiff.shapes.model import GUIDANCE_RESCALE, GUIDANCE_SCALE, STREAM_STEPS, load_pipeline
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("tool", choices=["schedules", "onestep", "routing"])
@@ -151,9 +179,10 @@ def main(argv=None) -> int:
     if args.tool == "schedules":
         from fastdiff.shapes import artefact_path
 
-        rows, extra = schedules(pipe, held, teacher, args.schedules or artefact_path("schedule"))
+        rows, extra = schedules(pipe, held, teacher, args.schedules or artefact_path("schedule"), STREAM_STEPS)
     elif args.tool == "onestep":
         rows = onestep(pipe, held, teacher, args.adapter, args.ablation)
+        extra = {"stream": onestep_stream(pipe, args.adapter, STREAM_STEPS)}
     else:
         rows, extra = routing(pipe, held, teacher, args.router, args.single)
     print(format_table(rows))

@@ -596,8 +596,9 @@ def tune():
 @click.option("--guidance-rescale", type=click.FloatRange(0, 1), default=None)
 @click.option("--solver", type=click.Choice(["ddim", "lcm", "tcd"]), default=None,
               help="The step the schedule is for (default: ddim; stream: lcm).")
-@click.option("--strength-step", type=click.IntRange(0, 49), default=32, show_default=True,
-              help="Stream mode: the first timestep, as an index into the 50-step schedule (img2img's strength).")
+@click.option("--strength-step", type=click.IntRange(0, 49), default=None,
+              help="Stream mode: the first timestep, as an index into the 50-step schedule (img2img's strength; "
+                   "default: the first of the model's default stream steps).")
 @click.option("--frames", type=click.IntRange(min=1), default=16, show_default=True, help="Stream mode: clip frames.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -630,7 +631,8 @@ def tune_steps(model, steps, method, mode, budget_minutes, prompt_file, count, e
 
         pipe.scheduler.set_timesteps(50)
         options = dict(frames=moving_shapes_clip(num_frames=frames, seed=seed),
-                       strength_timestep=float(pipe.scheduler.timesteps[strength_step]))
+                       strength_timestep=float(pipe.scheduler.timesteps[
+                           stream_steps(model)[0] if strength_step is None else strength_step]))
         prompts, eval_prompts = prompts[:1], []
     click.echo(f"searching {steps} steps for {model} by {method} ({mode}), {len(prompts)} search prompts, "
                f"{len(eval_prompts)} held-out, teacher {teacher_steps} steps", err=True)

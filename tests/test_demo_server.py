@@ -242,7 +242,7 @@ BAD_CONTROLS = [
     ('{"type": "update", "steps": [45, 10]}', "steps"),  # the stream's own check: noisiest first
     ('{"type": "update", "mode": "video"}', "mode"),
     ('{"type": "update", "prompt": 7}', "prompt"),
-    ('{"type": "update", "prompt": "' + "red " * 40 + '"}', "prompt"),  # longer than the tokenizer takes
+    ('{"type": "update", "prompt": "' + "red " * 80 + '"}', "prompt"),  # longer than the tokenizer takes
     ('{"type": "stop", "now": true}', "now"),
 ]
 

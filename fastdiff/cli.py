@@ -645,7 +645,9 @@ def tune_steps(model, steps, method, mode, budget_minutes, prompt_file, count, e
         schedule = search_steps(pipe, prompts, steps, method, budget_minutes, mode=mode, cfg=cfg,
                                 guidance_scale=guidance_scale, guidance_rescale=guidance_rescale or 0.0, solver=solver,
                                 eval_prompts=eval_prompts, teacher_steps=teacher_steps,
-                                judge=shapes_judge if shapes else None, seed=seed,
+                                # a clip's frames are not pictures of the prompt: the stream is judged
+                                # against its teacher alone
+                                judge=shapes_judge if shapes and mode == "pipeline" else None, seed=seed,
                                 resume=str(resume) if resume else None, progress=progress, **options)
     schedule.save(str(out))
     search = schedule.fitness["search"]["metrics"]

@@ -158,6 +158,16 @@ def test_stream_with_a_schedule_equals_the_same_timesteps(tmp_path):
         fastdiff.Stream(pipe, pipeline_schedule)
 
 
+def test_tune_steps_searches_the_shapes_models_stream_from_the_command_line(tmp_path):
+    out = tmp_path / "stream-2.json"
+    result = CliRunner().invoke(main, ["tune", "steps", "--model", "shapes", "--mode", "stream", "--steps", "2",
+                                       "--budget-minutes", "0.02", "--frames", "2", "--teacher-steps", "6",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    schedule = Schedule.load(str(out))
+    assert schedule.mode == "stream" and schedule.steps == 2 and schedule.solver == "lcm"
+
+
 def test_ays_for_its_families_and_a_clear_error_elsewhere(pipe):
     assert ays_schedule(pipe, 10) == [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]
     four = ays_schedule(pipe, 4)

@@ -102,8 +102,12 @@ def pick_router(router: str | None, model: str) -> str | None:
         from .shapes import artefact_path
 
         path = artefact_path("router")
-        if model != "shapes" or not os.path.isfile(os.path.join(path, "manifest.json")):
-            raise click.BadParameter("the shapes router goes with --model shapes, and ships with it",
+        if model != "shapes":
+            raise click.BadParameter("the shapes router goes with --model shapes", param_hint="'--router'")
+        if not os.path.isfile(os.path.join(path, "manifest.json")):
+            # Its pruned sub-networks are about 80 MB: too large to ship in the package.
+            raise click.BadParameter("no router ships with the shapes model: make one with `fastdiff tune route "
+                                     "--out DIR` (14 minutes on 2 cores) and pass --router DIR",
                                      param_hint="'--router'")
         return path
     if not os.path.isdir(router):

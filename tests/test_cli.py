@@ -60,9 +60,11 @@ def test_generate_uses_the_shapes_models_guidance_unless_told(tmp_path, monkeypa
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(AcceleratedPipeline, "__call__", spy)
+    # (at 2 steps: at 1 the shipped one-step adapter runs with its own sampling, no guidance)
+    assert run("generate", "a red circle", "--steps", 2, "--out", tmp_path).exit_code == 0
+    assert run("generate", "a red circle", "--steps", 2, "--guidance-scale", 2, "--out", tmp_path).exit_code == 0
     assert run("generate", "a red circle", "--steps", 1, "--out", tmp_path).exit_code == 0
-    assert run("generate", "a red circle", "--steps", 1, "--guidance-scale", 2, "--out", tmp_path).exit_code == 0
-    assert seen == [GUIDANCE_SCALE, 2.0]
+    assert seen == [GUIDANCE_SCALE, 2.0, None]
 
 
 @pytest.mark.parametrize("frame_buffer", [1, 4])  # 6 frames in groups of 4: the last group is padded

@@ -1,0 +1,51 @@
+"""The tuning artefacts shipped with the shapes model match the committed weights: a retrained model
+without re-searched schedules or a retrained adapter fails here, not in a user's hands."""
+
+import glob
+import os
+
+import pytest
+import torch
+
+from fastdiff.shapes import artefact_path
+from fastdiff.shapes.model import load_pipeline
+from fastdiff.tuning.adapters import attach_adapter, detach_adapter, load_adapter
+from fastdiff.tuning.schedules import Schedule
+
+SCHEDULES = sorted(glob.glob(os.path.join(artefact_path("schedule"), "*.json")))
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline()
+
+
+def test_the_front_doors_schedules_ship():
+    names = {os.path.basename(p) for p in SCHEDULES}
+    # `--schedule auto` picks shapes-K.json at K steps; the stream's searched schedule beside them.
+    assert {"shapes-4.json", "shapes-2.json", "shapes-stream-2.json"} <= names, names
+
+
+@pytest.mark.parametrize("path", SCHEDULES, ids=os.path.basename)
+def test_each_shipped_schedule_is_valid_for_the_committed_model(path, pipe):
+    schedule = Schedule.load(path, pipe)
+    assert list(schedule.timesteps) == sorted(schedule.timesteps, reverse=True)
+    assert len(set(schedule.timesteps)) == schedule.steps == len(schedule.timesteps)
+
+
+def test_the_shipped_one_step_adapter_matches_the_committed_model(pipe):
+    adapter = load_adapter(artefact_path("onestep"), pipe)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ids = pipe.tokenizer(["a red circle"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        context = pipe.text_encoder(ids)[0]
+        base = pipe.unet(latents, 999, context).sample
+        attach_adapter(pipe, adapter)
+        try:
+            adapted = pipe.unet(latents, 999, context).sample
+        finally:
+            detach_adapter(pipe)
+        again = pipe.unet(latents, 999, context).sample
+    assert not torch.allclose(adapted, base, atol=1e-4)  # it changes the model...
+    torch.testing.assert_close(again, base)  # ...and detaching gives the base model back

@@ -102,6 +102,17 @@ def test_a_mismatched_base_is_refused(trained):
         fastdiff.accelerate(other, adapter=saved.path)
 
 
+def test_adapters_attached_in_turn_under_inference_mode(trained):
+    # The quality harness builds each accelerated pipeline inside torch.inference_mode, so the LoRA
+    # layers of the first adapter are inference tensors when the second one is checked and loaded.
+    _, _, saved = trained
+    pipe = tiny()
+    with torch.inference_mode():
+        first = run(fastdiff.accelerate(pipe, adapter=saved.path))
+        second = run(fastdiff.accelerate(pipe, adapter=saved.path))
+    np.testing.assert_array_equal(first, second)
+
+
 def test_set_adapter_rescales_a_compiled_denoiser_without_recompiling(trained):
     pipe, _, saved = trained
     compiles = []

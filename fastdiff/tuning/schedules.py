@@ -46,7 +46,12 @@ _HASHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def model_hash(module: torch.nn.Module) -> str:
     """The hash of `module`'s base weights (attached LoRA adapters left out), computed again only when
     a parameter changed in place or an adapter came or went."""
-    version = (sum(p._version for p in module.parameters()), len(module.state_dict()))
+    params = list(module.parameters())
+    if any(p.is_inference() for p in params):
+        # made under torch.inference_mode (e.g. LoRA layers attached there): no version counter to
+        # tell an in-place change by, so no caching
+        return weights_hash(module, base_only=True)
+    version = (sum(p._version for p in params), len(module.state_dict()))
     known = _HASHES.get(module)
     if known is None or known[0] != version:
         known = (version, weights_hash(module, base_only=True))

@@ -107,7 +107,7 @@ def pick_router(router: str | None, model: str) -> str | None:
         if not os.path.isfile(os.path.join(path, "manifest.json")):
             # Its pruned sub-networks are about 80 MB: too large to ship in the package.
             raise click.BadParameter("no router ships with the shapes model: make one with `fastdiff tune route "
-                                     "--out DIR` (14 minutes on 2 cores) and pass --router DIR",
+                                     "--out DIR` (--minutes sets its budget) and pass --router DIR",
                                      param_hint="'--router'")
         return path
     if not os.path.isdir(router):
@@ -649,8 +649,6 @@ def tune_steps(model, steps, method, mode, budget_minutes, prompt_file, count, e
         schedule = search_steps(pipe, prompts, steps, method, budget_minutes, mode=mode, cfg=cfg,
                                 guidance_scale=guidance_scale, guidance_rescale=guidance_rescale or 0.0, solver=solver,
                                 eval_prompts=eval_prompts, teacher_steps=teacher_steps,
-                                # a clip's frames are not pictures of the prompt: the stream is judged
-                                # against its teacher alone
                                 judge=shapes_judge if shapes and mode == "pipeline" else None, seed=seed,
                                 resume=str(resume) if resume else None, progress=progress, **options)
     schedule.save(str(out))

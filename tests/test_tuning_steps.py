@@ -158,6 +158,13 @@ def test_stream_with_a_schedule_equals_the_same_timesteps(tmp_path):
         fastdiff.Stream(pipe, pipeline_schedule)
 
 
+def test_a_stream_search_refuses_a_prompt_judge():
+    from fastdiff.tuning import shapes_judge
+
+    with pytest.raises(ValueError, match="judge"):
+        search_steps(tiny_sd_pipeline(scheduler="lcm"), ["a red circle"], 2, mode="stream", judge=shapes_judge)
+
+
 def test_tune_steps_searches_the_shapes_models_stream_from_the_command_line(tmp_path):
     out = tmp_path / "stream-2.json"
     result = CliRunner().invoke(main, ["tune", "steps", "--model", "shapes", "--mode", "stream", "--steps", "2",

@@ -277,12 +277,15 @@ def search_steps(pipe, prompts, steps: int, method: str = "evolution", budget_mi
 
     `judge` (``prompts -> (images -> metrics)``, e.g. :func:`~.fitness.shapes_judge`) adds prompt
     accuracy and the Fréchet distance to the fitness; `weights` weighs the terms
-    (:data:`~.fitness.DEFAULT_WEIGHTS`). ``mode="stream"`` searches the stream's LCM step on
+    (:data:`~.fitness.DEFAULT_WEIGHTS`); pipeline mode only. ``mode="stream"`` searches the stream's LCM step on
     `frames` (a clip) entering at `strength_timestep`."""
     check_int(steps, "steps", 1, 64)
     check_choice(method, "method", METHODS)
     check_number(budget_minutes, "budget_minutes", 0.0, low_open=True)
     check_choice(mode, "mode", ("pipeline", "stream"))
+    if judge is not None and mode == "stream":
+        raise ValueError("judge: a stream search is judged against its teacher only (a clip's frames are not "
+                         "pictures of the prompt); pass judge=None")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     eval_prompts = [eval_prompts] if isinstance(eval_prompts, str) else list(eval_prompts or [])
     if set(prompts) & set(eval_prompts):

@@ -18,7 +18,7 @@ from fastdiff.demo import DemoConfig, create_app, serve_in_thread  # noqa: E402
 from fastdiff.shapes import moving_shapes_clip  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.soak import soak  # noqa: E402
+from benchmarks.soak import main  # noqa: E402
 
 MAX_MESSAGE_BYTES = 32 * 1024
 MAX_FRAME_SIDE = 128
@@ -110,8 +110,27 @@ def test_a_thousand_malformed_messages_each_get_an_error_and_the_session_lives_o
         assert json.loads(response.read())["status"] == "ok"
 
 
-def test_a_small_soak_answers_every_frame(server):
-    report = soak(server, clients=8, seconds=4, frame_side=64, seed=1)
+def test_a_small_soak_answers_every_frame(tmp_path):
+    """The soak benchmark's own run, small: its server in a process of its own, its memory sampled."""
+    out = tmp_path / "soak.json"
+    main(["--clients", "8", "--max-sessions", "6", "--seconds", "4", "--seed", "1", "--out", str(out)])
+    report = json.loads(out.read_text())
     assert report["crashes"] == 0 and report["unanswered"] == 0, report
-    assert report["frames_sent"] > 0 and report["outputs"] > 0
-    assert report["refused_sessions"] == 0
+    assert report["frames_sent"] > 0 and report["outputs"] > 0 and report["dropped"] > 0   # the floods
+    assert report["session_limit"] == 6 and report["most_sessions_seen"] <= 6
+    assert report["oversize_sent"] > 0 and report["oversize_refused"] == report["oversize_sent"]   # the caps held
+    memory = [mb for _, mb in report["rss_mb_over_time"]]
+    assert len(memory) >= 4 and all(mb > 50 for mb in memory)   # a torch server's resident memory, once a second
+    assert report["rss_idle_mb"] <= report["rss_start_mb"] and report["growth"] == pytest.approx(
+        report["rss_end_mb"] / report["rss_start_mb"] - 1, abs=1e-3)
+
+
+def test_freed_memory_is_returned_at_most_so_often(monkeypatch):
+    from fastdiff.demo import memory
+
+    if memory._TRIM is None:
+        pytest.skip("not glibc: there is no malloc_trim to call")
+    monkeypatch.setattr(memory, "_last", float("-inf"))   # restored after: the server's own trims go on
+    assert memory.release_free_memory(now=1e9) is True
+    assert memory.release_free_memory(now=1e9 + memory.MIN_INTERVAL_S / 2) is False   # too soon
+    assert memory.release_free_memory(now=1e9 + memory.MIN_INTERVAL_S) is True

@@ -3,6 +3,7 @@
 import contextlib
 import io
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -328,6 +329,52 @@ def test_session_limit_and_disconnect_cleanup(server):
         with open_session(server) as replacement:
             assert len(run_paced(replacement, frames(2), lag=1)) == 2
     wait_for_sessions(server, 0)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_clients_that_leave_before_their_answer_end_quietly(server):
+    """A frame, then gone: the server's answer finds a closed socket, which ends that session
+    without an error in the server's log (it used to raise inside the receive loop)."""
+    errors = _Records()
+    loggers = [logging.getLogger(name) for name in ("uvicorn.error", "fastdiff.demo")]
+    for logger in loggers:
+        logger.addHandler(errors)
+    try:
+        wait_for_sessions(server, 0)
+        for payload in frames(6):
+            with open_session(server) as ws:
+                ws.send(payload)   # and close at once, before its output
+        wait_for_sessions(server, 0)
+        with open_session(server) as ws:   # the server still works
+            assert len(run_paced(ws, frames(2), lag=1)) == 2
+    finally:
+        for logger in loggers:
+            logger.removeHandler(errors)
+    assert [r.getMessage() for r in errors.records] == []
+
+
+def test_a_send_to_a_closed_socket_raises_client_gone():
+    import asyncio
+
+    from fastdiff.demo.server import Client, ClientGone
+
+    class ClosedSocket:
+        async def send_json(self, message):
+            raise RuntimeError('Cannot call "send" once a close message has been sent.')
+
+        send_bytes = send_json
+
+    client = Client(ClosedSocket(), FrameStats())
+    with pytest.raises(ClientGone):
+        asyncio.run(client.send({"type": "dropped", "index": 0, "dropped": 1}))
 
 
 # -- pure parts ----------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ MAX_PENDING_CONTROLS = 16
 @dataclasses.dataclass(frozen=True)
 class Frame:
     index: int  # the client's binary messages are numbered from 0 in arrival order
-    image: Any  # a decoded RGB PIL image
+    image: Any  # a PIL image, header checked, pixels not yet decoded (messages.open_frame)
     received_s: float  # time.perf_counter() at arrival, for latency
 
 

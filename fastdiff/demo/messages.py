@@ -112,8 +112,9 @@ CHECKS = {
 }
 
 
-def decode_frame(data: bytes, index: int, max_side: int) -> Image.Image:
-    """A client's frame as an RGB image; its width and height must lie in [MIN_FRAME_SIDE, max_side]."""
+def open_frame(data: bytes, index: int, max_side: int) -> Image.Image:
+    """A client's frame with its format and size checked from the header alone; the pixels are
+    decoded later (:func:`decode_opened`), so a frame replaced by a newer one costs no decoding."""
     try:
         image = Image.open(io.BytesIO(data), formats=FRAME_FORMATS)
     except (UnidentifiedImageError, OSError, ValueError):
@@ -122,8 +123,13 @@ def decode_frame(data: bytes, index: int, max_side: int) -> Image.Image:
     if not (MIN_FRAME_SIDE <= width <= max_side and MIN_FRAME_SIDE <= height <= max_side):
         raise ClientError(f"frame {index} is {width}×{height}; width and height must each be between "
                           f"{MIN_FRAME_SIDE} and {max_side}", field="frame", index=index)
+    return image
+
+
+def decode_opened(image: Image.Image, index: int) -> Image.Image:
+    """An opened frame's pixels as an RGB image; a truncated or corrupt file fails here."""
     try:
-        return image.convert("RGB")  # decodes: a truncated or corrupt file fails here
+        return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise ClientError(f"frame {index} cannot be decoded: {error}", field="frame", index=index) from None
 

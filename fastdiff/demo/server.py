@@ -26,7 +26,7 @@ import os
 import time
 import urllib.parse
 
-from fastapi import FastAPI, WebSocket
+from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -34,7 +34,8 @@ from ..checks import check_int
 from ..streaming import Stream
 from ..streaming import DEFAULT_STEPS
 from .inbox import Frame, Inbox
-from .messages import FORMATS, MODES, ClientError, decode_frame, parse_control
+from .memory import release_free_memory
+from .messages import FORMATS, MODES, ClientError, open_frame, parse_control
 from .session import Session, Settings
 from .stats import FrameStats
 
@@ -156,8 +157,9 @@ def create_app(pipe, config: DemoConfig | None = None, *, replica: str | None = 
         if len(sessions) >= config.max_sessions:
             busy = ClientError(f"the server is full: {config.max_sessions} of {config.max_sessions} sessions "
                                f"in use; try again later", field="session")
-            await ws.send_json(busy.to_message())
-            await ws.close(code=CLOSE_TRY_AGAIN_LATER, reason="server full")
+            with contextlib.suppress(WebSocketDisconnect, OSError, RuntimeError):  # it may be gone already
+                await ws.send_json(busy.to_message())
+                await ws.close(code=CLOSE_TRY_AGAIN_LATER, reason="server full")
             return
         client = Client(ws, app.state.stats)
         sessions[id(client)] = client.stats
@@ -167,8 +169,11 @@ def create_app(pipe, config: DemoConfig | None = None, *, replica: str | None = 
                                "limits": {"max_message_bytes": config.max_message_bytes,
                                           "max_frame_side": config.max_frame_side}})
             await client.run(Session(make_stream, defaults), config, compute)
+        except ClientGone:
+            pass  # gone while being answered: the session ends as on a disconnect
         finally:
             del sessions[id(client)]  # a disconnect frees the session, whatever ended it
+            await asyncio.to_thread(release_free_memory)   # or churn grows the heap (see .memory)
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
@@ -218,6 +223,10 @@ def _set_torch_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+class ClientGone(Exception):
+    """The client closed its connection before a message to it was sent."""
+
+
 class Client:
     """One WebSocket connection: receives into an inbox, processes it, sends results back."""
 
@@ -229,12 +238,18 @@ class Client:
         self._send_lock = asyncio.Lock()  # an output's header and image must not be split
 
     async def send(self, *messages) -> None:
+        """Send in order; :class:`ClientGone` once the client has closed (its answers have no one to go to)."""
         async with self._send_lock:
-            for message in messages:
-                if isinstance(message, bytes):
-                    await self.ws.send_bytes(message)
-                else:
-                    await self.ws.send_json(message)
+            try:
+                for message in messages:
+                    if isinstance(message, bytes):
+                        await self.ws.send_bytes(message)
+                    else:
+                        await self.ws.send_json(message)
+            except (WebSocketDisconnect, OSError, RuntimeError) as error:
+                # Starlette raises RuntimeError for a send after the close, the transport OSError
+                # or WebSocketDisconnect for a peer that has just gone.
+                raise ClientGone from error
 
     async def error(self, error: ClientError) -> None:
         self.stats.error()
@@ -279,8 +294,11 @@ class Client:
 
     async def _receive_frame(self, data: bytes, index: int, config: DemoConfig) -> None:
         received = time.perf_counter()
-        image = await asyncio.to_thread(decode_frame, data, index, config.max_frame_side)
+        image = open_frame(data, index, config.max_frame_side)  # the header only: cheap under a flood
         stale = self.inbox.put_frame(Frame(index, image, received))
+        # Let an idle worker take this frame before the next message is read: messages already
+        # buffered are read without a pause, and the next frame would replace this one unseen.
+        await asyncio.sleep(0)
         if stale is not None:
             self.stats.drop()
             self.server_stats.drop()

@@ -15,7 +15,7 @@ from typing import Callable
 from PIL import ImageOps
 
 from .inbox import Frame
-from .messages import ClientError, Control, encode_frame
+from .messages import ClientError, Control, decode_opened, encode_frame
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +92,7 @@ class Session:
         if self.settings.mode != "img2img":
             raise ClientError(f"frame {frame.index} sent in txt2img mode, which takes no frames",
                               field="frame", index=frame.index)
-        image = ImageOps.fit(frame.image, (self.stream.width, self.stream.height))
+        image = ImageOps.fit(decode_opened(frame.image, frame.index), (self.stream.width, self.stream.height))
         out = self._run(lambda: self.stream(image, tag=(frame.index, frame.received_s)), "frame", frame.index)
         return self._collect(out)
 

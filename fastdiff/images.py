@@ -17,13 +17,22 @@ def check_output_type(output_type: str) -> str:
     return output_type
 
 
+def all_finite(values: torch.Tensor) -> bool:
+    """Whether a float tensor holds no NaN or ±Inf. NaN and ±Inf carry through a sum, so one float32
+    sum answers in the common case (a fifth of the cost of an elementwise test on a 64² frame);
+    only a sum that is not finite — non-finite values, or finite ones too large to add up — takes
+    the exact elementwise test."""
+    return bool(torch.isfinite(values.sum(dtype=torch.float32))) or bool(torch.isfinite(values).all())
+
+
 def check_finite(values, name: str) -> None:
     """ValueError naming `name` when a float array or tensor holds NaN or ±Inf. A host array is
     checked before it moves (no device sync); a device tensor costs one reduction."""
     if isinstance(values, np.ndarray):
-        bad = values.dtype.kind == "f" and not np.isfinite(values).all()
+        bad = values.dtype.kind == "f" and not (np.isfinite(values.sum(dtype=np.float64))
+                                                or np.isfinite(values).all())
     elif isinstance(values, torch.Tensor):
-        bad = values.is_floating_point() and not bool(torch.isfinite(values).all())
+        bad = values.is_floating_point() and not all_finite(values)
     else:
         return
     if bad:
@@ -39,9 +48,9 @@ class FiniteWatch:
 
     def check(self, latents: torch.Tensor, images: torch.Tensor) -> None:
         """One reduction over the decoded `images` (before any conversion clamps ±Inf away)."""
-        if bool(torch.isfinite(images).all()):
+        if all_finite(images):
             return
-        component = "denoiser" if not bool(torch.isfinite(latents).all()) else "vae_decoder"
+        component = "denoiser" if not all_finite(latents) else "vae_decoder"
         if component not in self.reported:
             import warnings
 

@@ -199,3 +199,28 @@ def test_the_attention_option_is_honoured_and_checked(pipe):
     if importlib.util.find_spec("xformers") is None:
         with pytest.raises(ImportError, match="pip install xformers"):
             fastdiff.Stream(pipe, attention="xformers")
+
+
+def test_the_quick_finite_test_agrees_with_the_elementwise_one():
+    from fastdiff.images import all_finite, check_finite
+
+    big = torch.full((4, 3, 8, 8), 3e38)   # finite, but their sum is not: the exact test decides
+    cases = {"finite": torch.rand(1, 3, 64, 64), "huge but finite": big,
+             "fp16 frame whose half sum would overflow": torch.full((1, 3, 256, 256), 60000.0, dtype=torch.float16)}
+    for kind, bad in {"NaN": float("nan"), "+Inf": float("inf"), "-Inf": float("-inf")}.items():
+        x = torch.rand(1, 3, 64, 64)
+        x[0, 1, 5, 7] = bad
+        cases[kind] = x
+    both = torch.rand(1, 3, 64, 64)
+    both[0, 0, 0, 0], both[0, 2, 3, 3] = float("inf"), float("-inf")   # their sum is NaN
+    cases["+Inf and -Inf"] = both
+    for kind, x in cases.items():
+        assert all_finite(x) == bool(torch.isfinite(x).all()), kind
+        if not bool(torch.isfinite(x).all()):
+            with pytest.raises(ValueError, match="frame holds NaN or infinite"):
+                check_finite(x, "frame")
+            with pytest.raises(ValueError, match="frame holds NaN or infinite"):
+                check_finite(x.numpy(), "frame")
+        else:
+            check_finite(x, "frame")
+            check_finite(x.float().numpy(), "frame")

@@ -58,6 +58,60 @@ def test_training_resumes_from_its_checkpoint(tmp_path):
     assert resumed["opt"]["state"][0]["step"] == 2
 
 
+def test_the_hard_negative_twin_changes_one_shape_and_nothing_else():
+    import numpy as np
+
+    from fastdiff.shapes.render import batch_scenes
+
+    rng = np.random.default_rng(3)
+    scenes, _ = batch_scenes(32, rng)
+    for scene in scenes:
+        twin = T._other_shape(scene, rng)
+        changed = [(a.shape, b.shape) for a, b in zip(scene.objects, twin.objects) if a.shape != b.shape]
+        assert len(changed) == 1 and changed[0][0] != changed[0][1]
+        assert twin.background == scene.background
+        assert [(o.colour, o.size, o.position, o.centre, o.diameter, o.angle) for o in twin.objects] == \
+            [(o.colour, o.size, o.position, o.centre, o.diameter, o.angle) for o in scene.objects]
+
+
+def test_a_pretrained_text_encoder_learns_and_stays_frozen_under_the_unet(tmp_path):
+    """The CLIP-style stage lowers its contrastive loss on a fixed batch, and the UNet stage then
+    trains with that encoder frozen (its weights come out unchanged), also when resumed."""
+    import numpy as np
+
+    from fastdiff.shapes.render import batch_tensors
+
+    T.main(["vae", "--workdir", str(tmp_path), "--steps", "1", "--batch", "2", "--threads", "1"])
+    T.main(["text", "--workdir", str(tmp_path), "--steps", "1", "--batch", "16", "--threads", "1"])
+    first = torch.load(tmp_path / "text.pt", weights_only=False)
+    T.main(["text", "--workdir", str(tmp_path), "--steps", "40", "--batch", "16", "--threads", "1", "--lr", "2e-3"])
+    trained = torch.load(tmp_path / "text.pt", weights_only=False)
+    assert trained["step"] == 40
+
+    def loss(state):   # the live weights' contrastive loss on one fixed batch
+        tokenizer = M.build_tokenizer()
+        text_encoder = M.build_text_encoder(tokenizer)
+        text_encoder.load_state_dict(state["model"]["text_encoder"])
+        heads = torch.nn.ModuleDict({"text_projection": torch.nn.Linear(M.TEXT_CONFIG["hidden_size"],
+                                                                         M.TEXT_CONFIG["projection_dim"], bias=False),
+                                     "image": T.ImageTower(M.TEXT_CONFIG["projection_dim"])})
+        heads.register_parameter("log_scale", torch.nn.Parameter(torch.tensor(0.0)))
+        heads.load_state_dict(state["model"]["heads"])
+        x, captions = batch_tensors(16, np.random.default_rng(5))
+        ids = tokenizer(captions, padding="max_length", max_length=M.MAX_TOKENS, return_tensors="pt").input_ids
+        with torch.no_grad():
+            return float(T._contrastive_loss(heads["text_projection"](text_encoder(ids).pooler_output),
+                                             heads["image"](x), heads.log_scale))
+
+    assert loss(trained) < loss(first)
+    for steps in ("1", "2"):   # a fresh run, then a resumed one
+        T.main(["unet", "--workdir", str(tmp_path), "--steps", steps, "--batch", "2", "--threads", "1"])
+        unet = torch.load(tmp_path / "unet.pt", weights_only=False)
+        assert unet["extra"]["text_encoder"] == "pretrained, frozen"
+        for name, value in trained["ema"]["text_encoder"].items():
+            assert torch.equal(unet["model"]["text_encoder"][name], value), name
+
+
 weights = pytest.mark.skipif(not os.path.isfile(os.path.join(M.WEIGHTS_DIR, "model_index.json")),
                              reason="no trained weights committed")
 

@@ -36,7 +36,7 @@ __all__ = [
     "RESOLUTION", "COLOURS", "SHAPES", "SIZES", "SIZE_RANGES", "SIZE_CUT", "POSITIONS", "CELL_BOUNDS",
     "SYMMETRY", "FILL", "OBJECT_COUNTS", "HIDE_PROBABILITY", "HELDOUT_KINDS", "HELDOUT_SEEDS",
     "Obj", "Scene", "signed_distance", "render", "render_batch", "sample_scene", "realise", "hide",
-    "caption", "parse_caption", "vocabulary", "scene_stream", "heldout_prompts", "batch_tensors",
+    "caption", "parse_caption", "vocabulary", "scene_stream", "heldout_prompts", "batch_scenes", "scene_tensors", "batch_tensors",
 ]
 
 RESOLUTION = 64  # pixels per side
@@ -484,14 +484,24 @@ def scene_stream(seed: int, paraphrase_prob: float = 0.5, hide_prob: float = HID
             yield Image.fromarray(image, "RGB"), text, scene
 
 
+def batch_scenes(n: int, rng, paraphrase_prob: float = 0.5,
+                 hide_prob: float = HIDE_PROBABILITY) -> tuple[list[Scene], list[str]]:
+    """`n` random drawable scenes and their captions (the draws :func:`batch_tensors` makes)."""
+    rng = _rng(rng)
+    items = [_sample_item(rng, paraphrase_prob, hide_prob) for _ in range(n)]
+    return [scene for scene, _ in items], [text for _, text in items]
+
+
+def scene_tensors(scenes: list[Scene]) -> torch.Tensor:
+    """Drawable scenes as a float tensor [n, 3, 64, 64] in [-1, 1]."""
+    return torch.from_numpy(render_batch(scenes)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1)
+
+
 def batch_tensors(n: int, rng, paraphrase_prob: float = 0.5,
                   hide_prob: float = HIDE_PROBABILITY) -> tuple[torch.Tensor, list[str]]:
     """`n` random scenes as a float tensor [n, 3, 64, 64] in [-1, 1] and their captions."""
-    rng = _rng(rng)
-    items = [_sample_item(rng, paraphrase_prob, hide_prob) for _ in range(n)]
-    pixels = torch.from_numpy(render_batch([scene for scene, _ in items]))
-    images = pixels.permute(0, 3, 1, 2).float().div_(127.5).sub_(1)
-    return images, [text for _, text in items]
+    scenes, captions = batch_scenes(n, rng, paraphrase_prob, hide_prob)
+    return scene_tensors(scenes), captions
 
 
 # Fixed evaluation sets: "one", "two", "three" objects with every attribute stated, and "unstated":

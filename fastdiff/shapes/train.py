@@ -1,6 +1,8 @@
 """Train the shapes-world model on the CPU, in resumable parts: ``python -m fastdiff.shapes.train STAGE``.
 
-Stages: ``vae`` (reconstruct rendered scenes), ``unet`` (text encoder + UNet on the VAE's latents),
+Stages: ``vae`` (reconstruct rendered scenes), ``text`` (the text encoder pretrained CLIP-style against
+a small image tower, optional), ``unet`` (the UNet on the VAE's latents, with the text encoder: the
+pretrained one frozen when ``text`` ran, else trained jointly from scratch),
 ``export`` (the EMA weights as an fp16 pipeline in :data:`~fastdiff.shapes.model.WEIGHTS_DIR`) and
 ``eval`` (attribute accuracy of generated pictures per held-out kind, coverage, VAE PSNR; through
 plain diffusers, an independent check of the weights). Each training invocation runs for
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import os
 import time
@@ -24,9 +27,9 @@ from tqdm import tqdm
 from . import model as M
 from .evaluate import ATTRIBUTES, attribute_accuracy
 from .metrics import coverage_by_attribute
-from .render import batch_tensors, heldout_prompts
+from .render import SHAPES, Scene, batch_scenes, batch_tensors, heldout_prompts, scene_tensors
 
-__all__ = ["main", "train_vae", "train_unet", "pipeline_from_workdir", "export", "evaluate", "vae_psnr"]
+__all__ = ["main", "train_vae", "train_text", "train_unet", "pipeline_from_workdir", "export", "evaluate", "vae_psnr"]
 
 DEFAULT_WORKDIR = os.path.expanduser("~/.cache/fastdiff/shapes-train")
 # Defaults per stage: total steps (the cosine schedule's length), batch, learning rate, EMA decay,
@@ -34,6 +37,7 @@ DEFAULT_WORKDIR = os.path.expanduser("~/.cache/fastdiff/shapes-train")
 # run 1.6× faster (0.55 vs 0.9 s/step), the UNet's small 8×8 tensors 1.7× slower, so only the VAE uses it.
 DEFAULTS = {
     "vae": dict(steps=4000, batch=32, lr=1e-3, ema=0.998, bf16=1),
+    "text": dict(steps=3000, batch=256, lr=5e-4, ema=0.998, bf16=0),
     "unet": dict(steps=8000, batch=64, lr=4e-4, ema=0.999, bf16=0),
 }
 CAPTION_DROPOUT = 0.1  # share of captions replaced by "" so classifier-free guidance has an unconditional
@@ -196,16 +200,110 @@ def measure_scaling_factor(vae, n: int = 1024, seed: int = 12345) -> float:
     return float(1.0 / z.std())
 
 
+# --- text encoder, CLIP-style ------------------------------------------------------------------
+# Trained jointly with the UNet from scratch, the text encoder barely tells shape words apart: the
+# UNet's loss gives a shape (a few corner pixels per object) little gradient, and x̂0 then follows
+# the picture, not the shape word. SD's text encoder is CLIP, pretrained contrastively against
+# images, which is what makes its words distinct. This stage does the same on the renderer's stream.
+
+class ImageTower(torch.nn.Module):
+    """A small CNN from 64×64 renders to the text encoder's projection space. Its 4×4 map is
+    flattened, not pooled, so that where an object is (a word of the caption) stays in it."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        layers, channels = [], 3
+        for width in (32, 64, 128, 128):   # 64 → 32 → 16 → 8 → 4
+            layers += [torch.nn.Conv2d(channels, width, 3, stride=2, padding=1), torch.nn.GroupNorm(8, width),
+                       torch.nn.SiLU()]
+            channels = width
+        self.features = torch.nn.Sequential(*layers)
+        self.head = torch.nn.Linear(channels * 16, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+def _contrastive_loss(text: torch.Tensor, image: torch.Tensor, log_scale: torch.Tensor,
+                      negatives: torch.Tensor | None = None) -> torch.Tensor:
+    """CLIP's symmetric cross-entropy over the batch's caption–picture similarities; `negatives`
+    are further pictures no caption fits, which each caption must rank below its own."""
+    scale = log_scale.clamp(max=math.log(100)).exp()
+    text, image = F.normalize(text, dim=-1), F.normalize(image, dim=-1)
+    pictures = image if negatives is None else torch.cat([image, F.normalize(negatives, dim=-1)])
+    labels = torch.arange(len(text))
+    return (F.cross_entropy(scale * text @ pictures.T, labels) + F.cross_entropy(scale * image @ text.T, labels)) / 2
+
+
+def _other_shape(scene: Scene, rng: np.random.Generator) -> Scene:
+    """The same picture with one object's shape changed (its place, size and turn kept). Random
+    negatives almost never differ from a caption in shape alone, so without these twins the
+    contrastive loss learns colour, size and place and leaves shape words nearly alike."""
+    i = int(rng.integers(len(scene.objects)))
+    obj = scene.objects[i]
+    other = [s for s in SHAPES if s != obj.shape][int(rng.integers(len(SHAPES) - 1))]
+    objects = list(scene.objects)
+    objects[i] = dataclasses.replace(obj, shape=other)
+    return dataclasses.replace(scene, objects=objects)
+
+
+def train_text(args) -> None:
+    tokenizer = M.build_tokenizer()
+    text_encoder = M.build_text_encoder(tokenizer).train()
+    dim = M.TEXT_CONFIG["projection_dim"]
+    heads = torch.nn.ModuleDict({
+        "text_projection": torch.nn.Linear(M.TEXT_CONFIG["hidden_size"], dim, bias=False),
+        "image": ImageTower(dim),
+    })
+    heads.register_parameter("log_scale", torch.nn.Parameter(torch.tensor(math.log(1 / 0.07))))
+    loop = _Loop(args, "text", {"text_encoder": text_encoder, "heads": heads},
+                 list(text_encoder.parameters()) + list(heads.parameters()))
+
+    def step():
+        scenes, captions = batch_scenes(args.batch, loop.rng)
+        twins = [_other_shape(scene, loop.rng) for scene in scenes]   # hard negatives
+        pictures = heads["image"](scene_tensors(scenes + twins))
+        ids = tokenizer(captions, padding="max_length", max_length=M.MAX_TOKENS, truncation=True,
+                        return_tensors="pt").input_ids
+        pooled = text_encoder(ids).pooler_output   # the end-of-text token's state, as CLIP projects it
+        return _contrastive_loss(heads["text_projection"](pooled), pictures[:len(scenes)], heads.log_scale,
+                                 negatives=pictures[len(scenes):])
+
+    loop.run(step)
+
+
+def pretrained_text_encoder(workdir: str, tokenizer):
+    """The EMA text encoder of the ``text`` stage in `workdir`, frozen; None if that stage never ran."""
+    state = _load(_ckpt_path(workdir, "text"))
+    if state is None:
+        return None
+    text_encoder = M.build_text_encoder(tokenizer)
+    text_encoder.load_state_dict(state["ema"]["text_encoder"])
+    return text_encoder.eval().requires_grad_(False)
+
+
 # --- UNet --------------------------------------------------------------------------------------
 
 def train_unet(args) -> None:
     vae = _load_vae(args.workdir)
     tokenizer = M.build_tokenizer()
-    text_encoder = M.build_text_encoder(tokenizer).train()
+    # A pretrained text encoder stays frozen, as CLIP does under SD's UNet; without one, the text
+    # encoder learns with the UNet. A resumed run keeps the choice it started with.
+    resuming = os.path.exists(_ckpt_path(args.workdir, "unet"))
+    pretrained = pretrained_text_encoder(args.workdir, tokenizer)
+    if resuming:
+        frozen = (_load(_ckpt_path(args.workdir, "unet")).get("extra") or {}).get("text_encoder") == "pretrained, frozen"
+    else:
+        frozen = pretrained is not None
+    if frozen and pretrained is None:
+        raise FileNotFoundError(f"the UNet run in {args.workdir} froze a pretrained text encoder, but text.pt is gone")
+    text_encoder = pretrained if frozen else M.build_text_encoder(tokenizer).train()
     unet = M.build_unet().train()
     scheduler = M.build_scheduler()
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    params = list(unet.parameters()) + ([] if frozen else list(text_encoder.parameters()))
     loop = _Loop(args, "unet", {"unet": unet, "text_encoder": text_encoder}, params)
+    loop.extra["text_encoder"] = "pretrained, frozen" if frozen else "joint"
+    print(f"unet: text encoder {loop.extra['text_encoder']}")
     objective = scheduler.config.prediction_type
     # (checkpoints from before the objective was recorded were all ε-prediction)
     if loop.extra.setdefault("prediction_type", objective if loop.step == 0 else "epsilon") != objective:
@@ -238,7 +336,8 @@ def train_unet(args) -> None:
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x),))
         noisy = scheduler.add_noise(latents, noise, t)
         with _autocast(args):
-            context = text_encoder(ids)[0]
+            with torch.set_grad_enabled(not frozen):
+                context = text_encoder(ids)[0]
             pred = unet(noisy, t, context).sample
         target = scheduler.get_velocity(latents, noise, t) if velocity else noise
         per_item = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
@@ -343,7 +442,7 @@ def run_eval(args) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fastdiff.shapes.train", description=__doc__.split("\n")[0])
-    parser.add_argument("stage", choices=["vae", "unet", "export", "eval"])
+    parser.add_argument("stage", choices=["vae", "text", "unet", "export", "eval"])
     parser.add_argument("--workdir", default=DEFAULT_WORKDIR)
     parser.add_argument("--minutes", type=float, default=30.0, help="time budget of this invocation")
     parser.add_argument("--steps", type=int, default=None, help="total steps to train to (the LR schedule's length)")
@@ -371,6 +470,8 @@ def main(argv=None) -> None:
     os.makedirs(args.workdir, exist_ok=True)
     if args.stage == "vae":
         train_vae(args)
+    elif args.stage == "text":
+        train_text(args)
     elif args.stage == "unet":
         train_unet(args)
     elif args.stage == "export":

@@ -17,11 +17,13 @@ def check_output_type(output_type: str) -> str:
     return output_type
 
 
-def all_finite(values: torch.Tensor) -> bool:
-    """Whether a float tensor holds no NaN or ±Inf. NaN and ±Inf carry through a sum, so one float32
-    sum answers in the common case (a fifth of the cost of an elementwise test on a 64² frame);
-    only a sum that is not finite — non-finite values, or finite ones too large to add up — takes
-    the exact elementwise test."""
+def all_finite(values) -> bool:
+    """Whether a float tensor or array holds no NaN or ±Inf. NaN and ±Inf carry through a sum, so
+    one wide sum answers in the common case (a fifth of the cost of an elementwise test on a 64²
+    frame); only a sum that is not finite — non-finite values, or finite ones too large to add up —
+    takes the exact elementwise test."""
+    if isinstance(values, np.ndarray):
+        return bool(np.isfinite(values.sum(dtype=np.float64)) or np.isfinite(values).all())
     return bool(torch.isfinite(values.sum(dtype=torch.float32))) or bool(torch.isfinite(values).all())
 
 
@@ -29,8 +31,7 @@ def check_finite(values, name: str) -> None:
     """ValueError naming `name` when a float array or tensor holds NaN or ±Inf. A host array is
     checked before it moves (no device sync); a device tensor costs one reduction."""
     if isinstance(values, np.ndarray):
-        bad = values.dtype.kind == "f" and not (np.isfinite(values.sum(dtype=np.float64))
-                                                or np.isfinite(values).all())
+        bad = values.dtype.kind == "f" and not all_finite(values)
     elif isinstance(values, torch.Tensor):
         bad = values.is_floating_point() and not all_finite(values)
     else:

@@ -92,10 +92,7 @@ def test_a_pretrained_text_encoder_learns_and_stays_frozen_under_the_unet(tmp_pa
         tokenizer = M.build_tokenizer()
         text_encoder = M.build_text_encoder(tokenizer)
         text_encoder.load_state_dict(state["model"]["text_encoder"])
-        heads = torch.nn.ModuleDict({"text_projection": torch.nn.Linear(M.TEXT_CONFIG["hidden_size"],
-                                                                         M.TEXT_CONFIG["projection_dim"], bias=False),
-                                     "image": T.ImageTower(M.TEXT_CONFIG["projection_dim"])})
-        heads.register_parameter("log_scale", torch.nn.Parameter(torch.tensor(0.0)))
+        heads = T.contrastive_heads()
         heads.load_state_dict(state["model"]["heads"])
         x, captions = batch_tensors(16, np.random.default_rng(5))
         ids = tokenizer(captions, padding="max_length", max_length=M.MAX_TOKENS, return_tensors="pt").input_ids

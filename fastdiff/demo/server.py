@@ -157,7 +157,7 @@ def create_app(pipe, config: DemoConfig | None = None, *, replica: str | None = 
         if len(sessions) >= config.max_sessions:
             busy = ClientError(f"the server is full: {config.max_sessions} of {config.max_sessions} sessions "
                                f"in use; try again later", field="session")
-            with contextlib.suppress(WebSocketDisconnect, OSError, RuntimeError):  # it may be gone already
+            with contextlib.suppress(*GONE):  # it may be gone already
                 await ws.send_json(busy.to_message())
                 await ws.close(code=CLOSE_TRY_AGAIN_LATER, reason="server full")
             return
@@ -227,6 +227,11 @@ class ClientGone(Exception):
     """The client closed its connection before a message to it was sent."""
 
 
+# What a send to a closed connection raises: Starlette's RuntimeError for a send after the close,
+# the transport's OSError or WebSocketDisconnect for a peer that has just gone.
+GONE = (WebSocketDisconnect, OSError, RuntimeError)
+
+
 class Client:
     """One WebSocket connection: receives into an inbox, processes it, sends results back."""
 
@@ -246,9 +251,7 @@ class Client:
                         await self.ws.send_bytes(message)
                     else:
                         await self.ws.send_json(message)
-            except (WebSocketDisconnect, OSError, RuntimeError) as error:
-                # Starlette raises RuntimeError for a send after the close, the transport OSError
-                # or WebSocketDisconnect for a peer that has just gone.
+            except GONE as error:
                 raise ClientGone from error
 
     async def error(self, error: ClientError) -> None:

@@ -247,15 +247,22 @@ def _other_shape(scene: Scene, rng: np.random.Generator) -> Scene:
     return dataclasses.replace(scene, objects=objects)
 
 
-def train_text(args) -> None:
-    tokenizer = M.build_tokenizer()
-    text_encoder = M.build_text_encoder(tokenizer).train()
+def contrastive_heads() -> torch.nn.ModuleDict:
+    """What the ``text`` stage trains beside the text encoder: the text projection, the image tower
+    and CLIP's learned log temperature (``log_scale``)."""
     dim = M.TEXT_CONFIG["projection_dim"]
     heads = torch.nn.ModuleDict({
         "text_projection": torch.nn.Linear(M.TEXT_CONFIG["hidden_size"], dim, bias=False),
         "image": ImageTower(dim),
     })
     heads.register_parameter("log_scale", torch.nn.Parameter(torch.tensor(math.log(1 / 0.07))))
+    return heads
+
+
+def train_text(args) -> None:
+    tokenizer = M.build_tokenizer()
+    text_encoder = M.build_text_encoder(tokenizer).train()
+    heads = contrastive_heads()
     loop = _Loop(args, "text", {"text_encoder": text_encoder, "heads": heads},
                  list(text_encoder.parameters()) + list(heads.parameters()))
 

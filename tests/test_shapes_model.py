@@ -159,3 +159,23 @@ def test_model_holds_its_measured_quality_on_small_held_out_sets():
         assert result["background"] >= 0.95 and result["position"] >= 0.55, (kind, result)
     spread = T.evaluate_coverage(pipe, count=4, repeats=8, steps=25)
     assert spread["overall"] >= 0.78 and spread["position"] >= 0.9, spread
+
+
+@weights
+def test_init_seeds_a_workdir_that_reproduces_the_committed_pipeline_and_trains_on(tmp_path):
+    """`init` warm-starts from the committed weights: the seeded workdir is the same pipeline, and
+    the ``unet`` stage continues from it (from step 0, the committed text encoder training jointly)."""
+    T.main(["init", "--workdir", str(tmp_path)])
+    committed, seeded = M.load_pipeline(), T.pipeline_from_workdir(str(tmp_path))
+
+    def draw(pipe):
+        return pipe(REFERENCE_PROMPTS[:1], num_inference_steps=2, guidance_scale=M.GUIDANCE_SCALE,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    np.testing.assert_allclose(draw(seeded), draw(committed), atol=1e-5)
+    T.main(["unet", "--workdir", str(tmp_path), "--steps", "1", "--batch", "2", "--threads", "1"])
+    state = torch.load(tmp_path / "unet.pt", weights_only=False)
+    assert state["step"] == 1 and state["extra"]["text_encoder"] == "joint"
+    assert state["extra"]["scaling_factor"] == committed.vae.config.scaling_factor
+    T.main(["init", "--workdir", str(tmp_path)])   # a second init keeps the run it finds
+    assert torch.load(tmp_path / "unet.pt", weights_only=False)["step"] == 1

@@ -1,6 +1,7 @@
 """Train the shapes-world model on the CPU, in resumable parts: ``python -m fastdiff.shapes.train STAGE``.
 
-Stages: ``vae`` (reconstruct rendered scenes), ``text`` (the text encoder pretrained CLIP-style against
+Stages: ``init`` (seed a workdir from the committed weights, to warm-start instead of training
+from scratch), ``vae`` (reconstruct rendered scenes), ``text`` (the text encoder pretrained CLIP-style against
 a small image tower, optional), ``unet`` (the UNet on the VAE's latents, with the text encoder: the
 pretrained one frozen when ``text`` ran, else trained jointly from scratch),
 ``export`` (the EMA weights as an fp16 pipeline in :data:`~fastdiff.shapes.model.WEIGHTS_DIR`) and
@@ -29,7 +30,7 @@ from .evaluate import ATTRIBUTES, attribute_accuracy
 from .metrics import coverage_by_attribute
 from .render import SHAPES, Scene, batch_scenes, batch_tensors, heldout_prompts, scene_tensors
 
-__all__ = ["main", "train_vae", "train_text", "train_unet", "pipeline_from_workdir", "export", "evaluate", "vae_psnr"]
+__all__ = ["main", "init_from_weights", "train_vae", "train_text", "train_unet", "pipeline_from_workdir", "export", "evaluate", "vae_psnr"]
 
 DEFAULT_WORKDIR = os.path.expanduser("~/.cache/fastdiff/shapes-train")
 # Defaults per stage: total steps (the cosine schedule's length), batch, learning rate, EMA decay,
@@ -353,6 +354,41 @@ def train_unet(args) -> None:
     loop.run(step)
 
 
+def init_from_weights(workdir: str, folder: str | None = None) -> None:
+    """Seed `workdir` from a trained pipeline folder (default: the committed weights), so that the
+    ``unet`` stage warm-starts from it: vae.pt (counted as done), and unet.pt at step 0 with a fresh
+    optimizer, so the learning rate warms up again and its cosine runs over the new ``--steps``.
+    With a ``text`` stage's text.pt in `workdir`, that encoder is frozen under the UNet (whose
+    cross-attention then relearns it); else the pipeline's encoder trains on with the UNet.
+    Checkpoints already in `workdir` are kept."""
+    pipe = M.load_pipeline(folder=folder)
+    as_float = lambda module: {k: v.float() for k, v in module.state_dict().items()}  # noqa: E731
+    vae_path, unet_path = _ckpt_path(workdir, "vae"), _ckpt_path(workdir, "unet")
+    if not os.path.exists(vae_path):
+        vae = as_float(pipe.vae)
+        _save(vae_path, dict(step=DEFAULTS["vae"]["steps"], model={"vae": vae}, ema={"vae": vae}, extra={}))
+    if os.path.exists(unet_path):
+        print(f"init: {unet_path} exists, kept")
+        return
+    pretrained = pretrained_text_encoder(workdir, M.build_tokenizer())
+    text_encoder = pretrained if pretrained is not None else pipe.text_encoder.float()
+    unet = M.build_unet()
+    unet.load_state_dict(as_float(pipe.unet))
+    params = list(unet.parameters()) + ([] if pretrained is not None else list(text_encoder.parameters()))
+    weights = {"unet": unet.state_dict(), "text_encoder": as_float(text_encoder)}
+    _save(unet_path, dict(
+        step=0, model=weights, ema=copy.deepcopy(weights),
+        opt=torch.optim.AdamW(params, lr=DEFAULTS["unet"]["lr"], weight_decay=0.01).state_dict(),
+        np_rng=np.random.default_rng(0).bit_generator.state, torch_rng=torch.get_rng_state(),
+        extra={"text_encoder": "pretrained, frozen" if pretrained is not None else "joint",
+               "prediction_type": pipe.scheduler.config.prediction_type,
+               "scaling_factor": float(pipe.vae.config.scaling_factor),
+               "warm_start": folder or M.WEIGHTS_DIR},
+    ))
+    print(f"init: {workdir} seeded from {folder or M.WEIGHTS_DIR} (text encoder "
+          f"{'pretrained, frozen' if pretrained is not None else 'joint'})")
+
+
 # --- pipeline, export, evaluation --------------------------------------------------------------
 
 def pipeline_from_workdir(workdir: str = DEFAULT_WORKDIR, tokenizer_dir: str | None = None):
@@ -449,7 +485,7 @@ def run_eval(args) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fastdiff.shapes.train", description=__doc__.split("\n")[0])
-    parser.add_argument("stage", choices=["vae", "text", "unet", "export", "eval"])
+    parser.add_argument("stage", choices=["init", "vae", "text", "unet", "export", "eval"])
     parser.add_argument("--workdir", default=DEFAULT_WORKDIR)
     parser.add_argument("--minutes", type=float, default=30.0, help="time budget of this invocation")
     parser.add_argument("--steps", type=int, default=None, help="total steps to train to (the LR schedule's length)")
@@ -460,6 +496,7 @@ def main(argv=None) -> None:
     parser.add_argument("--bf16", type=int, default=None, help="bf16 autocast (1) or float32 (0)")
     parser.add_argument("--save-minutes", type=float, default=5.0, help="checkpoint every so often")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--weights", default=None, help="init: the pipeline folder to seed from (default: the committed one)")
     # eval
     parser.add_argument("--source", choices=["workdir", "weights"], default="workdir")
     parser.add_argument("--count", type=int, default=256)
@@ -475,7 +512,9 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.workdir, exist_ok=True)
-    if args.stage == "vae":
+    if args.stage == "init":
+        init_from_weights(args.workdir, args.weights)
+    elif args.stage == "vae":
         train_vae(args)
     elif args.stage == "text":
         train_text(args)

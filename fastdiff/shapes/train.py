@@ -292,6 +292,15 @@ def pretrained_text_encoder(workdir: str, tokenizer):
 
 # --- UNet --------------------------------------------------------------------------------------
 
+def _unet_loop(args, unet, text_encoder, frozen: bool) -> _Loop:
+    """The ``unet`` stage's loop: the optimizer takes the text encoder's weights only when it trains
+    jointly, and the checkpoint records which it is."""
+    params = list(unet.parameters()) + ([] if frozen else list(text_encoder.parameters()))
+    loop = _Loop(args, "unet", {"unet": unet, "text_encoder": text_encoder}, params)
+    loop.extra["text_encoder"] = "pretrained, frozen" if frozen else "joint"
+    return loop
+
+
 def train_unet(args) -> None:
     vae = _load_vae(args.workdir)
     tokenizer = M.build_tokenizer()
@@ -308,9 +317,7 @@ def train_unet(args) -> None:
     text_encoder = pretrained if frozen else M.build_text_encoder(tokenizer).train()
     unet = M.build_unet().train()
     scheduler = M.build_scheduler()
-    params = list(unet.parameters()) + ([] if frozen else list(text_encoder.parameters()))
-    loop = _Loop(args, "unet", {"unet": unet, "text_encoder": text_encoder}, params)
-    loop.extra["text_encoder"] = "pretrained, frozen" if frozen else "joint"
+    loop = _unet_loop(args, unet, text_encoder, frozen)
     print(f"unet: text encoder {loop.extra['text_encoder']}")
     objective = scheduler.config.prediction_type
     # (checkpoints from before the objective was recorded were all ε-prediction)
@@ -362,31 +369,25 @@ def init_from_weights(workdir: str, folder: str | None = None) -> None:
     cross-attention then relearns it); else the pipeline's encoder trains on with the UNet.
     Checkpoints already in `workdir` are kept."""
     pipe = M.load_pipeline(folder=folder)
-    as_float = lambda module: {k: v.float() for k, v in module.state_dict().items()}  # noqa: E731
-    vae_path, unet_path = _ckpt_path(workdir, "vae"), _ckpt_path(workdir, "unet")
-    if not os.path.exists(vae_path):
-        vae = as_float(pipe.vae)
-        _save(vae_path, dict(step=DEFAULTS["vae"]["steps"], model={"vae": vae}, ema={"vae": vae}, extra={}))
-    if os.path.exists(unet_path):
-        print(f"init: {unet_path} exists, kept")
+
+    def stage_args(stage):   # what a loop reads of the command line
+        return argparse.Namespace(workdir=workdir, seed=0, lr=DEFAULTS[stage]["lr"])
+
+    if not os.path.exists(_ckpt_path(workdir, "vae")):
+        vae = pipe.vae.float()
+        loop = _Loop(stage_args("vae"), "vae", {"vae": vae}, vae.parameters())
+        loop.step = DEFAULTS["vae"]["steps"]
+        loop.save()
+    if os.path.exists(_ckpt_path(workdir, "unet")):
+        print(f"init: {_ckpt_path(workdir, 'unet')} exists, kept")
         return
     pretrained = pretrained_text_encoder(workdir, M.build_tokenizer())
-    text_encoder = pretrained if pretrained is not None else pipe.text_encoder.float()
-    unet = M.build_unet()
-    unet.load_state_dict(as_float(pipe.unet))
-    params = list(unet.parameters()) + ([] if pretrained is not None else list(text_encoder.parameters()))
-    weights = {"unet": unet.state_dict(), "text_encoder": as_float(text_encoder)}
-    _save(unet_path, dict(
-        step=0, model=weights, ema=copy.deepcopy(weights),
-        opt=torch.optim.AdamW(params, lr=DEFAULTS["unet"]["lr"], weight_decay=0.01).state_dict(),
-        np_rng=np.random.default_rng(0).bit_generator.state, torch_rng=torch.get_rng_state(),
-        extra={"text_encoder": "pretrained, frozen" if pretrained is not None else "joint",
-               "prediction_type": pipe.scheduler.config.prediction_type,
-               "scaling_factor": float(pipe.vae.config.scaling_factor),
-               "warm_start": folder or M.WEIGHTS_DIR},
-    ))
-    print(f"init: {workdir} seeded from {folder or M.WEIGHTS_DIR} (text encoder "
-          f"{'pretrained, frozen' if pretrained is not None else 'joint'})")
+    loop = _unet_loop(stage_args("unet"), pipe.unet.float(),
+                      pretrained if pretrained is not None else pipe.text_encoder.float(), pretrained is not None)
+    loop.extra.update(prediction_type=pipe.scheduler.config.prediction_type,
+                      scaling_factor=float(pipe.vae.config.scaling_factor), warm_start=folder or M.WEIGHTS_DIR)
+    loop.save()
+    print(f"init: {workdir} seeded from {folder or M.WEIGHTS_DIR} (text encoder {loop.extra['text_encoder']})")
 
 
 # --- pipeline, export, evaluation --------------------------------------------------------------

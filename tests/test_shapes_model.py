@@ -64,14 +64,34 @@ def test_the_hard_negative_twin_changes_one_shape_and_nothing_else():
     from fastdiff.shapes.render import batch_scenes
 
     rng = np.random.default_rng(3)
-    scenes, _ = batch_scenes(32, rng)
-    for scene in scenes:
-        twin = T._other_shape(scene, rng)
+    scenes, captions = batch_scenes(32, rng)
+    for scene, text in zip(scenes, captions):
+        twin = T._shape_twin(scene, text, rng)[0]
         changed = [(a.shape, b.shape) for a, b in zip(scene.objects, twin.objects) if a.shape != b.shape]
         assert len(changed) == 1 and changed[0][0] != changed[0][1]
         assert twin.background == scene.background
         assert [(o.colour, o.size, o.position, o.centre, o.diameter, o.angle) for o in twin.objects] == \
             [(o.colour, o.size, o.position, o.centre, o.diameter, o.angle) for o in scene.objects]
+
+
+def test_the_unet_batch_ends_in_shape_twins_of_its_first_pictures():
+    import numpy as np
+
+    from fastdiff.shapes.render import parse_caption
+
+    x, captions = T._twinned_batch(40, 10, np.random.default_rng(6))
+    assert x.shape == (40, 3, 64, 64) and len(captions) == 40
+    for i in range(10):
+        original, twin = captions[i], captions[30 + i]
+        if original == "":   # dropped for guidance together
+            assert twin == ""
+            continue
+        a, b = parse_caption(original), parse_caption(twin)
+        assert [o.shape != p.shape for o, p in zip(a.objects, b.objects)].count(True) == 1
+        assert [(o.colour, o.size, o.position) for o in a.objects] == [(o.colour, o.size, o.position) for o in b.objects]
+        differs = (x[i] != x[30 + i]).any(dim=0)
+        assert 0 < differs.float().mean() < 0.25   # one object redrawn, the rest of the picture kept
+    assert not torch.equal(x[:10], x[10:20])
 
 
 def test_a_pretrained_text_encoder_learns_and_stays_frozen_under_the_unet(tmp_path):
@@ -101,10 +121,13 @@ def test_a_pretrained_text_encoder_learns_and_stays_frozen_under_the_unet(tmp_pa
                                              heads["image"](x), heads.log_scale))
 
     assert loss(trained) < loss(first)
-    for steps in ("1", "2"):   # a fresh run, then a resumed one
-        T.main(["unet", "--workdir", str(tmp_path), "--steps", steps, "--batch", "2", "--threads", "1"])
+    retrieval = T.shape_retrieval(str(tmp_path), n=12)
+    assert set(retrieval) >= {"pairwise", "all"} and 0 <= retrieval["all"] <= retrieval["pairwise"] <= 1
+    for steps in ("1", "2"):   # a fresh run, then a resumed one; a batch of 4 holds one twin pair
+        T.main(["unet", "--workdir", str(tmp_path), "--steps", steps, "--batch", "4", "--threads", "1"])
         unet = torch.load(tmp_path / "unet.pt", weights_only=False)
         assert unet["extra"]["text_encoder"] == "pretrained, frozen"
+        assert unet["extra"]["shape_twins"] == T.SHAPE_TWIN_SHARE
         for name, value in trained["ema"]["text_encoder"].items():
             assert torch.equal(unet["model"]["text_encoder"][name], value), name
 

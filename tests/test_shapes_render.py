@@ -6,7 +6,7 @@ import torch
 
 from fastdiff.shapes.render import (
     CELL_BOUNDS, COLOURS, POSITIONS, SHAPES, SIZE_RANGES, SYMMETRY, Obj, Scene, batch_tensors, caption,
-    heldout_prompts, hide, parse_caption, realise, render, render_batch, sample_scene, scene_stream, vocabulary,
+    heldout_prompts, hide, parse_caption, realise, render, render_batch, reshape, sample_scene, scene_stream, vocabulary,
 )
 from fastdiff.architectures import tiny_clip_tokenizer
 
@@ -111,6 +111,29 @@ def test_captions_round_trip_canonical_and_paraphrased(scenes):
         assert parse_caption(text) == stated, text
     assert len(paraphrases) > 300  # the wording really varies
     assert "a orange" not in caption(Scene("orange", [Obj("circle", "red", "small", "left")]), "paraphrase", 1)
+
+
+def test_reshape_changes_one_object_in_the_picture_and_the_caption_alike(scenes):
+    rng = np.random.default_rng(4)
+    for scene in scenes[:200]:
+        stated = hide(scene, rng)
+        text = caption(stated, "paraphrase", rng)
+        i = int(rng.integers(len(scene.objects)))
+        shape = SHAPES[(SHAPES.index(scene.objects[i].shape) + 1) % len(SHAPES)]
+        twin, twin_text = reshape(scene, text, i, shape)
+        assert twin.objects[i].shape == shape and twin.objects[i].centre == scene.objects[i].centre
+        assert [o for j, o in enumerate(twin.objects) if j != i] == [o for j, o in enumerate(scene.objects) if j != i]
+        want = parse_caption(text)
+        want.objects[i] = Obj(shape, *(getattr(want.objects[i], a) for a in ("colour", "size", "position")))
+        assert parse_caption(twin_text) == want, (text, twin_text)
+        assert len(twin_text) - len(text) == len(shape) - len(scene.objects[i].shape)
+    one = Scene("white", [Obj("circle", "red", "small", "left", (12.0, 32.0), 16.0, 0.0)])
+    with pytest.raises(ValueError, match="shape must be"):
+        reshape(one, "a small red circle on the left", 0, "star")
+    with pytest.raises(ValueError, match="names 0 objects"):
+        reshape(one, "white background", 0, "square")
+    with pytest.raises(ValueError, match="index must be"):
+        reshape(one, "a small red circle on the left", 1, "square")
 
 
 def test_parse_caption_leaves_unstated_parts_free_and_refuses_an_empty_caption():

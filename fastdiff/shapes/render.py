@@ -36,7 +36,7 @@ __all__ = [
     "RESOLUTION", "COLOURS", "SHAPES", "SIZES", "SIZE_RANGES", "SIZE_CUT", "POSITIONS", "CELL_BOUNDS",
     "SYMMETRY", "FILL", "OBJECT_COUNTS", "HIDE_PROBABILITY", "HELDOUT_KINDS", "HELDOUT_SEEDS",
     "Obj", "Scene", "signed_distance", "render", "render_batch", "sample_scene", "realise", "hide",
-    "caption", "parse_caption", "vocabulary", "scene_stream", "heldout_prompts", "batch_scenes", "scene_tensors", "batch_tensors",
+    "caption", "parse_caption", "reshape", "vocabulary", "scene_stream", "heldout_prompts", "batch_scenes", "scene_tensors", "batch_tensors",
 ]
 
 RESOLUTION = 64  # pixels per side
@@ -452,6 +452,22 @@ def parse_caption(text: str) -> Scene:
     if background is None and not objects:
         raise ValueError(f"caption {text!r} names no '<colour> <shape>' and no '<colour> background'")
     return Scene(background.group(1) if background else None, objects)
+
+
+def reshape(scene: Scene, text: str, index: int, shape: str) -> tuple[Scene, str]:
+    """`scene` and its caption `text` with object `index` turned into `shape`: drawn so (its place,
+    size and turn kept) and named so (the rest of the wording kept)."""
+    if shape not in SHAPES:
+        raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+    named = list(_OBJECT_RE.finditer(text))
+    if len(named) != len(scene.objects):
+        raise ValueError(f"caption {text!r} names {len(named)} objects, the scene holds {len(scene.objects)}")
+    if not 0 <= index < len(named):
+        raise ValueError(f"index must be in [0, {len(named)}), got {index}")
+    word = named[index].span(3)
+    objects = list(scene.objects)
+    objects[index] = replace(objects[index], shape=shape)
+    return replace(scene, objects=objects), text[:word[0]] + shape + text[word[1]:]
 
 
 def vocabulary() -> list[str]:

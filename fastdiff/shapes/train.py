@@ -28,9 +28,9 @@ from tqdm import tqdm
 from . import model as M
 from .evaluate import ATTRIBUTES, attribute_accuracy
 from .metrics import coverage_by_attribute
-from .render import SHAPES, Scene, batch_scenes, batch_tensors, heldout_prompts, scene_tensors
+from .render import SHAPES, Scene, batch_scenes, batch_tensors, heldout_prompts, reshape, scene_tensors
 
-__all__ = ["main", "init_from_weights", "train_vae", "train_text", "train_unet", "pipeline_from_workdir", "export", "evaluate", "vae_psnr"]
+__all__ = ["main", "init_from_weights", "train_vae", "train_text", "shape_retrieval", "train_unet", "pipeline_from_workdir", "export", "evaluate", "vae_psnr"]
 
 DEFAULT_WORKDIR = os.path.expanduser("~/.cache/fastdiff/shapes-train")
 # Defaults per stage: total steps (the cosine schedule's length), batch, learning rate, EMA decay,
@@ -42,6 +42,11 @@ DEFAULTS = {
     "unet": dict(steps=8000, batch=64, lr=4e-4, ema=0.999, bf16=0),
 }
 CAPTION_DROPOUT = 0.1  # share of captions replaced by "" so classifier-free guidance has an unconditional
+# Share of each UNet batch that are shape twins of others (the same picture, noise and step with one
+# object's shape and its word changed): the pair's targets differ only where that shape does, which
+# a model that ignores the shape word cannot fit. Without them the shape word got little of the
+# UNet's attention (the picture's few corner pixels per object weigh little in the loss).
+SHAPE_TWIN_SHARE = 0.25
 MIN_SNR_GAMMA = 5.0  # min-SNR loss weighting: stops the easy low-noise steps from dominating
 KL_WEIGHT = 1e-6
 
@@ -236,16 +241,14 @@ def _contrastive_loss(text: torch.Tensor, image: torch.Tensor, log_scale: torch.
     return (F.cross_entropy(scale * text @ pictures.T, labels) + F.cross_entropy(scale * image @ text.T, labels)) / 2
 
 
-def _other_shape(scene: Scene, rng: np.random.Generator) -> Scene:
-    """The same picture with one object's shape changed (its place, size and turn kept). Random
-    negatives almost never differ from a caption in shape alone, so without these twins the
-    contrastive loss learns colour, size and place and leaves shape words nearly alike."""
+def _shape_twin(scene: Scene, text: str, rng: np.random.Generator) -> tuple[Scene, str]:
+    """The same picture and caption with one object's shape changed (its place, size, turn and
+    wording kept). Random negatives almost never differ from a caption in shape alone, so without
+    these twins the contrastive loss learns colour, size and place and leaves shape words nearly
+    alike; the UNet stage trains on them too (see :data:`SHAPE_TWIN_SHARE`)."""
     i = int(rng.integers(len(scene.objects)))
-    obj = scene.objects[i]
-    other = [s for s in SHAPES if s != obj.shape][int(rng.integers(len(SHAPES) - 1))]
-    objects = list(scene.objects)
-    objects[i] = dataclasses.replace(obj, shape=other)
-    return dataclasses.replace(scene, objects=objects)
+    other = [s for s in SHAPES if s != scene.objects[i].shape][int(rng.integers(len(SHAPES) - 1))]
+    return reshape(scene, text, i, other)
 
 
 def contrastive_heads() -> torch.nn.ModuleDict:
@@ -269,7 +272,7 @@ def train_text(args) -> None:
 
     def step():
         scenes, captions = batch_scenes(args.batch, loop.rng)
-        twins = [_other_shape(scene, loop.rng) for scene in scenes]   # hard negatives
+        twins = [_shape_twin(scene, text, loop.rng)[0] for scene, text in zip(scenes, captions)]   # hard negatives
         pictures = heads["image"](scene_tensors(scenes + twins))
         ids = tokenizer(captions, padding="max_length", max_length=M.MAX_TOKENS, truncation=True,
                         return_tensors="pt").input_ids
@@ -290,6 +293,34 @@ def pretrained_text_encoder(workdir: str, tokenizer):
     return text_encoder.eval().requires_grad_(False)
 
 
+@torch.no_grad()
+def shape_retrieval(workdir: str, n: int = 256, seed: int = 777) -> dict[str, float]:
+    """How well the ``text`` stage's EMA encoder tells shape words apart: over `n` captions stating
+    every shape, the share in which the caption's own picture outranks each of its one-object shape
+    swaps (``pairwise``), and outranks all of them at once (``all``, also per object count)."""
+    state = _load(_ckpt_path(workdir, "text"))
+    if state is None:
+        raise FileNotFoundError(f"no text stage checkpoint in {workdir}")
+    tokenizer = M.build_tokenizer()
+    text_encoder = pretrained_text_encoder(workdir, tokenizer)
+    heads = contrastive_heads()
+    heads.load_state_dict(state["ema"]["heads"])
+    scenes, captions = batch_scenes(n, np.random.default_rng(seed), hide_prob=0.0)
+    ids = tokenizer(captions, padding="max_length", max_length=M.MAX_TOKENS, truncation=True,
+                    return_tensors="pt").input_ids
+    text = F.normalize(heads["text_projection"](text_encoder(ids).pooler_output), dim=-1)
+    pairwise, best = [], {}
+    for scene, caption, t in zip(scenes, captions, text):
+        swaps = [reshape(scene, caption, i, other)[0] for i, o in enumerate(scene.objects)
+                 for other in SHAPES if other != o.shape]
+        similarity = F.normalize(heads["image"](scene_tensors([scene] + swaps)), dim=-1) @ t
+        pairwise.append(float((similarity[1:] < similarity[0]).float().mean()))
+        best.setdefault(len(scene.objects), []).append(float(similarity.argmax() == 0))
+    result = {"pairwise": float(np.mean(pairwise)), "all": float(np.mean(sum(best.values(), [])))}
+    result.update({f"all, {k} objects": float(np.mean(v)) for k, v in sorted(best.items())})
+    return result
+
+
 # --- UNet --------------------------------------------------------------------------------------
 
 def _unet_loop(args, unet, text_encoder, frozen: bool) -> _Loop:
@@ -299,6 +330,17 @@ def _unet_loop(args, unet, text_encoder, frozen: bool) -> _Loop:
     loop = _Loop(args, "unet", {"unet": unet, "text_encoder": text_encoder}, params)
     loop.extra["text_encoder"] = "pretrained, frozen" if frozen else "joint"
     return loop
+
+
+def _twinned_batch(n: int, pairs: int, rng: np.random.Generator) -> tuple[torch.Tensor, list[str]]:
+    """The UNet stage's `n` pictures and captions (a share dropped to "" for guidance); the last
+    `pairs` are shape twins of the first `pairs`, dropped with them."""
+    scenes, captions = batch_scenes(n - pairs, rng)
+    twins = [_shape_twin(scene, text, rng) for scene, text in zip(scenes[:pairs], captions[:pairs])]
+    scenes, captions = scenes + [s for s, _ in twins], captions + [c for _, c in twins]
+    drop = rng.random(n - pairs) < CAPTION_DROPOUT
+    drop = np.concatenate([drop, drop[:pairs]])
+    return scene_tensors(scenes), ["" if d else c for c, d in zip(captions, drop)]
 
 
 def train_unet(args) -> None:
@@ -328,6 +370,8 @@ def train_unet(args) -> None:
             loop.ema[name].load_state_dict(module.state_dict())
         loop.extra.update(prediction_type=objective, ema_from=loop.step)
         print(f"unet: objective changed to {objective} at step {loop.step}; EMA restarted")
+    # (checkpoints from before twins were recorded trained without them)
+    loop.extra.setdefault("shape_twins", SHAPE_TWIN_SHARE if loop.step == 0 else 0.0)
     if "scaling_factor" not in loop.extra:
         loop.extra["scaling_factor"] = measure_scaling_factor(vae)
     scale = loop.extra["scaling_factor"]
@@ -340,15 +384,15 @@ def train_unet(args) -> None:
     weight = torch.clamp(MIN_SNR_GAMMA / (snr + 1), max=1.0) if velocity else torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
 
     def step():
-        x, captions = batch_tensors(args.batch, loop.rng)
-        drop = loop.rng.random(len(captions)) < CAPTION_DROPOUT
-        captions = ["" if d else c for c, d in zip(captions, drop)]
+        pairs = int(args.batch * loop.extra["shape_twins"])
+        x, captions = _twinned_batch(args.batch, pairs, loop.rng)
         ids = tokenizer(captions, padding="max_length", max_length=M.MAX_TOKENS, truncation=True,
                         return_tensors="pt").input_ids
         with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):  # the VAE is fast in bf16
             latents = vae.encode(x).latent_dist.sample().float() * scale
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x),))
+        noise = torch.randn(len(x) - pairs, *latents.shape[1:])
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x) - pairs,))
+        noise, t = torch.cat([noise, noise[:pairs]]), torch.cat([t, t[:pairs]])   # a twin shares its original's
         noisy = scheduler.add_noise(latents, noise, t)
         with _autocast(args):
             with torch.set_grad_enabled(not frozen):
@@ -469,6 +513,9 @@ def run_eval(args) -> None:
     if args.source == "weights":
         pipe = M.load_pipeline()
     else:
+        if os.path.exists(_ckpt_path(args.workdir, "text")):
+            print("text encoder shape retrieval: " + "  ".join(
+                f"{k} {v:.3f}" for k, v in shape_retrieval(args.workdir).items()))
         pipe = pipeline_from_workdir(args.workdir)
     print(f"VAE reconstruction PSNR: {vae_psnr(pipe.vae.float()):.2f} dB")
     for guidance in args.guidance:

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from fastdiff.shapes.render import (
-    CELL_BOUNDS, COLOURS, POSITIONS, SHAPES, SIZE_RANGES, SYMMETRY, Obj, Scene, batch_tensors, caption,
-    heldout_prompts, hide, parse_caption, realise, render, render_batch, reshape, sample_scene, scene_stream, vocabulary,
+    CELL_BOUNDS, COLOURS, POSITIONS, SHAPES, SIZE_RANGES, SYMMETRY, TURN_RANGE, Obj, Scene, batch_tensors, caption,
+    heldout_prompts, hide, parse_caption, realise, render, render_batch, reshape, sample_scene, scene_stream, signed_turn, vocabulary,
 )
 from fastdiff.architectures import tiny_clip_tokenizer
 
@@ -183,8 +183,10 @@ def test_a_caption_leaves_much_of_the_scene_free(scenes):
     assert xs.max() - xs.min() > 12  # not ±1 px: most of the 20 px cell
     small = np.array([o.diameter for o in ones if o.size == "small"])
     assert small.max() - small.min() > 4
-    turns = np.array([o.angle / SYMMETRY[o.shape] for o in ones if o.shape != "circle"])
-    assert np.histogram(turns, bins=4, range=(0, 1))[0].min() > len(turns) / 8  # turns cover the period
+    turns = np.array([signed_turn(o.shape, o.angle) for o in ones if o.shape != "circle"])
+    assert np.abs(turns).max() <= TURN_RANGE
+    # turns cover their range either way from upright
+    assert np.histogram(turns, bins=4, range=(-TURN_RANGE, TURN_RANGE))[0].min() > len(turns) / 8
 
 
 def test_objects_never_overlap_or_touch(scenes):

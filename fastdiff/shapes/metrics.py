@@ -2,9 +2,9 @@
 teacher, coverage of what prompts leave free, and a distribution distance to rendered scenes.
 
 *Coverage* catches collapse. A prompt that leaves an object's size or position, or the background,
-unstated asks for all of them, and every square or triangle may be turned any way. Over several
+unstated asks for all of them, and every square or triangle may be turned either way. Over several
 pictures of one prompt, the entropy of what the evaluator reads for each free attribute (size class,
-position cell, background, turn in six bins of the shape's symmetry) is compared with the entropy
+position cell, background, turn in six bins over the renderer's turns) is compared with the entropy
 the renderer's own pictures of that prompt give at the same count. Rendered pictures score about 1;
 a model that draws one picture whatever the seed scores 0.
 
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .evaluate import _as_batch, attribute_accuracy, read_scenes
-from .render import COLOURS, SYMMETRY, Scene, parse_caption, realise, render_batch, sample_scene
+from .render import COLOURS, TURN_RANGE, Scene, parse_caption, realise, render_batch, sample_scene, signed_turn
 
 __all__ = ["prompt_accuracy", "paired_psnr", "coverage", "coverage_by_attribute", "shape_features",
            "frechet_distance", "FEATURE_NAMES", "FREE_ATTRIBUTES"]
@@ -69,6 +69,13 @@ def _entropy(values: list) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+def _turn_bin(obj) -> int:
+    """Which of :data:`_TURN_BINS` equal bins over the renderer's turns (±TURN_RANGE) `obj`'s turn
+    falls in; turns read beyond the range count in the end bins."""
+    width = 2 * TURN_RANGE / _TURN_BINS
+    return int(np.clip((signed_turn(obj.shape, obj.angle) + TURN_RANGE) // width, 0, _TURN_BINS - 1))
+
+
 def _free_readings(wanted: Scene, read: list[Scene]) -> dict[tuple[str, int], list]:
     """For each attribute `wanted` leaves free, and each object, what the pictures show: keys
     (attribute, object index), values one reading per picture where the object was found (the
@@ -89,8 +96,7 @@ def _free_readings(wanted: Scene, read: list[Scene]) -> dict[tuple[str, int], li
                 continue
             o = found[0]
             for attribute in free:
-                value = (int(o.angle // (SYMMETRY[o.shape] / _TURN_BINS)) if attribute == "turn"
-                         else getattr(o, attribute))
+                value = _turn_bin(o) if attribute == "turn" else getattr(o, attribute)
                 readings[(attribute, i)].append(value)
     return readings
 

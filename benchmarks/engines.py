@@ -1,6 +1,6 @@
 """Engines against eager PyTorch: denoiser latency and end-to-end stream frames/s.
 
-    python benchmarks/engines.py [--pipelines tiny,shapes] [--backends onnxruntime,aoti,inductor,whole]
+    python benchmarks/engines.py [--pipelines tiny,shapes] [--backends onnxruntime,aoti,inductor,whole,whole-onnxruntime]
                                  [--batches 1,2,4] [--frames 30] [--rounds 3] [--threads N] [--out results.json]
     python benchmarks/engines.py --gpu [--archs sd-turbo,sd15,sdxl,sd3] [--size 512]
 
@@ -10,8 +10,9 @@ CPU (default). For each pipeline (``tiny``: the tiny random-weight SD-1.x pipeli
 - denoiser latency: one call on B rows (the stream's batch sizes: B = n·F rows for n steps and F
   frames per call) with the stream's conditioning, eager PyTorch against each backend's engine;
 - stream frames/s: ``fastdiff.Stream`` img2img, n = 2 steps ([32, 45] of 50), cfg "self", F = 1,
-  with the denoiser and both VAE halves as engines (for ``whole`` among the backends: the whole
-  steady step compiled as one graph, ``Stream(compile="whole")``), against the eager stream and against diffusers'
+  with the denoiser and both VAE halves as engines (for ``whole`` / ``whole-onnxruntime`` among the
+  backends: the whole steady step as one graph, ``Stream(compile="whole")`` through torch.compile /
+  ONNX Runtime), against the eager stream and against diffusers'
   StableDiffusionImg2ImgPipeline called once per frame on the same two timesteps (guidance 1, no
   CFG batch, precomputed prompt embeddings; the per-frame baseline of the stream benchmark).
 
@@ -44,6 +45,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 from machine import environment  # noqa: E402
 from fastdiff import Stream  # noqa: E402
 from fastdiff.engines import ShapeProfile, component, engine  # noqa: E402
+
+# the whole steady step as one graph: torch.compile ("whole") or ONNX Runtime ("whole-onnxruntime")
+WHOLE = ("whole", "whole-onnxruntime")
 
 PROMPT = "a large red circle on the left, blue background"
 STEPS = [32, 45]
@@ -149,16 +153,18 @@ def cpu_stream(pipe_name, pipe, backends, cache_dir, threads, sweeps, rounds, bu
                           "seconds": round(time.perf_counter() - t0, 1)})
         streams[backend] = s
     streams["eager"].prepare(PROMPT)
-    if "whole" in backends_extra:   # the whole steady step (encode + UNet + step + decode) as one torch.compile graph
+    for extra in backends_extra:   # the whole steady step (encode + UNet + step + decode) as one graph
+        compile_backend = "onnxruntime" if extra == "whole-onnxruntime" else "inductor"
         t0 = time.perf_counter()
-        s = Stream(pipe, STEPS, cfg="self", output_type="pt", compile="whole")
+        s = Stream(pipe, STEPS, cfg="self", output_type="pt", compile="whole", compile_backend=compile_backend)
         s.prepare(PROMPT)
         with torch.inference_mode():
             for _ in range(len(STEPS) + 1):   # fills the stream, then compiles
                 s(next_frame())
-        build_log.append({"pipeline": pipe_name, "component": "stream (whole step)", "backend": "torch.compile",
+        build_log.append({"pipeline": pipe_name, "component": "stream (whole step)",
+                          "backend": {"inductor": "torch.compile", "onnxruntime": "ONNX Runtime"}[compile_backend],
                           "seconds": round(time.perf_counter() - t0, 1)})
-        streams["whole step (compiled)"] = s
+        streams[f"whole step ({compile_backend})"] = s
     calls = {f"fastdiff {name}": (lambda s=s: s(next_frame())) for name, s in streams.items()}
 
     # diffusers' img2img takes custom timesteps only from schedulers that accept them (LCM does, the
@@ -309,7 +315,8 @@ def main(argv=None):
     else:
         cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="fastdiff-bench-engines-")
         asked = [b for b in args.backends.split(",") if b]
-        backends = [b for b in asked if b != "whole"]   # "whole": Stream(compile="whole"), not an engine
+        whole = [b for b in asked if b in WHOLE]   # Stream(compile="whole"), not engines
+        backends = [b for b in asked if b not in WHOLE]
         batches = [int(b) for b in args.batches.split(",")]
         result.update(denoiser=[], stream=[], builds=[])
         for name in args.pipelines.split(","):
@@ -317,7 +324,7 @@ def main(argv=None):
             result["denoiser"] += cpu_denoiser(name, pipe, backends, batches, cache_dir, args.threads,
                                                args.frames, args.rounds, result["builds"])
             result["stream"] += cpu_stream(name, pipe, backends, cache_dir, args.threads, args.frames,
-                                           args.rounds, result["builds"], [b for b in asked if b == "whole"])
+                                           args.rounds, result["builds"], whole)
         table = cpu_tables(result)
     print(table)
     if args.out:

@@ -11,6 +11,7 @@ from .sampling.schedule import step_schedule
 from .stream.batch import NOISE_MODES, LatentStream
 from .stream.prepare import Prepared, UsesPrepared
 from .stream.similarity import SimilarityFilter
+from .stream.whole import WHOLE_BACKENDS, WholeStep
 from .tuning.adapters import HoldsAdapter
 from .tuning.routing import HoldsRouter
 
@@ -48,8 +49,11 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
     rescales it while streaming.
 
     ``compile="whole"`` compiles the whole steady-state step — encode, denoiser, step, decode — as one
-    ``torch.compile`` graph once the stream is full (on CUDA with CUDA graphs, ``"reduce-overhead"``,
-    unless ``compile_mode`` says otherwise); the calls that fill the stream run eagerly.
+    graph once the stream is full; the calls that fill the stream run eagerly. ``compile_backend``
+    "inductor" uses ``torch.compile`` (on CUDA with CUDA graphs, ``"reduce-overhead"``, unless
+    ``compile_mode`` says otherwise); "onnxruntime" exports the step to ONNX once and runs it in one
+    ONNX Runtime session. A prompt change needs no rebuild; a change of guidance, steps, size, VAE
+    or adapter rebuilds the graph at the next full call (see :mod:`fastdiff.stream.whole`).
 
     ``attention`` picks the attention kernel (``"sdpa"``, ``"sdpa-flash"``..., ``"xformers"``, or a
     diffusers backend: :mod:`fastdiff.attention`).
@@ -66,7 +70,8 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
                  height: int | None = None, width: int | None = None, output_type: str = "pt",
                  backend: str | None = None, engine_options: dict | None = None, adapter=None,
                  adapter_scale: float = 1.0, adapter_scheduler: str | None = None, router=None,
-                 attention: str = "sdpa", compile: str | None = None, compile_mode: str | None = None):
+                 attention: str = "sdpa", compile: str | None = None, compile_backend: str = "inductor",
+                 compile_mode: str | None = None):
         self.mode = check_choice(mode, "mode", MODES)
         self.frame_buffer = check_int(frame_buffer, "frame_buffer", 1)
         check_choice(noise, "noise", NOISE_MODES)
@@ -85,6 +90,10 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         self._set_router(router)
         self.parts.set_attention(attention)
         self.compile = check_choice(compile, "compile", (None, "whole"))
+        self.compile_backend = check_choice(compile_backend, "compile_backend", WHOLE_BACKENDS)
+        if self.compile and backend is not None:
+            raise ValueError(f"compile='whole' compiles the PyTorch modules as one graph; backend={backend!r} makes "
+                             "each an engine of its own: give one of the two")
         self.compile_mode = compile_mode
         self._whole = None   # the compiled steady step, made when the stream first fills
         if adapter is not None:
@@ -142,6 +151,7 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         cond, uncond = self._cond
         self.latents = LatentStream(self.denoiser, self.schedule, cond, uncond, self.latent_shape,
                                     guider=self.guider, noise=self.noise, generator=self.generator)
+        self._drop_whole()
         self._last_output = None
         if self.filter is not None:
             self.filter.reset()
@@ -157,6 +167,7 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         """Build (or load) the engines again for the denoiser's current weights — after a LoRA was
         loaded, fused or rescaled — as :meth:`set_vae` does for a new VAE. No-op without a backend."""
         self._require_prepared()
+        self._drop_whole()
         self._attach_engines(force=True)
 
     def update(self, *, prompt=None, negative_prompt=None, guidance_scale=None, delta=None, guidance_rescale=None,
@@ -176,6 +187,7 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
                                       g.delta if delta is None else delta,
                                       g.rescale if guidance_rescale is None else guidance_rescale)
             self.latents.set_guider(self.guider)
+            self._drop_whole()
         structural = any(v is not None for v in (steps, timesteps, num_inference_steps, height, width))
         drained, resized = [], False
         if structural:
@@ -219,6 +231,8 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         if self._pending is not None:
             self._pending.join()
         self._set_adapter(adapter, scale, adapter_scheduler)
+        if self.compile_backend == "onnxruntime":   # its graph holds the weights
+            self._drop_whole()
         if self.backend is None:
             return
         if wait:
@@ -252,6 +266,7 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
     def set_vae(self, vae):
         """Decode and encode with another VAE (e.g. AutoencoderTiny) from the next call on."""
         self.parts.set_vae(vae)
+        self._drop_whole()
         if self.latents is not None:
             self._attach_engines(force=True)
 
@@ -334,30 +349,24 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         """One steady-state call through the compiled whole step; None when it can't (fresh noise)."""
         ls = self.latents
         if self._whole is None:
-            step = ls.steady_step()
-            if step is None:
+            self._whole = WholeStep.make(ls, self.codec, self.compile_backend, self.compile_mode)
+            if self._whole is None:
                 self.compile = None
                 return None
-            codec, schedule = self.codec, self.schedule
-            a0, b0 = float(schedule.alpha[0]), float(schedule.beta[0])
-            eps0 = ls._fixed_noise()[0]
-
-            def whole(pixels, buffer, residual):
-                x_new = schedule.noise_scale * eps0 if pixels is None else a0 * codec.encode(pixels) + b0 * eps0
-                finished, buffer, residual = step(x_new.to(ls.dtype), eps0, buffer, residual)
-                return codec.decode(finished), finished, buffer, residual
-
-            mode = self.compile_mode or ("reduce-overhead" if self.denoiser.device.type == "cuda" else None)
-            self._whole = torch.compile(whole, mode=mode, dynamic=False)
         buffer, residual = ls.state()
-        images, finished, buffer, residual = self._whole(pixels, buffer, residual)
-        if self.denoiser.device.type == "cuda":   # CUDA graphs reuse their outputs' memory
+        images, finished, buffer, residual = self._whole(pixels, buffer, residual, ls.steady_conditioning())
+        if self.denoiser.device.type == "cuda" and self.compile_backend == "inductor":
+            # CUDA graphs reuse their outputs' memory
             images, finished = images.clone(), finished.clone()
             buffer = buffer.clone() if buffer is not None else None
             residual = residual.clone() if residual is not None else None
         self.last_tag = ls.shift_in(buffer, residual, tag)
         self._last_output = self._frames_of(finished, images)
         return self._last_output
+
+    def _drop_whole(self):
+        """Forget the compiled whole step: what it baked in (coefficients, noise, weights) changed."""
+        self._whole = None
 
     def _frames_of(self, latents, images):
         if self.output_type == "latent":

@@ -227,22 +227,60 @@ def test_bad_frames_and_prompts_are_named(pipe):
         batch.update(prompt=["a", "b"])
 
 
-def test_the_compiled_whole_step_equals_the_eager_stream(pipe):
-    """encode + denoiser + step + decode as one torch.compile graph once the stream is full."""
+@pytest.mark.parametrize("backend", ["inductor", "onnxruntime"])
+def test_the_compiled_whole_step_equals_the_eager_stream_through_prompt_and_guidance_changes(pipe, backend):
+    """encode + denoiser + step + decode as one graph once the stream is full: a prompt change is an
+    input of the graph (no rebuild), a guidance change rebuilds it (its coefficients are baked in)."""
     import shutil
 
-    if shutil.which("g++") is None and shutil.which("c++") is None:
+    if backend == "inductor" and shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("torch.compile on the CPU needs a C++ compiler")
-    clip = frames(5)
-    outputs = {}
+    clip = frames(8)
+    outputs, built = {}, []
     for compile in (None, "whole"):
-        stream = fastdiff.Stream(pipe, [20, 40], cfg="self", guidance_scale=1.4, compile=compile, output_type="pt")
+        stream = fastdiff.Stream(pipe, [20, 40], cfg="self", guidance_scale=1.4, compile=compile,
+                                 compile_backend=backend, output_type="pt")
         stream.prepare("a red circle")
-        outputs[compile] = [stream(frame, tag=i) for i, frame in enumerate(clip)] + stream.flush()
-        if compile:
-            assert stream._whole is not None   # the steady calls went through the compiled step
+        outs = []
+        for i, frame in enumerate(clip):
+            if i == 3:
+                stream.update(prompt="a blue square")
+            if i == 6 and backend == "onnxruntime":   # (a second torch.compile would cost CI a minute)
+                stream.update(guidance_scale=2.0)
+            outs.append(stream(frame, tag=i))
+            if compile:
+                built.append(stream._whole)
+        outputs[compile] = outs + stream.flush()
+    assert built[1] is not None and built[2] is built[5]   # compiled once full; the prompt change kept it
+    if backend == "onnxruntime":
+        assert built[6] is not None and built[6] is not built[5]   # the guidance change rebuilt it
+    assert len(outputs[None]) == len(outputs["whole"]) == len(clip) + 1
     for eager, whole in zip(outputs[None], outputs["whole"]):
         if eager is None:
             assert whole is None
         else:
             torch.testing.assert_close(whole, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_the_whole_step_in_onnxruntime_runs_txt2img_with_a_frame_buffer(pipe):
+    """No pixels, no residual, F = 2 frames per call: the graph takes only the inputs the step has."""
+    outputs = {}
+    for compile in (None, "whole"):
+        stream = fastdiff.Stream(pipe, [0, 30, 45], mode="txt2img", cfg="none", frame_buffer=2, compile=compile,
+                                 compile_backend="onnxruntime", output_type="pt")
+        stream.prepare("a red circle")
+        calls = [stream() for _ in range(5)]
+        assert [o is None for o in calls] == [True, True, False, False, False]
+        # every frame, in order: each full call's list of F, then flush's frames
+        outputs[compile] = [f for o in calls if o is not None for f in o] + stream.flush()
+    assert stream._whole is not None and stream._whole._present == (True, True, True, False)
+    assert len(outputs[None]) == len(outputs["whole"]) == 10
+    for eager, whole in zip(outputs[None], outputs["whole"]):
+        torch.testing.assert_close(whole, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_whole_refuses_an_unknown_backend_and_per_module_engines(pipe):
+    with pytest.raises(ValueError, match="compile_backend"):
+        fastdiff.Stream(pipe, [20, 40], compile="whole", compile_backend="tvm")
+    with pytest.raises(ValueError, match="give one of the two"):
+        fastdiff.Stream(pipe, [20, 40], compile="whole", backend="onnxruntime")

@@ -185,10 +185,11 @@ def step_rows(schedule: StepSchedule, steps: torch.Tensor, cond: Conditioning, u
 
 
 def stream_step(denoiser, x: torch.Tensor, rows: StepRows, residual: torch.Tensor | None, guider: Guider,
-                noise: torch.Tensor | None):
+                noise: torch.Tensor | None, cond: Conditioning | None = None):
     """One denoiser call over `rows`: (x', S'), each row one step on (S' None without residual
-    guidance). `noise` holds the fresh noise z of the first ``rows.noise_rows`` rows."""
-    output = denoiser(guider.model_latents(x, rows.new), rows.t_model, rows.cond_model)
+    guidance). `noise` holds the fresh noise z of the first ``rows.noise_rows`` rows; `cond`, when
+    given, stands in for ``rows.cond_model`` (a compiled step takes the prompt as an input)."""
+    output = denoiser(guider.model_latents(x, rows.new), rows.t_model, rows.cond_model if cond is None else cond)
     out_c, out_u = guider.split(output, rows.new)
     if rows.folded is not None:
         inputs = {"x": x, "out_c": out_c, "out_u": out_u, "residual": residual, "noise": noise}

@@ -188,26 +188,32 @@ class LatentStream:
         return all(slot is not None for slot in self.slots)
 
     def steady_step(self):
-        """The full stream's step as a pure function ``(x_new, eps_new, buffer, residual) -> (finished
-        latents, buffer', residual')`` over contiguous buffers (slots 1..n−1, slot-major), with the
-        fixed noise as a constant: what ``fastdiff.Stream(compile="whole")`` compiles with its encode
-        and decode. None when the stream is not in a steady state it can express (fresh noise)."""
+        """The full stream's step as a pure function ``(x_new, eps_new, buffer, residual, cond) ->
+        (finished latents, buffer', residual')`` over contiguous buffers (slots 1..n−1, slot-major),
+        with the fixed noise and the per-row coefficients as constants and the model call's
+        conditioning `cond` (:meth:`steady_conditioning`) an input: what
+        ``fastdiff.Stream(compile="whole")`` compiles with its encode and decode. None when the stream
+        is not in a steady state it can express (fresh noise)."""
         if self.noise_mode != "fixed" or self.n < 1:
             return None
         call = self._call(True, tuple(range(self.n - 1)))
         F, guider, denoiser = self.frames, self.guider, self.denoiser
         renoise = self._renoise(call)
 
-        def step(x_new, eps_new, buffer, residual):
+        def step(x_new, eps_new, buffer, residual, cond):
             x = torch.cat([x_new, buffer]) if buffer is not None else x_new
             r = None
             if guider.carries_residual:
                 r = torch.cat([eps_new, residual]) if residual is not None else eps_new
-            x_next, r_next = stream_step(denoiser, x, call.rows, r, guider, renoise)
+            x_next, r_next = stream_step(denoiser, x, call.rows, r, guider, renoise, cond)
             keep = x_next.shape[0] - F
             return x_next[keep:], (x_next[:keep] if keep else None), (r_next[:keep] if r_next is not None and keep
                                                                        else None)
         return step
+
+    def steady_conditioning(self) -> Conditioning:
+        """The model call's conditioning on the full stream, for the current prompt."""
+        return self._call(True, tuple(range(self.n - 1))).rows.cond_model
 
     def state(self):
         """(buffer, residual) of the slots in flight, as the steady step takes them."""

@@ -32,6 +32,7 @@ OPTION_OF = {
     "resolutions": "--resolution", "backend": "--backend", "guidance_rescale": "--guidance-rescale",
     "schedule": "--schedule", "adapter": "--adapter", "adapter_scheduler": "--adapter", "scale": "--adapter-scale",
     "router": "--router", "codes": "--codes", "target": "--target", "attention": "--attention",
+    "compile": "--compile", "compile_backend": "--compile",
 }
 # One vocabulary for what runs the model, in every command: "torch" is the pipeline's own modules,
 # the rest are fastdiff's engine backends.
@@ -349,11 +350,14 @@ def ready_results(runner):
 @height_option
 @width_option
 @backend_option
+@click.option("--compile", "compile_backend", type=click.Choice(["none", "inductor", "onnxruntime"]), default="none",
+              show_default=True, help="Compile the whole steady step (encode, denoiser, step, decode) as one graph: "
+                                      "torch.compile, or one ONNX Runtime session. Not with --backend.")
 @attention_option
 @device_option
 def stream(input_dir, clip, frames, prompt, negative_prompt, model, steps, cfg, guidance_scale, delta,
-           frame_buffer, similarity_filter, seed, out, adapter, adapter_scale, height, width, backend, attention,
-           device):
+           frame_buffer, similarity_filter, seed, out, adapter, adapter_scale, height, width, backend, compile_backend,
+           attention, device):
     """Stream frames through img2img and write one output frame per input frame.
 
     Frames are center-cropped to the stream's aspect ratio and resized to its resolution
@@ -374,7 +378,9 @@ def stream(input_dir, clip, frames, prompt, negative_prompt, model, steps, cfg, 
         s = Stream(pipe, steps or stream_steps(model), cfg=cfg, guidance_scale=guidance_scale, delta=delta,
                    frame_buffer=frame_buffer, similarity_filter=similarity_filter, seed=seed, height=height,
                    width=width, output_type="pil",
-                   backend=engine_backend(backend), adapter=adapter, adapter_scale=adapter_scale, attention=attention)
+                   backend=engine_backend(backend), adapter=adapter, adapter_scale=adapter_scale, attention=attention,
+                   compile=None if compile_backend == "none" else "whole",
+                   compile_backend="inductor" if compile_backend == "none" else compile_backend)
         s.prepare(prompt, negative_prompt)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -92,7 +92,7 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         self.compile = check_choice(compile, "compile", (None, "whole"))
         self.compile_backend = check_choice(compile_backend, "compile_backend", WHOLE_BACKENDS)
         if self.compile and backend is not None:
-            raise ValueError(f"compile='whole' compiles the PyTorch modules as one graph; backend={backend!r} makes "
+            raise ValueError(f"compile: 'whole' compiles the PyTorch modules as one graph; backend={backend!r} makes "
                              "each an engine of its own: give one of the two")
         self.compile_mode = compile_mode
         self._whole = None   # the compiled steady step, made when the stream first fills

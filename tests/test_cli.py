@@ -3,6 +3,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -77,6 +78,17 @@ def test_stream_clip_writes_one_output_per_input(tmp_path, frame_buffer):
     assert ("padding: 2 repeated" in result.output) == (frame_buffer == 4)
 
 
+def test_stream_can_run_its_steady_step_as_one_onnxruntime_graph(tmp_path):
+    outputs = {}
+    for compile in ("none", "onnxruntime"):
+        result = run("stream", "--clip", "moving-shapes", "--frames", 5, "--compile", compile, "--out", tmp_path / compile)
+        assert result.exit_code == 0, result.output
+        assert "frames in: 5, frames out: 5" in result.output
+        outputs[compile] = [np.asarray(Image.open(f), dtype=np.int16) for f in pngs(tmp_path / compile)]
+    for eager, whole in zip(outputs["none"], outputs["onnxruntime"]):
+        assert np.abs(eager - whole).max() <= 1   # the same frames, up to 8-bit rounding
+
+
 def test_stream_reads_a_folder_and_resizes(tmp_path):
     frames = tmp_path / "in"
     frames.mkdir()
@@ -99,6 +111,7 @@ def test_stream_reads_a_folder_and_resizes(tmp_path):
     (["stream", "--clip", "moving-shapes", "--similarity-filter", "1.5"], "--similarity-filter"),
     (["stream", "--clip", "moving-shapes", "--model", "/no/such/model"], "--model"),
     (["stream"], "--input"),
+    (["stream", "--clip", "moving-shapes", "--compile", "onnxruntime", "--backend", "onnxruntime"], "--compile"),
     (["generate", "x", "--cfg", "bogus"], "--cfg"),
     (["generate", "x", "--height", "60"], "--height"),
 ])

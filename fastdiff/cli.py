@@ -521,9 +521,10 @@ def demo(model, backend, steps, cfg, guidance_scale, prompt, host, port, max_ses
 
 
 
-def read_prompts(path: Path | None, model: str, count: int, kind: str) -> list[str]:
+def read_prompts(path: Path | None, model: str, count: int, kind: str, repeats: int = 1) -> list[str]:
     """Prompts for a search: one per line of --prompt-file, else the shapes world's (search prompts
-    drawn from their own seeds, disjoint from the held-out evaluation prompts)."""
+    drawn from their own seeds, disjoint from the held-out evaluation prompts; the unstated ones
+    `repeats` times each, for coverage)."""
     if path is not None:
         prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         if not prompts:
@@ -533,7 +534,7 @@ def read_prompts(path: Path | None, model: str, count: int, kind: str) -> list[s
         raise click.BadParameter("give --prompt-file for a model outside the shapes world", param_hint="'--prompt-file'")
     from .shapes.render import tuning_prompts
 
-    return tuning_prompts(kind, count)
+    return tuning_prompts(kind, count, repeats)
 
 
 @main.command(short_help="Serve the real-time demo on Ray Serve: replicas, autoscaling, sessions pinned.")
@@ -599,6 +600,9 @@ def tune():
               help="How many shapes-world search prompts.")
 @click.option("--eval-prompts", "eval_count", type=click.IntRange(min=0), default=64, show_default=True,
               help="Held-out shapes-world prompts the result is also measured on (0: none).")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Seeds of each shapes-world prompt that leaves attributes unstated: what the coverage "
+                   "term of the fitness is measured on (1: no coverage term).")
 @click.option("--teacher-steps", type=click.IntRange(min=2), default=50, show_default=True)
 @click.option("--cfg", type=click.Choice(CFG_MODES), default=None, help="Guidance mode (default: full; stream: self).")
 @click.option("--guidance-scale", type=click.FloatRange(min=0), default=None,
@@ -615,7 +619,7 @@ def tune():
               help="Evolution: a state file, written each generation; a rerun continues from it.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The schedule (.json).")
 @device_option
-def tune_steps(model, steps, method, mode, budget_minutes, prompt_file, count, eval_count, teacher_steps, cfg,
+def tune_steps(model, steps, method, mode, budget_minutes, prompt_file, count, eval_count, repeats, teacher_steps, cfg,
                guidance_scale, guidance_rescale, solver, strength_step, frames, seed, resume, out, device):
     """Search STEPS timesteps for --model against a --teacher-steps teacher and write the schedule to
     --out; `fastdiff generate --schedule OUT` and `fastdiff.accelerate(pipe, schedule=OUT)` use it."""
@@ -625,9 +629,9 @@ def tune_steps(model, steps, method, mode, budget_minutes, prompt_file, count, e
         raise click.BadParameter(f"must be > 0, got {budget_minutes}", param_hint="'--budget-minutes'")
     if not str(out).endswith(".json"):
         raise click.BadParameter(f"the schedule is a .json file, got {out}", param_hint="'--out'")
-    prompts = read_prompts(prompt_file, model, count, "search")
+    prompts = read_prompts(prompt_file, model, count, "search", repeats)
     shapes = prompt_file is None
-    eval_prompts = read_prompts(None, model, eval_count, "eval") if shapes and eval_count else []
+    eval_prompts = read_prompts(None, model, eval_count, "eval", repeats) if shapes and eval_count else []
     pipe = load_pipeline(model, check_device(device))
     if model == "shapes":
         from .shapes.model import GUIDANCE_RESCALE, GUIDANCE_SCALE

@@ -175,6 +175,42 @@ def test_tune_steps_searches_the_shapes_models_stream_from_the_command_line(tmp_
     assert schedule.mode == "stream" and schedule.steps == 2 and schedule.solver == "lcm"
 
 
+def test_tuning_prompts_repeat_the_unstated_ones_so_coverage_can_be_measured():
+    from fastdiff.shapes.render import tuning_prompts
+
+    search = tuning_prompts("search", 8, repeats=3)
+    assert len(search) == 6 + 2 * 3 and len(set(search)) == 8
+    repeated = {p for p in search if search.count(p) > 1}
+    assert len(repeated) == 2 and all(search.count(p) == 3 for p in repeated)
+    assert tuning_prompts("search", 8) == list(dict.fromkeys(search))   # repeats=1: each once, same order
+    assert not set(search) & set(tuning_prompts("eval", 8, repeats=3))
+    with pytest.raises(ValueError, match="repeats"):
+        tuning_prompts("search", 8, repeats=0)
+
+
+def test_the_shapes_judge_measures_coverage_and_the_fitness_weighs_its_shortfall():
+    from fastdiff.shapes.render import parse_caption, realise, render_batch, tuning_prompts
+    from fastdiff.tuning.fitness import DEFAULT_WEIGHTS, fitness_of, shapes_judge
+
+    prompts = tuning_prompts("search", 4, repeats=6)   # one prompt of each kind, the unstated one 6 times
+    rng = np.random.default_rng(1)
+    pictures = render_batch([realise(parse_caption(p), rng) for p in prompts])
+    spread = torch.from_numpy(pictures).permute(0, 3, 1, 2).float() / 255
+    collapsed = spread.clone()
+    first = prompts.index(prompts[-1])
+    collapsed[first:] = spread[first]   # every seed of the unstated prompt draws the same picture
+    judge = shapes_judge(prompts)
+    varied, same = {**judge(spread), "latent": 0.0}, {**judge(collapsed), "latent": 0.0}
+    assert same["coverage"] == 0.0 < varied["coverage"]
+    base = {**same, "coverage": varied["coverage"]}
+    assert fitness_of(same, DEFAULT_WEIGHTS, varied) == pytest.approx(
+        fitness_of(base, DEFAULT_WEIGHTS, varied) + DEFAULT_WEIGHTS["coverage"])
+    # more spread than the teacher's earns nothing; without repeats there is no coverage term
+    assert fitness_of({**base, "coverage": 2 * varied["coverage"]}, DEFAULT_WEIGHTS, varied) == pytest.approx(
+        fitness_of(base, DEFAULT_WEIGHTS, varied))
+    assert "coverage" not in shapes_judge(list(dict.fromkeys(prompts)))(spread[:4])
+
+
 def test_ays_for_its_families_and_a_clear_error_elsewhere(pipe):
     assert ays_schedule(pipe, 10) == [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]
     four = ays_schedule(pipe, 4)
@@ -188,6 +224,7 @@ def test_ays_for_its_families_and_a_clear_error_elsewhere(pipe):
     (["--steps", "4", "--method", "annealing"], "--method"),
     (["--steps", "4", "--budget-minutes", "0"], "--budget-minutes"),
     (["--steps", "4", "--prompt-file", "/no/such/file"], "--prompt-file"),
+    (["--steps", "4", "--repeats", "0"], "--repeats"),
 ])
 def test_tune_steps_options_are_checked(args, option, tmp_path):
     result = CliRunner().invoke(main, ["tune", "steps", "--model", "tiny", *args, "--out", str(tmp_path / "s.json")])

@@ -576,11 +576,14 @@ def heldout_prompts(kind: str = "one", count: int = 256, seed: int | None = None
 TUNING_SEEDS = {"one": 7_001, "two": 7_002, "three": 7_003, "unstated": 7_004}
 
 
-def tuning_prompts(role: str = "search", count: int = 48) -> list[str]:
+def tuning_prompts(role: str = "search", count: int = 48, repeats: int = 1) -> list[str]:
     """Prompts for the offline tuning tools: ``role="search"`` draws `count` from the tuning seeds
     (none of them in the held-out sets), ``"eval"`` takes them from the held-out sets; a quarter
-    of each kind (one, two, three objects, unstated attributes)."""
+    of each kind (one, two, three objects, unstated attributes). Each unstated prompt comes
+    `repeats` times in a row (each row gets noise of its own), so that a judge can measure the
+    coverage of what those prompts leave free (it needs ≥ 2 pictures of a prompt)."""
     check_int(count, "count", 1)
+    check_int(repeats, "repeats", 1)
     if role not in ("search", "eval"):
         raise ValueError(f"role must be 'search' or 'eval', got {role!r}")
     shares = [count // 4 + (i < count % 4) for i in range(4)]
@@ -589,9 +592,9 @@ def tuning_prompts(role: str = "search", count: int = 48) -> list[str]:
         if not share:
             continue
         if role == "eval":
-            prompts += [p for p, _ in heldout_prompts(kind, share)]
-            continue
-        held = {p for p, _ in heldout_prompts(kind, 256)}
-        drawn = [p for p, _ in heldout_prompts(kind, share + 64, seed=TUNING_SEEDS[kind]) if p not in held]
-        prompts += drawn[:share]
+            drawn = [p for p, _ in heldout_prompts(kind, share)]
+        else:
+            held = {p for p, _ in heldout_prompts(kind, 256)}
+            drawn = [p for p, _ in heldout_prompts(kind, share + 64, seed=TUNING_SEEDS[kind]) if p not in held][:share]
+        prompts += [p for p in drawn for _ in range(repeats if kind == "unstated" else 1)]
     return prompts

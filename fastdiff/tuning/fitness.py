@@ -9,16 +9,19 @@ stream core — the very step code ``fastdiff.accelerate`` and ``fastdiff.Stream
   teacher latents' mean square (weight-free: works on any model);
 - ``psnr``: pixel PSNR against the teacher's pictures, through the VAE;
 - with a `judge` (the shapes world's: :func:`shapes_judge`), ``accuracy`` (share of prompted
-  attributes read back) and ``distance`` (Fréchet shape distance to rendered scenes).
+  attributes read back), ``distance`` (Fréchet shape distance to rendered scenes) and, where a
+  prompt comes several times, ``coverage`` of what those prompts leave free.
 
-The fitness to minimise is Σ weight·term over ``latent``, ``1 − accuracy`` and the distance over
-the teacher's (:data:`DEFAULT_WEIGHTS`). Two modes: ``"pipeline"`` samples from pure noise through
-all the steps (txt2img); ``"stream"`` is the stream's img2img: frames of a clip enter at the first
-timestep (the strength) and take the stream's LCM step at each.
+The fitness to minimise is Σ weight·term over ``latent``, ``1 − accuracy``, the distance over the
+teacher's, and coverage's shortfall from the teacher's (:data:`DEFAULT_WEIGHTS`). Two modes:
+``"pipeline"`` samples from pure noise through all the steps (txt2img); ``"stream"`` is the
+stream's img2img: frames of a clip enter at the first timestep (the strength) and take the
+stream's LCM step at each.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass
 
@@ -34,8 +37,10 @@ from ..stream.prepare import Prepared
 __all__ = ["Trajectories", "DEFAULT_WEIGHTS", "shapes_judge", "fitness_of"]
 
 # latent: relative latent MSE (0 = the teacher); accuracy: 1 − prompt accuracy; distance: the Fréchet
-# shape distance over the teacher's own. The latter two need a judge.
-DEFAULT_WEIGHTS = {"latent": 1.0, "accuracy": 1.0, "distance": 0.1}
+# shape distance over the teacher's own; coverage: the share of the teacher's coverage a schedule
+# loses (0 at or above it: more spread than the teacher's is noise, not a merit). The last three need
+# a judge. Coverage weighs half: a few seeds per prompt make it the noisiest term.
+DEFAULT_WEIGHTS = {"latent": 1.0, "accuracy": 1.0, "distance": 0.1, "coverage": 0.5}
 
 
 def fitness_of(metrics: dict, weights: dict, teacher: dict) -> float:
@@ -45,21 +50,32 @@ def fitness_of(metrics: dict, weights: dict, teacher: dict) -> float:
         total += weights.get("accuracy", 0.0) * (1.0 - metrics["accuracy"])
     if "distance" in metrics and teacher.get("distance"):
         total += weights.get("distance", 0.0) * metrics["distance"] / max(teacher["distance"], 1e-6)
+    if "coverage" in metrics and teacher.get("coverage"):
+        total += weights.get("coverage", 0.0) * max(0.0, 1.0 - metrics["coverage"] / teacher["coverage"])
     return float(total)
 
 
 def shapes_judge(prompts: list[str], seed: int = 0):
     """The shapes world's judge of pictures of `prompts`: (images [N, 3, H, W] in [0, 1]) →
-    {"accuracy", "distance"} (the distance to rendered scenes of the same prompts)."""
-    from ..shapes.metrics import frechet_distance, prompt_accuracy
+    {"accuracy", "distance"} (the distance to rendered scenes of the same prompts), and "coverage"
+    over the prompts that come more than once (see :func:`~fastdiff.shapes.render.tuning_prompts`'
+    `repeats`)."""
+    from ..shapes.metrics import coverage, frechet_distance, prompt_accuracy
     from ..shapes.render import parse_caption, realise, render_batch
 
     rng = np.random.default_rng(seed)
     rendered = render_batch([realise(parse_caption(p), rng) for p in prompts])
+    counts = collections.Counter(prompts)
+    repeated = [i for i, p in enumerate(prompts) if counts[p] > 1]
 
     def judge(images: torch.Tensor) -> dict:
-        return {"accuracy": prompt_accuracy(images, prompts, (0.0, 1.0)),
-                "distance": frechet_distance(images, rendered, (0.0, 1.0))}
+        metrics = {"accuracy": prompt_accuracy(images, prompts, (0.0, 1.0)),
+                   "distance": frechet_distance(images, rendered, (0.0, 1.0))}
+        if repeated:
+            spread = coverage(images[repeated], [prompts[i] for i in repeated], (0.0, 1.0), seed)
+            if math.isfinite(spread):   # nan when the repeated prompts leave nothing free
+                metrics["coverage"] = spread
+        return metrics
     return judge
 
 

@@ -276,8 +276,8 @@ def search_steps(pipe, prompts, steps: int, method: str = "evolution", budget_mi
     result is measured too); returns a :class:`~.schedules.Schedule` with its fitness on both.
 
     `judge` (``prompts -> (images -> metrics)``, e.g. :func:`~.fitness.shapes_judge`) adds prompt
-    accuracy, the Fréchet distance and (for prompts given several times) coverage to the fitness; `weights` weighs the terms
-    (:data:`~.fitness.DEFAULT_WEIGHTS`); pipeline mode only. ``mode="stream"`` searches the stream's LCM step on
+    accuracy, the Fréchet distance and (for prompts given several times) coverage to the fitness;
+    `weights` weighs the terms (:data:`~.fitness.DEFAULT_WEIGHTS`); pipeline mode only. ``mode="stream"`` searches the stream's LCM step on
     `frames` (a clip) entering at `strength_timestep`."""
     check_int(steps, "steps", 1, 64)
     check_choice(method, "method", METHODS)

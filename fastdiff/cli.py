@@ -105,11 +105,9 @@ def pick_router(router: str | None, model: str) -> str | None:
         path = artefact_path("router")
         if model != "shapes":
             raise click.BadParameter("the shapes router goes with --model shapes", param_hint="'--router'")
-        if not os.path.isfile(os.path.join(path, "manifest.json")):
-            # Its pruned sub-networks are about 80 MB: too large to ship in the package.
-            raise click.BadParameter("no router ships with the shapes model: make one with `fastdiff tune route "
-                                     "--out DIR` (--minutes sets its budget) and pass --router DIR",
-                                     param_hint="'--router'")
+        if not os.path.isfile(os.path.join(path, "manifest.json")):   # an install that left package data out
+            raise click.BadParameter(f"the shapes router is missing from {path}: reinstall fastdiff, or make one "
+                                     "with `fastdiff tune route --out DIR` and pass --router DIR", param_hint="'--router'")
         return path
     if not os.path.isdir(router):
         raise click.BadParameter(f"no router folder at {router}", param_hint="'--router'")
@@ -739,6 +737,10 @@ def tune_onestep(model, rank, minutes, iterations, targets, prompt_file, count, 
 @click.option("--codes", type=click.IntRange(min=1), default=4, show_default=True, help="Architecture codes K.")
 @click.option("--target", type=float, default=0.6, show_default=True,
               help="Mean share of the full model's MACs to aim at, in (0, 1].")
+@click.option("--spread", type=click.FloatRange(0, 1, max_open=True), default=0.15, show_default=True,
+              help="Grade the codes' sizes over target × (1 ± spread); 0: one shared target (APTP's).")
+@click.option("--plan", type=click.Choice(["need", "scores"]), default="need", show_default=True,
+              help="Balance the codes over each prompt's loss in each code (need) or the router's scores (APTP).")
 @click.option("--minutes", type=float, default=40.0, show_default=True,
               help="Whole budget: routing, then a third of it fine-tuning the sub-networks.")
 @click.option("--iterations", type=click.IntRange(min=1), default=None, help="Steps of each phase (default: the budget).")
@@ -746,7 +748,7 @@ def tune_onestep(model, rank, minutes, iterations, targets, prompt_file, count, 
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="The router folder.")
 @device_option
-def tune_route(model, codes, target, minutes, iterations, batch, seed, out, device):
+def tune_route(model, codes, target, spread, plan, minutes, iterations, batch, seed, out, device):
     """Train a router that sends each prompt to one of --codes pruned sub-networks of --model, at
     --target of its MACs on average, and write router, codes and sub-networks to --out."""
     from .tuning.routing import train_router
@@ -774,7 +776,8 @@ def tune_route(model, codes, target, minutes, iterations, batch, seed, out, devi
                        err=True)
 
     with usage_errors():
-        router = train_router(pipe, None, draw, codes=codes, target=target, minutes=minutes, iterations=iterations,
+        router = train_router(pipe, None, draw, codes=codes, target=target, spread=spread, by_need=plan == "need",
+                              minutes=minutes, iterations=iterations,
                               batch=batch, seed=seed, progress=progress)
     router.save(str(out))
     shares = ", ".join(f"{100 * r:.0f}%" for r in router.details["macs_ratio_per_code"])

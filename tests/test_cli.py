@@ -120,3 +120,21 @@ def test_bad_options_are_usage_errors_naming_the_option(args, option, tmp_path):
     assert result.exit_code == 2, result.output
     assert option in result.output
     assert "Traceback" not in result.output and not isinstance(result.exception, ValueError)
+
+
+@pytest.mark.parametrize("args, named", [(["--spread", "1"], "--spread"), (["--plan", "random"], "--plan"),
+                                         (["--target", "0"], "--target"), (["--codes", "0"], "--codes")])
+def test_tune_route_names_its_bad_options(tmp_path, args, named):
+    result = run("tune", "route", *args, "--minutes", 1, "--out", tmp_path / "router")
+    assert result.exit_code == 2 and named in result.output, result.output
+    assert not (tmp_path / "router").exists()
+
+
+def test_generate_runs_on_the_shipped_router(tmp_path):
+    result = run("generate", "a red circle", "a green square and a blue circle", "--router", "shapes", "--steps", 2,
+                 "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert len(pngs(tmp_path)) == 2
+    assert re.search(r"routed: [\d.]+ M MACs in the last denoiser call", result.output)
+    refused = run("generate", "a red circle", "--model", "tiny", "--router", "shapes", "--out", tmp_path)
+    assert refused.exit_code != 0 and "--router" in refused.output

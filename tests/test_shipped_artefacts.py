@@ -49,3 +49,24 @@ def test_the_shipped_one_step_adapter_matches_the_committed_model(pipe):
         again = pipe.unet(latents, 999, context).sample
     assert not torch.allclose(adapted, base, atol=1e-4)  # it changes the model...
     torch.testing.assert_close(again, base)  # ...and detaching gives the base model back
+
+
+def test_the_shipped_router_matches_the_committed_model(pipe):
+    from fastdiff.tuning.routing import load_router
+
+    router = load_router(artefact_path("router"), pipe)   # refused if made for other weights
+    shares = router.details["macs_ratio_per_code"]
+    assert router.codes == 4 and shares == sorted(shares) and shares[-1] < 1   # graded, all pruned
+    full = sum(p.numel() for p in pipe.unet.parameters())
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ids = pipe.tokenizer(["a red circle"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        context = pipe.text_encoder(ids)[0]
+        base = pipe.unet(latents, 500, context).sample
+        for code, subnet in router.subnets.items():
+            assert sum(p.numel() for p in subnet.parameters()) < full
+            out = subnet(latents, 500, context).sample
+            assert out.shape == base.shape and torch.isfinite(out).all()
+            # a pruned network that still does the full model's job: close to it, not equal
+            assert 0 < (out - base).pow(2).mean() < base.pow(2).mean() * 0.5

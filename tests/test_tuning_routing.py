@@ -12,7 +12,7 @@ from fastdiff.architectures import tiny_sd_pipeline
 from fastdiff.artefacts import StaleArtefactError
 from fastdiff.macs import call_macs, module_macs
 from fastdiff.tuning.pruning import attach_gates, gate_size, keep_one, macs_of, prunable_units, prune, unit_macs
-from fastdiff.tuning.routing import load_router, sinkhorn, train_router
+from fastdiff.tuning.routing import _plan_by_need, code_targets, load_router, sinkhorn, sized_gates, train_router
 
 PROMPTS = ["a red circle", "a blue square", "a red fox and a dog", "a green tree and a house and a car"]
 
@@ -82,6 +82,40 @@ def test_a_pruned_network_equals_the_gated_one_and_its_macs_model(pipe, inputs, 
     assert macs_of(g, units, total, per_entry, blocks).item() == pytest.approx(module_macs(pruned, *inputs)[0], rel=1e-6)
 
 
+def test_a_code_is_held_to_its_size_keeping_its_highest_logits(pipe, inputs):
+    units = prunable_units(pipe.unet)
+    total, per_entry, blocks = unit_macs(copy.deepcopy(pipe.unet), units, inputs)
+    logits = torch.randn(gate_size(units), generator=torch.Generator().manual_seed(3))
+    for size in (0.3, 0.6, 0.9):
+        gates = sized_gates(logits, size, units, total, per_entry, blocks)
+        share = macs_of(gates, units, total, per_entry, blocks).item() / total
+        assert share <= size
+        # maximal: the next lower threshold (one more gate open) passes the size
+        lower = logits[gates == 0].max()
+        wider = keep_one((logits >= lower).float(), units, logits)
+        assert macs_of(wider, units, total, per_entry, blocks).item() / total > size
+        assert torch.equal(gates, keep_one((logits >= logits[logits > lower].min()).float(), units, logits))
+
+
+def test_the_plan_by_need_gives_the_full_code_to_the_rows_that_lose_most_without_it(pipe):
+    unet = copy.deepcopy(pipe.unet)
+    units = prunable_units(unet)
+    g = gate_size(units)
+    logits = torch.stack([torch.full((g,), -1.0), torch.full((g,), 1.0)])   # code 0: almost nothing, code 1: full
+    x = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    t = torch.tensor([900.0, 50.0, 500.0, 10.0, 700.0, 300.0])
+    with torch.no_grad():
+        c = pipe.encode_prompt(PROMPTS[:3] * 2, "cpu", 1, False)[0]
+        full = unet(x, t, c).sample
+        gates = attach_gates(unet, units)
+        gates.set(keep_one(torch.zeros(g), units, logits[0]))
+        loss = (unet(x, t, c).sample - full).pow(2).flatten(1).mean(-1)   # each row's loss in the small code
+        plan = _plan_by_need(unet, gates, logits, x, t, c, full, epsilon=0.01)
+        gates.remove()
+    torch.testing.assert_close(plan.sum(0), torch.full((2,), 3.0), rtol=0, atol=0.05)   # balanced
+    assert torch.equal(plan[:, 1].argsort(), loss.argsort())   # the more a row loses, the more of the full code
+
+
 def test_the_macs_counter_matches_a_hand_count():
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(8 * 16 * 16, 10))
     x = torch.randn(2, 3, 16, 16)
@@ -115,6 +149,36 @@ def test_routing_is_deterministic_and_the_artefact_round_trips(pipe, trained):
             torch.testing.assert_close(loaded.subnets[code](x, torch.tensor([300.0]), c).sample,
                                        router.subnets[code](x, torch.tensor([300.0]), c).sample, rtol=0, atol=0)
     assert len(router.details["macs_per_code"]) == 2
+
+
+def test_the_artefact_holds_low_rank_adapters_and_full_weights_round_trip_too(pipe, trained, tmp_path):
+    router, folder = trained
+    assert router.rank == 8 and set(router.adapters) == {0, 1}
+    import os
+
+    sizes = [os.path.getsize(os.path.join(folder, f"subnet-{k}.safetensors")) for k in range(2)]
+    weights = [sum(p.numel() * 4 for p in router.subnets[k].parameters()) for k in range(2)]
+    assert all(s < w / 2 for s, w in zip(sizes, weights))   # adapters only: far less than the sub-network
+    images = torch.rand(len(PROMPTS), 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    full = train_router(pipe, PROMPTS, images, codes=2, target=0.5, minutes=2, iterations=4, batch=8, finetune_rank=0)
+    loaded = load_router(full.save(str(tmp_path / "full")), pipe)
+    assert loaded.rank == 0 and not loaded.adapters
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        c = pipe.encode_prompt(PROMPTS[:1], "cpu", 1, False)[0]
+        for code in range(2):
+            torch.testing.assert_close(loaded.subnets[code](x, torch.tensor([300.0]), c).sample,
+                                       full.subnets[code](x, torch.tensor([300.0]), c).sample, rtol=0, atol=0)
+
+
+def test_graded_code_sizes_keep_the_mean_target():
+    sizes = code_targets(0.55, 4, 0.4)
+    torch.testing.assert_close(sizes, torch.tensor([0.33, 0.55 * (1 - 0.4 / 3), 0.55 * (1 + 0.4 / 3), 0.77]))
+    assert torch.all(sizes[1:] > sizes[:-1])
+    near_full = code_targets(0.9, 4, 0.4)   # the spread narrows so that no code passes the full model
+    assert near_full.max() == pytest.approx(1.0) and near_full.mean() == pytest.approx(0.9)
+    assert torch.equal(code_targets(0.55, 4, 0.0), torch.full((4,), 0.55))
+    assert torch.equal(code_targets(0.55, 1, 0.4), torch.tensor([0.55]))
 
 
 def test_a_router_for_another_model_is_refused(trained):
@@ -165,3 +229,7 @@ def test_bad_router_arguments_are_named(pipe):
         train_router(pipe, PROMPTS, images, target=0.0)
     with pytest.raises(ValueError, match="images"):
         train_router(pipe, PROMPTS, images[:2], iterations=1)
+    with pytest.raises(ValueError, match="spread"):
+        train_router(pipe, PROMPTS, images, spread=1.0)
+    with pytest.raises(ValueError, match="finetune_rank"):
+        train_router(pipe, PROMPTS, images, finetune_rank=-1)

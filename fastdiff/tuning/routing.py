@@ -9,13 +9,27 @@ Training, the denoiser frozen (:mod:`.pruning` holds the units and gates):
 
 - the router: the pipeline's own text encoder, pooled and frozen → a small head → an architecture
   vector, compared by cosine with K learned codes; each code holds gate logits over every unit;
-- a prompt's gates are its codes' logits mixed by a Sinkhorn-balanced soft assignment (so the codes
-  don't collapse), then Gumbel-sigmoid with a straight-through hard threshold;
+- each row of a batch is assigned a code by a balanced transport plan (Sinkhorn, so the codes don't
+  collapse) and takes that code's gates: Gumbel-sigmoid with a straight-through hard threshold;
 - losses: distillation to the full model's output and its up-block features; the resource loss
-  |log(mean MACs ratio / target)|; a contrastive loss aligning prompt similarity with architecture
-  similarity; the balancing cross-entropy against the Sinkhorn assignment;
+  |log(mean MACs ratio / target)|; a contrastive loss aligning prompt similarity with the router's
+  architecture similarity; the router's cross-entropy against the plan;
+- graded codes (``spread``): each code also has a size of its own, spread evenly around the target
+  (``target · (1 ± spread)``, the mean kept), pulled by the same log-ratio loss. With one shared
+  target the codes all settle at the target's size and no prompt can get a bigger network than
+  another (what we measured on the shapes world);
+- the plan by need (``by_need``): Sinkhorn runs on each row's distillation loss under every code's
+  current architecture, so the rows that lose most in a small network get the big codes, and the
+  router learns to foresee that from the prompt. APTP balances on the router's own scores instead
+  (``by_need=False``); on the shapes world that left one-, two- and three-object prompts with the
+  same mean MACs;
+- the codes' final architectures are their logits thresholded at their sizes (:func:`sized_gates`);
 - then each code's sub-network is pruned for real (:func:`.pruning.prune`) and fine-tuned on the
-  prompts routed to it, the full model as teacher.
+  prompts routed to it, the full model as teacher: a low-rank adapter (``finetune_rank``, PEFT's
+  LoRA on the same layers as the one-step adapter's), merged into the pruned weights once trained.
+  The artefact then holds only the adapters, since the pruned weights follow from the base model
+  and the gates: a few MB for four codes, where whole sub-networks would take about 80 MB on the
+  shapes model (``finetune_rank=0`` fine-tunes and stores every weight).
 
 Training data: noisy latents of pictures of the prompts (``images``, e.g. the shapes world's
 renderer), at random timesteps. The artefact: the router's weights, the codes' gates and the pruned
@@ -40,7 +54,7 @@ from .pruning import Unit, attach_gates, gate_size, keep_one, macs_of, prunable_
 from .schedules import model_hash, prompts_hash
 
 __all__ = ["Router", "RouterHead", "HoldsRouter", "train_router", "load_router", "sinkhorn", "gumbel_sigmoid",
-           "pooled_prompts", "FORMAT"]
+           "pooled_prompts", "code_targets", "sized_gates", "FORMAT"]
 
 FORMAT = 1
 KIND = "fastdiff-router"
@@ -64,14 +78,14 @@ class RouterHead(torch.nn.Module):
 
 def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
     """A balanced soft assignment [B, K] from scores: each row sums to 1 and every code gets an equal
-    share of the rows (Sinkhorn-Knopp on exp(scores / ε))."""
-    q = torch.exp((scores - scores.max()) / epsilon).T   # [K, B]
-    q = q / q.sum()
-    codes, rows = q.shape
+    share of the rows (Sinkhorn-Knopp on exp(scores / ε), in the log domain: a small ε can't
+    underflow)."""
+    log_q = (scores / epsilon).T   # [K, B]
+    codes, rows = log_q.shape
     for _ in range(iterations):
-        q = q / q.sum(dim=1, keepdim=True) / codes
-        q = q / q.sum(dim=0, keepdim=True) / rows
-    return (q * rows).T
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - math.log(codes)
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - math.log(rows)
+    return (log_q.exp() * rows).T
 
 
 def gumbel_sigmoid(logits: torch.Tensor, temperature: float = 0.5, hard: bool = True,
@@ -95,6 +109,8 @@ class Router:
     subnets: dict                  # code → pruned module
     fields: dict
     details: dict = field(default_factory=dict)
+    adapters: dict = field(default_factory=dict)   # code → its fine-tuning's LoRA weights (rank > 0)
+    rank: int = 0
 
     @property
     def codes(self) -> int:
@@ -122,13 +138,14 @@ class Router:
         def build(partial):
             save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, os.path.join(partial, "router.safetensors"))
             for code, module in self.subnets.items():
-                save_file({k: v.contiguous() for k, v in module.state_dict().items()},
+                weights = self.adapters[code] if self.rank else module.state_dict()
+                save_file({k: v.contiguous() for k, v in weights.items()},
                           os.path.join(partial, f"subnet-{code}.safetensors"))
             return self.details
 
         extra = {"kind": KIND, "units": [asdict(u) for u in self.units], "gates": self.gates.int().tolist(),
                  "head": {"text_dim": self.head.net[0].in_features, "hidden": self.head.net[0].out_features},
-                 "versions": library_versions()}
+                 "finetune_rank": self.rank, "versions": library_versions(("peft",))}
         os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
         with lock(folder):
             publish_folder(folder, self.fields, build, FORMAT, extra=extra)
@@ -165,14 +182,47 @@ def load_router(router, pipe) -> Router:
     gates = torch.tensor(manifest["gates"], dtype=torch.float32)
     head = RouterHead(manifest["head"]["text_dim"], gate_size(units), len(gates), manifest["head"]["hidden"])
     head.load_state_dict(load_file(os.path.join(router, "router.safetensors")))
-    loaded = Router(head.eval(), units, gates, {}, manifest["fields"], manifest.get("details", {}))
+    rank = int(manifest.get("finetune_rank", 0))
+    loaded = Router(head.eval(), units, gates, {}, manifest["fields"], manifest.get("details", {}), rank=rank)
     loaded.check(pipe)
     base = denoiser_for(pipe).original
     for code in range(len(gates)):
-        module = prune(base, units, gates[code])
-        module.load_state_dict(load_file(os.path.join(router, f"subnet-{code}.safetensors")))
+        module = prune(base, units, gates[code]).float()
+        weights = load_file(os.path.join(router, f"subnet-{code}.safetensors"))
+        if rank:
+            from peft import set_peft_model_state_dict
+
+            result = set_peft_model_state_dict(_with_lora(module, rank), weights)
+            wrong = result.unexpected_keys + [k for k in result.missing_keys if "lora_" in k]
+            if wrong:
+                raise StaleArtefactError(f"router: {router}'s adapter weights don't fit its sub-network {code} "
+                                         f"({wrong[0]}, ...); {REMEDY}")
+            loaded.adapters[code] = weights
+            module = _merged(module)
+        else:
+            module.load_state_dict(weights)
         loaded.subnets[code] = _placed(module, base).eval().requires_grad_(False)
     return loaded
+
+
+def _with_lora(module, rank: int):
+    """`module` with a fresh trainable rank-`rank` LoRA (PEFT) on the one-step adapter's layers."""
+    from peft import LoraConfig
+
+    from .onestep import TARGETS
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in module.named_modules()}
+    present = [t for t in TARGETS["attention+conv+ff"] if t.rsplit(".", 1)[-1] in names]
+    module.requires_grad_(False)
+    module.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=present))
+    return module
+
+
+def _merged(module):
+    """`module` with its LoRA folded into the weights and the adapter layers gone: a plain network."""
+    module.fuse_lora()
+    module.unload_lora()
+    return module
 
 
 def _placed(module, like):
@@ -197,17 +247,64 @@ def _features(unet):
     return store, handles
 
 
+def code_targets(target: float, codes: int, spread: float) -> torch.Tensor:
+    """Each code's own share of the full model's MACs: evenly spaced over target · (1 ± spread), their
+    mean the target (the spread narrowed where the largest would pass the full model)."""
+    if codes == 1:
+        return torch.tensor([target])
+    spread = min(spread, 1 / target - 1)
+    return target * (1 + spread * torch.linspace(-1, 1, codes))
+
+
+@torch.no_grad()
+def _plan_by_need(unet, gates_hooks, code_logits, x, t, embeds, target_out, epsilon: float = 0.1):
+    """A balanced assignment of rows to codes [B, K] by need: each row's distillation loss under every
+    code's current architecture (one batched call), then Sinkhorn on its logarithm, centred per row.
+    The log makes it a ratio, how many times worse a row gets from one code to another, so that rows
+    at low noise (whose losses are on another scale) don't outvote the rest, and it is the same for
+    every prediction type (ε, v, x0 differ per row by a factor only). The rows that lose most in the
+    small codes get the big ones."""
+    codes, rows = len(code_logits), len(x)
+    current = keep_one((code_logits > 0).float(), gates_hooks.units, code_logits)
+    gates_hooks.set(current.repeat_interleave(rows, 0))   # code-major, like the repeats below
+    outs = unet(x.repeat(codes, 1, 1, 1), t.repeat(codes), embeds.repeat(codes, 1, 1), return_dict=False)[0]
+    cost = (outs - target_out.repeat(codes, 1, 1, 1)).pow(2).flatten(1).mean(-1).view(codes, rows).T
+    log_cost = torch.log(cost + 0.01 * cost.mean() + 1e-12)   # losses far below the batch's count as equal
+    centred = log_cost - log_cost.mean(-1, keepdim=True)
+    return sinkhorn(-centred / (centred.abs().mean() + 1e-12), epsilon=epsilon, iterations=200)
+
+
+def sized_gates(logits: torch.Tensor, size: float, units: list[Unit], total: float, per_entry: torch.Tensor,
+                blocks: dict) -> torch.Tensor:
+    """One code's binary architecture: its gate logits [G] thresholded at the lowest level whose network
+    costs at most `size` of the full model's MACs (at least one entry kept per width unit). The
+    logits rank the gates; the threshold holds the code to its size, where a fixed one at 0 would
+    leave it wherever training stopped."""
+    for threshold in torch.unique(logits):   # ascending: the first fitting one keeps the most
+        gates = keep_one((logits >= threshold).float(), units, logits)
+        if float(macs_of(gates, units, total, per_entry, blocks)) <= size * total:
+            return gates
+    return gates
+
+
 def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, minutes: float = 40.0, *,
-                 finetune_minutes: float | None = None, iterations: int | None = None, batch: int = 32,
-                 lr: float = 1e-2, finetune_lr: float = 1e-4, resource_weight: float = 1.0,
+                 spread: float = 0.15, finetune_minutes: float | None = None, iterations: int | None = None,
+                 batch: int = 32, lr: float = 1e-2, finetune_lr: float | None = None, finetune_rank: int = 8,
+                 resource_weight: float = 1.0,
                  contrastive_weight: float = 0.5, balance_weight: float = 0.5, feature_weight: float = 0.5,
-                 uncond_share: float = 0.3, seed: int = 0, progress=None, workdir: str | None = None) -> Router:
+                 uncond_share: float = 0.3, by_need: bool = True, seed: int = 0, progress=None,
+                 workdir: str | None = None) -> Router:
     """Train a router of `codes` codes for `pipe` on `prompts` and their pictures `images` ([N, 3, H, W]
     in [-1, 1], one per prompt, or a callable ``(count, generator) -> (images, prompts)`` drawing fresh
     ones), aiming at `target` of the full model's MACs on average. `minutes` is the whole budget:
-    routing first, then the sub-networks' fine-tuning (``finetune_minutes``, default a third)."""
+    routing first, then the sub-networks' fine-tuning (``finetune_minutes``, default a third).
+    `spread` grades the codes' sizes around the target (0: APTP's one shared target); `by_need`
+    balances the assignment on each row's loss under each code (False: on the router's scores)."""
     check_int(codes, "codes", 1, 64)
     check_number(target, "target", 0.0, 1.0, low_open=True)
+    check_number(spread, "spread", 0.0, 1.0, high_open=True)
+    check_int(finetune_rank, "finetune_rank", 0, 512)
+    finetune_lr = (1e-3 if finetune_rank else 1e-4) if finetune_lr is None else finetune_lr
     check_number(minutes, "minutes", 0.0, low_open=True)
     adapter = denoiser_for(pipe)
     if adapter.family != "unet":
@@ -251,6 +348,7 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
     gates_hooks = attach_gates(unet, units)
     store, feature_handles = _features(unet)
     uncond = adapter.pipe.encode_prompt([""], unet.device, 1, False)[0].float()
+    sizes = code_targets(target, codes, spread)
     history, step = [], 0
     route_deadline = start + max(0.0, minutes - finetune_minutes) * 60
     while time.time() < route_deadline and (iterations is None or step < iterations):
@@ -261,15 +359,20 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
             drop = torch.rand(batch, generator=generator) < uncond_share   # CFG's unconditional rows, routed alike
             embeds[drop] = uncond
             pooled = pooled_prompts(pipe, texts)
-            target_out = teacher(x.to(teacher.dtype), t, embeds.to(teacher.dtype), return_dict=False)[0].float()
             gates_hooks.set(None)
             store.clear()
-            unet(x, t, embeds, return_dict=False)
+            target_out = unet(x, t, embeds, return_dict=False)[0]   # the full model (a float copy of the teacher)
             target_features = [f.detach() for f in store]
+            plan = None
+            if by_need and codes > 1:
+                plan = _plan_by_need(unet, gates_hooks, head.logits, x, t, embeds, target_out)
         scores = head.scores(pooled)
         assign = torch.softmax(scores / 0.1, dim=-1)
-        balanced = sinkhorn(scores.detach())
-        logits = assign @ head.logits
+        if plan is None:   # APTP: the codes' own logits mixed by the router, balanced by Sinkhorn on its scores
+            plan = sinkhorn(scores.detach())
+            logits = assign @ head.logits
+        else:              # each code's logits learn on the rows the plan gives it
+            logits = F.one_hot(plan.argmax(-1), codes).to(head.logits) @ head.logits
         gates = gumbel_sigmoid(logits, generator=generator)
         gates_hooks.set(gates)
         store.clear()
@@ -278,11 +381,14 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
         features = sum(F.mse_loss(f, g) for f, g in zip(store, target_features)) / max(len(store), 1)
         ratio = macs_of(torch.sigmoid(logits), units, total, per_entry, blocks) / total
         resource = (torch.log(ratio.mean() / target)).abs()
+        if spread > 0:
+            code_ratio = macs_of(torch.sigmoid(head.logits), units, total, per_entry, blocks) / total
+            resource = resource + torch.log(code_ratio / sizes).abs().mean()
         prompt_sim = F.normalize(pooled, dim=-1) @ F.normalize(pooled, dim=-1).T
-        arch = F.normalize(torch.sigmoid(logits), dim=-1)
+        arch = F.normalize(assign @ torch.sigmoid(head.logits), dim=-1)   # the router's architecture per prompt
         contrastive = F.kl_div(F.log_softmax(arch @ arch.T / 0.1, dim=-1), F.softmax(prompt_sim / 0.1, dim=-1),
                                reduction="batchmean")
-        balance = -(balanced * torch.log(assign + 1e-8)).sum(-1).mean()
+        balance = -(plan * torch.log(assign + 1e-8)).sum(-1).mean()
         loss = (distill + feature_weight * features + resource_weight * resource + contrastive_weight * contrastive
                 + balance_weight * balance)
         optimizer.zero_grad(set_to_none=True)
@@ -297,30 +403,47 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
     gates_hooks.remove()
     for handle in feature_handles:
         handle.remove()
-    # each code's architecture: its logits, thresholded (at least one entry kept per width unit)
     with torch.no_grad():
-        hard = keep_one((head.logits > 0).float(), units, head.logits)
+        hard = torch.stack([sized_gates(head.logits[k], float(sizes[k]), units, total, per_entry, blocks)
+                            for k in range(codes)])
     base = adapter.original
     subnets = {k: prune(copy.deepcopy(base).float(), units, hard[k]) for k in range(codes)}
     macs = [float(macs_of(hard[k], units, total, per_entry, blocks)) for k in range(codes)]
+    if finetune_rank:
+        subnets = {k: _with_lora(m, finetune_rank) for k, m in subnets.items()}
     _finetune(subnets, head, teacher, adapter, pipe, batch_of, scheduler, generator, batch, finetune_lr,
               start + minutes * 60, history, progress, uncond, uncond_share, iterations)
+    adapters = {}
+    if finetune_rank:
+        from peft.utils import get_peft_model_state_dict
+
+        with torch.no_grad():   # stored in half precision: round them first, so the merged network is the loaded one
+            for m in subnets.values():
+                for name, p in m.named_parameters():
+                    if "lora_" in name:
+                        p.copy_(p.half().float())
+        adapters = {k: {n: v.detach().half() for n, v in get_peft_model_state_dict(m).items()}
+                    for k, m in subnets.items()}
+        subnets = {k: _merged(m) for k, m in subnets.items()}
     for k, module in subnets.items():
         subnets[k] = _placed(module, base).eval().requires_grad_(False)
     fields = {"base": model_hash(base), "family": adapter.family, "text_encoder": model_hash(pipe.text_encoder),
-              "codes": codes, "target": target, "units": len(units)}
+              "codes": codes, "target": target, "spread": spread, "units": len(units)}
     details = {"macs_per_code": macs, "macs_full": total, "macs_ratio_per_code": [m / total for m in macs],
                "route_steps": step, "history": history[-50:], "seconds": round(time.time() - start, 1),
                "prompts": prompts_hash(prompts) if draw is None else "drawn", "seed": seed}
-    return Router(head.eval(), units, hard, subnets, fields, details)
+    return Router(head.eval(), units, hard, subnets, fields, details, adapters, finetune_rank)
 
 
 def _finetune(subnets, head, teacher, adapter, pipe, batch_of, scheduler, generator, batch, lr, deadline, history,
               progress, uncond, uncond_share, iterations):
     """Each sub-network trained on the prompts routed to it, the full model as teacher, in turns."""
-    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0) for k, m in subnets.items()}
     for module in subnets.values():
-        module.train().requires_grad_(True)
+        module.train()
+        if not any(p.requires_grad for p in module.parameters()):   # no adapter: every weight trains
+            module.requires_grad_(True)
+    optimizers = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+                  for k, m in subnets.items()}
     step = 0
     while time.time() < deadline and (iterations is None or step < iterations):
         latents, texts = batch_of(batch)

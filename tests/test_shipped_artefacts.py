@@ -1,5 +1,5 @@
 """The tuning artefacts shipped with the shapes model match the committed weights: a retrained model
-without re-searched schedules or a retrained adapter fails here, not in a user's hands."""
+without re-searched schedules, a retrained adapter or a retrained router fails here, not in a user's hands."""
 
 import glob
 import os
@@ -33,13 +33,20 @@ def test_each_shipped_schedule_is_valid_for_the_committed_model(path, pipe):
     assert len(set(schedule.timesteps)) == len(schedule.timesteps)
 
 
-def test_the_shipped_one_step_adapter_matches_the_committed_model(pipe):
-    adapter = load_adapter(artefact_path("onestep"), pipe)
+@pytest.fixture(scope="module")
+def noisy_and_context(pipe):
+    """A noisy latent and the text context of one prompt, for a single denoiser call."""
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     ids = pipe.tokenizer(["a red circle"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          return_tensors="pt").input_ids
     with torch.no_grad():
-        context = pipe.text_encoder(ids)[0]
+        return latents, pipe.text_encoder(ids)[0]
+
+
+def test_the_shipped_one_step_adapter_matches_the_committed_model(pipe, noisy_and_context):
+    adapter = load_adapter(artefact_path("onestep"), pipe)
+    latents, context = noisy_and_context
+    with torch.no_grad():
         base = pipe.unet(latents, 999, context).sample
         attach_adapter(pipe, adapter)
         try:
@@ -51,18 +58,15 @@ def test_the_shipped_one_step_adapter_matches_the_committed_model(pipe):
     torch.testing.assert_close(again, base)  # ...and detaching gives the base model back
 
 
-def test_the_shipped_router_matches_the_committed_model(pipe):
+def test_the_shipped_router_matches_the_committed_model(pipe, noisy_and_context):
     from fastdiff.tuning.routing import load_router
 
     router = load_router(artefact_path("router"), pipe)   # refused if made for other weights
     shares = router.details["macs_ratio_per_code"]
     assert router.codes == 4 and shares == sorted(shares) and shares[-1] < 1   # graded, all pruned
     full = sum(p.numel() for p in pipe.unet.parameters())
-    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    ids = pipe.tokenizer(["a red circle"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         return_tensors="pt").input_ids
+    latents, context = noisy_and_context
     with torch.no_grad():
-        context = pipe.text_encoder(ids)[0]
         base = pipe.unet(latents, 500, context).sample
         for code, subnet in router.subnets.items():
             assert sum(p.numel() for p in subnet.parameters()) < full

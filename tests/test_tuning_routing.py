@@ -171,6 +171,22 @@ def test_the_artefact_holds_low_rank_adapters_and_full_weights_round_trip_too(pi
                                        full.subnets[code](x, torch.tensor([300.0]), c).sample, rtol=0, atol=0)
 
 
+def test_a_router_loads_where_an_adapter_was_attached(trained):
+    from peft import LoraConfig
+
+    router, folder = trained
+    other = tiny_sd_pipeline(scheduler="ddim")   # the same weights, its own modules
+    other.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "conv1"]), adapter_name="user")
+    other.unet.delete_adapters("user")   # PEFT leaves its wrappers behind
+    loaded = load_router(folder, other)
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        c = other.encode_prompt(PROMPTS[:1], "cpu", 1, False)[0]
+        for code in range(router.codes):
+            torch.testing.assert_close(loaded.subnets[code](x, torch.tensor([300.0]), c).sample,
+                                       router.subnets[code](x, torch.tensor([300.0]), c).sample, rtol=0, atol=0)
+
+
 def test_graded_code_sizes_keep_the_mean_target():
     sizes = code_targets(0.55, 4, 0.4)
     torch.testing.assert_close(sizes, torch.tensor([0.33, 0.55 * (1 - 0.4 / 3), 0.55 * (1 + 0.4 / 3), 0.77]))

@@ -185,7 +185,7 @@ def load_router(router, pipe) -> Router:
     rank = int(manifest.get("finetune_rank", 0))
     loaded = Router(head.eval(), units, gates, {}, manifest["fields"], manifest.get("details", {}), rank=rank)
     loaded.check(pipe)
-    base = denoiser_for(pipe).original
+    base = _plain(denoiser_for(pipe).original)
     for code in range(len(gates)):
         module = prune(base, units, gates[code]).float()
         weights = load_file(os.path.join(router, f"subnet-{code}.safetensors"))
@@ -203,6 +203,18 @@ def load_router(router, pipe) -> Router:
             module.load_state_dict(weights)
         loaded.subnets[code] = _placed(module, base).eval().requires_grad_(False)
     return loaded
+
+
+def _plain(base):
+    """`base`, or a copy of it without LoRA layers where an adapter is or was attached (PEFT leaves
+    its wrappers after a delete): the router prunes and fine-tunes the base weights alone."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if not any(isinstance(m, BaseTunerLayer) for m in base.modules()):
+        return base
+    plain = copy.deepcopy(base)
+    plain.unload_lora()
+    return plain
 
 
 def _with_lora(module, rank: int):
@@ -318,7 +330,7 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
     finetune_minutes = minutes / 3 if finetune_minutes is None else finetune_minutes
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    unet = copy.deepcopy(adapter.original).float().eval().requires_grad_(False)
+    unet = copy.deepcopy(_plain(adapter.original)).float().eval().requires_grad_(False)
     teacher = adapter.original
     units = prunable_units(unet)
     G = gate_size(units)
@@ -406,7 +418,7 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
     with torch.no_grad():
         hard = torch.stack([sized_gates(head.logits[k], float(sizes[k]), units, total, per_entry, blocks)
                             for k in range(codes)])
-    base = adapter.original
+    base = _plain(adapter.original)
     subnets = {k: prune(copy.deepcopy(base).float(), units, hard[k]) for k in range(codes)}
     macs = [float(macs_of(hard[k], units, total, per_entry, blocks)) for k in range(codes)]
     if finetune_rank:

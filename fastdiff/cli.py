@@ -233,8 +233,9 @@ def generate(prompts, model, steps, schedule, adapter, adapter_scale, router, gu
 
     if any(not p.strip() for p in prompts):   # checked before anything loads
         raise click.BadParameter("a prompt must not be empty", param_hint="PROMPT")
-    adapter = pick_adapter(adapter, model, steps)
     router = pick_router(router, model)
+    # a router's sub-networks don't carry an adapter: with --router, 'auto' picks none
+    adapter = pick_adapter("none" if router is not None and adapter == "auto" else adapter, model, steps)
     asked_steps = steps
     schedule, steps = pick_schedule(schedule if adapter is None else "none", model, steps)
     device = check_device(device)

@@ -187,6 +187,24 @@ def test_a_router_loads_where_an_adapter_was_attached(trained):
                                        router.subnets[code](x, torch.tensor([300.0]), c).sample, rtol=0, atol=0)
 
 
+def test_a_router_and_an_adapter_are_refused_together(pipe, trained, tmp_path):
+    from fastdiff.tuning.onestep import train_onestep
+
+    _, folder = trained
+    adapter = train_onestep(pipe, PROMPTS[:2], rank=2, minutes=1, iterations=1, teachers=2, teacher_steps=2,
+                            batch=2).save(str(tmp_path / "adapter"))
+    with pytest.raises(ValueError, match="adapter: a router is set"):
+        fastdiff.accelerate(pipe, router=folder, adapter=adapter.path)
+    with pytest.raises(ValueError, match="adapter: a router is set"):
+        fastdiff.Stream(pipe, [20, 40], output_type="latent", router=folder, adapter=adapter.path)
+    fast = fastdiff.accelerate(pipe, adapter=adapter.path)
+    try:
+        with pytest.raises(ValueError, match="router: an adapter is attached"):
+            fast._set_router(folder)
+    finally:
+        fast._set_adapter(None)   # the module's pipeline goes on without it
+
+
 def test_graded_code_sizes_keep_the_mean_target():
     sizes = code_targets(0.55, 4, 0.4)
     torch.testing.assert_close(sizes, torch.tensor([0.33, 0.55 * (1 - 0.4 / 3), 0.55 * (1 + 0.4 / 3), 0.77]))

@@ -204,6 +204,9 @@ class HoldsAdapter:
             detach_adapter(self.pipe)
             self.adapter, self.own_scheduler = None, None
         else:
+            if getattr(self, "router", None) is not None:
+                raise ValueError("adapter: a router is set, and its pruned sub-networks would run without the "
+                                 "adapter; use one or the other")
             loaded = load_adapter(adapter, self.pipe, family)
             if self.adapter is None or os.path.abspath(loaded.path) != os.path.abspath(self.adapter.path):
                 attach_adapter(self.pipe, loaded, scale)

@@ -493,6 +493,9 @@ class HoldsRouter:
                 self.parts.denoiser = denoiser_for(self.pipe)
             self.router = None
             return
+        if getattr(self, "adapter", None) is not None:
+            raise ValueError("router: an adapter is attached, and the router's pruned sub-networks would run "
+                             "without it; use one or the other")
         self.router = load_router(router, self.pipe)
         self.parts.denoiser = self.router.grouped(self.pipe)
 

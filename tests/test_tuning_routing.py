@@ -39,6 +39,16 @@ def trained(pipe, tmp_path_factory):
     return router, router.save(folder)
 
 
+def assert_same_subnets(pipe, a, b):
+    """Each code's sub-network of routers `a` and `b` gives the same output, bit for bit."""
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        c = pipe.encode_prompt(PROMPTS[:1], "cpu", 1, False)[0]
+        for code in range(a.codes):
+            torch.testing.assert_close(a.subnets[code](x, torch.tensor([300.0]), c).sample,
+                                       b.subnets[code](x, torch.tensor([300.0]), c).sample, rtol=0, atol=0)
+
+
 def test_units_cover_every_family_of_unit(pipe):
     units = prunable_units(pipe.unet)
     assert {u.kind for u in units} == {"resnet", "heads", "ff", "depth"}
@@ -142,12 +152,7 @@ def test_routing_is_deterministic_and_the_artefact_round_trips(pipe, trained):
     loaded = load_router(folder, pipe)
     assert torch.equal(loaded.route(pipe, PROMPTS), first)
     assert torch.equal(loaded.gates, router.gates)
-    x = torch.randn(1, 4, 8, 8)
-    with torch.no_grad():
-        c = pipe.encode_prompt(PROMPTS[:1], "cpu", 1, False)[0]
-        for code in range(router.codes):
-            torch.testing.assert_close(loaded.subnets[code](x, torch.tensor([300.0]), c).sample,
-                                       router.subnets[code](x, torch.tensor([300.0]), c).sample, rtol=0, atol=0)
+    assert_same_subnets(pipe, loaded, router)
     assert len(router.details["macs_per_code"]) == 2
 
 
@@ -163,12 +168,7 @@ def test_the_artefact_holds_low_rank_adapters_and_full_weights_round_trip_too(pi
     full = train_router(pipe, PROMPTS, images, codes=2, target=0.5, minutes=2, iterations=4, batch=8, finetune_rank=0)
     loaded = load_router(full.save(str(tmp_path / "full")), pipe)
     assert loaded.rank == 0 and not loaded.adapters
-    x = torch.randn(1, 4, 8, 8)
-    with torch.no_grad():
-        c = pipe.encode_prompt(PROMPTS[:1], "cpu", 1, False)[0]
-        for code in range(2):
-            torch.testing.assert_close(loaded.subnets[code](x, torch.tensor([300.0]), c).sample,
-                                       full.subnets[code](x, torch.tensor([300.0]), c).sample, rtol=0, atol=0)
+    assert_same_subnets(pipe, loaded, full)
 
 
 def test_a_router_loads_where_an_adapter_was_attached(trained):
@@ -179,12 +179,7 @@ def test_a_router_loads_where_an_adapter_was_attached(trained):
     other.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "conv1"]), adapter_name="user")
     other.unet.delete_adapters("user")   # PEFT leaves its wrappers behind
     loaded = load_router(folder, other)
-    x = torch.randn(1, 4, 8, 8)
-    with torch.no_grad():
-        c = other.encode_prompt(PROMPTS[:1], "cpu", 1, False)[0]
-        for code in range(router.codes):
-            torch.testing.assert_close(loaded.subnets[code](x, torch.tensor([300.0]), c).sample,
-                                       router.subnets[code](x, torch.tensor([300.0]), c).sample, rtol=0, atol=0)
+    assert_same_subnets(other, loaded, router)
 
 
 def test_a_router_and_an_adapter_are_refused_together(pipe, trained, tmp_path):

@@ -46,6 +46,18 @@ TARGETS = {
 }
 
 
+def add_lora(module: torch.nn.Module, rank: int, targets: str = "attention+conv+ff") -> list[str]:
+    """Freeze `module` and give it a fresh trainable rank-`rank` LoRA (PEFT) on the `targets` layers it
+    has; returns the module-name endings targeted."""
+    from peft import LoraConfig
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in module.named_modules()}
+    present = [t for t in TARGETS[targets] if t.rsplit(".", 1)[-1] in names]
+    module.requires_grad_(False)
+    module.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=present))
+    return present
+
+
 def laplacian(images: torch.Tensor) -> torch.Tensor:
     """The high-frequency part of [B, C, H, W] images: a per-channel 3×3 Laplacian."""
     kernel = images.new_tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
@@ -139,8 +151,6 @@ def train_onestep(pipe, prompts, rank: int = 16, minutes: float = 30.0, *, itera
     scheduler's first timestep, no guidance) gives the teacher's picture; for `minutes` or
     `iterations` steps, whichever ends first. `prompts` are the training prompts (each gets
     ``teachers / len(prompts)`` noises)."""
-    from peft import LoraConfig
-
     check_int(rank, "rank", 1, 512)
     check_number(minutes, "minutes", 0.0, low_open=True)
     check_int(iterations, "iterations", 1, optional=True)
@@ -166,11 +176,8 @@ def train_onestep(pipe, prompts, rank: int = 16, minutes: float = 30.0, *, itera
     t_first = float(schedule.timesteps[0])
     alpha, beta, noise_scale = float(schedule.alpha[0]), float(schedule.beta[0]), schedule.noise_scale
     base = parts.denoiser.original
-    modules = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
-    present = [t for t in TARGETS[targets] if t.rsplit(".", 1)[-1] in modules]
     student = copy.deepcopy(base).float().train()
-    student.requires_grad_(False)
-    student.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=present))
+    present = add_lora(student, rank, targets)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     height, width = parts.size(None, None)

@@ -218,15 +218,10 @@ def _plain(base):
 
 
 def _with_lora(module, rank: int):
-    """`module` with a fresh trainable rank-`rank` LoRA (PEFT) on the one-step adapter's layers."""
-    from peft import LoraConfig
+    """`module` with a fresh trainable rank-`rank` LoRA on the one-step adapter's layers."""
+    from .onestep import add_lora
 
-    from .onestep import TARGETS
-
-    names = {name.rsplit(".", 1)[-1] for name, _ in module.named_modules()}
-    present = [t for t in TARGETS["attention+conv+ff"] if t.rsplit(".", 1)[-1] in names]
-    module.requires_grad_(False)
-    module.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=present))
+    add_lora(module, rank)
     return module
 
 

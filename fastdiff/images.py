@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from PIL import Image
@@ -24,7 +26,7 @@ def all_finite(values) -> bool:
     takes the exact elementwise test."""
     if isinstance(values, np.ndarray):
         return bool(np.isfinite(values.sum(dtype=np.float64)) or np.isfinite(values).all())
-    return bool(torch.isfinite(values.sum(dtype=torch.float32))) or bool(torch.isfinite(values).all())
+    return math.isfinite(values.sum(dtype=torch.float32).item()) or bool(torch.isfinite(values).all())
 
 
 def check_finite(values, name: str) -> None:

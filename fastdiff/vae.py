@@ -21,6 +21,7 @@ class LatentCodec:
         self.is_tiny = type(vae).__name__ == "AutoencoderTiny"
         self.upcast = bool(vae.config.get("force_upcast", False)) if upcast is None else upcast
         self._vae32 = None
+        self._first_parameter = None   # (vae, its first parameter): see dtype
 
     @property
     def scale_factor(self) -> int:
@@ -31,7 +32,11 @@ class LatentCodec:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.vae.parameters()).dtype
+        # A parameter object outlives module.to() (its data changes in place): it is looked up once
+        # per VAE (engines swap `vae`), not walked to on every frame.
+        if self._first_parameter is None or self._first_parameter[0] is not self.vae:
+            self._first_parameter = (self.vae, next(self.vae.parameters()))
+        return self._first_parameter[1].dtype
 
     def encode(self, images: torch.Tensor, sample: bool = False,
                generator: torch.Generator | None = None) -> torch.Tensor:
@@ -43,16 +48,21 @@ class LatentCodec:
             z = out.latent_dist.sample(generator)
         else:
             z = out.latent_dist.mode()
-        return (z - self.shift) * self.scaling
+        return ((z - self.shift) if self.shift else z) * self.scaling
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] (not clamped) from denoiser latents (float32 ones when upcast)."""
-        if self.upcast and self.dtype == torch.float16 and isinstance(self.vae, torch.nn.Module):
+        dtype = self.dtype
+        if self.upcast and dtype == torch.float16 and isinstance(self.vae, torch.nn.Module):
             if self._vae32 is None:
                 import copy
 
                 self._vae32 = copy.deepcopy(self.vae).float()
-            z = latents.float() / self.scaling + self.shift
-            return self._vae32.decode(z, return_dict=False)[0]
-        z = latents.to(self.dtype) / self.scaling + self.shift
-        return self.vae.decode(z, return_dict=False)[0]
+            return self._vae32.decode(self._unscaled(latents.float()), return_dict=False)[0]
+        return self.vae.decode(self._unscaled(latents.to(dtype)), return_dict=False)[0]
+
+    def _unscaled(self, latents: torch.Tensor) -> torch.Tensor:
+        # every op between the denoiser and the decoder costs a frame far more than its arithmetic
+        # (the caches are full of the models): no add of a zero shift
+        z = latents / self.scaling
+        return z.add_(self.shift) if self.shift else z

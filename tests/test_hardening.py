@@ -78,6 +78,19 @@ def test_a_force_upcast_vae_decodes_in_float32():
     assert LatentCodec(vae, upcast=False).decode(latents).dtype == torch.float16   # unless told otherwise
 
 
+def test_the_codec_follows_its_vae_moved_or_swapped():
+    """The codec finds the VAE's dtype once, not per frame: it must still follow module.to() and a
+    VAE swapped in (engines swap it)."""
+    vae = tiny_vae()
+    codec = LatentCodec(vae)
+    assert codec.dtype == torch.float32
+    vae.to(torch.float64)
+    assert codec.dtype == torch.float64
+    assert codec.decode(torch.randn(1, 4, 8, 8)).dtype == torch.float64
+    codec.vae = tiny_vae().half()
+    assert codec.dtype == torch.float16
+
+
 def test_engine_precision_per_component_and_the_upcast_vae():
     vae = tiny_vae(force_upcast=True).half()
     assert precision_of({}, "vae_decoder", vae, "onnxruntime") == "fp32"

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from .attention import SDPA_KERNELS, attention_context
+from .parameters import FirstParameter
 
 
 @dataclass
@@ -200,14 +201,15 @@ class Denoiser(abc.ABC):
         self.original = module   # the PyTorch module: its parameters say where rows must live
         self.module = module     # what runs; an engine may replace it
         self.attention = "sdpa"  # the attention backend (fastdiff.attention); sdpa kernels apply per call
+        self._first = FirstParameter()   # of `original`
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.original.parameters()).dtype
+        return self._first.of(self.original).dtype
 
     @property
     def device(self) -> torch.device:
-        return next(self.original.parameters()).device
+        return self._first.of(self.original).device
 
     @property
     def in_channels(self) -> int:

@@ -79,12 +79,12 @@ def to_model_tensor(image, height: int, width: int, device, dtype, name: str = "
         check_finite(image, name)
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"{name} must be one of: {'; '.join(ACCEPTED)}; got {type(image).__name__}")
-    if image.dim() == 4 and image.shape[0] == 1:
-        image = image[0]
-    if image.dim() != 3 or image.shape[0] != 3:
+    batched = image.dim() == 4 and image.shape[0] == 1   # kept 4-D: no view ops on the way (a frame's hot path)
+    shape = tuple(image.shape[1:] if batched else image.shape)
+    if len(shape) != 3 or shape[0] != 3:
         raise ValueError(f"{name} must have 3 channels first ([3, H, W] or [1, 3, H, W]), got shape {tuple(image.shape)}")
-    if tuple(image.shape[1:]) != (height, width):
-        raise ValueError(f"{name} is {image.shape[2]}×{image.shape[1]} (W×H) but the stream is prepared "
+    if shape[1:] != (height, width):
+        raise ValueError(f"{name} is {shape[2]}×{shape[1]} (W×H) but the stream is prepared "
                          f"for {width}×{height}; resize it, or change the stream's resolution")
     if image.dtype == torch.uint8:   # a new tensor: converted in place from here
         image = image.to(device=device, dtype=dtype).div_(127.5).sub_(1)
@@ -92,7 +92,7 @@ def to_model_tensor(image, height: int, width: int, device, dtype, name: str = "
         image = torch.mul(image.to(device=device, dtype=dtype), 2).sub_(1)
     else:
         raise ValueError(f"{name} must hold uint8 or floating-point values, got {image.dtype}")
-    return image.unsqueeze(0)
+    return image if batched else image.unsqueeze(0)
 
 
 def from_model_tensor(images: torch.Tensor, output_type: str):

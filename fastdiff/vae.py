@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .parameters import FirstParameter
+
 
 class LatentCodec:
     """`upcast` (default: the VAE's own ``force_upcast``, as diffusers' pipelines follow it) decodes an
@@ -21,7 +23,7 @@ class LatentCodec:
         self.is_tiny = type(vae).__name__ == "AutoencoderTiny"
         self.upcast = bool(vae.config.get("force_upcast", False)) if upcast is None else upcast
         self._vae32 = None
-        self._first_parameter = None   # (vae, its first parameter): see dtype
+        self._first = FirstParameter()   # of `vae`, which engines swap
 
     @property
     def scale_factor(self) -> int:
@@ -32,11 +34,7 @@ class LatentCodec:
 
     @property
     def dtype(self) -> torch.dtype:
-        # A parameter object outlives module.to() (its data changes in place): it is looked up once
-        # per VAE (engines swap `vae`), not walked to on every frame.
-        if self._first_parameter is None or self._first_parameter[0] is not self.vae:
-            self._first_parameter = (self.vae, next(self.vae.parameters()))
-        return self._first_parameter[1].dtype
+        return self._first.of(self.vae).dtype
 
     def encode(self, images: torch.Tensor, sample: bool = False,
                generator: torch.Generator | None = None) -> torch.Tensor:

@@ -60,7 +60,9 @@ class Guider:
     def split(self, output: torch.Tensor, new: int):
         """(conditional outputs [R], unconditional outputs or None) from the model's output."""
         extra = self._extra_of(output, new)
-        return output[extra:], (output[:extra] if extra else None)
+        if not extra:   # no slicing: each op between the model calls costs a frame ~10 µs
+            return output, None
+        return output[extra:], output[:extra]
 
     def _extra_of(self, output: torch.Tensor, new: int) -> int:
         return 0

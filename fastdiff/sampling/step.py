@@ -101,8 +101,8 @@ class FoldedStep:
             k = value.shape[0]
             if k == out.shape[0]:
                 out.addcmul_(coef, value)
-            else:
-                out[:k].addcmul_(coef[:k], value)
+            else:   # fold() cut the coefficients to the input's rows
+                out[:k].addcmul_(coef if coef.shape[0] == k else coef[:k], value)
         return out
 
     def __call__(self, **inputs):

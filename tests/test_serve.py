@@ -144,6 +144,25 @@ def test_a_killed_replica_closes_only_its_sessions_and_they_reconnect(cluster):
         b.close()
 
 
+def test_the_application_autoscales_on_sessions_or_keeps_its_replicas():
+    """What `fastdiff serve` asks of Ray Serve (no cluster needed to build it)."""
+    from fastdiff import serve
+
+    config = DemoConfig(max_sessions=4)
+    scaled = serve.build_application("tiny", config, min_replicas=1, max_replicas=4, target_sessions=2,
+                                     device="cpu")._bound_deployment
+    autoscaling = scaled._deployment_config.autoscaling_config
+    assert (autoscaling.min_replicas, autoscaling.max_replicas, autoscaling.target_ongoing_requests) == (1, 4, 2)
+    assert scaled.ray_actor_options["num_cpus"] == 1.0 and "num_gpus" not in scaled.ray_actor_options
+    assert scaled.max_ongoing_requests > config.max_sessions   # room for /health and /stats on a full replica
+    fixed = serve.build_application("tiny", config, replicas=3, device="cuda")._bound_deployment
+    assert fixed.num_replicas == 3 and fixed.ray_actor_options["num_gpus"] == 1
+    with pytest.raises(ValueError, match="max_replicas"):
+        serve.build_application("tiny", config, min_replicas=3, max_replicas=2)
+    with pytest.raises(ValueError, match="target_sessions"):
+        serve.build_application("tiny", config, max_replicas=2, target_sessions=0)
+
+
 def test_a_kuberay_rayservice_manifest_runs_the_same_application():
     import os
 

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from .attention import SDPA_KERNELS, attention_context
+from .attention import attention_context
 from .parameters import FirstParameter
 
 
@@ -226,8 +226,6 @@ class Denoiser(abc.ABC):
 
     def __call__(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The model's raw output for each row (ε, v or flow velocity, as its scheduler says)."""
-        if self.attention not in SDPA_KERNELS:   # nothing to enter around the call
-            return self.run(self.module, latents, t, cond)
         with attention_context(self.attention):
             return self.run(self.module, latents, t, cond)
 

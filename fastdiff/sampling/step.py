@@ -102,7 +102,7 @@ class FoldedStep:
             if k == out.shape[0]:
                 out.addcmul_(coef, value)
             else:   # fold() cut the coefficients to the input's rows
-                out[:k].addcmul_(coef if coef.shape[0] == k else coef[:k], value)
+                out[:k].addcmul_(coef, value)
         return out
 
     def __call__(self, **inputs):

@@ -175,18 +175,17 @@ class LatentStream:
             raise ValueError(f"latents must have shape {shape}, got {tuple(clean.shape)}")
         if noise is None and self.noise_mode == "fixed":   # the steady case: one op per frame at most
             eps0, start, noise_term = self._entry()
-            if clean is None:
-                return self._step(_Slot(start, eps0, tag))
-            x_new = torch.add(noise_term, clean.to(self.device, self.dtype), alpha=float(self.schedule.alpha[0]))
-            return self._step(_Slot(x_new, eps0, tag))
-        eps0 = self._draw(self.frames) if noise is None else noise.to(self.device, self.dtype)
-        if tuple(eps0.shape) != shape:
-            raise ValueError(f"noise must have shape {shape}, got {tuple(eps0.shape)}")
-        if clean is None:
-            x_new = self.schedule.noise_scale * eps0
+            x_new = start if clean is None else torch.add(noise_term, clean.to(self.device, self.dtype),
+                                                          alpha=float(self.schedule.alpha[0]))
         else:
-            a0, b0 = float(self.schedule.alpha[0]), float(self.schedule.beta[0])
-            x_new = a0 * clean.to(self.device, self.dtype) + b0 * eps0
+            eps0 = self._draw(self.frames) if noise is None else noise.to(self.device, self.dtype)
+            if tuple(eps0.shape) != shape:
+                raise ValueError(f"noise must have shape {shape}, got {tuple(eps0.shape)}")
+            if clean is None:
+                x_new = self.schedule.noise_scale * eps0
+            else:
+                a0, b0 = float(self.schedule.alpha[0]), float(self.schedule.beta[0])
+                x_new = a0 * clean.to(self.device, self.dtype) + b0 * eps0
         return self._step(_Slot(x_new, eps0, tag))
 
     def _entry(self):

@@ -192,7 +192,10 @@ def load_router(router, pipe) -> Router:
         if rank:
             from peft import set_peft_model_state_dict
 
-            result = set_peft_model_state_dict(_with_lora(module, rank), weights)
+            from .onestep import add_lora   # here: onestep imports the stream, which imports this module
+
+            add_lora(module, rank)
+            result = set_peft_model_state_dict(module, weights)
             wrong = result.unexpected_keys + [k for k in result.missing_keys if "lora_" in k]
             if wrong:
                 raise StaleArtefactError(f"router: {router}'s adapter weights don't fit its sub-network {code} "
@@ -215,14 +218,6 @@ def _plain(base):
     plain = copy.deepcopy(base)
     plain.unload_lora()
     return plain
-
-
-def _with_lora(module, rank: int):
-    """`module` with a fresh trainable rank-`rank` LoRA on the one-step adapter's layers."""
-    from .onestep import add_lora
-
-    add_lora(module, rank)
-    return module
 
 
 def _merged(module):
@@ -417,7 +412,10 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
     subnets = {k: prune(copy.deepcopy(base).float(), units, hard[k]) for k in range(codes)}
     macs = [float(macs_of(hard[k], units, total, per_entry, blocks)) for k in range(codes)]
     if finetune_rank:
-        subnets = {k: _with_lora(m, finetune_rank) for k, m in subnets.items()}
+        from .onestep import add_lora
+
+        for module in subnets.values():
+            add_lora(module, finetune_rank)   # on the one-step adapter's layers
     _finetune(subnets, head, teacher, adapter, pipe, batch_of, scheduler, generator, batch, finetune_lr,
               start + minutes * 60, history, progress, uncond, uncond_share, iterations)
     adapters = {}

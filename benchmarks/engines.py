@@ -52,11 +52,15 @@ WHOLE = ("whole", "whole-onnxruntime")
 PROMPT = "a large red circle on the left, blue background"
 STEPS = [32, 45]
 WARMUP = 5
+SPIN_PAUSE_S = 0.1   # longer than ONNX Runtime's threads spin after a run (see interleave)
 
 
 # -- timing ------------------------------------------------------------------------------------------
-def interleave(calls: dict, sweeps: int, rounds: int, seed: int = 0) -> dict[str, list[float]]:
-    """{name: [seconds per call]}: every sweep calls each configuration once, in a shuffled order."""
+def interleave(calls: dict, sweeps: int, rounds: int, seed: int = 0, block: int = 1) -> dict[str, list[float]]:
+    """{name: [seconds per call]}: every sweep runs each configuration in a shuffled order, `block`
+    timed calls in a row. With block > 1 each configuration's turn starts after a pause and one
+    untimed call: the whole step's ONNX Runtime threads spin for about 40 ms after a run (measured),
+    which would otherwise slow whatever is timed next."""
     rng = random.Random(seed)
     times = {name: [] for name in calls}
     with torch.inference_mode():
@@ -64,13 +68,17 @@ def interleave(calls: dict, sweeps: int, rounds: int, seed: int = 0) -> dict[str
             for _ in range(WARMUP):
                 fn()
         for _ in range(rounds):
-            for _ in range(sweeps):
+            for _ in range(max(1, sweeps // block)):
                 order = list(calls)
                 rng.shuffle(order)
                 for name in order:
-                    t0 = time.perf_counter()
-                    calls[name]()
-                    times[name].append(time.perf_counter() - t0)
+                    if block > 1:
+                        time.sleep(SPIN_PAUSE_S)
+                        calls[name]()
+                    for _ in range(block):
+                        t0 = time.perf_counter()
+                        calls[name]()
+                        times[name].append(time.perf_counter() - t0)
     return times
 
 
@@ -132,7 +140,8 @@ def cpu_denoiser(pipe_name, pipe, backends, batches, cache_dir, threads, sweeps,
     return rows
 
 
-def cpu_stream(pipe_name, pipe, backends, cache_dir, threads, sweeps, rounds, build_log, backends_extra=()):
+def cpu_stream(pipe_name, pipe, backends, cache_dir, threads, sweeps, rounds, build_log, backends_extra=(),
+               block: int = 1):
     from diffusers import StableDiffusionImg2ImgPipeline
 
     g = torch.Generator().manual_seed(1)
@@ -180,7 +189,7 @@ def cpu_stream(pipe_name, pipe, backends, cache_dir, threads, sweeps, rounds, bu
         embeds = pipe.encode_prompt(PROMPT, "cpu", 1, False)[0]
     calls["diffusers per frame"] = lambda: img2img(prompt_embeds=embeds, image=next_frame(), strength=1.0,
                                                    timesteps=timesteps, guidance_scale=1.0, output_type="pt").images
-    times = interleave(calls, sweeps, rounds)
+    times = interleave(calls, sweeps, rounds, block=block)
     rows = []
     for name in calls:
         ms = statistics.median(times[name]) * 1e3
@@ -293,6 +302,8 @@ def main(argv=None):
     parser.add_argument("--batches", default="1,2,4", help="denoiser rows per call")
     parser.add_argument("--frames", type=int, default=30, help="sweeps per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--block", type=int, default=5,
+                        help="stream frames timed in a row per configuration, after one untimed (1: frame by frame)")
     parser.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime threads")
     parser.add_argument("--cache-dir", default=None, help="engine cache (default: a fresh temporary folder)")
     parser.add_argument("--gpu", action="store_true", help="the GPU benchmark instead (needs CUDA)")
@@ -324,7 +335,7 @@ def main(argv=None):
             result["denoiser"] += cpu_denoiser(name, pipe, backends, batches, cache_dir, args.threads,
                                                args.frames, args.rounds, result["builds"])
             result["stream"] += cpu_stream(name, pipe, backends, cache_dir, args.threads, args.frames,
-                                           args.rounds, result["builds"], whole)
+                                           args.rounds, result["builds"], whole, args.block)
         table = cpu_tables(result)
     print(table)
     if args.out:

@@ -1,4 +1,5 @@
-"""Frames in and out: PIL images, numpy arrays and tensors ⇄ [B, 3, H, W] tensors in [-1, 1]."""
+"""Frames in and out: PIL images, numpy arrays and tensors ⇄ [B, 3, H, W] tensors in [0, 1] (the
+codec's frame paths take and give those; :func:`signed` makes diffusers' [-1, 1] of them)."""
 
 from __future__ import annotations
 
@@ -63,8 +64,17 @@ class FiniteWatch:
             warnings.warn(f"the {component} produced NaN or infinite values{hint}", RuntimeWarning, stacklevel=3)
 
 
+_MINUS_ONE = torch.tensor(-1.0)   # a 0-dim tensor: torch.add(_MINUS_ONE, x, alpha=2) is one kernel
+
+
+def signed(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] → [-1, 1], as one op (a new tensor)."""
+    return torch.add(_MINUS_ONE, images, alpha=2)
+
+
 def to_model_tensor(image, height: int, width: int, device, dtype, name: str = "image") -> torch.Tensor:
-    """One frame as a [1, 3, H, W] tensor in [-1, 1]; its size must be exactly height×width, and its
+    """One frame as a [1, 3, H, W] tensor in [0, 1] (possibly the caller's own tensor: read it, never
+    write it); its size must be exactly height×width, and its
     values finite (checked on the host before the transfer, where it comes from the host)."""
     if isinstance(image, Image.Image):
         if image.mode != "RGB":
@@ -86,18 +96,20 @@ def to_model_tensor(image, height: int, width: int, device, dtype, name: str = "
     if shape[1:] != (height, width):
         raise ValueError(f"{name} is {shape[2]}×{shape[1]} (W×H) but the stream is prepared "
                          f"for {width}×{height}; resize it, or change the stream's resolution")
-    if image.dtype == torch.uint8:   # a new tensor: converted in place from here
-        image = image.to(device=device, dtype=dtype).div_(127.5).sub_(1)
-    elif image.is_floating_point():   # `to` may return the caller's own tensor: one new one, then in place
-        image = torch.mul(image.to(device=device, dtype=dtype), 2).sub_(1)
+    if image.dtype == torch.uint8:   # a new tensor: scaled in place
+        image = image.to(device=device, dtype=dtype).div_(255)
+    elif image.is_floating_point():
+        if image.dtype != dtype or image.device != device:
+            image = image.to(device=device, dtype=dtype)
     else:
         raise ValueError(f"{name} must hold uint8 or floating-point values, got {image.dtype}")
     return image if batched else image.unsqueeze(0)
 
 
 def from_model_tensor(images: torch.Tensor, output_type: str):
-    """[B, 3, H, W] in [-1, 1] → a list of B images: PIL, float32 [H, W, 3] arrays, or [3, H, W] tensors in [0, 1]."""
-    images = images.float().div_(2).add_(0.5).clamp_(0, 1)   # the decoder's own fresh tensor: in place
+    """[B, 3, H, W] in [0, 1], not yet clamped (the decoder's own fresh tensor: clamped in place) → a
+    list of B images: PIL, float32 [H, W, 3] arrays, or [3, H, W] tensors in [0, 1]."""
+    images = (images if images.dtype == torch.float32 else images.float()).clamp_(0, 1)
     if output_type == "pt":
         return list(images)
     arrays = images.permute(0, 2, 3, 1).cpu().numpy()

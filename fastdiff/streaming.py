@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .checks import check_choice, check_int, check_number
-from .images import FiniteWatch, check_output_type, from_model_tensor, to_model_tensor
+from .images import FiniteWatch, check_output_type, from_model_tensor, signed, to_model_tensor
 from .sampling.guiders import make_guider
 from .sampling.schedule import step_schedule
 from .stream.batch import NOISE_MODES, LatentStream
@@ -328,17 +328,19 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         pixels = self._inputs(image)
         self.last_skipped = False
         if self.filter is not None and pixels is not None:
+            centred = signed(pixels)   # frames compared around mid-grey: the angle between [0, 1] frames says little
             if self._last_output is None:   # nothing to reuse yet: never skip
-                self.filter.accept(pixels)
-            elif self.filter.should_skip(pixels):
+                self.filter.accept(centred)
+            elif self.filter.should_skip(centred):
                 self.last_skipped, self.last_tag = True, tag
                 return self._last_output
         if self.compile == "whole" and self.latents.full:
             out = self._whole_step(pixels, tag)
             if out is not None:
                 return out
-        clean = self.codec.encode(pixels) if pixels is not None else None
-        finished = self.latents.push(clean, tag=tag)
+        # the VAE's scaling factor is folded into the stream's entry op
+        clean = self.codec.encode_unit(pixels, scaled=False) if pixels is not None else None
+        finished = self.latents.push(clean, tag=tag, scale=self.codec.scaling)
         if finished is None:
             self.last_tag = None
             return None
@@ -377,7 +379,7 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         return frames[0] if self.frame_buffer == 1 else frames
 
     def _decode(self, latents):
-        images = None if self.output_type == "latent" else self.codec.decode(latents)
+        images = None if self.output_type == "latent" else self.codec.decode_unit(latents)
         return self._frames_of(latents, images)
 
     @torch.inference_mode()

@@ -1,13 +1,17 @@
 """Images ⇄ latents through a pipeline's VAE: AutoencoderKL or AutoencoderTiny alike.
 
 Latents here are what the denoiser sees: (z − shift_factor)·scaling_factor. Images are
-[B, 3, H, W] tensors in [-1, 1].
+[B, 3, H, W] tensors: in [-1, 1] (diffusers' convention) for :meth:`LatentCodec.encode` /
+:meth:`~LatentCodec.decode`, in [0, 1] for the frame paths :meth:`~LatentCodec.encode_unit` /
+:meth:`~LatentCodec.decode_unit` that a stream runs, which skip the round trips through [-1, 1]
+the VAE classes make (TAESD works in [0, 1]) and the posterior a mode does not need.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .images import signed
 from .parameters import FirstParameter
 
 
@@ -46,21 +50,78 @@ class LatentCodec:
             z = out.latent_dist.sample(generator)
         else:
             z = out.latent_dist.mode()
-        return ((z - self.shift) if self.shift else z) * self.scaling
+        return self._scaled(z, True)
+
+    def encode_unit(self, images: torch.Tensor, scaled: bool = True) -> torch.Tensor:
+        """Latents (the posterior's mode) of images in [0, 1]. ``scaled=False`` leaves out the
+        ×scaling_factor, for a caller that folds it into an op of its own (the stream's entry)."""
+        vae, dtype = self.vae, self.dtype
+        if images.dtype != dtype:
+            images = images.to(dtype)
+        direct = self._direct(vae, images.shape[0])
+        if direct == "tiny":   # TAESD's own range: no [0, 1] -> [-1, 1] -> [0, 1]
+            z = vae.encoder.layers(images)
+        elif direct == "kl":   # the mean is the moments' first half: no posterior to build
+            moments = vae._encode(signed(images))
+            z = moments[:, : moments.shape[1] // 2]
+        else:
+            out = vae.encode(signed(images))
+            z = out.latents if self.is_tiny else out.latent_dist.mode()
+        return self._scaled(z, scaled)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] (not clamped) from denoiser latents (float32 ones when upcast)."""
+        vae, latents = self._decoding(latents)
+        return vae.decode(self._unscaled(latents), return_dict=False)[0]
+
+    def decode_unit(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1], not clamped (a caller checks them for NaN and ±Inf first), from denoiser latents."""
+        vae, latents = self._decoding(latents)
+        z = self._unscaled(latents)
+        if self._direct(vae, z.shape[0]) == "tiny":
+            # DecoderTiny's forward without its last [0, 1] -> [-1, 1]: its soft clamp, then its layers
+            return vae.decoder.layers(torch.tanh(z / 3).mul_(3))
+        return torch.add(_HALF, vae.decode(z, return_dict=False)[0], alpha=0.5)   # (x + 1) / 2 as one op
+
+    def _decoding(self, latents: torch.Tensor):
+        """(the VAE that decodes, the latents in its dtype): an fp16 VAE that must upcast decodes
+        with a float32 copy, made once."""
         dtype = self.dtype
         if self.upcast and dtype == torch.float16 and isinstance(self.vae, torch.nn.Module):
             if self._vae32 is None:
                 import copy
 
                 self._vae32 = copy.deepcopy(self.vae).float()
-            return self._vae32.decode(self._unscaled(latents.float()), return_dict=False)[0]
-        return self.vae.decode(self._unscaled(latents.to(dtype)), return_dict=False)[0]
+            return self._vae32, latents.float()
+        return self.vae, (latents if latents.dtype == dtype else latents.to(dtype))
+
+    @staticmethod
+    def _direct(vae, rows: int) -> str | None:
+        """"tiny" or "kl" where the frame paths may call a diffusers VAE's own parts instead of its
+        encode/decode: a real AutoencoderTiny / AutoencoderKL (not an engine), with no offload hook
+        its encode/decode would fire and no slicing of a batch (`_encode` honours tiling itself;
+        TAESD's tiling is left to its encode/decode)."""
+        if not isinstance(vae, torch.nn.Module) or hasattr(vae, "_hf_hook") or (rows > 1 and vae.use_slicing):
+            return None
+        kind = type(vae).__name__
+        if kind == "AutoencoderTiny" and not vae.use_tiling:
+            return "tiny"
+        if kind == "AutoencoderKL" and hasattr(vae, "_encode"):
+            return "kl"
+        return None
+
+    # Every op between the denoiser and the VAE costs a frame far more than its arithmetic (the
+    # caches are full of the models): no multiply by a scaling factor of 1, no add of a zero shift.
+    def _scaled(self, z: torch.Tensor, scaled: bool) -> torch.Tensor:
+        if self.shift:
+            z = z - self.shift
+        return z * self.scaling if scaled and self.scaling != 1 else z
 
     def _unscaled(self, latents: torch.Tensor) -> torch.Tensor:
-        # every op between the denoiser and the decoder costs a frame far more than its arithmetic
-        # (the caches are full of the models): no add of a zero shift
+        if self.scaling == 1 and not self.shift:
+            return latents
         z = latents / self.scaling
         return z.add_(self.shift) if self.shift else z
+
+
+_HALF = torch.tensor(0.5)   # a 0-dim tensor: torch.add(_HALF, x, alpha=0.5) is one kernel

@@ -54,8 +54,8 @@ def test_accelerate_refuses_non_finite_latents_and_images(pipe):
 def test_a_non_finite_output_is_reported_once_naming_the_component(pipe):
     stream = fastdiff.Stream(pipe, [40], output_type="np")
     stream.prepare("a red circle")
-    real_decode = stream.codec.decode
-    stream.codec.decode = lambda latents: real_decode(latents) * float("inf")   # as an fp16 overflow would
+    real_decode = stream.codec.decode_unit
+    stream.codec.decode_unit = lambda latents: real_decode(latents) * float("inf")   # as an fp16 overflow would
     frame = np.full((64, 64, 3), 0.5, dtype=np.float32)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -76,6 +76,40 @@ def test_a_force_upcast_vae_decodes_in_float32():
     reference = LatentCodec(copy.deepcopy(vae).float(), upcast=False).decode(latents)
     torch.testing.assert_close(out, reference, rtol=0, atol=0)   # the fp16 weights, decoded in fp32
     assert LatentCodec(vae, upcast=False).decode(latents).dtype == torch.float16   # unless told otherwise
+
+
+@pytest.mark.parametrize("kind", ["kl", "tiny"])
+@pytest.mark.parametrize("way", ["direct", "slicing", "engine-like"])
+def test_the_codec_frame_paths_equal_the_diffusers_round_trips(kind, way):
+    """encode_unit / decode_unit skip the VAE classes' own [-1, 1] conversions and the posterior;
+    they must give what encode / decode give on [-1, 1] images, whether they call the VAE's parts
+    or (slicing a batch; a VAE that is not a diffusers module) its encode / decode."""
+    torch.manual_seed(0)
+    vae = tiny_vae(kind, scaling_factor=0.5, shift_factor=0.1)
+    if way == "slicing":
+        vae.enable_slicing()
+    codec = LatentCodec(vae)
+    if way == "engine-like":   # what engines put in the codec's hands: encode / decode only
+        class Wrapped:
+            def __init__(self, inner):
+                self.inner, self.config = inner, inner.config
+
+            def encode(self, x, return_dict=True):
+                return self.inner.encode(x, return_dict=return_dict)
+
+            def decode(self, z, return_dict=True):
+                return self.inner.decode(z, return_dict=return_dict)
+
+            def parameters(self):
+                return self.inner.parameters()
+        vae = codec.vae = Wrapped(vae)
+    assert codec._direct(vae, 2) == (None if way != "direct" else kind)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        latents = codec.encode(images * 2 - 1)
+        torch.testing.assert_close(codec.encode_unit(images), latents, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(codec.encode_unit(images, scaled=False) * 0.5, latents, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(codec.decode_unit(latents), codec.decode(latents) / 2 + 0.5, rtol=1e-5, atol=1e-5)
 
 
 def test_the_codec_follows_its_vae_moved_or_swapped():

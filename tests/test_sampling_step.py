@@ -53,15 +53,17 @@ def test_folded_step_equals_the_step_functions(key, cfg, n, F):
     for new in (True, False) if n > 1 else (True,):
         rows, guider = rows_for(key, cfg, n, F, new)
         assert rows.folded is not None
-        inputs = random_inputs(rows, guider)
-        want_x, want_s = reference_update(guider, rows, **inputs)
-        got_x, got_s = rows.folded(**inputs)
-        torch.testing.assert_close(got_x, want_x, rtol=1e-5, atol=1e-5)
-        if guider.carries_residual:
-            staying = int((rows.beta_next > 0).sum())   # the residual of rows leaving is dropped
-            torch.testing.assert_close(got_s[:staying], want_s[:staying], rtol=1e-5, atol=1e-5)
-        else:
-            assert got_s is None and want_s is None
+        first = random_inputs(rows, guider)
+        # a second call with the same noise tensor (a stream's fixed noise) takes its kept term
+        for inputs in (first, dict(random_inputs(rows, guider, seed=1), noise=first["noise"])):
+            want_x, want_s = reference_update(guider, rows, **inputs)
+            got_x, got_s = rows.folded(**inputs)
+            torch.testing.assert_close(got_x, want_x, rtol=1e-5, atol=1e-5)
+            if guider.carries_residual:
+                staying = int((rows.beta_next > 0).sum())   # the residual of rows leaving is dropped
+                torch.testing.assert_close(got_s[:staying], want_s[:staying], rtol=1e-5, atol=1e-5)
+            else:
+                assert got_s is None and want_s is None
 
 
 def test_folded_step_is_a_few_multiply_adds():

@@ -45,16 +45,17 @@ def providers_for(device: torch.device) -> list[str]:
 class OrtEngine:
     """Named torch tensors in, a list of torch tensors out, on the device of the inputs."""
 
-    def __init__(self, folder: str, device: torch.device, threads: int | None = None):
+    def __init__(self, folder: str, device: torch.device, threads: int | None = None, spin: bool = False):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
-        # Between engine calls torch runs the stream's own ops on the same cores: ONNX Runtime's
-        # threads must sleep when idle, not spin, or the two thread pools slow each other down.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Between per-module engine calls torch runs the stream's own ops on the same cores: ONNX
+        # Runtime's threads must sleep when idle, not spin, or the two thread pools slow each other
+        # down. `spin` is for a session that leaves torch next to nothing to run between its calls.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         self.device = device
         self.session = ort.InferenceSession(os.path.join(folder, ARTEFACT), options, providers=providers_for(device))
         self.output_names = [o.name for o in self.session.get_outputs()]

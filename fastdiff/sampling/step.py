@@ -91,11 +91,21 @@ class FoldedStep:
 
     x_terms: list
     residual_terms: list | None
+    # A stream's fixed noise is the same tensor call after call: its term, padded to every row, is
+    # kept per output (x or residual) and starts the sum — one op fewer and no slice a call.
+    _noise_terms: dict = field(default_factory=dict, repr=False)
 
-    @staticmethod
-    def _apply(terms, inputs) -> torch.Tensor:
-        (name, coef), rest = terms[0], terms[1:]
-        out = coef * inputs[name]
+    def _apply(self, output: str, terms, inputs) -> torch.Tensor:
+        noise = inputs.get("noise")
+        kept = self._noise_terms.get(output)
+        if noise is not None and kept is not None and kept[0] is noise:
+            (name, coef), rest = terms[0], [t for t in terms[1:] if t[0] != "noise"]
+            out = torch.addcmul(kept[1], coef, inputs[name])
+        else:
+            (name, coef), rest = terms[0], terms[1:]
+            out = coef * inputs[name]
+            if noise is not None and any(t[0] == "noise" for t in rest):
+                self._keep_noise_term(output, terms, noise, out)
         for name, coef in rest:
             value = inputs[name]
             k = value.shape[0]
@@ -105,9 +115,15 @@ class FoldedStep:
                 out[:k].addcmul_(coef, value)
         return out
 
+    def _keep_noise_term(self, output: str, terms, noise: torch.Tensor, like: torch.Tensor):
+        coef = next(c for name, c in terms if name == "noise")
+        term = torch.zeros_like(like)
+        term[: noise.shape[0]] = coef * noise
+        self._noise_terms[output] = (noise, term)
+
     def __call__(self, **inputs):
-        x_next = self._apply(self.x_terms, inputs)
-        residual = self._apply(self.residual_terms, inputs) if self.residual_terms is not None else None
+        x_next = self._apply("x", self.x_terms, inputs)
+        residual = self._apply("residual", self.residual_terms, inputs) if self.residual_terms is not None else None
         return x_next, residual
 
 

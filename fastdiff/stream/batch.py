@@ -163,20 +163,23 @@ class LatentStream:
         return call.noise
 
     # -- the call ------------------------------------------------------------------------------
-    def push(self, clean: torch.Tensor | None = None, noise: torch.Tensor | None = None, tag: Any = None):
+    def push(self, clean: torch.Tensor | None = None, noise: torch.Tensor | None = None, tag: Any = None,
+             scale: float = 1.0):
         """Enter one group of F frames at τ_0; returns the :class:`Finished` group, or None.
 
-        img2img: x = α_0·clean + β_0·ε_0. txt2img (`clean` None): x = noise_scale·ε_0.
-        ε_0 is the stream's own noise for slot 0 unless `noise` is given. `tag` comes back out
-        with the group's latents.
+        img2img: x = α_0·scale·clean + β_0·ε_0 (`scale`: a VAE's scaling factor, left to this op).
+        txt2img (`clean` None): x = noise_scale·ε_0. ε_0 is the stream's own noise for slot 0 unless
+        `noise` is given. `tag` comes back out with the group's latents.
         """
         shape = (self.frames,) + self.latent_shape
-        if clean is not None and tuple(clean.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(clean.shape)}")
+        if clean is not None:
+            if tuple(clean.shape) != shape:
+                raise ValueError(f"latents must have shape {shape}, got {tuple(clean.shape)}")
+            if clean.dtype != self.dtype or clean.device != self.device:
+                clean = clean.to(self.device, self.dtype)
         if noise is None and self.noise_mode == "fixed":   # the steady case: one op per frame at most
-            eps0, start, noise_term = self._entry()
-            x_new = start if clean is None else torch.add(noise_term, clean.to(self.device, self.dtype),
-                                                          alpha=float(self.schedule.alpha[0]))
+            eps0, start, noise_term, a0 = self._entry()
+            x_new = start if clean is None else torch.add(noise_term, clean, alpha=a0 * scale)
         else:
             eps0 = self._draw(self.frames) if noise is None else noise.to(self.device, self.dtype)
             if tuple(eps0.shape) != shape:
@@ -185,15 +188,16 @@ class LatentStream:
                 x_new = self.schedule.noise_scale * eps0
             else:
                 a0, b0 = float(self.schedule.alpha[0]), float(self.schedule.beta[0])
-                x_new = a0 * clean.to(self.device, self.dtype) + b0 * eps0
+                x_new = (a0 * scale) * clean + b0 * eps0
         return self._step(_Slot(x_new, eps0, tag))
 
     def _entry(self):
-        """(ε_0, noise_scale·ε_0, β_0·ε_0) of the fixed noise: what enters slot 0, computed once
+        """(ε_0, noise_scale·ε_0, β_0·ε_0, α_0) of the fixed noise: what enters slot 0, computed once
         (each op between the model calls costs a frame far more than its arithmetic)."""
         if self._entry_terms is None:
             eps0 = self._fixed_noise()[0]
-            self._entry_terms = (eps0, self.schedule.noise_scale * eps0, float(self.schedule.beta[0]) * eps0)
+            self._entry_terms = (eps0, self.schedule.noise_scale * eps0, float(self.schedule.beta[0]) * eps0,
+                                 float(self.schedule.alpha[0]))
         return self._entry_terms
 
     # -- the steady state as one pure function (what a compiled whole step runs) ----------------
@@ -231,9 +235,11 @@ class LatentStream:
 
     def state(self):
         """(buffer, residual) of the slots in flight, as the steady step takes them."""
-        groups = [slot for slot in self.slots]
+        groups = self.slots
         if not groups:
             return None, None
+        if len(groups) == 1:   # no copy for one slot in flight (two steps)
+            return groups[0].latents, groups[0].residual if self.guider.carries_residual else None
         buffer = torch.cat([g.latents for g in groups])
         residual = torch.cat([g.residual for g in groups]) if self.guider.carries_residual else None
         return buffer, residual

@@ -126,7 +126,7 @@ class Trajectories:
             pixels = torch.cat([to_model_tensor(f, self.height, self.width, denoiser.device, self.parts.codec.dtype)
                                 for f in frames])
             with torch.inference_mode():
-                self.clean = self.parts.codec.encode(pixels).float()
+                self.clean = self.parts.codec.encode_unit(pixels).float()
             self.noise = torch.randn((len(frames), *self.latent_shape), generator=gen)
         self.strength_timestep = strength_timestep
         self.cond = self.parts.encode(self.prompts, None, self.height, self.width)
@@ -152,7 +152,7 @@ class Trajectories:
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return torch.cat([(self.parts.codec.decode(c).float() / 2 + 0.5).clamp(0, 1)
+            return torch.cat([self.parts.codec.decode_unit(c).float().clamp(0, 1)
                               for c in latents.split(self.batch)])
 
     def _teacher(self):

@@ -88,10 +88,13 @@ def apply_attention(module: torch.nn.Module, name: str) -> None:
     module.set_attention_backend(name)
 
 
+_NOTHING = contextlib.nullcontext()   # reusable: one fewer object a denoiser call
+
+
 def attention_context(name: str | None):
     """The context each denoiser call runs in: PyTorch's SDPA held to one kernel, or nothing."""
     if name not in SDPA_KERNELS:
-        return contextlib.nullcontext()
+        return _NOTHING
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([getattr(SDPBackend, SDPA_KERNELS[name])])

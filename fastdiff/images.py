@@ -111,7 +111,7 @@ def from_model_tensor(images: torch.Tensor, output_type: str):
     list of B images: PIL, float32 [H, W, 3] arrays, or [3, H, W] tensors in [0, 1]."""
     images = (images if images.dtype == torch.float32 else images.float()).clamp_(0, 1)
     if output_type == "pt":
-        return list(images)
+        return list(images.unbind(0))
     arrays = images.permute(0, 2, 3, 1).cpu().numpy()
     if output_type == "np":
         return list(arrays)

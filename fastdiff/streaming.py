@@ -150,7 +150,7 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
     def _start(self):
         cond, uncond = self._cond
         self.latents = LatentStream(self.denoiser, self.schedule, cond, uncond, self.latent_shape,
-                                    guider=self.guider, noise=self.noise, generator=self.generator)
+                                    guider=self.guider, noise=self.noise, generator=self.generator, packed=True)
         self._drop_whole()
         self._last_output = None
         if self.filter is not None:
@@ -338,9 +338,11 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
             out = self._whole_step(pixels, tag)
             if out is not None:
                 return out
-        # the VAE's scaling factor is folded into the stream's entry op
-        clean = self.codec.encode_unit(pixels, scaled=False) if pixels is not None else None
-        finished = self.latents.push(clean, tag=tag, scale=self.codec.scaling)
+        if pixels is None:
+            finished = self.latents.push(None, tag=tag)
+        else:   # the VAE's scaling factor is folded into the stream's entry op
+            codec = self.codec
+            finished = self.latents.push(codec.encode_unit(pixels, scaled=False), tag=tag, scale=codec.scaling)
         if finished is None:
             self.last_tag = None
             return None
@@ -372,7 +374,7 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
 
     def _frames_of(self, latents, images):
         if self.output_type == "latent":
-            frames = list(latents)
+            frames = list(latents.clone())   # a full stream's latents are rows of its buffers, written again
         else:
             self._finite.check(latents, images)   # before the conversion clamps ±Inf away
             frames = from_model_tensor(images, self.output_type)

@@ -76,24 +76,32 @@ class LatentCodec:
 
     def decode_unit(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1], not clamped (a caller checks them for NaN and ±Inf first), from denoiser latents."""
-        vae, latents = self._decoding(latents)
-        z = self._unscaled(latents)
-        if self._direct(vae, z.shape[0]) == "tiny":
+        vae, z = self._decoding(latents)
+        if self.scaling != 1 or self.shift:
+            z = self._unscaled(z)
+        direct = self._direct(vae, z.shape[0])
+        if direct == "tiny":
             # DecoderTiny's forward without its last [0, 1] -> [-1, 1]: its soft clamp, then its layers
             return vae.decoder.layers(torch.tanh(z / 3).mul_(3))
-        return torch.add(_HALF, vae.decode(z, return_dict=False)[0], alpha=0.5)   # (x + 1) / 2 as one op
+        if direct == "kl" and not vae.use_tiling:   # _decode's own two calls, without its wrappers
+            post_quant_conv = vae.post_quant_conv
+            images = vae.decoder(post_quant_conv(z) if post_quant_conv is not None else z)
+        else:
+            images = vae.decode(z, return_dict=False)[0]
+        return torch.add(_HALF, images, alpha=0.5)   # (x + 1) / 2 as one op
 
     def _decoding(self, latents: torch.Tensor):
         """(the VAE that decodes, the latents in its dtype): an fp16 VAE that must upcast decodes
         with a float32 copy, made once."""
-        dtype = self.dtype
-        if self.upcast and dtype == torch.float16 and isinstance(self.vae, torch.nn.Module):
+        vae = self.vae
+        dtype = self._first.of(vae).dtype
+        if self.upcast and dtype == torch.float16 and isinstance(vae, torch.nn.Module):
             if self._vae32 is None:
                 import copy
 
                 self._vae32 = copy.deepcopy(self.vae).float()
             return self._vae32, latents.float()
-        return self.vae, (latents if latents.dtype == dtype else latents.to(dtype))
+        return vae, (latents if latents.dtype == dtype else latents.to(dtype))
 
     @staticmethod
     def _direct(vae, rows: int) -> str | None:
@@ -101,14 +109,12 @@ class LatentCodec:
         encode/decode: a real AutoencoderTiny / AutoencoderKL (not an engine), with no offload hook
         its encode/decode would fire and no slicing of a batch (`_encode` honours tiling itself;
         TAESD's tiling is left to its encode/decode)."""
-        if not isinstance(vae, torch.nn.Module) or hasattr(vae, "_hf_hook") or (rows > 1 and vae.use_slicing):
-            return None
         kind = type(vae).__name__
-        if kind == "AutoencoderTiny" and not vae.use_tiling:
-            return "tiny"
-        if kind == "AutoencoderKL" and hasattr(vae, "_encode"):
-            return "kl"
-        return None
+        if kind not in ("AutoencoderTiny", "AutoencoderKL") or "_hf_hook" in vae.__dict__ or (rows > 1 and vae.use_slicing):
+            return None
+        if kind == "AutoencoderTiny":
+            return None if vae.use_tiling else "tiny"
+        return "kl" if hasattr(vae, "_encode") else None
 
     # Every op between the denoiser and the VAE costs a frame far more than its arithmetic (the
     # caches are full of the models): no multiply by a scaling factor of 1, no add of a zero shift.

@@ -218,3 +218,37 @@ def test_dit_stream_equals_sequential_flow_euler(cfg, n, F):
         for group, out in zip(groups, outputs):
             ref = flow_reference(denoiser, cond, uncond, group, stream.noise, sigmas, timesteps, cfg)
             assert_same_latents(out, ref)
+
+
+@pytest.mark.parametrize("cfg", ["none", "full", "self", "initialize"])
+@pytest.mark.parametrize("n", [1, 2, 4])
+@pytest.mark.parametrize("mode", ["img2img", "txt2img"])
+def test_a_packed_stream_equals_the_slot_by_slot_one(pipes, cfg, n, mode):
+    """packed=True keeps a full stream's slots in two alternating buffers that the step writes into;
+    its groups must equal the slot-by-slot stream's through the filling, the steady state, a look at
+    its slots half-way (which unpacks them, to be packed again at the next push) and the drain."""
+    pipe = pipes["lcm"]
+    denoiser = denoiser_for(pipe)
+    schedule = step_schedule(pipe.scheduler, steps=STEP_SETS[n], num_inference_steps=50)
+    F = 2
+    with torch.inference_mode():
+        cond, uncond = denoiser.encode_prompt(["a red circle", "a blue square"], None, 64, 64)
+        groups = [None if mode == "txt2img" else torch.randn(F, 4, 8, 8, generator=torch.Generator().manual_seed(200 + k))
+                  for k in range(n + 5)]
+        results = {}
+        for packed in (False, True):
+            stream = LatentStream(denoiser, schedule, cond, uncond, (4, 8, 8), guider=make_guider(cfg, G, DELTA),
+                                  generator=torch.Generator().manual_seed(3), packed=packed)
+            outs = []
+            for k, g in enumerate(groups):
+                if k == n + 2:
+                    assert (stream._packed is not None) == packed and stream.in_flight == n - 1
+                    assert all(slot is not None for slot in stream.slots) and stream._packed is None
+                finished = stream.push(g, tag=k)
+                if finished is not None:
+                    outs.append((finished.tag, finished.latents.clone()))   # packed: rows of its buffers
+            outs += [(f.tag, f.latents) for f in stream.drain()]
+            results[packed] = outs
+    assert [t for t, _ in results[True]] == [t for t, _ in results[False]] == list(range(len(groups)))
+    for (_, a), (_, b) in zip(results[True], results[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -95,15 +95,15 @@ class FoldedStep:
     # kept per output (x or residual) and starts the sum — one op fewer and no slice a call.
     _noise_terms: dict = field(default_factory=dict, repr=False)
 
-    def _apply(self, output: str, terms, inputs) -> torch.Tensor:
+    def _apply(self, output: str, terms, inputs, out=None) -> torch.Tensor:
         noise = inputs.get("noise")
         kept = self._noise_terms.get(output)
         if noise is not None and kept is not None and kept[0] is noise:
-            (name, coef), rest = terms[0], [t for t in terms[1:] if t[0] != "noise"]
-            out = torch.addcmul(kept[1], coef, inputs[name])
+            (name, coef), rest = terms[0], kept[2]
+            out = torch.addcmul(kept[1], coef, inputs[name], out=out)
         else:
             (name, coef), rest = terms[0], terms[1:]
-            out = coef * inputs[name]
+            out = torch.mul(coef, inputs[name], out=out)
             if noise is not None and any(t[0] == "noise" for t in rest):
                 self._keep_noise_term(output, terms, noise, out)
         for name, coef in rest:
@@ -119,11 +119,13 @@ class FoldedStep:
         coef = next(c for name, c in terms if name == "noise")
         term = torch.zeros_like(like)
         term[: noise.shape[0]] = coef * noise
-        self._noise_terms[output] = (noise, term)
+        self._noise_terms[output] = (noise, term, [t for t in terms[1:] if t[0] != "noise"])
 
-    def __call__(self, **inputs):
-        x_next = self._apply("x", self.x_terms, inputs)
-        residual = self._apply("residual", self.residual_terms, inputs) if self.residual_terms is not None else None
+    def __call__(self, out=None, residual_out=None, **inputs):
+        """(x', S'), written into `out` / `residual_out` where given (no input may share their memory)."""
+        x_next = self._apply("x", self.x_terms, inputs, out)
+        residual = (self._apply("residual", self.residual_terms, inputs, residual_out)
+                    if self.residual_terms is not None else None)
         return x_next, residual
 
 
@@ -201,13 +203,20 @@ def step_rows(schedule: StepSchedule, steps: torch.Tensor, cond: Conditioning, u
 
 
 def stream_step(denoiser, x: torch.Tensor, rows: StepRows, residual: torch.Tensor | None, guider: Guider,
-                noise: torch.Tensor | None, cond: Conditioning | None = None):
+                noise: torch.Tensor | None, cond: Conditioning | None = None, out: torch.Tensor | None = None,
+                residual_out: torch.Tensor | None = None):
     """One denoiser call over `rows`: (x', S'), each row one step on (S' None without residual
     guidance). `noise` holds the fresh noise z of the first ``rows.noise_rows`` rows; `cond`, when
-    given, stands in for ``rows.cond_model`` (a compiled step takes the prompt as an input)."""
+    given, stands in for ``rows.cond_model`` (a compiled step takes the prompt as an input). With
+    `out` (and `residual_out`), x' (and S') are written there: memory no input shares."""
     output = denoiser(guider.model_latents(x, rows.new), rows.t_model, rows.cond_model if cond is None else cond)
     out_c, out_u = guider.split(output, rows.new)
     if rows.folded is not None:
-        inputs = {"x": x, "out_c": out_c, "out_u": out_u, "residual": residual, "noise": noise}
-        return rows.folded(**inputs)
-    return reference_update(guider, rows, x, out_c, out_u, residual, noise)
+        return rows.folded(x=x, out_c=out_c, out_u=out_u, residual=residual, noise=noise, out=out,
+                           residual_out=residual_out)
+    x_next, residual = reference_update(guider, rows, x, out_c, out_u, residual, noise)
+    if out is not None:
+        x_next = out.copy_(x_next)
+    if residual_out is not None and residual is not None:
+        residual = residual_out.copy_(residual)
+    return x_next, residual

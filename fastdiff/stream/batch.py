@@ -9,6 +9,13 @@ tag it entered with.
 Rows are slot-major: rows [i·F, (i+1)·F) are slot i's frames. The step itself — guidance, solver,
 residuals — is :func:`fastdiff.sampling.step.stream_step`; this module keeps only the slots, their
 noise and the shift by F rows (a whole slot) per call, whatever n and F are.
+
+With ``packed=True``, once the stream is full and runs on its fixed noise, the slots live packed in
+two buffers that the calls alternate between (:class:`_Packed`): each call's step writes its rows one
+slot further down the other buffer, where the next call reads them, so a frame has no
+concatenation, no split and no per-slot bookkeeping. The finished group's latents are then rows of
+those buffers, written again two calls later: for a caller that uses them at once (``fastdiff.Stream``
+decodes them). Anything else that looks at the slots unpacks them first.
 """
 
 from __future__ import annotations
@@ -43,6 +50,21 @@ class _Slot:
 
 
 @dataclass
+class _Packed:
+    """The full stream's rows in two buffers of R + F rows (R = n·F): in the current one, rows [0, F)
+    are the group entering (for txt2img its fixed start, written once), [F, R) the groups in
+    flight; a call's step writes its R rows to the other buffer from row F on, so that its rows
+    [F, R) are the next call's groups in flight and [R, R + F) the group leaving."""
+
+    latents: tuple
+    residuals: tuple | None
+    tags: list        # the tags of slots 1..n−1, in order
+    F: int
+    R: int
+    current: int = 0
+
+
+@dataclass
 class _Call:
     """What one call's rows need that depends only on which slots hold frames (cached)."""
 
@@ -66,7 +88,8 @@ class LatentStream:
 
     def __init__(self, denoiser: Denoiser, schedule: StepSchedule, cond: Conditioning,
                  uncond: Conditioning | None, latent_shape: tuple[int, int, int], *, guider: Guider,
-                 noise: str = "fixed", generator: torch.Generator | None = None, folded: bool = True):
+                 noise: str = "fixed", generator: torch.Generator | None = None, folded: bool = True,
+                 packed: bool = False):
         if not isinstance(guider, Guider):
             raise ValueError(f"guider must be a fastdiff.sampling.guiders.Guider, got {type(guider).__name__}")
         self.denoiser = denoiser
@@ -75,9 +98,12 @@ class LatentStream:
         self.latent_shape = tuple(latent_shape)
         self.generator = generator
         self.folded = folded
+        self.packs = packed   # whether a full stream packs its slots (see the module's docstring)
         self.device, self.dtype = denoiser.device, denoiser.dtype
         self.guider = guider
         self.set_conditioning(cond, uncond)
+        self._packed: _Packed | None = None
+        self._all_occupied = tuple(range(self.n - 1))   # the full stream's call key
         self.slots: list[_Slot | None] = [None] * (self.n - 1)   # slot j+1's frames, in flight
         self.noise = None   # fixed noise [n + 1, F, C, h, w] (see _fixed_noise)
         self._entry_terms = None   # see _entry
@@ -100,7 +126,21 @@ class LatentStream:
     @property
     def in_flight(self) -> int:
         """Groups of frames inside the stream, waiting for their remaining steps."""
-        return sum(slot is not None for slot in self.slots)
+        if self._packed is not None:
+            return self.n - 1
+        return sum(slot is not None for slot in self._slots)
+
+    @property
+    def slots(self) -> list:
+        """Slot j+1's group (None: empty), j < n − 1; unpacked from the buffers if need be."""
+        if self._packed is not None:
+            self._unpack()
+        return self._slots
+
+    @slots.setter
+    def slots(self, slots: list):
+        self._packed = None
+        self._slots = slots
 
     def set_conditioning(self, cond: Conditioning, uncond: Conditioning | None):
         """New prompt embeddings, used from the next call on by the frames in flight too."""
@@ -118,6 +158,8 @@ class LatentStream:
             raise ValueError(f"cfg={guider.mode!r} needs unconditional embeddings")
         if guider.carries_residual != self.guider.carries_residual and self.in_flight:
             raise ValueError("a change between residual and non-residual guidance needs an empty stream")
+        if self._packed is not None:   # packed again at the next push, with the buffers this guider needs
+            self._unpack()
         self.guider = guider
         self._calls = {}
 
@@ -171,17 +213,20 @@ class LatentStream:
         txt2img (`clean` None): x = noise_scale·ε_0. ε_0 is the stream's own noise for slot 0 unless
         `noise` is given. `tag` comes back out with the group's latents.
         """
-        shape = (self.frames,) + self.latent_shape
         if clean is not None:
+            shape = (self.frames,) + self.latent_shape
             if tuple(clean.shape) != shape:
                 raise ValueError(f"latents must have shape {shape}, got {tuple(clean.shape)}")
             if clean.dtype != self.dtype or clean.device != self.device:
                 clean = clean.to(self.device, self.dtype)
         if noise is None and self.noise_mode == "fixed":   # the steady case: one op per frame at most
             eps0, start, noise_term, a0 = self._entry()
+            if self._packed is not None or (self.packs and self.full and self._pack()):
+                return self._push_packed(clean, noise_term, a0 * scale, tag)
             x_new = start if clean is None else torch.add(noise_term, clean, alpha=a0 * scale)
         else:
             eps0 = self._draw(self.frames) if noise is None else noise.to(self.device, self.dtype)
+            shape = (self.frames,) + self.latent_shape
             if tuple(eps0.shape) != shape:
                 raise ValueError(f"noise must have shape {shape}, got {tuple(eps0.shape)}")
             if clean is None:
@@ -200,10 +245,65 @@ class LatentStream:
                                  float(self.schedule.alpha[0]))
         return self._entry_terms
 
+    # -- the steady state, packed -----------------------------------------------------------------
+    def _pack(self) -> bool:
+        """Move the slots of a full stream into the two buffers; False where the step can't write
+        into them (a step that is not folded: guidance rescale)."""
+        call = self._call(True, tuple(range(self.n - 1)))
+        if call.rows.folded is None:
+            return False
+        F, R = self.frames, self.n * self.frames
+        eps0, start = self._entry()[:2]
+
+        def buffers(head, rows):
+            pair = tuple(torch.empty((R + F,) + self.latent_shape, device=self.device, dtype=self.dtype)
+                         for _ in range(2))
+            for buffer in pair:
+                buffer[:F] = head
+            for j, value in enumerate(rows):
+                pair[0][F * (j + 1):F * (j + 2)] = value
+            return pair
+        groups = self._slots
+        latents = buffers(start, [g.latents for g in groups])
+        residuals = buffers(eps0, [g.residual for g in groups]) if self.guider.carries_residual else None
+        self._packed = _Packed(latents, residuals, [g.tag for g in groups], F, R)
+        return True
+
+    def _unpack(self):
+        """Back to one tensor per slot: views into the buffers, which no call writes again."""
+        packed, F = self._packed, self.frames
+        latents = packed.latents[packed.current]
+        residuals = packed.residuals[packed.current] if packed.residuals is not None else None
+        self._packed = None
+        self._slots = [_Slot(latents[F * (j + 1):F * (j + 2)],
+                             residuals[F * (j + 1):F * (j + 2)] if residuals is not None else None, tag)
+                       for j, tag in enumerate(packed.tags)]
+
+    def _push_packed(self, clean, noise_term, clean_weight: float, tag) -> Finished:
+        packed = self._packed
+        F, R, current, other = packed.F, packed.R, packed.current, 1 - packed.current
+        x = packed.latents[current]
+        if clean is not None:   # txt2img's entering rows hold its fixed start already
+            torch.add(noise_term, clean, alpha=clean_weight, out=x[:F])
+        residual = residual_out = None
+        if packed.residuals is not None:
+            residual, residual_out = packed.residuals[current][:R], packed.residuals[other][F:]
+        call = self._call(True, self._all_occupied)   # cached: the key is built once
+        out = packed.latents[other]
+        stream_step(self.denoiser, x[:R], call.rows, residual, self.guider, self._renoise(call),
+                    out=out[F:], residual_out=residual_out)
+        packed.current = other
+        if not packed.tags:   # one step: the group leaves as it entered
+            return Finished(out[R:], tag)
+        leaving = packed.tags.pop()
+        packed.tags.insert(0, tag)
+        return Finished(out[R:], leaving)
+
     # -- the steady state as one pure function (what a compiled whole step runs) ----------------
     @property
     def full(self) -> bool:
-        return all(slot is not None for slot in self.slots)
+        return self._packed is not None or all(slot is not None for slot in self._slots)
+
 
     def steady_step(self):
         """The full stream's step as a pure function ``(x_new, eps_new, buffer, residual, cond) ->

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -48,6 +49,7 @@ def _rows(pipe, held, teacher, configs, batch=64):
 
 
 GUIDANCE = [5.0, 0.0]
+SPEED_PAIRS = 9   # timed (full, routed) pairs of the routed speed-up
 
 
 def schedules(pipe, held, teacher, folder, stream_steps, clip_frames=16):
@@ -138,20 +140,23 @@ def routing(pipe, held, teacher, router, single=None, steps=25):
         macs[kind] = sum(per[int(c)] for c in codes) / len(codes) / loaded.details["macs_full"]
     mix = [held.texts[held.of(k)] for k in ("one", "two", "three")]
     mean = sum(macs[k] for k in ("one", "two", "three")) / 3
-    # measured speed: routed accelerate against the full model, alternating, same prompts
+    # measured speed: routed accelerate against the full model, alternating, same prompts; the
+    # speed-up is the median of the pairs' ratios (the host's speed drifts between pairs)
     full = fastdiff.accelerate(pipe)
     routed = fastdiff.accelerate(pipe, router=router)
     prompts = [p for group in mix for p in group[:16]]
     times = {"full": [], "routed": []}
-    for _ in range(3):
+    for rep in range(SPEED_PAIRS + 1):   # the first pair warms up, untimed
         for name, fast in (("full", full), ("routed", routed)):
             start = time.perf_counter()
             fast(prompts, num_inference_steps=8, guidance_scale=GUIDANCE[0], output_type="latent",
                  generator=torch.Generator().manual_seed(0))
-            times[name].append(time.perf_counter() - start)
-    speed = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+            if rep:
+                times[name].append(time.perf_counter() - start)
+    speed = {k: statistics.median(v) for k, v in times.items()}
+    ratios = [f / r for f, r in zip(times["full"], times["routed"])]
     return rows, {"macs_share_by_kind": macs, "macs_share_mean_of_1_2_3": mean,
-                  "seconds": speed, "speedup": speed["full"] / speed["routed"],
+                  "seconds": speed, "speedup": statistics.median(ratios), "speedup_pairs": ratios,
                   "codes": loaded.codes, "macs_share_per_code": loaded.details["macs_ratio_per_code"]}
 
 

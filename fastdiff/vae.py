@@ -88,6 +88,8 @@ class LatentCodec:
             images = vae.decoder(post_quant_conv(z) if post_quant_conv is not None else z)
         else:
             images = vae.decode(z, return_dict=False)[0]
+        if torch.compiler.is_compiling():   # fused there anyway; a CPU constant would keep CUDA graphs off
+            return images * 0.5 + 0.5
         return torch.add(_HALF, images, alpha=0.5)   # (x + 1) / 2 as one op
 
     def _decoding(self, latents: torch.Tensor):

@@ -249,8 +249,7 @@ class LatentStream:
     def _pack(self) -> bool:
         """Move the slots of a full stream into the two buffers; False where the step can't write
         into them (a step that is not folded: guidance rescale)."""
-        call = self._call(True, tuple(range(self.n - 1)))
-        if call.rows.folded is None:
+        if self._call(True, self._all_occupied).rows.folded is None:
             return False
         F, R = self.frames, self.n * self.frames
         eps0, start = self._entry()[:2]
@@ -303,7 +302,6 @@ class LatentStream:
     @property
     def full(self) -> bool:
         return self._packed is not None or all(slot is not None for slot in self._slots)
-
 
     def steady_step(self):
         """The full stream's step as a pure function ``(x_new, eps_new, buffer, residual, cond) ->

@@ -64,14 +64,22 @@ class FiniteWatch:
             warnings.warn(f"the {component} produced NaN or infinite values{hint}", RuntimeWarning, stacklevel=3)
 
 
-_MINUS_ONE = torch.tensor(-1.0)   # a 0-dim tensor: torch.add(_MINUS_ONE, x, alpha=2) is one kernel
+_SHIFTS: dict = {}   # 0-dim tensors: torch.add(shift, x, alpha=scale) is one kernel
+
+
+def affine(images: torch.Tensor, scale: float, shift: float) -> torch.Tensor:
+    """scale·images + shift as one op (a new tensor)."""
+    if torch.compiler.is_compiling():   # fused there anyway; a CPU constant would keep CUDA graphs off
+        return images * scale + shift
+    constant = _SHIFTS.get(shift)
+    if constant is None:
+        constant = _SHIFTS[shift] = torch.tensor(shift)
+    return torch.add(constant, images, alpha=scale)
 
 
 def signed(images: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1] → [-1, 1], as one op (a new tensor)."""
-    if torch.compiler.is_compiling():   # fused there anyway; a CPU constant would keep CUDA graphs off
-        return images * 2 - 1
-    return torch.add(_MINUS_ONE, images, alpha=2)
+    """Images in [0, 1] → [-1, 1] (a new tensor)."""
+    return affine(images, 2.0, -1.0)
 
 
 def to_model_tensor(image, height: int, width: int, device, dtype, name: str = "image") -> torch.Tensor:

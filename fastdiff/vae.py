@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .images import signed
+from .images import affine, signed
 from .parameters import FirstParameter
 
 
@@ -77,8 +77,7 @@ class LatentCodec:
     def decode_unit(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1], not clamped (a caller checks them for NaN and ±Inf first), from denoiser latents."""
         vae, z = self._decoding(latents)
-        if self.scaling != 1 or self.shift:
-            z = self._unscaled(z)
+        z = self._unscaled(z)
         direct = self._direct(vae, z.shape[0])
         if direct == "tiny":
             # DecoderTiny's forward without its last [0, 1] -> [-1, 1]: its soft clamp, then its layers
@@ -88,9 +87,7 @@ class LatentCodec:
             images = vae.decoder(post_quant_conv(z) if post_quant_conv is not None else z)
         else:
             images = vae.decode(z, return_dict=False)[0]
-        if torch.compiler.is_compiling():   # fused there anyway; a CPU constant would keep CUDA graphs off
-            return images * 0.5 + 0.5
-        return torch.add(_HALF, images, alpha=0.5)   # (x + 1) / 2 as one op
+        return affine(images, 0.5, 0.5)   # [-1, 1] -> [0, 1]
 
     def _decoding(self, latents: torch.Tensor):
         """(the VAE that decodes, the latents in its dtype): an fp16 VAE that must upcast decodes
@@ -131,5 +128,3 @@ class LatentCodec:
         z = latents / self.scaling
         return z.add_(self.shift) if self.shift else z
 
-
-_HALF = torch.tensor(0.5)   # a 0-dim tensor: torch.add(_HALF, x, alpha=0.5) is one kernel

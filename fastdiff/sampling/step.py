@@ -91,21 +91,19 @@ class FoldedStep:
 
     x_terms: list
     residual_terms: list | None
-    # A stream's fixed noise is the same tensor call after call: its term, padded to every row, is
-    # kept per output (x or residual) and starts the sum — one op fewer and no slice a call.
-    _noise_terms: dict = field(default_factory=dict, repr=False)
+    # A stream's fixed noise is the same tensor call after call: from its second call on, its term,
+    # padded to every row, is kept per output (x or residual) and starts the sum — one op fewer and no
+    # slice a call. Fresh noise, a new tensor every call, is only remembered, never computed twice.
+    _noise_seen: dict = field(default_factory=dict, repr=False)   # output -> (noise, kept, False or None)
 
     def _apply(self, output: str, terms, inputs, out=None) -> torch.Tensor:
-        noise = inputs.get("noise")
-        kept = self._noise_terms.get(output)
-        if noise is not None and kept is not None and kept[0] is noise:
-            (name, coef), rest = terms[0], kept[2]
-            out = torch.addcmul(kept[1], coef, inputs[name], out=out)
+        (name, coef), rest = terms[0], terms[1:]
+        kept = self._kept_noise(output, terms, inputs.get("noise"), inputs[name])
+        if kept is not None:
+            term, rest = kept
+            out = torch.addcmul(term, coef, inputs[name], out=out)
         else:
-            (name, coef), rest = terms[0], terms[1:]
             out = torch.mul(coef, inputs[name], out=out)
-            if noise is not None and any(t[0] == "noise" for t in rest):
-                self._keep_noise_term(output, terms, noise, out)
         for name, coef in rest:
             value = inputs[name]
             k = value.shape[0]
@@ -115,11 +113,24 @@ class FoldedStep:
                 out[:k].addcmul_(coef, value)
         return out
 
-    def _keep_noise_term(self, output: str, terms, noise: torch.Tensor, like: torch.Tensor):
-        coef = next(c for name, c in terms if name == "noise")
-        term = torch.zeros_like(like)
-        term[: noise.shape[0]] = coef * noise
-        self._noise_terms[output] = (noise, term, [t for t in terms[1:] if t[0] != "noise"])
+    def _kept_noise(self, output: str, terms, noise, like: torch.Tensor):
+        """(the noise's term padded to every row, the terms after the first but the noise's) when
+        `noise` is the tensor this output's last call had too; else None."""
+        if noise is None:
+            return None
+        seen = self._noise_seen.get(output)
+        if seen is None or seen[0] is not noise:
+            self._noise_seen[output] = (noise, None)
+            return None
+        if seen[1] is None:
+            coefs = [c for name, c in terms[1:] if name == "noise"]
+            kept = False   # no noise term after the first: nothing to keep
+            if coefs:
+                term = torch.zeros_like(like)
+                term[: noise.shape[0]] = coefs[0] * noise
+                kept = (term, [t for t in terms[1:] if t[0] != "noise"])
+            self._noise_seen[output] = seen = (noise, kept)
+        return seen[1] or None
 
     def __call__(self, out=None, residual_out=None, **inputs):
         """(x', S'), written into `out` / `residual_out` where given (no input may share their memory)."""

@@ -94,7 +94,7 @@ class FoldedStep:
     # A stream's fixed noise is the same tensor call after call: from its second call on, its term,
     # padded to every row, is kept per output (x or residual) and starts the sum — one op fewer and no
     # slice a call. Fresh noise, a new tensor every call, is only remembered, never computed twice.
-    _noise_seen: dict = field(default_factory=dict, repr=False)   # output -> (noise, kept, False or None)
+    _noise_seen: dict = field(default_factory=dict, repr=False)   # output -> (noise, kept: None before its 2nd call, False if none)
 
     def _apply(self, output: str, terms, inputs, out=None) -> torch.Tensor:
         (name, coef), rest = terms[0], terms[1:]

@@ -742,6 +742,12 @@ def tune_onestep(model, rank, minutes, iterations, targets, prompt_file, count, 
               help="Grade the codes' sizes over target × (1 ± spread); 0: one shared target (APTP's).")
 @click.option("--plan", type=click.Choice(["need", "scores"]), default="need", show_default=True,
               help="Balance the codes over each prompt's loss in each code (need) or the router's scores (APTP).")
+@click.option("--groups", type=click.IntRange(min=1, max=64), default=4, show_default=True,
+              help="Width groups per ResNet and feed-forward layer (4: pruned widths stay multiples of 16 "
+                   "channels on the shapes model).")
+@click.option("--finetune", type=click.Choice(["per-code", "shared"]), default="per-code", show_default=True,
+              help="Each code's sub-network its own adapter, or one adapter on the full network trained "
+                   "through every prompt's code.")
 @click.option("--minutes", type=float, default=40.0, show_default=True,
               help="Whole budget: routing, then a third of it fine-tuning the sub-networks.")
 @click.option("--iterations", type=click.IntRange(min=1), default=None, help="Steps of each phase (default: the budget).")
@@ -749,7 +755,7 @@ def tune_onestep(model, rank, minutes, iterations, targets, prompt_file, count, 
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="The router folder.")
 @device_option
-def tune_route(model, codes, target, spread, plan, minutes, iterations, batch, seed, out, device):
+def tune_route(model, codes, target, spread, plan, groups, finetune, minutes, iterations, batch, seed, out, device):
     """Train a router that sends each prompt to one of --codes pruned sub-networks of --model, at
     --target of its MACs on average, and write router, codes and sub-networks to --out."""
     from .tuning.routing import train_router
@@ -778,7 +784,7 @@ def tune_route(model, codes, target, spread, plan, minutes, iterations, batch, s
 
     with usage_errors():
         router = train_router(pipe, None, draw, codes=codes, target=target, spread=spread, by_need=plan == "need",
-                              minutes=minutes, iterations=iterations,
+                              groups=groups, finetune=finetune, minutes=minutes, iterations=iterations,
                               batch=batch, seed=seed, progress=progress)
     router.save(str(out))
     shares = ", ".join(f"{100 * r:.0f}%" for r in router.details["macs_ratio_per_code"])

@@ -56,6 +56,20 @@ def test_units_cover_every_family_of_unit(pipe):
     assert all(u.inside is None or any(d.module == u.inside and d.kind == "depth" for d in units) for u in units)
 
 
+@pytest.mark.parametrize("groups", [1, 2, 4, 8])
+def test_width_units_come_in_at_most_the_groups_asked_for(pipe, groups):
+    resnets = {n: m for n, m in pipe.unet.named_modules() if type(m).__name__ == "ResnetBlock2D"}
+    units = prunable_units(pipe.unet, groups)
+    for unit in units:
+        if unit.kind == "resnet":   # whole GroupNorm groups, as many as allowed
+            norm_groups = resnets[unit.module].norm2.num_groups
+            assert unit.size <= groups and norm_groups % unit.size == 0
+            assert unit.size == max(g for g in range(1, groups + 1) if norm_groups % g == 0)
+        elif unit.kind == "ff":
+            assert unit.size == groups
+    assert [u.kind for u in units] == [u.kind for u in prunable_units(pipe.unet)]   # the same units, other widths
+
+
 def test_open_gates_and_an_unpruned_copy_equal_the_full_network(pipe, inputs):
     unet = copy.deepcopy(pipe.unet)
     units = prunable_units(unet)
@@ -165,10 +179,37 @@ def test_the_artefact_holds_low_rank_adapters_and_full_weights_round_trip_too(pi
     weights = [sum(p.numel() * 4 for p in router.subnets[k].parameters()) for k in range(2)]
     assert all(s < w / 2 for s, w in zip(sizes, weights))   # adapters only: far less than the sub-network
     images = torch.rand(len(PROMPTS), 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    full = train_router(pipe, PROMPTS, images, codes=2, target=0.5, minutes=2, iterations=4, batch=8, finetune_rank=0)
+    # full weights, and units of another width grouping: the loader takes them from the manifest
+    full = train_router(pipe, PROMPTS, images, codes=2, target=0.5, minutes=2, iterations=4, batch=8, finetune_rank=0,
+                        groups=2)
     loaded = load_router(full.save(str(tmp_path / "full")), pipe)
     assert loaded.rank == 0 and not loaded.adapters
+    assert loaded.units == prunable_units(pipe.unet, 2) != prunable_units(pipe.unet)
     assert_same_subnets(pipe, loaded, full)
+
+
+def test_a_shared_adapter_trains_every_code_through_its_gates_and_round_trips(pipe, tmp_path):
+    import os
+
+    images = torch.rand(len(PROMPTS), 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    router = train_router(pipe, PROMPTS, images, codes=2, target=0.5, minutes=2, iterations=6, batch=8,
+                          finetune="shared")
+    assert router.finetune == "shared" and set(router.adapters) == {"shared"}
+    tuned = [e for e in router.details["history"] if e["stage"] == "finetune"]
+    assert len(tuned) == 6
+    folder = router.save(str(tmp_path / "shared"))
+    assert os.path.exists(os.path.join(folder, "shared.safetensors"))
+    assert not any(f.startswith("subnet-") for f in os.listdir(folder))   # one adapter serves every code
+    loaded = load_router(folder, pipe)
+    assert loaded.finetune == "shared"
+    assert_same_subnets(pipe, loaded, router)
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():   # the adapter changed each code: not the base network pruned
+        c = pipe.encode_prompt(PROMPTS[:1], "cpu", 1, False)[0]
+        for code in range(2):
+            plain = prune(pipe.unet, router.units, router.gates[code])
+            assert not torch.allclose(plain(x, torch.tensor([300.0]), c).sample,
+                                      router.subnets[code](x, torch.tensor([300.0]), c).sample)
 
 
 def test_a_router_loads_where_an_adapter_was_attached(trained):
@@ -262,3 +303,9 @@ def test_bad_router_arguments_are_named(pipe):
         train_router(pipe, PROMPTS, images, spread=1.0)
     with pytest.raises(ValueError, match="finetune_rank"):
         train_router(pipe, PROMPTS, images, finetune_rank=-1)
+    with pytest.raises(ValueError, match="groups"):
+        train_router(pipe, PROMPTS, images, groups=0)
+    with pytest.raises(ValueError, match="finetune"):
+        train_router(pipe, PROMPTS, images, finetune="both")
+    with pytest.raises(ValueError, match="finetune"):
+        train_router(pipe, PROMPTS, images, finetune="shared", finetune_rank=0)

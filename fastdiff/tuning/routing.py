@@ -29,7 +29,9 @@ Training, the denoiser frozen (:mod:`.pruning` holds the units and gates):
   LoRA on the same layers as the one-step adapter's), merged into the pruned weights once trained.
   The artefact then holds only the adapters, since the pruned weights follow from the base model
   and the gates: a few MB for four codes, where whole sub-networks would take about 80 MB on the
-  shapes model (``finetune_rank=0`` fine-tunes and stores every weight).
+  shapes model (``finetune_rank=0`` fine-tunes and stores every weight). Or (``finetune="shared"``)
+  one adapter on the full network, each row run through its code's gates, merged and then pruned
+  per code: the codes share what they keep, and every prompt trains it (one adapter in the file).
 
 Training data: noisy latents of pictures of the prompts (``images``, e.g. the shapes world's
 renderer), at random timesteps. The artefact: the router's weights, the codes' gates and the pruned
@@ -48,9 +50,9 @@ import torch
 import torch.nn.functional as F
 
 from ..artefacts import StaleArtefactError, check_fields, library_versions, lock, publish_folder, read_manifest
-from ..checks import check_int, check_number
+from ..checks import check_choice, check_int, check_number
 from ..denoiser import GroupedDenoiser, denoiser_for
-from .pruning import Unit, attach_gates, gate_size, keep_one, macs_of, prunable_units, prune, unit_macs
+from .pruning import GROUPS, Unit, attach_gates, gate_size, keep_one, macs_of, prunable_units, prune, unit_macs
 from .schedules import model_hash, prompts_hash
 
 __all__ = ["Router", "RouterHead", "HoldsRouter", "train_router", "load_router", "sinkhorn", "gumbel_sigmoid",
@@ -59,6 +61,7 @@ __all__ = ["Router", "RouterHead", "HoldsRouter", "train_router", "load_router",
 FORMAT = 1
 KIND = "fastdiff-router"
 REMEDY = "train a router for this model (fastdiff tune route)"
+FINETUNES = ("per-code", "shared")
 
 
 class RouterHead(torch.nn.Module):
@@ -109,8 +112,9 @@ class Router:
     subnets: dict                  # code → pruned module
     fields: dict
     details: dict = field(default_factory=dict)
-    adapters: dict = field(default_factory=dict)   # code → its fine-tuning's LoRA weights (rank > 0)
+    adapters: dict = field(default_factory=dict)   # code (or "shared") → its fine-tuning's LoRA weights (rank > 0)
     rank: int = 0
+    finetune: str = "per-code"     # each code its own adapter, or one "shared" adapter on the full network
 
     @property
     def codes(self) -> int:
@@ -137,15 +141,18 @@ class Router:
 
         def build(partial):
             save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, os.path.join(partial, "router.safetensors"))
-            for code, module in self.subnets.items():
-                weights = self.adapters[code] if self.rank else module.state_dict()
-                save_file({k: v.contiguous() for k, v in weights.items()},
-                          os.path.join(partial, f"subnet-{code}.safetensors"))
+            if self.finetune == "shared":
+                files = {"shared": self.adapters["shared"]}
+            else:
+                files = {f"subnet-{code}": self.adapters[code] if self.rank else module.state_dict()
+                         for code, module in self.subnets.items()}
+            for name, weights in files.items():
+                save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(partial, f"{name}.safetensors"))
             return self.details
 
         extra = {"kind": KIND, "units": [asdict(u) for u in self.units], "gates": self.gates.int().tolist(),
                  "head": {"text_dim": self.head.net[0].in_features, "hidden": self.head.net[0].out_features},
-                 "finetune_rank": self.rank, "versions": library_versions(("peft",))}
+                 "finetune_rank": self.rank, "finetune": self.finetune, "versions": library_versions(("peft",))}
         os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
         with lock(folder):
             publish_folder(folder, self.fields, build, FORMAT, extra=extra)
@@ -183,29 +190,42 @@ def load_router(router, pipe) -> Router:
     head = RouterHead(manifest["head"]["text_dim"], gate_size(units), len(gates), manifest["head"]["hidden"])
     head.load_state_dict(load_file(os.path.join(router, "router.safetensors")))
     rank = int(manifest.get("finetune_rank", 0))
-    loaded = Router(head.eval(), units, gates, {}, manifest["fields"], manifest.get("details", {}), rank=rank)
+    finetune = manifest.get("finetune", "per-code")
+    loaded = Router(head.eval(), units, gates, {}, manifest["fields"], manifest.get("details", {}), rank=rank,
+                    finetune=finetune)
     loaded.check(pipe)
     base = _plain(denoiser_for(pipe).original)
+
+    def adapted(module, key, name):   # `module` with the LoRA of `name`.safetensors merged in
+        weights = load_file(os.path.join(router, f"{name}.safetensors"))
+        _set_lora(module, rank, weights, f"router: {router}'s adapter weights don't fit {name}")
+        loaded.adapters[key] = weights
+        return _merged(module)
+
+    full = adapted(copy.deepcopy(base).float(), "shared", "shared") if finetune == "shared" else None
     for code in range(len(gates)):
-        module = prune(base, units, gates[code]).float()
-        weights = load_file(os.path.join(router, f"subnet-{code}.safetensors"))
-        if rank:
-            from peft import set_peft_model_state_dict
-
-            from .onestep import add_lora   # here: onestep imports the stream, which imports this module
-
-            add_lora(module, rank)
-            result = set_peft_model_state_dict(module, weights)
-            wrong = result.unexpected_keys + [k for k in result.missing_keys if "lora_" in k]
-            if wrong:
-                raise StaleArtefactError(f"router: {router}'s adapter weights don't fit its sub-network {code} "
-                                         f"({wrong[0]}, ...); {REMEDY}")
-            loaded.adapters[code] = weights
-            module = _merged(module)
+        if full is not None:   # one adapter on the full network: each code is that network pruned
+            module = prune(full, units, gates[code])
+        elif rank:
+            module = adapted(prune(base, units, gates[code]).float(), code, f"subnet-{code}")
         else:
-            module.load_state_dict(weights)
+            module = prune(base, units, gates[code]).float()
+            module.load_state_dict(load_file(os.path.join(router, f"subnet-{code}.safetensors")))
         loaded.subnets[code] = _placed(module, base).eval().requires_grad_(False)
     return loaded
+
+
+def _set_lora(module, rank: int, weights: dict, what: str) -> None:
+    """Give `module` a rank-`rank` LoRA holding `weights`; refused (naming `what`) if they don't fit."""
+    from peft import set_peft_model_state_dict
+
+    from .onestep import add_lora   # here: onestep imports the stream, which imports this module
+
+    add_lora(module, rank)
+    result = set_peft_model_state_dict(module, weights)
+    wrong = result.unexpected_keys + [k for k in result.missing_keys if "lora_" in k]
+    if wrong:
+        raise StaleArtefactError(f"{what} ({wrong[0]}, ...); {REMEDY}")
 
 
 def _plain(base):
@@ -294,18 +314,25 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
                  batch: int = 32, lr: float = 1e-2, finetune_lr: float | None = None, finetune_rank: int = 8,
                  resource_weight: float = 1.0,
                  contrastive_weight: float = 0.5, balance_weight: float = 0.5, feature_weight: float = 0.5,
-                 uncond_share: float = 0.3, by_need: bool = True, seed: int = 0, progress=None,
-                 workdir: str | None = None) -> Router:
+                 uncond_share: float = 0.3, by_need: bool = True, groups: int = GROUPS,
+                 finetune: str = "per-code", seed: int = 0, progress=None, workdir: str | None = None) -> Router:
     """Train a router of `codes` codes for `pipe` on `prompts` and their pictures `images` ([N, 3, H, W]
     in [-1, 1], one per prompt, or a callable ``(count, generator) -> (images, prompts)`` drawing fresh
     ones), aiming at `target` of the full model's MACs on average. `minutes` is the whole budget:
     routing first, then the sub-networks' fine-tuning (``finetune_minutes``, default a third).
     `spread` grades the codes' sizes around the target (0: APTP's one shared target); `by_need`
-    balances the assignment on each row's loss under each code (False: on the router's scores)."""
+    balances the assignment on each row's loss under each code (False: on the router's scores).
+    `groups`: the width groups per ResNet and feed-forward layer (:data:`.pruning.GROUPS`).
+    `finetune`: each code's sub-network with an adapter of its own on its own prompts (``"per-code"``),
+    or one adapter on the full network trained through every row's code (``"shared"``, needs a rank)."""
     check_int(codes, "codes", 1, 64)
+    check_int(groups, "groups", 1, 64)
     check_number(target, "target", 0.0, 1.0, low_open=True)
     check_number(spread, "spread", 0.0, 1.0, high_open=True)
     check_int(finetune_rank, "finetune_rank", 0, 512)
+    check_choice(finetune, "finetune", FINETUNES)
+    if finetune == "shared" and not finetune_rank:
+        raise ValueError("finetune: 'shared' trains one low-rank adapter; give a finetune_rank > 0")
     finetune_lr = (1e-3 if finetune_rank else 1e-4) if finetune_lr is None else finetune_lr
     check_number(minutes, "minutes", 0.0, low_open=True)
     adapter = denoiser_for(pipe)
@@ -322,7 +349,7 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
     torch.manual_seed(seed)
     unet = copy.deepcopy(_plain(adapter.original)).float().eval().requires_grad_(False)
     teacher = adapter.original
-    units = prunable_units(unet)
+    units = prunable_units(unet, groups)
     G = gate_size(units)
     scheduler = pipe.scheduler
     vae = pipe.vae
@@ -409,35 +436,64 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
         hard = torch.stack([sized_gates(head.logits[k], float(sizes[k]), units, total, per_entry, blocks)
                             for k in range(codes)])
     base = _plain(adapter.original)
-    subnets = {k: prune(copy.deepcopy(base).float(), units, hard[k]) for k in range(codes)}
     macs = [float(macs_of(hard[k], units, total, per_entry, blocks)) for k in range(codes)]
-    if finetune_rank:
+    tuning = (teacher, adapter, pipe, batch_of, scheduler, generator, batch, finetune_lr, start + minutes * 60,
+              history, progress, uncond, uncond_share, iterations)
+    if finetune == "shared":
         from .onestep import add_lora
 
-        for module in subnets.values():
-            add_lora(module, finetune_rank)   # on the one-step adapter's layers
-    _finetune(subnets, head, teacher, adapter, pipe, batch_of, scheduler, generator, batch, finetune_lr,
-              start + minutes * 60, history, progress, uncond, uncond_share, iterations)
+        add_lora(unet, finetune_rank)
+        trained = {"shared": unet}
+        _finetune_shared(unet, units, hard, head, *tuning)
+    else:
+        trained = {k: prune(copy.deepcopy(base).float(), units, hard[k]) for k in range(codes)}
+        if finetune_rank:
+            from .onestep import add_lora
+
+            for module in trained.values():
+                add_lora(module, finetune_rank)   # on the one-step adapter's layers
+        _finetune(trained, head, *tuning)
     adapters = {}
     if finetune_rank:
         from peft.utils import get_peft_model_state_dict
 
         with torch.no_grad():   # stored in half precision: round them first, so the merged network is the loaded one
-            for m in subnets.values():
+            for m in trained.values():
                 for name, p in m.named_parameters():
                     if "lora_" in name:
                         p.copy_(p.half().float())
         adapters = {k: {n: v.detach().half() for n, v in get_peft_model_state_dict(m).items()}
-                    for k, m in subnets.items()}
-        subnets = {k: _merged(m) for k, m in subnets.items()}
+                    for k, m in trained.items()}
+        trained = {k: _merged(m) for k, m in trained.items()}
+    subnets = {k: prune(trained["shared"], units, hard[k]) for k in range(codes)} if finetune == "shared" else trained
     for k, module in subnets.items():
         subnets[k] = _placed(module, base).eval().requires_grad_(False)
     fields = {"base": model_hash(base), "family": adapter.family, "text_encoder": model_hash(pipe.text_encoder),
-              "codes": codes, "target": target, "spread": spread, "units": len(units)}
+              "codes": codes, "target": target, "spread": spread, "units": len(units), "groups": groups}
     details = {"macs_per_code": macs, "macs_full": total, "macs_ratio_per_code": [m / total for m in macs],
                "route_steps": step, "history": history[-50:], "seconds": round(time.time() - start, 1),
                "prompts": prompts_hash(prompts) if draw is None else "drawn", "seed": seed}
-    return Router(head.eval(), units, hard, subnets, fields, details, adapters, finetune_rank)
+    return Router(head.eval(), units, hard, subnets, fields, details, adapters, finetune_rank, finetune)
+
+
+def _teacher_batch(head, teacher, adapter, pipe, batch_of, scheduler, generator, batch, uncond, uncond_share):
+    """A fine-tuning batch: noisy latents, timesteps, prompt embeddings (a share unconditional), each
+    row's code and the full model's output."""
+    latents, texts = batch_of(batch)
+    x, t = _noisy(scheduler, latents, generator)
+    with torch.no_grad():
+        embeds = adapter.pipe.encode_prompt(texts, teacher.device, 1, False)[0].float()
+        embeds[torch.rand(batch, generator=generator) < uncond_share] = uncond
+        routes = head.scores(pooled_prompts(pipe, texts)).argmax(-1)
+        target = teacher(x.to(teacher.dtype), t, embeds.to(teacher.dtype), return_dict=False)[0].float()
+    return x, t, embeds, routes, target
+
+
+def _logged(history, progress, step, losses) -> None:
+    entry = {"stage": "finetune", "step": step, "losses": losses}
+    history.append(entry)
+    if progress and (step % 10 == 0 or step == 1):
+        progress(entry)
 
 
 def _finetune(subnets, head, teacher, adapter, pipe, batch_of, scheduler, generator, batch, lr, deadline, history,
@@ -451,13 +507,8 @@ def _finetune(subnets, head, teacher, adapter, pipe, batch_of, scheduler, genera
                   for k, m in subnets.items()}
     step = 0
     while time.time() < deadline and (iterations is None or step < iterations):
-        latents, texts = batch_of(batch)
-        x, t = _noisy(scheduler, latents, generator)
-        with torch.no_grad():
-            embeds = adapter.pipe.encode_prompt(texts, teacher.device, 1, False)[0].float()
-            embeds[torch.rand(batch, generator=generator) < uncond_share] = uncond
-            routes = head.scores(pooled_prompts(pipe, texts)).argmax(-1)
-            target = teacher(x.to(teacher.dtype), t, embeds.to(teacher.dtype), return_dict=False)[0].float()
+        x, t, embeds, routes, target = _teacher_batch(head, teacher, adapter, pipe, batch_of, scheduler, generator,
+                                                      batch, uncond, uncond_share)
         losses = {}
         for k in routes.unique().tolist():
             rows = routes == k
@@ -468,10 +519,30 @@ def _finetune(subnets, head, teacher, adapter, pipe, batch_of, scheduler, genera
             optimizers[k].step()
             losses[k] = loss.item()
         step += 1
-        entry = {"stage": "finetune", "step": step, "losses": losses}
-        history.append(entry)
-        if progress and (step % 10 == 0 or step == 1):
-            progress(entry)
+        _logged(history, progress, step, losses)
+
+
+def _finetune_shared(unet, units, hard, head, teacher, adapter, pipe, batch_of, scheduler, generator, batch, lr,
+                     deadline, history, progress, uncond, uncond_share, iterations):
+    """One adapter on the full network, each row run through its code's gates (`hard` [K, G]): every
+    code's sub-network is that network pruned, so a weight that several codes keep learns from all
+    their prompts, and each step is one call over the whole batch."""
+    unet.train()
+    gates = attach_gates(unet, units)
+    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    step = 0
+    while time.time() < deadline and (iterations is None or step < iterations):
+        x, t, embeds, routes, target = _teacher_batch(head, teacher, adapter, pipe, batch_of, scheduler, generator,
+                                                      batch, uncond, uncond_share)
+        gates.set(hard[routes])
+        per_row = (unet(x, t, embeds, return_dict=False)[0] - target).pow(2).flatten(1).mean(1)
+        optimizer.zero_grad(set_to_none=True)
+        per_row.mean().backward()
+        optimizer.step()
+        step += 1
+        _logged(history, progress, step, {k: per_row[routes == k].mean().item() for k in routes.unique().tolist()})
+    gates.remove()
+    unet.eval()
 
 
 class HoldsRouter:

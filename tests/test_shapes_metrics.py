@@ -1,6 +1,8 @@
 """Quality measures on known inputs: identical sets, a known error, wrong colours, blur, collapse."""
 
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -64,6 +66,21 @@ def test_distance_grows_with_blur_and_stays_small_within_the_distribution():
     assert same < blurry / 5 and same < noisy / 5, (same, blurry, noisy)
 
 
+def test_distance_by_feature_names_what_moved():
+    prompts = heldout_prompts("one", 120, seed=1)
+    a = _tensor(drawn(prompts, 1))
+    blurred = F.avg_pool2d(a, 5, stride=1, padding=2, count_include_pad=False)
+    assert set(metrics.frechet_by_feature(a, a.clone()).values()) == {0.0}
+    terms = metrics.frechet_by_feature(blurred, a)
+    assert list(terms) == metrics.FEATURE_NAMES
+    # a blur smears edges into colours off the palette: that feature carries the distance
+    assert terms["off_palette"] > 0.9 * sum(terms.values()), terms
+    assert sum(terms.values()) == pytest.approx(metrics.frechet_distance(blurred, a), rel=0.2)
+    red = a[[i for i, (text, _) in enumerate(prompts) if "red" in text]]   # a set with more red in it
+    reddish = metrics.frechet_by_feature(red, a)
+    assert max(reddish, key=reddish.get) == "mass_red", reddish
+
+
 def test_features_are_documented_and_colour_mass_sums_to_one(held):
     features = metrics.shape_features(render_batch([s for _, s in held[:8]]))
     assert features.shape == (8, len(metrics.FEATURE_NAMES)) == (8, 28)
@@ -110,6 +127,22 @@ def test_coverage_is_about_one_for_rendered_samples_and_low_for_collapse():
     assert 0.2 < metrics.coverage(half.reshape(pictures.shape), prompts) < 0.9
 
 
+def test_a_wrong_shape_costs_accuracy_not_turn_coverage():
+    # Squares drawn as circles: prompt accuracy charges the shape; the turns of the squares that
+    # are drawn stay as spread as the renderer's (a circle's turn, read as 0°, is no reading).
+    held = [(p, s) for p, s in heldout_prompts("unstated", 160) if [o.shape for o in s.objects] == ["square"]][:16]
+    repeats = 8
+    prompts = [p for p, _ in held for _ in range(repeats)]
+    rng = np.random.default_rng(4)
+    scenes = [realise(s, rng) for _, s in held for _ in range(repeats)]
+    rounded = [Scene(sc.background, [Obj("circle", o.colour, o.size, o.position, o.centre, o.diameter, 0.0)
+                                     for o in sc.objects]) if i % 2 else sc for i, sc in enumerate(scenes)]
+    turned = metrics.coverage_by_attribute(render_batch(scenes), prompts)["turn"]
+    half_round = render_batch(rounded)
+    assert metrics.coverage_by_attribute(half_round, prompts)["turn"] == pytest.approx(turned, abs=0.15)
+    assert metrics.prompt_accuracy(half_round, prompts) < metrics.prompt_accuracy(render_batch(scenes), prompts) - 0.05
+
+
 def test_coverage_refuses_single_pictures_and_mismatched_prompts():
     held = heldout_prompts("unstated", 4)
     pictures = drawn(held, 0)
@@ -117,3 +150,22 @@ def test_coverage_refuses_single_pictures_and_mismatched_prompts():
         metrics.coverage(pictures, [p for p, _ in held])
     with pytest.raises(ValueError, match="prompts"):
         metrics.coverage(pictures, [held[0][0]])
+
+
+def test_shape_confusion_of_the_errors_benchmark_counts_asked_against_read():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    try:
+        import shapes_errors
+    finally:
+        sys.path.pop(0)
+    held = [(p, s) for p, s in heldout_prompts("one", 48)]
+    rng = np.random.default_rng(5)
+    scenes = [realise(s, rng) for _, s in held]
+    as_circles = [Scene(sc.background, [Obj("circle", o.colour, o.size, o.position, o.centre, o.diameter, 0.0)
+                                        for o in sc.objects]) for sc in scenes]
+    prompts = [p for p, _ in held]
+    asked = {shape: sum(o.shape == shape for _, s in held for o in s.objects) for shape in shapes_errors.SHAPES}
+    assert shapes_errors.confusion(render_batch(scenes), prompts) == {k: {k: n} for k, n in asked.items() if n} | {
+        k: {} for k, n in asked.items() if not n}
+    drawn_round = shapes_errors.confusion(render_batch(as_circles), prompts)
+    assert drawn_round["square"] == {"circle": asked["square"]} and asked["square"] > 0

@@ -38,7 +38,7 @@ from .evaluate import _as_batch, attribute_accuracy, read_scenes
 from .render import COLOURS, TURN_RANGE, Scene, parse_caption, realise, render_batch, sample_scene, signed_turn
 
 __all__ = ["prompt_accuracy", "paired_psnr", "coverage", "coverage_by_attribute", "shape_features",
-           "frechet_distance", "FEATURE_NAMES", "FREE_ATTRIBUTES"]
+           "frechet_distance", "frechet_by_feature", "FEATURE_NAMES", "FREE_ATTRIBUTES"]
 
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float32) / 255
 _GRID = 4
@@ -79,7 +79,9 @@ def _turn_bin(obj) -> int:
 def _free_readings(wanted: Scene, read: list[Scene]) -> dict[tuple[str, int], list]:
     """For each attribute `wanted` leaves free, and each object, what the pictures show: keys
     (attribute, object index), values one reading per picture where the object was found (the
-    read object of its colour and shape, else of its colour)."""
+    read object of its colour and shape, else of its colour). A turn is read only from an object
+    of the wanted shape: a square drawn as a circle has no turn to read (a circle's reads 0°), and
+    the wrong shape is prompt accuracy's business, as a missing object is."""
     readings: dict[tuple[str, int], list] = {}
     if wanted.background is None:
         readings[("background", -1)] = [scene.background for scene in read]
@@ -96,8 +98,10 @@ def _free_readings(wanted: Scene, read: list[Scene]) -> dict[tuple[str, int], li
                 continue
             o = found[0]
             for attribute in free:
-                value = _turn_bin(o) if attribute == "turn" else getattr(o, attribute)
-                readings[(attribute, i)].append(value)
+                if attribute != "turn":
+                    readings[(attribute, i)].append(getattr(o, attribute))
+                elif o.shape == want.shape:
+                    readings[(attribute, i)].append(_turn_bin(o))
     return readings
 
 
@@ -209,10 +213,7 @@ def _psd_sqrt(m: np.ndarray) -> np.ndarray:
 def frechet_distance(images, reference_images, value_range=None) -> float:
     """Fréchet distance between Gaussians fitted to the shape features of two sets of pictures
     (any sizes ≥ 2 each): |μ₁ − μ₂|² + tr(Σ₁ + Σ₂ − 2(Σ₁^½ Σ₂ Σ₁^½)^½). 0 for identical sets."""
-    f1, f2 = shape_features(images, value_range), shape_features(reference_images, value_range)
-    for name, f in (("images", f1), ("reference_images", f2)):
-        if len(f) < 2:
-            raise ValueError(f"{name} must hold at least 2 pictures to fit a covariance, got {len(f)}")
+    f1, f2 = _feature_pair(images, reference_images, value_range)
     mu1, mu2 = f1.mean(0), f2.mean(0)
     s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
     root1 = _psd_sqrt(s1)
@@ -220,3 +221,20 @@ def frechet_distance(images, reference_images, value_range=None) -> float:
     trace_sqrt = float(np.sqrt(np.clip(cross, 0, None)).sum())
     distance = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt)
     return max(distance, 0.0)  # rounding can leave −1e-16 for identical sets
+
+
+def frechet_by_feature(images, reference_images, value_range=None) -> dict[str, float]:
+    """Which features make :func:`frechet_distance`: each feature's own one-dimensional Fréchet
+    distance, (μ₁ − μ₂)² + (σ₁ − σ₂)², in the same units. They add up to the distance of Gaussians
+    with the features uncorrelated; the full distance also counts their correlations."""
+    f1, f2 = _feature_pair(images, reference_images, value_range)
+    terms = (f1.mean(0) - f2.mean(0)) ** 2 + (f1.std(0, ddof=1) - f2.std(0, ddof=1)) ** 2
+    return dict(zip(FEATURE_NAMES, map(float, terms)))
+
+
+def _feature_pair(images, reference_images, value_range) -> tuple[np.ndarray, np.ndarray]:
+    f1, f2 = shape_features(images, value_range), shape_features(reference_images, value_range)
+    for name, f in (("images", f1), ("reference_images", f2)):
+        if len(f) < 2:
+            raise ValueError(f"{name} must hold at least 2 pictures to fit a covariance, got {len(f)}")
+    return f1, f2

@@ -27,14 +27,14 @@ SHAPES = ("circle", "square", "triangle")
 def confusion(images, prompts, value_range=None) -> dict[str, dict[str, int]]:
     """{asked shape: {read shape or "missing": count}} over every object the prompts ask for."""
     from fastdiff.shapes.evaluate import read_scenes
+    from fastdiff.shapes.metrics import read_object
     from fastdiff.shapes.render import parse_caption
 
     counts = {shape: Counter() for shape in SHAPES}
     for prompt, scene in zip(prompts, read_scenes(images, value_range)):
         for want in parse_caption(prompt).objects:
-            same_colour = [o for o in scene.objects if o.colour == want.colour]
-            exact = [o for o in same_colour if o.shape == want.shape]
-            counts[want.shape][(exact or same_colour)[0].shape if same_colour else "missing"] += 1
+            got = read_object(want, scene)
+            counts[want.shape][got.shape if got else "missing"] += 1
     return {shape: dict(c) for shape, c in counts.items()}
 
 

@@ -25,6 +25,12 @@ def drawn(prompts, seed):
     return render_batch([realise(s, rng) for _, s in prompts])
 
 
+def _as_circles(scene: Scene) -> Scene:
+    """`scene` with every object drawn as a circle (a shape error, nothing else changed)."""
+    return Scene(scene.background, [Obj("circle", o.colour, o.size, o.position, o.centre, o.diameter, 0.0)
+                                     for o in scene.objects])
+
+
 def _tensor(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
 
@@ -135,8 +141,7 @@ def test_a_wrong_shape_costs_accuracy_not_turn_coverage():
     prompts = [p for p, _ in held for _ in range(repeats)]
     rng = np.random.default_rng(4)
     scenes = [realise(s, rng) for _, s in held for _ in range(repeats)]
-    rounded = [Scene(sc.background, [Obj("circle", o.colour, o.size, o.position, o.centre, o.diameter, 0.0)
-                                     for o in sc.objects]) if i % 2 else sc for i, sc in enumerate(scenes)]
+    rounded = [_as_circles(sc) if i % 2 else sc for i, sc in enumerate(scenes)]
     turned = metrics.coverage_by_attribute(render_batch(scenes), prompts)["turn"]
     half_round = render_batch(rounded)
     assert metrics.coverage_by_attribute(half_round, prompts)["turn"] == pytest.approx(turned, abs=0.15)
@@ -161,8 +166,7 @@ def test_shape_confusion_of_the_errors_benchmark_counts_asked_against_read():
     held = [(p, s) for p, s in heldout_prompts("one", 48)]
     rng = np.random.default_rng(5)
     scenes = [realise(s, rng) for _, s in held]
-    as_circles = [Scene(sc.background, [Obj("circle", o.colour, o.size, o.position, o.centre, o.diameter, 0.0)
-                                        for o in sc.objects]) for sc in scenes]
+    as_circles = [_as_circles(sc) for sc in scenes]
     prompts = [p for p, _ in held]
     asked = {shape: sum(o.shape == shape for _, s in held for o in s.objects) for shape in shapes_errors.SHAPES}
     assert shapes_errors.confusion(render_batch(scenes), prompts) == {k: {k: n} for k, n in asked.items() if n} | {

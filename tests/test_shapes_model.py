@@ -171,7 +171,7 @@ def test_committed_pipeline_loads_offline_and_its_outputs_are_stable():
 def test_model_holds_its_measured_quality_on_small_held_out_sets():
     # 32 held-out prompts per kind at 25 DDIM steps, the model's guidance; coverage on 4 unstated
     # prompts × 8 seeds. The floors sit well under what the committed weights measured on 256
-    # prompts per kind (92.8 / 82.9 / 74.3 / 85.3%, coverage 0.807 on 256 × 8; BENCHMARKS.md,
+    # prompts per kind (92.8 / 82.9 / 74.3 / 85.3%, coverage 0.914 on 256 × 8; BENCHMARKS.md,
     # "Shapes model"): they catch a broken pipeline, loader or evaluator, not a point of quality.
     pipe = M.load_pipeline()
     floors = {"one": 0.84, "two": 0.68, "three": 0.60, "unstated": 0.74}

@@ -35,9 +35,9 @@ import numpy as np
 import torch
 
 from .evaluate import _as_batch, attribute_accuracy, read_scenes
-from .render import COLOURS, TURN_RANGE, Scene, parse_caption, realise, render_batch, sample_scene, signed_turn
+from .render import COLOURS, TURN_RANGE, Obj, Scene, parse_caption, realise, render_batch, sample_scene, signed_turn
 
-__all__ = ["prompt_accuracy", "paired_psnr", "coverage", "coverage_by_attribute", "shape_features",
+__all__ = ["prompt_accuracy", "paired_psnr", "coverage", "coverage_by_attribute", "read_object", "shape_features",
            "frechet_distance", "frechet_by_feature", "FEATURE_NAMES", "FREE_ATTRIBUTES"]
 
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float32) / 255
@@ -92,17 +92,21 @@ def _free_readings(wanted: Scene, read: list[Scene]) -> dict[tuple[str, int], li
         for attribute in free:
             readings[(attribute, i)] = []
         for scene in read:
-            found = ([o for o in scene.objects if (o.colour, o.shape) == (want.colour, want.shape)]
-                     or [o for o in scene.objects if o.colour == want.colour])
-            if not found:  # a missing object is prompt accuracy's business, not diversity's
+            o = read_object(want, scene)
+            if o is None:  # a missing object is prompt accuracy's business, not diversity's
                 continue
-            o = found[0]
             for attribute in free:
-                if attribute != "turn":
-                    readings[(attribute, i)].append(getattr(o, attribute))
-                elif o.shape == want.shape:
-                    readings[(attribute, i)].append(_turn_bin(o))
+                if attribute == "turn" and o.shape != want.shape:
+                    continue   # so is a wrong shape: its turn says nothing of the wanted one's
+                readings[(attribute, i)].append(_turn_bin(o) if attribute == "turn" else getattr(o, attribute))
     return readings
+
+
+def read_object(want: Obj, scene: Scene) -> Obj | None:
+    """The object of `scene` that stands for `want`: the first read of its colour and shape, else
+    of its colour; None when no object has its colour."""
+    same_colour = [o for o in scene.objects if o.colour == want.colour]
+    return next((o for o in same_colour if o.shape == want.shape), same_colour[0] if same_colour else None)
 
 
 def coverage_by_attribute(images, prompts, value_range=None, seed: int = 0) -> dict[str, float]:

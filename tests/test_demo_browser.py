@@ -86,6 +86,9 @@ def test_webcam_shapes_and_txt2img_in_the_page(browser, server):  # browser firs
     assert float(fps) > 0
     page.wait_for_function("(before) => document.getElementById('fps').textContent !== before", arg=fps,
                            timeout=WAIT_MS, polling=POLL_MS)  # the readout moves
+    # The counters move with each frame's header; its picture comes after and decodes later still.
+    page.wait_for_function("document.getElementById('output').naturalWidth > 0", timeout=WAIT_MS,
+                           polling=POLL_MS)
     output_size = page.evaluate("[document.getElementById('output').naturalWidth, "
                                 "document.getElementById('output').naturalHeight]")
     assert output_size == [64, 64]  # a generated frame is shown

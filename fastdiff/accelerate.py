@@ -9,6 +9,7 @@ shares every technique the stream has (residual CFG, engines...).
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 
@@ -16,7 +17,7 @@ from .checks import check_int, check_number
 from .images import FiniteWatch, check_finite, check_output_type
 from .sampling.guidance import check_mode
 from .sampling.guiders import make_guider
-from .sampling.schedule import step_schedule
+from .sampling.schedule import reproduces_step, step_schedule
 from .stream.batch import LatentStream
 from .stream.prepare import Prepared, UsesPrepared
 from .tuning.adapters import HoldsAdapter
@@ -109,6 +110,7 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         self.parts.set_attention(attention)
         self._finite = FiniteWatch()
         self._last_rows = None   # (model conditioning, latent shape) of the last call's denoiser calls
+        self._warned_steps = set()   # scheduler classes already warned of (see _warn_step)
         self._max_batch, self._resolutions = max_batch, resolutions or [self.parts.size(None, None)]
         if backend is not None:
             self._attach_engines()
@@ -236,6 +238,8 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
                 raise ValueError(f"strength={strength} with num_inference_steps={num_inference_steps} leaves no step to run")
         else:
             steps = list(range(num_inference_steps))
+        if solver is None:
+            self._warn_step(scheduler)
         # eta reaches the schedulers whose step takes it (DDIM, TCD), as in the pipeline; others ignore it
         eta = float(self._default("eta", eta) or 0.0) if "eta" in inspect.signature(scheduler.step).parameters else 0.0
         schedule = step_schedule(scheduler, steps, timesteps, num_inference_steps, solver, eta)
@@ -262,6 +266,18 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         finished = stream.push(clean, noise=noise)
         result = finished if finished is not None else stream.drain()[0]
         return self._output(result.latents, output_type, return_dict, codec)
+
+    def _warn_step(self, scheduler) -> None:
+        """Once per scheduler class: its own step is not one fastdiff reproduces, so the images are
+        not the wrapped pipeline's."""
+        name = type(scheduler).__name__
+        if reproduces_step(scheduler) or name in self._warned_steps:
+            return
+        self._warned_steps.add(name)
+        warnings.warn(f"{name}'s own step is not one fastdiff reproduces: fastdiff.accelerate runs its timesteps "
+                      "with the first-order DDIM / Euler step, so the images differ from the pipeline's own. For "
+                      "the pipeline's images, give it a DDIMScheduler, EulerDiscreteScheduler, LCMScheduler or "
+                      "TCDScheduler; pass solver='ddim' to take this step knowingly.", stacklevel=3)
 
     def _output(self, latents, output_type, return_dict, codec):
         if output_type == "latent":

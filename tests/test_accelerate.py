@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
 import fastdiff
@@ -173,3 +173,28 @@ def test_size_that_the_model_cannot_take_is_refused(txt2img):
         fastdiff.accelerate(txt2img)("a red circle", height=65, num_inference_steps=2)
     out = fastdiff.accelerate(txt2img)("a red circle", height=96, width=32, num_inference_steps=2, output_type="np")
     assert out.images.shape == (1, 96, 32, 3)
+
+
+def test_a_step_it_does_not_reproduce_is_said_once():
+    """A scheduler whose own step fastdiff does not run (DPM-Solver++ 2M here) gets a warning naming
+    it, once per wrapper; the images then differ from the pipeline's. An explicit solver or a
+    reproduced scheduler says nothing."""
+    import warnings
+
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe = tiny_sd_pipeline(scheduler="ddim")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    args = dict(prompt="a red circle", num_inference_steps=4, guidance_scale=1.0)
+    fast = fastdiff.accelerate(pipe)
+    with pytest.warns(UserWarning, match="DPMSolverMultistepScheduler's own step"):
+        got = run(fast, **args)
+    assert np.abs(got - run(pipe, **args)).max() > 1e-4   # what the warning says: not the pipeline's images
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(fast, **args)                                    # said once
+        run(fastdiff.accelerate(pipe, solver="ddim"), **args)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        run(fastdiff.accelerate(pipe), **args)
+    assert not [w for w in caught if "own step" in str(w.message)]

@@ -46,6 +46,17 @@ def is_flow_scheduler(scheduler) -> bool:
     return getattr(scheduler, "alphas_cumprod", None) is None and "shift" in scheduler.config
 
 
+# The schedulers whose own step one of SOLVERS is: their pipelines' images are reproduced. Any other
+# (DPM-Solver, UniPC, PNDM, Heun, ancestral samplers, DDPM) gets its timesteps run with the DDIM / Euler step.
+REPRODUCED = ("DDIMScheduler", "EulerDiscreteScheduler", "LCMScheduler", "TCDScheduler",
+              "FlowMatchEulerDiscreteScheduler")
+
+
+def reproduces_step(scheduler) -> bool:
+    """Whether `scheduler`'s own step is one of fastdiff's solvers (its class or a base in REPRODUCED)."""
+    return any(cls.__name__ in REPRODUCED for cls in type(scheduler).__mro__)
+
+
 def default_solver(scheduler) -> str:
     """LCM's consistency step for LCM schedulers, TCD's for TCD, the DDIM / Euler step otherwise."""
     return {"LCMScheduler": "lcm", "TCDScheduler": "tcd"}.get(type(scheduler).__name__, "ddim")

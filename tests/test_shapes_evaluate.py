@@ -126,3 +126,18 @@ def test_only_stated_attributes_are_scored():
 def test_mismatched_lengths_are_refused():
     with pytest.raises(ValueError, match="pictures"):
         attribute_accuracy([Image.new("RGB", (64, 64))], [])
+
+
+def test_pictures_with_nan_are_refused():
+    """A sampler that breaks down gives NaN pictures; read as black they would score (the Fréchet
+    distance rated them under a good sampler's), so every measure refuses them."""
+    from fastdiff.shapes.metrics import coverage, frechet_distance, prompt_accuracy
+
+    good = batch_tensors(4, 0)[0]
+    bad = good.clone()
+    bad[1, 0, 5, 5] = float("nan")
+    prompts = ["a red circle"] * 4
+    for measure in (lambda x: prompt_accuracy(x, prompts), lambda x: coverage(x, prompts),
+                    lambda x: frechet_distance(x, good), lambda x: frechet_distance(good, x)):
+        with pytest.raises(ValueError, match="a picture holds NaN"):
+            measure(bad)

@@ -59,6 +59,8 @@ def _as_uint8(image, value_range) -> np.ndarray:
         if a.dtype.kind in "iub":  # integers are 0..255
             a = np.clip(a, 0, 255).astype(np.uint8)
         else:
+            if not np.isfinite(a).all():   # NaN would read as black: a broken sampler must not score
+                raise ValueError("a picture holds NaN or infinite values: the evaluator reads finite pixels")
             # Floats are [0, 1] unless some value is negative: every palette colour but white has
             # a channel below the middle, so a [-1, 1] shapes picture always has one.
             low, high = value_range or ((-1.0, 1.0) if a.min() < 0 else (0.0, 1.0))

@@ -175,26 +175,43 @@ def test_size_that_the_model_cannot_take_is_refused(txt2img):
     assert out.images.shape == (1, 96, 32, 3)
 
 
-def test_a_step_it_does_not_reproduce_is_said_once():
-    """A scheduler whose own step fastdiff does not run (DPM-Solver++ 2M here) gets a warning naming
-    it, once per wrapper; the images then differ from the pipeline's. An explicit solver or a
-    reproduced scheduler says nothing."""
+@pytest.mark.parametrize("kind", ["pndm", "dpm-solver++"])
+def test_a_step_it_does_not_reproduce_runs_first_order_and_says_so(kind):
+    """SD 1.x's PNDM (which lists a timestep twice) and DPM-Solver++ 2M (which holds x itself, not
+    k-diffusion's x0 + σ·ε) take their own timesteps, noise scale and end with the first-order step:
+    PNDM's pictures are the DDIM pipeline's at the same timesteps, DPM-Solver++'s its own first-order
+    variant's. A warning names the scheduler once per wrapper; an explicit solver or a reproduced
+    scheduler says nothing."""
     import warnings
 
-    from diffusers import DPMSolverMultistepScheduler
+    from diffusers import DPMSolverMultistepScheduler, PNDMScheduler
 
     pipe = tiny_sd_pipeline(scheduler="ddim")
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    args = dict(prompt="a red circle", num_inference_steps=4, guidance_scale=1.0)
+    config = pipe.scheduler.config
+    if kind == "pndm":
+        pipe.scheduler = PNDMScheduler.from_config(config, skip_prk_steps=True)
+        reference = DDIMScheduler.from_config(config)
+        name = "PNDMScheduler"
+    else:
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(config)
+        reference = DPMSolverMultistepScheduler.from_config(config, solver_order=1)
+        name = "DPMSolverMultistepScheduler"
+    args = dict(prompt=["a red circle", "a blue fox"], num_inference_steps=4, guidance_scale=5.0)
+    own = run(pipe, **args)
     fast = fastdiff.accelerate(pipe)
-    with pytest.warns(UserWarning, match="DPMSolverMultistepScheduler's own step"):
+    with pytest.warns(UserWarning, match=f"{name}'s own step"):
         got = run(fast, **args)
-    assert np.abs(got - run(pipe, **args)).max() > 1e-4   # what the warning says: not the pipeline's images
+    scheduler, pipe.scheduler = pipe.scheduler, reference
+    expected = run(pipe, **args)
+    pipe.scheduler = scheduler
+    assert expected.std() > 0.01
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+    assert np.abs(own - expected).max() > 1e-4   # the scheduler's own step draws other pictures
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run(fast, **args)                                    # said once
         run(fastdiff.accelerate(pipe, solver="ddim"), **args)
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.scheduler = DDIMScheduler.from_config(config)
         run(fastdiff.accelerate(pipe), **args)
     assert not [w for w in caught if "own step" in str(w.message)]

@@ -80,6 +80,20 @@ def validate_steps(steps, num_inference_steps: int) -> list[int]:
     return steps
 
 
+def distinct_steps(scheduler, num_inference_steps: int) -> torch.Tensor:
+    """Where each timestep first comes in the scheduler's set schedule: multistage schedulers list one
+    twice (PNDM's warm-up, Heun's two evaluations), and a step of fastdiff's takes each once."""
+    seen, first = set(), []
+    for i, t in enumerate(scheduler.timesteps.tolist()):
+        if t not in seen:
+            seen.add(t)
+            first.append(i)
+    if len(first) != num_inference_steps:
+        raise ValueError(f"{type(scheduler).__name__} gives {len(first)} distinct timesteps for "
+                         f"num_inference_steps={num_inference_steps}; fastdiff takes one per step")
+    return torch.tensor(first)
+
+
 def validate_timesteps(timesteps, num_train_timesteps: int) -> list[float]:
     """Explicit timesteps: numbers, strictly decreasing, within the model's training range."""
     if isinstance(timesteps, (int, float)) or not hasattr(timesteps, "__iter__"):
@@ -123,11 +137,12 @@ def step_schedule(scheduler, steps=None, timesteps=None, num_inference_steps: in
     if steps is not None:
         steps = validate_steps(steps, num_inference_steps)
         scheduler.set_timesteps(num_inference_steps)
-        t = scheduler.timesteps.double()[steps]
+        picked = distinct_steps(scheduler, num_inference_steps)[steps]
+        t = scheduler.timesteps.double()[picked]
         if flow:
-            sigma = scheduler.sigmas.double()[steps]
+            sigma = scheduler.sigmas.double()[picked]
         elif getattr(scheduler, "sigmas", None) is not None and len(scheduler.sigmas) > len(scheduler.timesteps):
-            sigma = scheduler.sigmas.double()[steps]   # k-diffusion schedulers: take their σ exactly
+            sigma = scheduler.sigmas.double()[picked]   # schedulers with a σ table (Euler, DPM-Solver): theirs exactly
         else:
             sigma = None
     else:
@@ -145,10 +160,12 @@ def step_schedule(scheduler, steps=None, timesteps=None, num_inference_steps: in
         else:
             alpha = 1 / (1 + sigma**2).sqrt()
             beta = sigma * alpha
-        # DDIM ends at its final ᾱ (set_alpha_to_one); LCM returns its denoised estimate; Euler ends at
-        # σ=0; TCD's last step goes to t = 0.
+        # DDIM ends at its final ᾱ (set_alpha_to_one); LCM returns its denoised estimate; Euler and
+        # DPM-Solver end at their σ table's last entry (0, or σ_min); TCD's last step goes to t = 0.
         abar_end = {"ddim": float(getattr(scheduler, "final_alpha_cumprod", 1.0)), "lcm": 1.0,
                     "tcd": float(scheduler.alphas_cumprod[0])}[solver]
+        if solver == "ddim" and sigma is not None:
+            abar_end = 1 / (1 + float(scheduler.sigmas[-1]) ** 2)
         alpha_end, beta_end = abar_end**0.5, (1 - abar_end) ** 0.5
 
     alpha_next = torch.cat([alpha[1:], alpha.new_tensor([alpha_end])])
@@ -163,9 +180,12 @@ def step_schedule(scheduler, steps=None, timesteps=None, num_inference_steps: in
     else:
         c_skip, c_out = torch.zeros_like(t), torch.ones_like(t)
 
+    # The pipeline starts from init_noise_sigma·ε. Euler-type schedulers hold k-diffusion's x_k = x0 + σ·ε
+    # (init_noise_sigma ≈ σ_max > 1) and feed the model α·x_k; the others (DPM-Solver, UniPC) hold x itself.
     noise_scale = 1.0
-    if not flow and sigma is not None:   # Euler-type: x_k = ε·init_noise_sigma, fed to the model ×α
-        noise_scale = float(scheduler.init_noise_sigma) * float(alpha[0])
+    if not flow and sigma is not None:
+        noise_scale = float(scheduler.init_noise_sigma)
+        noise_scale *= float(alpha[0]) if noise_scale > 1 else 1.0
     prediction_type = "flow" if flow else scheduler.config.get("prediction_type", "epsilon")
     if prediction_type not in ("epsilon", "v_prediction", "flow"):
         raise ValueError(f"scheduler prediction_type {prediction_type!r} is not supported (epsilon, v_prediction, flow)")

@@ -17,7 +17,7 @@ from .checks import check_int, check_number
 from .images import FiniteWatch, check_finite, check_output_type
 from .sampling.guidance import check_mode
 from .sampling.guiders import make_guider
-from .sampling.schedule import reproduces_step, step_schedule
+from .sampling.schedule import own_solver, step_schedule
 from .stream.batch import LatentStream
 from .stream.prepare import Prepared, UsesPrepared
 from .tuning.adapters import HoldsAdapter
@@ -63,7 +63,8 @@ def accelerate(pipe, *, cfg: str | None = None, delta: float = 1.0, solver: str 
 
     ``cfg``: None follows diffusers (``"full"`` when guidance_scale > 1, else ``"none"``); ``"self"``
     or ``"initialize"`` use residual guidance at n (or n+1) rows per step instead of 2n.
-    ``solver``: None picks from the scheduler (LCM's step for LCMScheduler, DDIM/Euler otherwise).
+    ``solver``: None takes the scheduler's own step (DDIM / Euler, LCM, TCD, DPM-Solver++ 2M as
+    ``"dpmpp2m"``); for any other scheduler its timesteps with the DDIM / Euler step, and a warning.
     ``backend`` ("onnxruntime", "tensorrt", "aoti", "inductor" or "auto"; None: PyTorch) runs the
     denoiser and VAE as engines, built now or loaded from the engine cache, for up to
     ``engine_options["max_batch"]`` images per call (default 4: 8 denoiser rows with full CFG, what
@@ -239,7 +240,11 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         else:
             steps = list(range(num_inference_steps))
         if solver is None:
-            self._warn_step(scheduler)
+            solver = own_solver(scheduler)
+            if solver == "dpmpp2m" and guider.carries_residual:
+                solver = None   # residual guidance keeps the rows' state: the first-order step instead
+            if solver is None:
+                self._warn_step(scheduler)
         # eta reaches the schedulers whose step takes it (DDIM, TCD), as in the pipeline; others ignore it
         eta = float(self._default("eta", eta) or 0.0) if "eta" in inspect.signature(scheduler.step).parameters else 0.0
         schedule = step_schedule(scheduler, steps, timesteps, num_inference_steps, solver, eta)
@@ -268,16 +273,16 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         return self._output(result.latents, output_type, return_dict, codec)
 
     def _warn_step(self, scheduler) -> None:
-        """Once per scheduler class: its own step is not one fastdiff reproduces, so the images are
-        not the wrapped pipeline's."""
+        """Once per scheduler class: fastdiff does not run its own step here, so the images are not
+        the wrapped pipeline's."""
         name = type(scheduler).__name__
-        if reproduces_step(scheduler) or name in self._warned_steps:
+        if name in self._warned_steps:
             return
         self._warned_steps.add(name)
-        warnings.warn(f"{name}'s own step is not one fastdiff reproduces: fastdiff.accelerate runs its timesteps "
+        warnings.warn(f"{name}'s own step is not one fastdiff runs here: fastdiff.accelerate takes its timesteps "
                       "with the first-order DDIM / Euler step, so the images differ from the pipeline's own. For "
-                      "the pipeline's images, give it a DDIMScheduler, EulerDiscreteScheduler, LCMScheduler or "
-                      "TCDScheduler; pass solver='ddim' to take this step knowingly.", stacklevel=3)
+                      "the pipeline's images, give it a DDIM, Euler, LCM, TCD or DPM-Solver++ 2M scheduler (the "
+                      "last with cfg 'full' or 'none'); pass solver='ddim' to take this step knowingly.", stacklevel=3)
 
     def _output(self, latents, output_type, return_dict, codec):
         if output_type == "latent":

@@ -607,8 +607,9 @@ def tune():
 @click.option("--guidance-scale", type=click.FloatRange(min=0), default=None,
               help="Guidance scale (default: the shapes model's; stream: 1.2).")
 @click.option("--guidance-rescale", type=click.FloatRange(0, 1), default=None)
-@click.option("--solver", type=click.Choice(["ddim", "lcm", "tcd"]), default=None,
-              help="The step the schedule is for (default: ddim; stream: lcm).")
+@click.option("--solver", type=click.Choice(["ddim", "lcm", "tcd", "dpmpp2m"]), default=None,
+              help="The step the schedule is for (default: ddim; stream: lcm; dpmpp2m: DPM-Solver++ 2M, "
+                   "with --cfg full or none).")
 @click.option("--strength-step", type=click.IntRange(0, 49), default=None,
               help="Stream mode: the first timestep, as an index into the 50-step schedule (img2img's strength; "
                    "default: the first of the model's default stream steps).")
@@ -803,8 +804,9 @@ def bench():
               help="Numbers of denoising steps, one row each.")
 @click.option("--cfg", "cfgs", default="full,self,none", show_default=True, metavar="MODE,...",
               help=f"CFG modes, one row each per step count ({', '.join(CFG_MODES)}).")
-@click.option("--solver", type=click.Choice(["ddim", "lcm"]), default="ddim", show_default=True,
-              help="ddim: DDIM's step; lcm: the stream's x0 re-noising step.")
+@click.option("--solver", type=click.Choice(["ddim", "lcm", "dpmpp2m"]), default="ddim", show_default=True,
+              help="ddim: DDIM's step; lcm: the stream's x0 re-noising step; dpmpp2m: DPM-Solver++ 2M "
+                   "(with --cfg full or none).")
 @click.option("--guidance-scale", type=click.FloatRange(min=0), default=None,
               help="Guidance scale (default: the shapes model's).")
 @click.option("--guidance-rescale", type=click.FloatRange(0, 1), default=None,

@@ -32,7 +32,8 @@ from .shapes.render import heldout_prompts, realise, render_batch
 __all__ = ["QualityRow", "Prompts", "held_out", "generate", "quality_table", "format_table", "rows_as_dicts",
            "SOLVERS"]
 
-SOLVERS = ("ddim", "lcm")  # DDIM's deterministic step; LCM's x̂0 re-noised to the next step (the stream's)
+# DDIM's deterministic step; LCM's x̂0 re-noised to the next step (the stream's); DPM-Solver++ 2M
+SOLVERS = ("ddim", "lcm", "dpmpp2m")
 KINDS = ("one", "two", "three")
 
 

@@ -175,13 +175,32 @@ def test_size_that_the_model_cannot_take_is_refused(txt2img):
     assert out.images.shape == (1, 96, 32, 3)
 
 
-@pytest.mark.parametrize("kind", ["pndm", "dpm-solver++"])
-def test_a_step_it_does_not_reproduce_runs_first_order_and_says_so(kind):
-    """SD 1.x's PNDM (which lists a timestep twice) and DPM-Solver++ 2M (which holds x itself, not
-    k-diffusion's x0 + σ·ε) take their own timesteps, noise scale and end with the first-order step:
-    PNDM's pictures are the DDIM pipeline's at the same timesteps, DPM-Solver++'s its own first-order
-    variant's. A warning names the scheduler once per wrapper; an explicit solver or a reproduced
-    scheduler says nothing."""
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("guidance_scale", [1.0, 6.0])
+def test_dpm_solver_2m_matches_diffusers(prediction_type, guidance_scale):
+    """DPM-Solver++ 2M, diffusers' most used multistep scheduler, runs as its own second-order step:
+    each row carries its last x̂0 between calls."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe = tiny_sd_pipeline(scheduler="ddim", prediction_type=prediction_type)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    args = dict(prompt=["a red circle", "a blue fox"], num_inference_steps=6, guidance_scale=guidance_scale)
+    expected = run(pipe, **args)
+    np.testing.assert_allclose(run(fastdiff.accelerate(pipe), **args), expected, atol=2e-5)
+    first_order = run(fastdiff.accelerate(pipe, solver="ddim"), **args)
+    assert np.abs(first_order - expected).max() > 1e-4   # the history term matters
+    with pytest.raises(ValueError, match="dpmpp2m"):
+        fastdiff.accelerate(pipe, cfg="self", solver="dpmpp2m")(**args)
+
+
+@pytest.mark.parametrize("kind", ["pndm", "dpm-solver++ sde"])
+def test_a_step_it_does_not_run_is_taken_first_order_and_said(kind):
+    """SD 1.x's PNDM (which lists a timestep twice) and the stochastic DPM-Solver++ (which holds x
+    itself, not k-diffusion's x0 + σ·ε) take their own timesteps, noise scale and end with the
+    first-order step: PNDM's pictures are the DDIM pipeline's at the same timesteps, DPM-Solver's its
+    own first-order variant's. A warning names the scheduler once per wrapper; an explicit solver or
+    a scheduler whose step runs says nothing."""
     import warnings
 
     from diffusers import DPMSolverMultistepScheduler, PNDMScheduler
@@ -194,7 +213,7 @@ def test_a_step_it_does_not_reproduce_runs_first_order_and_says_so(kind):
         reference = DDIMScheduler.from_config(config)
         name = "PNDMScheduler"
     else:
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(config)
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(config, algorithm_type="sde-dpmsolver++")
         reference = DPMSolverMultistepScheduler.from_config(config, solver_order=1)
         name = "DPMSolverMultistepScheduler"
     args = dict(prompt=["a red circle", "a blue fox"], num_inference_steps=4, guidance_scale=5.0)

@@ -8,7 +8,7 @@ from fastdiff.denoiser import Conditioning
 from fastdiff.sampling.guidance import rescale_guidance
 from fastdiff.sampling.guiders import make_guider
 from fastdiff.sampling.schedule import step_schedule
-from fastdiff.sampling.step import reference_update, step_rows, stream_step
+from fastdiff.sampling.step import carries_state, reference_update, step_rows, stream_step
 
 STEPS = {1: [30], 2: [20, 40], 4: [5, 20, 32, 45]}
 SCHEDULERS = {
@@ -18,6 +18,9 @@ SCHEDULERS = {
     ("lcm", "epsilon"): lambda: LCMScheduler(prediction_type="epsilon"),
     ("lcm", "v_prediction"): lambda: LCMScheduler(prediction_type="v_prediction"),
     ("ddim", "flow"): lambda: FlowMatchEulerDiscreteScheduler(shift=3.0),
+    ("dpmpp2m", "epsilon"): lambda: DDIMScheduler(prediction_type="epsilon"),
+    ("dpmpp2m", "v_prediction"): lambda: DDIMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                                        timestep_spacing="trailing"),
 }
 
 
@@ -41,7 +44,7 @@ def random_inputs(rows, guider, seed=0):
         return torch.randn((k,) + shape, generator=gen)
     extra = guider.uncond_rows(R, rows.new)
     return dict(x=draw(R), out_c=draw(R), out_u=draw(extra) if extra else None,
-                residual=draw(R) if guider.carries_residual else None,
+                residual=draw(R) if carries_state(guider, rows.solver) else None,
                 noise=draw(rows.noise_rows) if rows.noise_rows else None)
 
 
@@ -50,6 +53,10 @@ def random_inputs(rows, guider, seed=0):
 @pytest.mark.parametrize("n", [1, 2, 4])
 @pytest.mark.parametrize("F", [1, 3])
 def test_folded_step_equals_the_step_functions(key, cfg, n, F):
+    if key[0] == "dpmpp2m" and cfg in ("self", "initialize"):
+        with pytest.raises(ValueError, match="dpmpp2m"):
+            rows_for(key, cfg, n, F, True)
+        return
     for new in (True, False) if n > 1 else (True,):
         rows, guider = rows_for(key, cfg, n, F, new)
         assert rows.folded is not None
@@ -59,7 +66,7 @@ def test_folded_step_equals_the_step_functions(key, cfg, n, F):
             want_x, want_s = reference_update(guider, rows, **inputs)
             got_x, got_s = rows.folded(**inputs)
             torch.testing.assert_close(got_x, want_x, rtol=1e-5, atol=1e-5)
-            if guider.carries_residual:
+            if carries_state(guider, rows.solver):
                 staying = int((rows.beta_next > 0).sum())   # the residual of rows leaving is dropped
                 torch.testing.assert_close(got_s[:staying], want_s[:staying], rtol=1e-5, atol=1e-5)
             else:

@@ -252,3 +252,35 @@ def test_a_packed_stream_equals_the_slot_by_slot_one(pipes, cfg, n, mode):
     assert [t for t, _ in results[True]] == [t for t, _ in results[False]] == list(range(len(groups)))
     for (_, a), (_, b) in zip(results[True], results[False]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_multistep_stream_keeps_each_groups_history(pipes, packed):
+    """DPM-Solver++(2M) carries each row's last x̂0 along with it: with groups in every slot, each
+    group leaves as it would alone in the stream."""
+    pipe = pipes["ddim"]
+    denoiser = denoiser_for(pipe)
+    schedule = step_schedule(pipe.scheduler, steps=STEP_SETS[4], num_inference_steps=50, solver="dpmpp2m")
+    assert schedule.history_weight.abs().max() > 0   # second-order steps inside
+    F = 2
+    with torch.inference_mode():
+        cond, uncond = denoiser.encode_prompt(["a red circle", "a blue square"], None, 64, 64)
+        groups = [torch.randn(F, 4, 8, 8, generator=torch.Generator().manual_seed(300 + k)) for k in range(7)]
+
+        def new_stream(noise=None):
+            stream = LatentStream(denoiser, schedule, cond, uncond, (4, 8, 8), guider=make_guider("full", G, DELTA),
+                                  generator=torch.Generator().manual_seed(3), packed=packed)
+            stream.noise = noise
+            return stream
+        together = new_stream()
+        outs = {}
+        for k, g in enumerate(groups):
+            finished = together.push(g, tag=k)
+            if finished is not None:   # packed: rows of its buffers, written again two calls later
+                outs[finished.tag] = finished.latents.clone()
+        outs.update({f.tag: f.latents for f in together.drain()})
+        assert sorted(outs) == list(range(len(groups)))
+        for k, g in enumerate(groups):
+            alone = new_stream(together.noise)
+            assert alone.push(g, tag=k) is None
+            assert_same_latents(outs[k], alone.drain()[0].latents)

@@ -9,17 +9,23 @@ timestep, or the scheduler's end point for the last one — and how the noise β
 made: n = √(1−γ²)·ε̂ + γ·z with fresh Gaussian z. γ = 0 is the deterministic DDIM / Euler step,
 γ = 1 LCM's re-noising, and in between DDIM with η > 0 and TCD's gamma (its step to an earlier
 s = ⌊(1−η)·t'⌋ and back up to t', which is exactly such a mix).
+
+DPM-Solver++(2M) is the DDIM step taken from an extrapolated estimate D = a·x̂0 + b·x̂0_prev, the
+row's x̂0 of its previous step weighted by the ratio r of the steps' log-SNR gaps (a = 1 + 1/(2r),
+b = −1/(2r)); a row's first step, one from pure noise's −∞ log-SNR and the last step where the
+scheduler's rules say so are first order (a = 1, b = 0).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ..checks import check_int, check_number
 
-SOLVERS = ("lcm", "ddim", "tcd")
+SOLVERS = ("lcm", "ddim", "tcd", "dpmpp2m")
 
 
 @dataclass(frozen=True)
@@ -34,9 +40,11 @@ class StepSchedule:
     c_skip: torch.Tensor        # LCM boundary scalings (c_skip = 0, c_out = 1 for DDIM and TCD)
     c_out: torch.Tensor
     prediction_type: str        # "epsilon", "v_prediction" or "flow"
-    solver: str                 # "lcm" (consistency step, re-noised), "ddim" (DDIM / Euler) or "tcd"
+    solver: str                 # "lcm" (consistency step, re-noised), "ddim" (DDIM / Euler), "tcd" or "dpmpp2m"
     noise_scale: float          # txt2img starts from x = noise_scale·ε, as the scheduler does
     noise_share: torch.Tensor = None   # γ: the share of fresh noise in what each step puts back
+    x0_weight: torch.Tensor = None     # DPM-Solver++(2M)'s a and b (None: 1 and 0, every other solver)
+    history_weight: torch.Tensor = None
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -46,15 +54,21 @@ def is_flow_scheduler(scheduler) -> bool:
     return getattr(scheduler, "alphas_cumprod", None) is None and "shift" in scheduler.config
 
 
-# The schedulers whose own step one of SOLVERS is: their pipelines' images are reproduced. Any other
-# (DPM-Solver, UniPC, PNDM, Heun, ancestral samplers, DDPM) gets its timesteps run with the DDIM / Euler step.
-REPRODUCED = ("DDIMScheduler", "EulerDiscreteScheduler", "LCMScheduler", "TCDScheduler",
-              "FlowMatchEulerDiscreteScheduler")
+# The schedulers whose own step is one of SOLVERS: their pipelines' images are reproduced. Any other
+# (UniPC, PNDM, Heun, ancestral samplers, DDPM) gets its timesteps run with the DDIM / Euler step.
+_OWN_SOLVERS = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "ddim", "FlowMatchEulerDiscreteScheduler": "ddim",
+                "LCMScheduler": "lcm", "TCDScheduler": "tcd", "DPMSolverMultistepScheduler": "dpmpp2m"}
 
 
-def reproduces_step(scheduler) -> bool:
-    """Whether `scheduler`'s own step is one of fastdiff's solvers (its class or a base in REPRODUCED)."""
-    return any(cls.__name__ in REPRODUCED for cls in type(scheduler).__mro__)
+def own_solver(scheduler) -> str | None:
+    """The solver that is `scheduler`'s own step (its class or a base's), or None. DPM-Solver counts
+    in its default form: DPM-Solver++, second order, midpoint, deterministic."""
+    name = next((cls.__name__ for cls in type(scheduler).__mro__ if cls.__name__ in _OWN_SOLVERS), None)
+    if name == "DPMSolverMultistepScheduler":
+        c = scheduler.config
+        if (c.algorithm_type, c.solver_order, c.solver_type, c.thresholding) != ("dpmsolver++", 2, "midpoint", False):
+            return None
+    return _OWN_SOLVERS.get(name)
 
 
 def default_solver(scheduler) -> str:
@@ -129,7 +143,7 @@ def step_schedule(scheduler, steps=None, timesteps=None, num_inference_steps: in
         raise ValueError(f"solver={solver!r} needs a variance-preserving scheduler; flow-matching models use "
                          "'ddim' (flow Euler)")
     eta = check_number(eta, "eta", 0.0, 1.0)
-    if eta and (flow or solver == "lcm"):
+    if eta and (flow or solver in ("lcm", "dpmpp2m")):
         raise ValueError(f"eta applies to the 'ddim' and 'tcd' solvers of variance-preserving schedulers, "
                          f"not solver={solver!r}{' on a flow-matching scheduler' if flow else ''}")
     num_train = scheduler.config.num_train_timesteps
@@ -162,9 +176,9 @@ def step_schedule(scheduler, steps=None, timesteps=None, num_inference_steps: in
             beta = sigma * alpha
         # DDIM ends at its final ᾱ (set_alpha_to_one); LCM returns its denoised estimate; Euler and
         # DPM-Solver end at their σ table's last entry (0, or σ_min); TCD's last step goes to t = 0.
-        abar_end = {"ddim": float(getattr(scheduler, "final_alpha_cumprod", 1.0)), "lcm": 1.0,
-                    "tcd": float(scheduler.alphas_cumprod[0])}[solver]
-        if solver == "ddim" and sigma is not None:
+        abar_end = float(getattr(scheduler, "final_alpha_cumprod", 1.0))
+        abar_end = {"lcm": 1.0, "tcd": float(scheduler.alphas_cumprod[0])}.get(solver, abar_end)
+        if solver in ("ddim", "dpmpp2m") and sigma is not None:
             abar_end = 1 / (1 + float(scheduler.sigmas[-1]) ** 2)
         alpha_end, beta_end = abar_end**0.5, (1 - abar_end) ** 0.5
 
@@ -189,8 +203,28 @@ def step_schedule(scheduler, steps=None, timesteps=None, num_inference_steps: in
     prediction_type = "flow" if flow else scheduler.config.get("prediction_type", "epsilon")
     if prediction_type not in ("epsilon", "v_prediction", "flow"):
         raise ValueError(f"scheduler prediction_type {prediction_type!r} is not supported (epsilon, v_prediction, flow)")
+    weights = _multistep_weights(scheduler, alpha, beta, alpha_next, beta_next) if solver == "dpmpp2m" else (None, None)
     return StepSchedule(t, alpha, beta, alpha_next, beta_next, c_skip, c_out, prediction_type, solver, noise_scale,
-                        noise_share)
+                        noise_share, *weights)
+
+
+def _multistep_weights(scheduler, alpha, beta, alpha_next, beta_next) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPM-Solver++(2M)'s (a, b) per step (see the module's docstring). Step i's row was at step i−1
+    the call before; the last step is first order as diffusers' DPM-Solver makes it (with fewer than
+    15 steps, ``euler_at_final``, or an end at σ = 0)."""
+    log_snr = torch.log(alpha) - torch.log(beta)                  # −∞ at pure noise
+    log_snr_next = torch.log(alpha_next) - torch.log(beta_next)   # +∞ at σ = 0
+    n = len(alpha)
+    a, b = torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    config = scheduler.config
+    first_order_last = (config.get("euler_at_final", False) or (config.get("lower_order_final", True) and n < 15)
+                        or float(beta_next[-1]) == 0)
+    for i in range(1, n - 1 if first_order_last else n):
+        gap, gap_before = float(log_snr_next[i] - log_snr[i]), float(log_snr[i] - log_snr[i - 1])
+        if math.isfinite(gap) and math.isfinite(gap_before) and gap > 0 and gap_before > 0:
+            half_inverse_ratio = gap / (2 * gap_before)   # 1/(2r), r = gap_before / gap
+            a[i], b[i] = 1 + half_inverse_ratio, -half_inverse_ratio
+    return a, b
 
 
 def _noise_share(scheduler, solver, eta, t, alpha, beta, alpha_next, beta_next, euler: bool) -> torch.Tensor:

@@ -7,6 +7,9 @@ guided pair (x̂0, ε̂) (:mod:`.guiders`); the solver then moves each row to it
 (:mod:`.solvers`): LCM's consistency estimate re-noised with `noise`, or the deterministic
 DDIM / Euler / flow-Euler step. Residual guidance carries each row's residual S along.
 
+DPM-Solver++(2M) carries each row's last x̂0 in the same place as residual guidance's S (the two
+don't mix: :func:`carries_state`), and steps from a·x̂0 + b·x̂0_prev.
+
 For fixed per-row coefficients every one of these maps is affine in (x, the model's outputs, S,
 noise). :func:`fold` therefore runs the very same functions once on one number per row, reads off
 the coefficients of each input, and the step becomes a few fused multiply-adds per call — the
@@ -25,10 +28,19 @@ from .guiders import Guider
 from .schedule import StepSchedule
 from .solvers import advance, consistency_x0, injected_noise
 
-__all__ = ["StepRows", "FoldedStep", "step_rows", "reference_update", "fold", "stream_step"]
+__all__ = ["StepRows", "FoldedStep", "step_rows", "reference_update", "fold", "stream_step", "carries_state"]
 
 _COEFFICIENTS = ("alpha", "beta", "alpha_next", "beta_next", "c_skip", "c_out", "ratio", "beta_over_alpha",
-                 "eps_share", "noise_share")
+                 "eps_share", "noise_share", "x0_weight", "history_weight")
+
+
+def carries_state(guider: Guider, solver: str) -> bool:
+    """Whether each row carries a tensor from call to call: residual guidance's S, or the multistep
+    solver's last x̂0; ValueError for both at once."""
+    if guider.carries_residual and solver == "dpmpp2m":
+        raise ValueError(f"solver 'dpmpp2m' keeps each row's last estimate where cfg={guider.mode!r} keeps its "
+                         "residual; use cfg 'full' or 'none' with it, or another solver")
+    return guider.carries_residual or solver == "dpmpp2m"
 
 
 @dataclass
@@ -50,6 +62,8 @@ class StepRows:
     beta_over_alpha: torch.Tensor  # β/α (0 for flow rows at σ = 1)
     eps_share: torch.Tensor        # √(1−γ²) and γ: how the noise put back is made (see .schedule)
     noise_share: torch.Tensor
+    x0_weight: torch.Tensor        # the multistep solver's a and b (1 and 0 for the others)
+    history_weight: torch.Tensor
     prediction_type: str
     solver: str
     t_model: torch.Tensor = None
@@ -73,14 +87,19 @@ def reference_update(guider: Guider, rows: StepRows, x, out_c, out_u, residual, 
     """(x', S') of every row from the model's outputs, straight from the equations.
 
     `noise` holds the fresh noise z of the first ``rows.noise_rows`` rows (None when no row takes any)."""
-    x0, eps, residual = guider.combine(out_c, out_u, x, residual, rows)
+    multistep = rows.solver == "dpmpp2m"   # `residual` then holds each row's last x̂0, not a guider's S
+    x0, eps, guider_residual = guider.combine(out_c, out_u, x, None if multistep else residual, rows)
     x0 = consistency_x0(x0, x, rows.c_skip, rows.c_out)   # LCM's; c_skip = 0, c_out = 1 leave x̂0 as it is
+    state = None
+    if multistep:   # step from the extrapolated estimate; this one is the next step's history
+        x0, state = rows.x0_weight * x0 + rows.history_weight * residual, x0
+        eps = (x - rows.alpha * x0) / rows.beta
     injected = injected_noise(eps, _pad_rows(noise, x), rows.eps_share, rows.noise_share)
     x_next = advance(x0, injected, rows.alpha_next, rows.beta_next)
-    if residual is not None:
-        residual = next_residual(residual, eps, injected, rows.beta, rows.c_skip, rows.c_out,
-                                 rows.beta_over_alpha, rows.ratio)
-    return x_next, residual
+    if guider_residual is not None:
+        state = next_residual(guider_residual, eps, injected, rows.beta, rows.c_skip, rows.c_out,
+                              rows.beta_over_alpha, rows.ratio)
+    return x_next, state
 
 
 @dataclass
@@ -151,7 +170,8 @@ def fold(guider: Guider, rows: StepRows) -> FoldedStep | None:
     sizes = {"x": R, "out_c": R}
     if guider.uncond_rows(R, new):
         sizes["out_u"] = guider.uncond_rows(R, new)
-    if guider.carries_residual:
+    carried = carries_state(guider, rows.solver)
+    if carried:
         sizes["residual"] = R
     if rows.noise_rows:
         sizes["noise"] = rows.noise_rows
@@ -183,9 +203,9 @@ def fold(guider: Guider, rows: StepRows) -> FoldedStep | None:
             terms.insert(0, ("x", torch.zeros((R, 1, 1, 1), device=device, dtype=dtype)))
     if not x_terms:
         x_terms = [("x", torch.zeros((R, 1, 1, 1), device=device, dtype=dtype))]
-    if guider.carries_residual and not s_terms:
+    if carried and not s_terms:
         s_terms = [("x", torch.zeros((R, 1, 1, 1), device=device, dtype=dtype))]
-    return FoldedStep(x_terms, s_terms if guider.carries_residual else None)
+    return FoldedStep(x_terms, s_terms if carried else None)
 
 
 def step_rows(schedule: StepSchedule, steps: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,
@@ -196,7 +216,10 @@ def step_rows(schedule: StepSchedule, steps: torch.Tensor, cond: Conditioning, u
         return values[steps].to(device, dtype).view(-1, 1, 1, 1)
 
     s = schedule
+    carries_state(guider, s.solver)   # refused here, before any call, where they can't go together
     gamma = s.noise_share if s.noise_share is not None else torch.zeros_like(s.alpha)
+    a = s.x0_weight if s.x0_weight is not None else torch.ones_like(s.alpha)
+    b = s.history_weight if s.history_weight is not None else torch.zeros_like(s.alpha)
     # a row takes fresh noise where it has a share and the step puts any noise back
     takes_noise = ((gamma * s.beta_next) > 0)[steps]
     noise_rows = int(takes_noise.nonzero().max()) + 1 if bool(takes_noise.any()) else 0
@@ -206,6 +229,7 @@ def step_rows(schedule: StepSchedule, steps: torch.Tensor, cond: Conditioning, u
         beta_next=per_row(s.beta_next), c_skip=per_row(s.c_skip), c_out=per_row(s.c_out),
         ratio=per_row(safe_ratio(s.alpha_next, s.beta_next)), beta_over_alpha=per_row(safe_ratio(s.beta, s.alpha)),
         eps_share=per_row((1 - gamma**2).clamp_min(0).sqrt()), noise_share=per_row(gamma),
+        x0_weight=per_row(a), history_weight=per_row(b),
         prediction_type=s.prediction_type, solver=s.solver)
     t = s.timesteps[steps].to(device, torch.float32)
     rows.t_model, rows.cond_model = guider.model_conditioning(t, cond, uncond, new)

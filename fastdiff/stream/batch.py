@@ -29,7 +29,7 @@ from ..checks import check_choice
 from ..denoiser import Conditioning, Denoiser
 from ..sampling.guiders import Guider
 from ..sampling.schedule import StepSchedule
-from ..sampling.step import StepRows, step_rows, stream_step
+from ..sampling.step import StepRows, carries_state, step_rows, stream_step
 
 NOISE_MODES = ("fixed", "fresh")
 
@@ -114,6 +114,12 @@ class LatentStream:
         return len(self.schedule)
 
     @property
+    def carries(self) -> bool:
+        """Whether each row carries a state from call to call (residual guidance's S, or the
+        multistep solver's last x̂0), kept beside its latents."""
+        return carries_state(self.guider, self.schedule.solver)
+
+    @property
     def frames(self) -> int:
         return len(self.cond)
 
@@ -156,7 +162,7 @@ class LatentStream:
         """Another guidance mode or scale, from the next call on (the frames in flight too)."""
         if guider.needs_uncond and self.uncond is None:
             raise ValueError(f"cfg={guider.mode!r} needs unconditional embeddings")
-        if guider.carries_residual != self.guider.carries_residual and self.in_flight:
+        if carries_state(guider, self.schedule.solver) != self.carries and self.in_flight:
             raise ValueError("a change between residual and non-residual guidance needs an empty stream")
         if self._packed is not None:   # packed again at the next push, with the buffers this guider needs
             self._unpack()
@@ -264,7 +270,7 @@ class LatentStream:
             return pair
         groups = self._slots
         latents = buffers(start, [g.latents for g in groups])
-        residuals = buffers(eps0, [g.residual for g in groups]) if self.guider.carries_residual else None
+        residuals = buffers(eps0, [g.residual for g in groups]) if self.carries else None
         self._packed = _Packed(latents, residuals, [g.tag for g in groups], F, R)
         return True
 
@@ -313,13 +319,13 @@ class LatentStream:
         if self.noise_mode != "fixed" or self.n < 1:
             return None
         call = self._call(True, tuple(range(self.n - 1)))
-        F, guider, denoiser = self.frames, self.guider, self.denoiser
+        F, guider, denoiser, carried = self.frames, self.guider, self.denoiser, self.carries
         renoise = self._renoise(call)
 
         def step(x_new, eps_new, buffer, residual, cond):
             x = torch.cat([x_new, buffer]) if buffer is not None else x_new
             r = None
-            if guider.carries_residual:
+            if carried:
                 r = torch.cat([eps_new, residual]) if residual is not None else eps_new
             x_next, r_next = stream_step(denoiser, x, call.rows, r, guider, renoise, cond)
             keep = x_next.shape[0] - F
@@ -337,9 +343,9 @@ class LatentStream:
         if not groups:
             return None, None
         if len(groups) == 1:   # no copy for one slot in flight (two steps)
-            return groups[0].latents, groups[0].residual if self.guider.carries_residual else None
+            return groups[0].latents, groups[0].residual if self.carries else None
         buffer = torch.cat([g.latents for g in groups])
-        residual = torch.cat([g.residual for g in groups]) if self.guider.carries_residual else None
+        residual = torch.cat([g.residual for g in groups]) if self.carries else None
         return buffer, residual
 
     def shift_in(self, buffer, residual, tag):
@@ -370,7 +376,7 @@ class LatentStream:
         groups = ([new] if new is not None else []) + [self.slots[j] for j in occupied]
         x = torch.cat([g.latents for g in groups]) if len(groups) > 1 else groups[0].latents
         residual = None
-        if self.guider.carries_residual:
+        if self.carries:
             residual = torch.cat([g.residual for g in groups]) if len(groups) > 1 else groups[0].residual
         x_next, residual = stream_step(self.denoiser, x, call.rows, residual, self.guider, self._renoise(call))
         return self._shift(call.slots, groups, x_next, residual)

@@ -175,8 +175,7 @@ def test_size_that_the_model_cannot_take_is_refused(txt2img):
     assert out.images.shape == (1, 96, 32, 3)
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("guidance_scale", [1.0, 6.0])
+@pytest.mark.parametrize("prediction_type,guidance_scale", [("epsilon", 6.0), ("v_prediction", 1.0)])
 def test_dpm_solver_2m_matches_diffusers(prediction_type, guidance_scale):
     """DPM-Solver++ 2M, diffusers' most used multistep scheduler, runs as its own second-order step:
     each row carries its last x̂0 between calls."""

@@ -72,8 +72,10 @@ def own_solver(scheduler) -> str | None:
 
 
 def default_solver(scheduler) -> str:
-    """LCM's consistency step for LCM schedulers, TCD's for TCD, the DDIM / Euler step otherwise."""
-    return {"LCMScheduler": "lcm", "TCDScheduler": "tcd"}.get(type(scheduler).__name__, "ddim")
+    """LCM's consistency step for LCM schedulers, TCD's for TCD, the DDIM / Euler step otherwise (a
+    stream's default: the multistep solver is taken only when asked, as it excludes residual guidance)."""
+    solver = own_solver(scheduler)
+    return solver if solver in ("lcm", "tcd") else "ddim"
 
 
 def validate_steps(steps, num_inference_steps: int) -> list[int]:

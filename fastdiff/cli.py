@@ -18,7 +18,9 @@ from PIL import Image, ImageOps
 # transformers warns at import about optional image processors the CLI never uses.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from .quality import SOLVERS as QUALITY_SOLVERS
 from .sampling.guidance import CFG_MODES
+from .sampling.schedule import SOLVERS
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
 CLIPS = ("moving-shapes",)
@@ -607,7 +609,7 @@ def tune():
 @click.option("--guidance-scale", type=click.FloatRange(min=0), default=None,
               help="Guidance scale (default: the shapes model's; stream: 1.2).")
 @click.option("--guidance-rescale", type=click.FloatRange(0, 1), default=None)
-@click.option("--solver", type=click.Choice(["ddim", "lcm", "tcd", "dpmpp2m"]), default=None,
+@click.option("--solver", type=click.Choice(SOLVERS), default=None,
               help="The step the schedule is for (default: ddim; stream: lcm; dpmpp2m: DPM-Solver++ 2M, "
                    "with --cfg full or none).")
 @click.option("--strength-step", type=click.IntRange(0, 49), default=None,
@@ -804,7 +806,7 @@ def bench():
               help="Numbers of denoising steps, one row each.")
 @click.option("--cfg", "cfgs", default="full,self,none", show_default=True, metavar="MODE,...",
               help=f"CFG modes, one row each per step count ({', '.join(CFG_MODES)}).")
-@click.option("--solver", type=click.Choice(["ddim", "lcm", "dpmpp2m"]), default="ddim", show_default=True,
+@click.option("--solver", type=click.Choice(QUALITY_SOLVERS), default="ddim", show_default=True,
               help="ddim: DDIM's step; lcm: the stream's x0 re-noising step; dpmpp2m: DPM-Solver++ 2M "
                    "(with --cfg full or none).")
 @click.option("--guidance-scale", type=click.FloatRange(min=0), default=None,

@@ -178,10 +178,14 @@ def step_schedule(scheduler, steps=None, timesteps=None, num_inference_steps: in
             beta = sigma * alpha
         # DDIM ends at its final ᾱ (set_alpha_to_one); LCM returns its denoised estimate; Euler and
         # DPM-Solver end at their σ table's last entry (0, or σ_min); TCD's last step goes to t = 0.
-        abar_end = float(getattr(scheduler, "final_alpha_cumprod", 1.0))
-        abar_end = {"lcm": 1.0, "tcd": float(scheduler.alphas_cumprod[0])}.get(solver, abar_end)
-        if solver in ("ddim", "dpmpp2m") and sigma is not None:
+        if solver == "lcm":
+            abar_end = 1.0
+        elif solver == "tcd":
+            abar_end = float(scheduler.alphas_cumprod[0])
+        elif sigma is not None:
             abar_end = 1 / (1 + float(scheduler.sigmas[-1]) ** 2)
+        else:
+            abar_end = float(getattr(scheduler, "final_alpha_cumprod", 1.0))
         alpha_end, beta_end = abar_end**0.5, (1 - abar_end) ** 0.5
 
     alpha_next = torch.cat([alpha[1:], alpha.new_tensor([alpha_end])])
@@ -200,8 +204,8 @@ def step_schedule(scheduler, steps=None, timesteps=None, num_inference_steps: in
     # (init_noise_sigma ≈ σ_max > 1) and feed the model α·x_k; the others (DPM-Solver, UniPC) hold x itself.
     noise_scale = 1.0
     if not flow and sigma is not None:
-        noise_scale = float(scheduler.init_noise_sigma)
-        noise_scale *= float(alpha[0]) if noise_scale > 1 else 1.0
+        init = float(scheduler.init_noise_sigma)
+        noise_scale = init * float(alpha[0]) if init > 1 else init
     prediction_type = "flow" if flow else scheduler.config.get("prediction_type", "epsilon")
     if prediction_type not in ("epsilon", "v_prediction", "flow"):
         raise ValueError(f"scheduler prediction_type {prediction_type!r} is not supported (epsilon, v_prediction, flow)")

@@ -692,6 +692,8 @@ def tune_steps(model, steps, method, mode, budget_minutes, prompt_file, count, e
 @click.option("--guidance-rescale", type=click.FloatRange(0, 1), default=None)
 @click.option("--hf-weight", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Weight of the high-frequency (Laplacian) term; 0 for the ablation.")
+@click.option("--timestep", type=click.IntRange(min=0), default=None,
+              help="The timestep of the one step, taken from pure noise (default: the scheduler's first).")
 @click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Teacher cache and checkpoints; a rerun with the same settings resumes.")
@@ -699,7 +701,7 @@ def tune_steps(model, steps, method, mode, budget_minutes, prompt_file, count, e
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="The adapter folder.")
 @device_option
 def tune_onestep(model, rank, minutes, iterations, targets, prompt_file, count, teachers, teacher_steps,
-                 guidance_scale, guidance_rescale, hf_weight, batch, workdir, seed, out, device):
+                 guidance_scale, guidance_rescale, hf_weight, timestep, batch, workdir, seed, out, device):
     """Train a LoRA on --model's frozen denoiser so that one step draws what --teacher-steps draw, and
     write it (diffusers' LoRA format + a manifest) to --out."""
     from .tuning.onestep import train_onestep
@@ -727,7 +729,8 @@ def tune_onestep(model, rank, minutes, iterations, targets, prompt_file, count, 
     with usage_errors():
         trained = train_onestep(pipe, prompts, rank, minutes, iterations=iterations, targets=targets,
                                 teachers=teachers, teacher_steps=teacher_steps, guidance_scale=guidance_scale or 5.0,
-                                guidance_rescale=guidance_rescale or 0.0, batch=batch, hf_weight=hf_weight, seed=seed,
+                                guidance_rescale=guidance_rescale or 0.0, batch=batch, hf_weight=hf_weight,
+                                timestep=timestep, seed=seed,
                                 workdir=str(workdir) if workdir else None, progress=progress)
     bar.close()
     saved = trained.save(str(out))

@@ -95,6 +95,21 @@ def test_the_adapter_sets_one_step_and_its_timestep(trained):
     fast.set_adapter(None)
 
 
+def test_a_later_timestep_is_trained_and_then_sampled_at(tmp_path):
+    pipe = tiny()
+    adapter = train_onestep(pipe, PROMPTS, rank=2, iterations=1, teachers=2, teacher_steps=2, batch=2, timestep=600)
+    saved = adapter.save(str(tmp_path / "at-600"))
+    assert tuple(saved.sampling.timesteps) == (600,)
+    fast = fastdiff.accelerate(pipe, adapter=saved.path)
+    calls = []
+    real = fast.denoiser.run
+    fast.denoiser.run = lambda module, x, t, c: calls.append(float(t[0])) or real(module, x, t, c)
+    run(fast)
+    assert calls == [600.0]
+    with pytest.raises(ValueError, match="timestep"):
+        train_onestep(pipe, PROMPTS, iterations=1, timestep=pipe.scheduler.config.num_train_timesteps)
+
+
 def test_a_mismatched_base_is_refused(trained):
     _, _, saved = trained
     other = tiny_sd_pipeline(seed=1)

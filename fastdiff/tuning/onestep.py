@@ -145,10 +145,10 @@ def _teachers(parts, prompts, count, steps, guidance_scale, guidance_rescale, se
 def train_onestep(pipe, prompts, rank: int = 16, minutes: float = 30.0, *, iterations: int | None = None,
                   targets: str = "attention+conv+ff", teachers: int = 2048, teacher_steps: int = 25,
                   guidance_scale: float = 5.0, guidance_rescale: float = 0.0, batch: int = 32, lr: float = 1e-3,
-                  pixel_weight: float = 1.0, hf_weight: float = 1.0, seed: int = 0, workdir: str | None = None,
-                  progress=None) -> TrainedAdapter:
+                  pixel_weight: float = 1.0, hf_weight: float = 1.0, timestep: int | None = None, seed: int = 0,
+                  workdir: str | None = None, progress=None) -> TrainedAdapter:
     """Train a rank-`rank` LoRA on a copy of `pipe`'s denoiser so that one step from pure noise (at the
-    scheduler's first timestep, no guidance) gives the teacher's picture; for `minutes` or
+    scheduler's first timestep, or `timestep`, no guidance) gives the teacher's picture; for `minutes` or
     `iterations` steps, whichever ends first. `prompts` are the training prompts (each gets
     ``teachers / len(prompts)`` noises)."""
     check_int(rank, "rank", 1, 512)
@@ -157,6 +157,7 @@ def train_onestep(pipe, prompts, rank: int = 16, minutes: float = 30.0, *, itera
     check_int(teachers, "teachers", 1)
     check_number(hf_weight, "hf_weight", 0.0)
     check_number(pixel_weight, "pixel_weight", 0.0)
+    check_int(timestep, "timestep", 0, pipe.scheduler.config.num_train_timesteps - 1, optional=True)
     if targets not in TARGETS:
         raise ValueError(f"targets must be one of {tuple(TARGETS)}, got {targets!r}")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -171,8 +172,10 @@ def train_onestep(pipe, prompts, rank: int = 16, minutes: float = 30.0, *, itera
                                      workdir, progress)
     noise, target = noise.clone(), target.clone()   # plain tensors: they meet autograd below
 
-    # one step: at the scheduler's first timestep of a `teacher_steps` schedule, from pure noise
-    schedule = step_schedule(pipe.scheduler, steps=[0], num_inference_steps=teacher_steps, solver="ddim")
+    # one step from pure noise: at the scheduler's first timestep, or a later one, where the base model
+    # already reads the noise for layout rather than ignoring it (zero terminal SNR)
+    schedule = (step_schedule(pipe.scheduler, steps=[0], num_inference_steps=teacher_steps, solver="ddim")
+                if timestep is None else step_schedule(pipe.scheduler, timesteps=[timestep], solver="ddim"))
     t_first = float(schedule.timesteps[0])
     alpha, beta, noise_scale = float(schedule.alpha[0]), float(schedule.beta[0]), schedule.noise_scale
     base = parts.denoiser.original
@@ -196,8 +199,8 @@ def train_onestep(pipe, prompts, rank: int = 16, minutes: float = 30.0, *, itera
     step, history, rng = 0, [], torch.Generator().manual_seed(seed + 1)
     state_path = os.path.join(workdir, "onestep.pt") if workdir else None
     settings = dict(rank=rank, targets=present, teachers=teachers, teacher_steps=teacher_steps, batch=batch, lr=lr,
-                    pixel_weight=pixel_weight, hf_weight=hf_weight, seed=seed, guidance_scale=guidance_scale,
-                    guidance_rescale=guidance_rescale, prompts=prompts_hash(prompts))
+                    pixel_weight=pixel_weight, hf_weight=hf_weight, timestep=t_first, seed=seed,
+                    guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, prompts=prompts_hash(prompts))
     if state_path and os.path.isfile(state_path):
         state = torch.load(state_path, weights_only=False)
         if state["settings"] == settings:

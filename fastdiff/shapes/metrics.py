@@ -29,8 +29,8 @@ deviations, and a few such pictures would outweigh every layout and colour error
 flat colour scored closer to rendered scenes than 25 guided steps did). It takes the unit of the
 other shares of pixels instead, their spreads' root mean square: a pixel off the palette counts as
 much as a pixel moved in layout or colour. Blurry, noisy, off-colour or wrongly laid-out pictures
-move the features' mean and spread. Like FID it needs a few hundred pictures per side to be stable, and
-it is biased upwards at small counts: compare distances only at equal counts.
+move the features' mean and spread. Like FID it needs a few hundred pictures per side to be stable,
+and it is biased upwards at small counts: compare distances only at equal counts.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdiff.shapes import metrics
-from fastdiff.shapes.render import COLOURS, Obj, Scene, caption, heldout_prompts, realise, render_batch
+from fastdiff.shapes.render import Obj, Scene, caption, heldout_prompts, realise, render_batch
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_flat_pictures_and_off_shades_are_far_from_rendered_scenes_in_proportion
     prompts = heldout_prompts("unstated", 40) + heldout_prompts("two", 120)
     reference = _tensor(drawn(prompts, 1))
     sharp = _tensor(drawn(prompts, 2))
-    palette = torch.tensor(list(COLOURS.values()), dtype=torch.float32) / 255
+    palette = torch.from_numpy(metrics._PALETTE)   # the palette the features measure against, in [0, 1]
     flat = palette[torch.arange(len(sharp)) % len(palette)][:, :, None, None].expand_as(sharp).contiguous()
     off = sharp.clone()
     off[::20] = off[::20] * 0.7 + 0.15

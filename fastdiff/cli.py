@@ -684,14 +684,17 @@ def tune_steps(model, steps, method, mode, budget_minutes, prompt_file, count, e
               help="Training prompts, one per line (default: the shapes world's).")
 @click.option("--prompts", "count", type=click.IntRange(min=1), default=1024, show_default=True,
               help="How many shapes-world training prompts.")
-@click.option("--teachers", type=click.IntRange(min=1), default=2048, show_default=True,
+@click.option("--teachers", type=click.IntRange(min=1), default=8192, show_default=True,
               help="Teacher samples (prompt, noise) computed once and cached.")
-@click.option("--teacher-steps", type=click.IntRange(min=2), default=25, show_default=True)
+@click.option("--teacher-steps", type=click.IntRange(min=2), default=8, show_default=True)
+@click.option("--teacher-solver", type=click.Choice(["ddim", "dpmpp2m"]), default="dpmpp2m", show_default=True)
 @click.option("--guidance-scale", type=click.FloatRange(min=0), default=None,
               help="The teacher's guidance (default: the shapes model's).")
 @click.option("--guidance-rescale", type=click.FloatRange(0, 1), default=None)
 @click.option("--hf-weight", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Weight of the high-frequency (Laplacian) term; 0 for the ablation.")
+@click.option("--loss", type=click.Choice(["l2", "huber"]), default="huber", show_default=True,
+              help="The error terms' shape: squared, or pseudo-Huber (toward the median: crisper).")
 @click.option("--timestep", type=click.IntRange(min=0), default=None,
               help="The timestep of the one step, taken from pure noise (default: the scheduler's first).")
 @click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True)
@@ -701,7 +704,8 @@ def tune_steps(model, steps, method, mode, budget_minutes, prompt_file, count, e
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="The adapter folder.")
 @device_option
 def tune_onestep(model, rank, minutes, iterations, targets, prompt_file, count, teachers, teacher_steps,
-                 guidance_scale, guidance_rescale, hf_weight, timestep, batch, workdir, seed, out, device):
+                 teacher_solver, guidance_scale, guidance_rescale, hf_weight, loss, timestep, batch, workdir, seed,
+                 out, device):
     """Train a LoRA on --model's frozen denoiser so that one step draws what --teacher-steps draw, and
     write it (diffusers' LoRA format + a manifest) to --out."""
     from .tuning.onestep import train_onestep
@@ -728,9 +732,10 @@ def tune_onestep(model, rank, minutes, iterations, targets, prompt_file, count, 
 
     with usage_errors():
         trained = train_onestep(pipe, prompts, rank, minutes, iterations=iterations, targets=targets,
-                                teachers=teachers, teacher_steps=teacher_steps, guidance_scale=guidance_scale or 5.0,
+                                teachers=teachers, teacher_steps=teacher_steps, teacher_solver=teacher_solver,
+                                guidance_scale=guidance_scale or 5.0,
                                 guidance_rescale=guidance_rescale or 0.0, batch=batch, hf_weight=hf_weight,
-                                timestep=timestep, seed=seed,
+                                loss=loss, timestep=timestep, seed=seed,
                                 workdir=str(workdir) if workdir else None, progress=progress)
     bar.close()
     saved = trained.save(str(out))

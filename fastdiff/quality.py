@@ -107,11 +107,15 @@ def generate(pipe, prompts: list[str], steps: int, cfg: str, solver: str | None 
     noise = _noise(len(prompts), fast.parts.latent_shape(height, width), seed)
     rescale = {"guidance_rescale": guidance_rescale} if guidance_rescale and cfg == "full" else {}
     images, start = [], time.perf_counter()
-    for i in range(0, len(prompts), batch):
-        out = fast(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance_scale,
-                   latents=noise[i:i + batch], generator=torch.Generator().manual_seed(seed + i),
-                   output_type="pt", height=height, width=width, **rescale, **(call_options or {}))
-        images.append(out.images.float().cpu())
+    try:
+        for i in range(0, len(prompts), batch):
+            out = fast(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance_scale,
+                       latents=noise[i:i + batch], generator=torch.Generator().manual_seed(seed + i),
+                       output_type="pt", height=height, width=width, **rescale, **(call_options or {}))
+            images.append(out.images.float().cpu())
+    finally:   # an adapter loads into the pipeline's own denoiser: the next row must see the base model
+        if fast.adapter is not None:
+            fast.set_adapter(None)
     seconds = (time.perf_counter() - start) / max(len(prompts), 1)
     return torch.cat(images), seconds
 

@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from fastdiff.cli import main
@@ -60,3 +61,16 @@ def test_bench_quality_prints_and_writes_the_table(tmp_path):
 def test_bench_quality_names_a_bad_option():
     result = CliRunner().invoke(main, ["bench", "quality", "--cfg", "full,half"])
     assert result.exit_code == 2 and "--cfg" in result.output
+
+
+def test_a_row_with_an_adapter_leaves_the_pipeline_as_it_found_it(pipe):
+    """An adapter loads into the pipeline's own denoiser; the rows measured after it (the base
+    model's) must not run with it still attached."""
+    from fastdiff.shapes import artefact_path
+
+    prompts = ["a red circle", "a blue square and a green triangle"]
+    before, _ = generate(pipe, prompts, 1, "none", "ddim", 1.0)
+    adapted, _ = generate(pipe, prompts, 1, "none", None, 1.0, options={"adapter": artefact_path("onestep")})
+    after, _ = generate(pipe, prompts, 1, "none", "ddim", 1.0)
+    assert (adapted - before).abs().max() > 0.05
+    assert torch.equal(after, before)

@@ -9,11 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from click.testing import CliRunner
+from diffusers import DPMSolverMultistepScheduler
+
 import fastdiff
 from fastdiff.architectures import tiny_sd_pipeline, tiny_sdxl_pipeline
 from fastdiff.artefacts import StaleArtefactError
+from fastdiff.cli import main
 from fastdiff.tuning.adapters import ADAPTER_NAME, load_adapter
-from fastdiff.tuning.onestep import laplacian, train_onestep
+from fastdiff.stream.prepare import Prepared
+from fastdiff.tuning.onestep import HUBER_C, error, laplacian, teacher_targets, train_onestep
 
 PROMPTS = ["a red circle", "a blue square"]
 
@@ -97,9 +102,11 @@ def test_the_adapter_sets_one_step_and_its_timestep(trained):
 
 def test_a_later_timestep_is_trained_and_then_sampled_at(tmp_path):
     pipe = tiny()
-    adapter = train_onestep(pipe, PROMPTS, rank=2, iterations=1, teachers=2, teacher_steps=2, batch=2, timestep=600)
+    adapter = train_onestep(pipe, PROMPTS, rank=2, iterations=1, teachers=2, teacher_steps=2, batch=2, timestep=600,
+                            loss="huber")
     saved = adapter.save(str(tmp_path / "at-600"))
     assert tuple(saved.sampling.timesteps) == (600,)
+    assert adapter.details["settings"]["loss"] == "huber" and adapter.details["final_loss"]["loss"] > 0
     fast = fastdiff.accelerate(pipe, adapter=saved.path)
     calls = []
     real = fast.denoiser.run
@@ -220,6 +227,10 @@ def test_bad_input_is_named(tmp_path):
         train_onestep(pipe, PROMPTS, rank=0, iterations=1)
     with pytest.raises(ValueError, match="targets"):
         train_onestep(pipe, PROMPTS, targets="everything", iterations=1)
+    with pytest.raises(ValueError, match="teacher_solver"):
+        train_onestep(pipe, PROMPTS, teacher_solver="lcm", iterations=1)
+    with pytest.raises(ValueError, match="loss"):
+        train_onestep(pipe, PROMPTS, loss="l1", iterations=1)
     with pytest.raises(ValueError, match="adapter: no LoRA"):
         fastdiff.accelerate(pipe, adapter=str(tmp_path / "missing"))
     sdxl = tiny_sdxl_pipeline()
@@ -228,6 +239,39 @@ def test_bad_input_is_named(tmp_path):
     sdxl_adapter.save(str(foreign))
     with pytest.raises((ValueError, StaleArtefactError)):
         fastdiff.accelerate(sdxl, adapter=str(foreign))
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp2m"])
+def test_the_teachers_are_what_the_pipeline_draws_with_their_solver(solver):
+    pipe = tiny()
+    if solver == "dpmpp2m":   # against diffusers' own DPM-Solver++ 2M
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    parts = Prepared(pipe)
+    height, width = parts.size(None, None)
+    noise = torch.randn((2, *parts.latent_shape(height, width)), generator=torch.Generator().manual_seed(3))
+    cond, uncond = parts.encode(PROMPTS, None, height, width)
+    teachers = teacher_targets(parts, cond, uncond, noise, 4, 5.0, 0.0, solver=solver)
+    drawn = pipe(PROMPTS, num_inference_steps=4, guidance_scale=5.0, output_type="latent",
+                 latents=noise * pipe.scheduler.init_noise_sigma).images
+    torch.testing.assert_close(teachers, drawn.float(), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(teachers, teacher_targets(parts, cond, uncond, noise, 2, 5.0, 0.0, solver=solver))
+
+
+def test_the_huber_error_leads_to_the_median_where_the_squared_error_leads_to_the_mean():
+    # a picture's pixel that the teacher draws as a shape in one case of four: fitted by the squared
+    # error it is a quarter-shade, by the pseudo-Huber error it stays background
+    targets = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    fitted = {}
+    for loss in ("l2", "huber"):
+        value = torch.zeros(1, requires_grad=True)
+        optimizer = torch.optim.Adam([value], lr=0.01)
+        for _ in range(600):
+            optimizer.zero_grad()
+            error(value.expand(4), targets, loss).backward()
+            optimizer.step()
+        fitted[loss] = value.item()
+    assert abs(fitted["l2"] - 0.25) < 0.02, fitted
+    assert abs(fitted["huber"]) < 2 * HUBER_C, fitted
 
 
 def test_the_high_frequency_term_is_a_laplacian():
@@ -262,3 +306,26 @@ def test_an_onnxruntime_stream_keeps_running_on_the_old_engine_while_the_new_one
     from fastdiff.tuning.adapters import detach_adapter
 
     detach_adapter(pipe)   # the module's pipeline, as the other tests found it
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--teacher-solver", "lcm"], "--teacher-solver"), (["--loss", "l1"], "--loss"), (["--minutes", "0"], "--minutes"),
+    (["--rank", "0"], "--rank"), (["--teachers", "0"], "--teachers"),
+])
+def test_tune_onestep_names_its_bad_options(args, option, tmp_path):
+    result = CliRunner().invoke(main, ["tune", "onestep", "--model", "tiny", *args, "--out", str(tmp_path / "a")])
+    assert result.exit_code == 2 and option in result.output, result.output
+    assert not (tmp_path / "a").exists()
+
+
+def test_tune_onestep_writes_an_adapter_with_its_teachers_and_loss_recorded(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "tiny-onestep"
+    result = CliRunner().invoke(main, ["tune", "onestep", "--model", "tiny", "--prompt-file", str(prompts), "--rank", "2",
+                                       "--iterations", "2", "--teachers", "4", "--teacher-steps", "3", "--teacher-solver",
+                                       "ddim", "--loss", "huber", "--batch", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    settings = load_adapter(str(out)).manifest["details"]["settings"]
+    assert (settings["teacher_solver"], settings["teacher_steps"], settings["teachers"], settings["loss"]) == (
+        "ddim", 3, 4, "huber")

@@ -45,6 +45,10 @@ TARGETS = {
     "attention+conv+ff": ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "ff.net.0.proj", "ff.net.2"),
 }
 
+# The teachers' solvers: DPM-Solver++ 2M in 8 steps draws as well as 25 DDIM steps (BENCHMARKS) at a third
+# of the cost, so the same minutes buy three times the teacher pairs (a 2,048-pair student overfits them).
+TEACHER_SOLVERS = ("ddim", "dpmpp2m")
+
 
 def add_lora(module: torch.nn.Module, rank: int, targets: str = "attention+conv+ff") -> list[str]:
     """Freeze `module` and give it a fresh trainable rank-`rank` LoRA (PEFT) on the `targets` layers it
@@ -63,6 +67,20 @@ def laplacian(images: torch.Tensor) -> torch.Tensor:
     kernel = images.new_tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
     kernel = kernel.expand(images.shape[1], 1, 3, 3)
     return F.conv2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), kernel, groups=images.shape[1])
+
+
+# The error terms' shape: "l2" (squared error: the student learns the mean of what the teacher's map
+# gives near a noise, soft edges and mixed shades where it is unsure) or "huber" (pseudo-Huber per
+# element, linear past HUBER_C: toward the median, so a shape is drawn or left out rather than half-drawn).
+LOSSES = ("l2", "huber")
+HUBER_C = 0.03
+
+
+def error(a: torch.Tensor, b: torch.Tensor, loss: str) -> torch.Tensor:
+    """Mean error between `a` and `b` under `loss` (see LOSSES)."""
+    if loss == "l2":
+        return F.mse_loss(a, b)
+    return ((a - b).square() + HUBER_C ** 2).sqrt().sub(HUBER_C).mean()
 
 
 @dataclass
@@ -100,10 +118,10 @@ class TrainedAdapter:
 
 @torch.inference_mode()
 def teacher_targets(parts: Prepared, cond, uncond, noise: torch.Tensor, steps: int, guidance_scale: float,
-                    guidance_rescale: float, batch: int = 64) -> torch.Tensor:
-    """The base model's final latents from `noise` after `steps` DDIM steps with full CFG."""
+                    guidance_rescale: float, batch: int = 64, solver: str = "ddim") -> torch.Tensor:
+    """The base model's final latents from `noise` after `steps` steps of `solver` with full CFG."""
     scheduler = parts.pipe.scheduler
-    schedule = step_schedule(scheduler, steps=list(range(steps)), num_inference_steps=steps, solver="ddim")
+    schedule = step_schedule(scheduler, steps=list(range(steps)), num_inference_steps=steps, solver=solver)
     guider = make_guider("full" if guidance_scale > 1 else "none", guidance_scale, 1.0,
                          guidance_rescale if guidance_scale > 1 else 0.0)
     out = []
@@ -116,12 +134,12 @@ def teacher_targets(parts: Prepared, cond, uncond, noise: torch.Tensor, steps: i
     return torch.cat(out)
 
 
-def _teachers(parts, prompts, count, steps, guidance_scale, guidance_rescale, seed, workdir, progress):
+def _teachers(parts, prompts, count, steps, solver, guidance_scale, guidance_rescale, seed, workdir, progress):
     """(prompt index per target, initial noise, teacher latents), cached in `workdir`."""
     height, width = parts.size(None, None)
     shape = parts.latent_shape(height, width)
     key = dict(model=model_hash(parts.denoiser.original), prompts=prompts_hash(prompts), count=count, steps=steps,
-               guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, seed=seed, shape=list(shape))
+               solver=solver, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, seed=seed, shape=list(shape))
     path = os.path.join(workdir, "teachers.pt") if workdir else None
     if path and os.path.isfile(path):
         cached = torch.load(path, weights_only=False)
@@ -132,7 +150,7 @@ def _teachers(parts, prompts, count, steps, guidance_scale, guidance_rescale, se
     noise = torch.randn((count, *shape), generator=gen)
     cond, uncond = parts.encode([prompts[i] for i in index.tolist()], None, height, width)
     start = time.perf_counter()
-    latents = teacher_targets(parts, cond, uncond, noise, steps, guidance_scale, guidance_rescale)
+    latents = teacher_targets(parts, cond, uncond, noise, steps, guidance_scale, guidance_rescale, solver=solver)
     if progress:
         progress({"stage": "teachers", "count": count, "seconds": round(time.perf_counter() - start, 1)})
     if path:
@@ -143,9 +161,11 @@ def _teachers(parts, prompts, count, steps, guidance_scale, guidance_rescale, se
 
 
 def train_onestep(pipe, prompts, rank: int = 16, minutes: float = 30.0, *, iterations: int | None = None,
-                  targets: str = "attention+conv+ff", teachers: int = 2048, teacher_steps: int = 25,
-                  guidance_scale: float = 5.0, guidance_rescale: float = 0.0, batch: int = 32, lr: float = 1e-3,
-                  pixel_weight: float = 1.0, hf_weight: float = 1.0, timestep: int | None = None, seed: int = 0,
+                  targets: str = "attention+conv+ff", teachers: int = 8192, teacher_steps: int = 8,
+                  teacher_solver: str = "dpmpp2m", guidance_scale: float = 5.0, guidance_rescale: float = 0.0,
+                  batch: int = 32, lr: float = 1e-3,
+                  pixel_weight: float = 1.0, hf_weight: float = 1.0, loss: str = "huber",
+                  timestep: int | None = None, seed: int = 0,
                   workdir: str | None = None, progress=None) -> TrainedAdapter:
     """Train a rank-`rank` LoRA on a copy of `pipe`'s denoiser so that one step from pure noise (at the
     scheduler's first timestep, or `timestep`, no guidance) gives the teacher's picture; for `minutes` or
@@ -155,7 +175,11 @@ def train_onestep(pipe, prompts, rank: int = 16, minutes: float = 30.0, *, itera
     check_number(minutes, "minutes", 0.0, low_open=True)
     check_int(iterations, "iterations", 1, optional=True)
     check_int(teachers, "teachers", 1)
+    if teacher_solver not in TEACHER_SOLVERS:
+        raise ValueError(f"teacher_solver must be one of {TEACHER_SOLVERS}, got {teacher_solver!r}")
     check_number(hf_weight, "hf_weight", 0.0)
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     check_number(pixel_weight, "pixel_weight", 0.0)
     check_int(timestep, "timestep", 0, pipe.scheduler.config.num_train_timesteps - 1, optional=True)
     if targets not in TARGETS:
@@ -168,7 +192,7 @@ def train_onestep(pipe, prompts, rank: int = 16, minutes: float = 30.0, *, itera
         raise ValueError(f"pipe: one-step training is written for SD-family UNets, not {adapter_family.family!r}")
     parts = Prepared(pipe)
     torch.manual_seed(seed)
-    index, noise, target = _teachers(parts, prompts, teachers, teacher_steps, guidance_scale, guidance_rescale, seed,
+    index, noise, target = _teachers(parts, prompts, teachers, teacher_steps, teacher_solver, guidance_scale, guidance_rescale, seed,
                                      workdir, progress)
     noise, target = noise.clone(), target.clone()   # plain tensors: they meet autograd below
 
@@ -198,8 +222,9 @@ def train_onestep(pipe, prompts, rank: int = 16, minutes: float = 30.0, *, itera
 
     step, history, rng = 0, [], torch.Generator().manual_seed(seed + 1)
     state_path = os.path.join(workdir, "onestep.pt") if workdir else None
-    settings = dict(rank=rank, targets=present, teachers=teachers, teacher_steps=teacher_steps, batch=batch, lr=lr,
-                    pixel_weight=pixel_weight, hf_weight=hf_weight, timestep=t_first, seed=seed,
+    settings = dict(rank=rank, targets=present, teachers=teachers, teacher_steps=teacher_steps,
+                    teacher_solver=teacher_solver, batch=batch, lr=lr,
+                    pixel_weight=pixel_weight, hf_weight=hf_weight, loss=loss, timestep=t_first, seed=seed,
                     guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, prompts=prompts_hash(prompts))
     if state_path and os.path.isfile(state_path):
         state = torch.load(state_path, weights_only=False)
@@ -217,17 +242,17 @@ def train_onestep(pipe, prompts, rank: int = 16, minutes: float = 30.0, *, itera
         out = student(x, t, encoder_hidden_states=embeds[index[rows]], return_dict=False)[0]
         x0 = to_x0_eps(out, x, alpha, beta, schedule.prediction_type)[0]
         images = decode(x0)
-        spatial = F.mse_loss(x0, target[rows]) + pixel_weight * F.mse_loss(images, target_images[rows])
-        high = F.mse_loss(laplacian(images), laplacian(target_images[rows]))
-        loss = spatial + hf_weight * high
+        spatial = error(x0, target[rows], loss) + pixel_weight * error(images, target_images[rows], loss)
+        high = error(laplacian(images), laplacian(target_images[rows]), loss)
+        total_loss = spatial + hf_weight * high
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total_loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         for group in optimizer.param_groups:   # cosine decay to a tenth over the planned steps
             group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total)))))
         optimizer.step()
         step += 1
-        history.append({"step": step, "loss": loss.item(), "spatial": spatial.item(), "high": high.item()})
+        history.append({"step": step, "loss": total_loss.item(), "spatial": spatial.item(), "high": high.item()})
         if progress and (step % 25 == 0 or step == 1):
             progress(history[-1])
         if state_path and step % 200 == 0:

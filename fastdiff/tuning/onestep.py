@@ -7,10 +7,11 @@ from pure noise draws what the base model draws in many.
 - The base stays frozen; PEFT LoRA layers go on the attention projections and, by default, on the
   ResNet convolutions and the feed-forward layers too (``targets``).
 - Targets are the base model's own many-step samples from the same initial noise, guidance
-  included, computed once and cached in `workdir`, so a run resumes without recomputing them.
+  included (8 DPM-Solver++ 2M steps by default), computed once and cached in `workdir`, so a run
+  resumes without recomputing them.
 - Loss: a spatial term (latents and decoded pixels against the teacher's) plus HiPA's high-frequency
   term — the Laplacian of the decoded picture against the teacher's (``hf_weight``; 0 for the
-  ablation).
+  ablation); each term a pseudo-Huber error by default (``loss``).
 - Seeded; resumable from `workdir` (LoRA weights, optimizer, step, RNG); progress per step.
 """
 
@@ -46,7 +47,7 @@ TARGETS = {
 }
 
 # The teachers' solvers: DPM-Solver++ 2M in 8 steps draws as well as 25 DDIM steps (BENCHMARKS) at a third
-# of the cost, so the same minutes buy three times the teacher pairs (a 2,048-pair student overfits them).
+# of the cost, so the same minutes buy three times the pairs (a student of 2,048 learned them by heart).
 TEACHER_SOLVERS = ("ddim", "dpmpp2m")
 
 

@@ -322,9 +322,10 @@ def test_tune_onestep_writes_an_adapter_with_its_teachers_and_loss_recorded(tmp_
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "tiny-onestep"
-    result = CliRunner().invoke(main, ["tune", "onestep", "--model", "tiny", "--prompt-file", str(prompts), "--rank", "2",
-                                       "--iterations", "2", "--teachers", "4", "--teacher-steps", "3", "--teacher-solver",
-                                       "ddim", "--loss", "huber", "--batch", "2", "--out", str(out)])
+    result = CliRunner().invoke(main, ["tune", "onestep", "--model", "tiny", "--prompt-file", str(prompts),
+                                       "--rank", "2", "--iterations", "2", "--teachers", "4", "--teacher-steps", "3",
+                                       "--teacher-solver", "ddim", "--loss", "huber", "--batch", "2",
+                                       "--out", str(out)])
     assert result.exit_code == 0, result.output
     settings = load_adapter(str(out)).manifest["details"]["settings"]
     assert (settings["teacher_solver"], settings["teacher_steps"], settings["teachers"], settings["loss"]) == (

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..artefacts import library_versions, lock, publish_folder, weights_hash
-from ..checks import check_int, check_number
+from ..checks import check_choice, check_int, check_number
 from ..denoiser import denoiser_for
 from ..sampling.guiders import make_guider
 from ..sampling.schedule import step_schedule
@@ -140,7 +140,8 @@ def _teachers(parts, prompts, count, steps, solver, guidance_scale, guidance_res
     height, width = parts.size(None, None)
     shape = parts.latent_shape(height, width)
     key = dict(model=model_hash(parts.denoiser.original), prompts=prompts_hash(prompts), count=count, steps=steps,
-               solver=solver, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, seed=seed, shape=list(shape))
+               solver=solver, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, seed=seed,
+               shape=list(shape))
     path = os.path.join(workdir, "teachers.pt") if workdir else None
     if path and os.path.isfile(path):
         cached = torch.load(path, weights_only=False)
@@ -176,15 +177,12 @@ def train_onestep(pipe, prompts, rank: int = 16, minutes: float = 30.0, *, itera
     check_number(minutes, "minutes", 0.0, low_open=True)
     check_int(iterations, "iterations", 1, optional=True)
     check_int(teachers, "teachers", 1)
-    if teacher_solver not in TEACHER_SOLVERS:
-        raise ValueError(f"teacher_solver must be one of {TEACHER_SOLVERS}, got {teacher_solver!r}")
+    check_choice(teacher_solver, "teacher_solver", TEACHER_SOLVERS)
     check_number(hf_weight, "hf_weight", 0.0)
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    check_choice(loss, "loss", LOSSES)
     check_number(pixel_weight, "pixel_weight", 0.0)
     check_int(timestep, "timestep", 0, pipe.scheduler.config.num_train_timesteps - 1, optional=True)
-    if targets not in TARGETS:
-        raise ValueError(f"targets must be one of {tuple(TARGETS)}, got {targets!r}")
+    check_choice(targets, "targets", TARGETS)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("prompts must hold at least one prompt")
@@ -193,8 +191,8 @@ def train_onestep(pipe, prompts, rank: int = 16, minutes: float = 30.0, *, itera
         raise ValueError(f"pipe: one-step training is written for SD-family UNets, not {adapter_family.family!r}")
     parts = Prepared(pipe)
     torch.manual_seed(seed)
-    index, noise, target = _teachers(parts, prompts, teachers, teacher_steps, teacher_solver, guidance_scale, guidance_rescale, seed,
-                                     workdir, progress)
+    index, noise, target = _teachers(parts, prompts, teachers, teacher_steps, teacher_solver, guidance_scale,
+                                     guidance_rescale, seed, workdir, progress)
     noise, target = noise.clone(), target.clone()   # plain tensors: they meet autograd below
 
     # one step from pure noise: at the scheduler's first timestep, or a later one, where the base model

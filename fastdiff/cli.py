@@ -697,6 +697,10 @@ def tune_steps(model, steps, method, mode, budget_minutes, prompt_file, count, e
               help="The error terms' shape: squared, or pseudo-Huber (toward the median: crisper).")
 @click.option("--timestep", type=click.IntRange(min=0), default=None,
               help="The timestep of the one step, taken from pure noise (default: the scheduler's first).")
+@click.option("--dmd-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Weight of distribution matching (DMD: a fake score trained on the student's pictures).")
+@click.option("--init", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Start from this adapter of ours (same rank and targets).")
 @click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Teacher cache and checkpoints; a rerun with the same settings resumes.")
@@ -704,8 +708,8 @@ def tune_steps(model, steps, method, mode, budget_minutes, prompt_file, count, e
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="The adapter folder.")
 @device_option
 def tune_onestep(model, rank, minutes, iterations, targets, prompt_file, count, teachers, teacher_steps,
-                 teacher_solver, guidance_scale, guidance_rescale, hf_weight, loss, timestep, batch, workdir, seed,
-                 out, device):
+                 teacher_solver, guidance_scale, guidance_rescale, hf_weight, loss, timestep, dmd_weight, init, batch,
+                 workdir, seed, out, device):
     """Train a LoRA on --model's frozen denoiser so that one step draws what --teacher-steps draw, and
     write it (diffusers' LoRA format + a manifest) to --out."""
     from .tuning.onestep import train_onestep
@@ -726,7 +730,7 @@ def tune_onestep(model, rank, minutes, iterations, targets, prompt_file, count, 
     def progress(entry):
         if "loss" in entry:
             bar.update(entry["step"] - bar.n)
-            bar.set_postfix(loss=f"{entry['loss']:.4f}", high=f"{entry['high']:.4f}")
+            bar.set_postfix({key: f"{entry[key]:.4f}" for key in ("loss", "high", "match", "fake") if key in entry})
         else:
             click.echo(f"teacher samples: {entry['count']} in {entry['seconds']} s", err=True)
 
@@ -735,7 +739,8 @@ def tune_onestep(model, rank, minutes, iterations, targets, prompt_file, count, 
                                 teachers=teachers, teacher_steps=teacher_steps, teacher_solver=teacher_solver,
                                 guidance_scale=guidance_scale or 5.0,
                                 guidance_rescale=guidance_rescale or 0.0, batch=batch, hf_weight=hf_weight,
-                                loss=loss, timestep=timestep, seed=seed,
+                                loss=loss, timestep=timestep, dmd_weight=dmd_weight,
+                                init=str(init) if init else None, seed=seed,
                                 workdir=str(workdir) if workdir else None, progress=progress)
     bar.close()
     saved = trained.save(str(out))

@@ -18,7 +18,8 @@ from fastdiff.artefacts import StaleArtefactError
 from fastdiff.cli import main
 from fastdiff.tuning.adapters import ADAPTER_NAME, load_adapter
 from fastdiff.stream.prepare import Prepared
-from fastdiff.tuning.onestep import HUBER_C, error, laplacian, teacher_targets, train_onestep
+from fastdiff.tuning.onestep import (HUBER_C, DistributionMatching, error, laplacian, teacher_targets,
+                                     train_onestep)
 
 PROMPTS = ["a red circle", "a blue square"]
 
@@ -231,6 +232,10 @@ def test_bad_input_is_named(tmp_path):
         train_onestep(pipe, PROMPTS, teacher_solver="lcm", iterations=1)
     with pytest.raises(ValueError, match="loss"):
         train_onestep(pipe, PROMPTS, loss="l1", iterations=1)
+    with pytest.raises(ValueError, match="dmd_weight"):
+        train_onestep(pipe, PROMPTS, dmd_weight=-1.0, iterations=1)
+    with pytest.raises(ValueError, match="init"):
+        train_onestep(pipe, PROMPTS, init=str(tmp_path / "missing"), iterations=1)
     with pytest.raises(ValueError, match="adapter: no LoRA"):
         fastdiff.accelerate(pipe, adapter=str(tmp_path / "missing"))
     sdxl = tiny_sdxl_pipeline()
@@ -310,7 +315,8 @@ def test_an_onnxruntime_stream_keeps_running_on_the_old_engine_while_the_new_one
 
 @pytest.mark.parametrize("args, option", [
     (["--teacher-solver", "lcm"], "--teacher-solver"), (["--loss", "l1"], "--loss"), (["--minutes", "0"], "--minutes"),
-    (["--rank", "0"], "--rank"), (["--teachers", "0"], "--teachers"),
+    (["--rank", "0"], "--rank"), (["--teachers", "0"], "--teachers"), (["--dmd-weight", "-1"], "--dmd-weight"),
+    (["--init", "/no/such/adapter"], "--init"),
 ])
 def test_tune_onestep_names_its_bad_options(args, option, tmp_path):
     result = CliRunner().invoke(main, ["tune", "onestep", "--model", "tiny", *args, "--out", str(tmp_path / "a")])
@@ -330,3 +336,62 @@ def test_tune_onestep_writes_an_adapter_with_its_teachers_and_loss_recorded(tmp_
     settings = load_adapter(str(out)).manifest["details"]["settings"]
     assert (settings["teacher_solver"], settings["teacher_steps"], settings["teachers"], settings["loss"]) == (
         "ddim", 3, 4, "huber")
+
+
+def test_distribution_matching_pulls_by_the_fake_minus_the_real_estimate():
+    pipe = tiny()
+    parts = Prepared(pipe)
+    height, width = parts.size(None, None)
+    cond, uncond = parts.encode(PROMPTS, None, height, width)
+    base = parts.denoiser.original
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    matching = DistributionMatching(base, pipe.scheduler, 3.0, 0.0)
+    x0 = torch.randn(2, *parts.latent_shape(height, width), generator=torch.Generator().manual_seed(1))
+
+    def pull(rng):
+        leaf = x0.clone().requires_grad_(True)
+        matching.loss(leaf, cond.embeds, uncond.embeds, rng).backward()
+        return leaf.grad * leaf.numel()
+
+    # the fake score starts as the base, guided alike: the two agree and nothing pulls
+    assert pull(torch.Generator().manual_seed(0)).abs().max() < 1e-4
+    for _ in range(3):
+        matching.update_fake(x0, cond.embeds, uncond.embeds, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(base.state_dict(), before)   # only the fake learns
+    grad = pull(torch.Generator().manual_seed(3))
+    # the same noise, drawn again: the pull is (x̂0_fake − x̂0_real) / mean |x0 − x̂0_real|, both guided
+    rng = torch.Generator().manual_seed(3)
+    t = torch.randint(matching.low, matching.high, (2,), generator=rng)
+    eps = torch.randn(x0.shape, generator=rng)
+    cumulative = pipe.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x = cumulative.sqrt() * x0 + (1 - cumulative).sqrt() * eps
+    with torch.no_grad():
+        def x0_of(module):   # the tiny pipeline predicts ε
+            out_c, out_u = (module(x, t, encoder_hidden_states=e).sample for e in (cond.embeds, uncond.embeds))
+            return (x - (1 - cumulative).sqrt() * (out_u + 3.0 * (out_c - out_u))) / cumulative.sqrt()
+        real, fake = x0_of(base), x0_of(matching.fake)
+    weight = (x0 - real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    assert (fake - real).abs().max() > 1e-3
+    torch.testing.assert_close(grad, (fake - real) / weight, rtol=1e-3, atol=1e-4)
+
+
+def test_training_starts_from_an_adapter_and_resumes_with_its_fake_score(trained, tmp_path, monkeypatch):
+    from peft.utils import get_peft_model_state_dict
+    from fastdiff.tuning import onestep
+
+    monkeypatch.setattr(onestep, "DMD_WARMUP", 3)   # the fake score's head start, short on a tiny model
+    pipe, _, saved = trained
+    kwargs = dict(rank=4, teachers=4, teacher_steps=2, batch=2, dmd_weight=1.0, init=saved.path)
+    kept = train_onestep(pipe, PROMPTS, iterations=1, lr=0.0, **kwargs)   # lr 0: the LoRA it started from
+    start = {k.removeprefix("unet."): v for k, v in load_file(saved.weights).items()}
+    torch.testing.assert_close(get_peft_model_state_dict(kept.student), start)
+    assert kept.details["settings"]["dmd_weight"] == 1.0 and kept.details["settings"]["init"]
+    assert {"match", "fake"} <= set(kept.details["final_loss"])
+    # two steps at once, or one and then one more after a restart: the same student
+    whole = train_onestep(pipe, PROMPTS, iterations=2, workdir=str(tmp_path / "a"), **kwargs)
+    train_onestep(pipe, PROMPTS, iterations=1, workdir=str(tmp_path / "b"), **kwargs)
+    resumed = train_onestep(pipe, PROMPTS, iterations=2, workdir=str(tmp_path / "b"), **kwargs)
+    assert resumed.details["iterations"] == 2
+    torch.testing.assert_close(get_peft_model_state_dict(resumed.student), get_peft_model_state_dict(whole.student))
+    with pytest.raises(ValueError, match="init.*rank 2"):
+        train_onestep(pipe, PROMPTS, rank=2, iterations=1, teachers=2, teacher_steps=2, batch=2, init=saved.path)

@@ -12,6 +12,11 @@ from pure noise draws what the base model draws in many.
 - Loss: a spatial term (latents and decoded pixels against the teacher's) plus HiPA's high-frequency
   term — the Laplacian of the decoded picture against the teacher's (``hf_weight``; 0 for the
   ablation); each term a pseudo-Huber error by default (``loss``).
+- Optionally distribution matching (DMD, ``dmd_weight``): a pair-by-pair regression lands on the mean
+  of what the teacher makes of nearby noises — soft edges, mixed shades. A second copy of the base, the
+  "fake" score, keeps learning to denoise the student's own pictures; at a re-noised student picture,
+  the base's guided estimate minus the fake one points from the student's distribution toward the
+  teacher's, a whole-picture, prompt-aware pull. ``init`` starts from an adapter already trained.
 - Seeded; resumable from `workdir` (LoRA weights, optimizer, step, RNG); progress per step.
 """
 
@@ -26,18 +31,19 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..artefacts import library_versions, lock, publish_folder, weights_hash
+from ..artefacts import StaleArtefactError, library_versions, lock, publish_folder, weights_hash
 from ..checks import check_choice, check_int, check_number
 from ..denoiser import denoiser_for
+from ..sampling.guidance import full_guidance, rescale_guidance
 from ..sampling.guiders import make_guider
 from ..sampling.schedule import step_schedule
 from ..sampling.solvers import to_x0_eps
 from ..stream.batch import LatentStream
 from ..stream.prepare import Prepared
-from .adapters import FORMAT, KIND, WEIGHTS_FILE, Adapter, AdapterSampling
+from .adapters import FORMAT, KIND, WEIGHTS_FILE, Adapter, AdapterSampling, load_adapter
 from .schedules import model_hash, prompts_hash
 
-__all__ = ["TARGETS", "TrainedAdapter", "train_onestep", "teacher_targets", "laplacian"]
+__all__ = ["TARGETS", "TrainedAdapter", "DistributionMatching", "train_onestep", "teacher_targets", "laplacian"]
 
 # Module-name endings PEFT targets: the attention projections alone, or with the ResNets' convolutions
 # and the transformer blocks' feed-forward layers.
@@ -167,12 +173,14 @@ def train_onestep(pipe, prompts, rank: int = 16, minutes: float = 30.0, *, itera
                   teacher_solver: str = "dpmpp2m", guidance_scale: float = 5.0, guidance_rescale: float = 0.0,
                   batch: int = 32, lr: float = 1e-3,
                   pixel_weight: float = 1.0, hf_weight: float = 1.0, loss: str = "huber",
-                  timestep: int | None = None, seed: int = 0,
+                  timestep: int | None = None, dmd_weight: float = 0.0, init=None, seed: int = 0,
                   workdir: str | None = None, progress=None) -> TrainedAdapter:
     """Train a rank-`rank` LoRA on a copy of `pipe`'s denoiser so that one step from pure noise (at the
     scheduler's first timestep, or `timestep`, no guidance) gives the teacher's picture; for `minutes` or
     `iterations` steps, whichever ends first. `prompts` are the training prompts (each gets
-    ``teachers / len(prompts)`` noises)."""
+    ``teachers / len(prompts)`` noises). `dmd_weight` > 0 adds distribution matching
+    (:class:`DistributionMatching`); `init` (an adapter folder of ours, same rank and targets) is where
+    the LoRA starts."""
     check_int(rank, "rank", 1, 512)
     check_number(minutes, "minutes", 0.0, low_open=True)
     check_int(iterations, "iterations", 1, optional=True)
@@ -183,6 +191,8 @@ def train_onestep(pipe, prompts, rank: int = 16, minutes: float = 30.0, *, itera
     check_number(pixel_weight, "pixel_weight", 0.0)
     check_int(timestep, "timestep", 0, pipe.scheduler.config.num_train_timesteps - 1, optional=True)
     check_choice(targets, "targets", TARGETS)
+    check_number(dmd_weight, "dmd_weight", 0.0)
+    start = _init_adapter(init, pipe, rank) if init is not None else None
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("prompts must hold at least one prompt")
@@ -204,11 +214,14 @@ def train_onestep(pipe, prompts, rank: int = 16, minutes: float = 30.0, *, itera
     base = parts.denoiser.original
     student = copy.deepcopy(base).float().train()
     present = add_lora(student, rank, targets)
+    start_from = _load_init(start, student, present) if start is not None else None
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     height, width = parts.size(None, None)
-    cond_all, _ = parts.encode(prompts, None, height, width)
+    cond_all, uncond_all = parts.encode(prompts, None, height, width)
     embeds = cond_all.embeds.detach().float().clone()
+    uncond_embeds = uncond_all.embeds.detach().float().clone().expand_as(embeds)
+    matching = DistributionMatching(base, pipe.scheduler, guidance_scale, guidance_rescale) if dmd_weight > 0 else None
     vae = copy.deepcopy(pipe.vae).float().eval().requires_grad_(False)
     scaling = float(vae.config.get("scaling_factor", 1.0) or 1.0)
     shift = float(vae.config.get("shift_factor", 0.0) or 0.0)
@@ -225,6 +238,8 @@ def train_onestep(pipe, prompts, rank: int = 16, minutes: float = 30.0, *, itera
                     teacher_solver=teacher_solver, batch=batch, lr=lr,
                     pixel_weight=pixel_weight, hf_weight=hf_weight, loss=loss, timestep=t_first, seed=seed,
                     guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, prompts=prompts_hash(prompts))
+    if matching is not None or start_from is not None:   # older runs' settings stay as they were
+        settings.update(dmd_weight=dmd_weight, init=start_from)
     if state_path and os.path.isfile(state_path):
         state = torch.load(state_path, weights_only=False)
         if state["settings"] == settings:
@@ -232,18 +247,34 @@ def train_onestep(pipe, prompts, rank: int = 16, minutes: float = 30.0, *, itera
             optimizer.load_state_dict(state["optimizer"])
             step, history = state["step"], state["history"]
             rng.set_state(state["rng"])
+            if matching is not None:
+                matching.load_state_dict(state["matching"])
     deadline = time.time() + minutes * 60
     total = iterations or 10**9
+
+    def one_step(rows):
+        x = noise_scale * noise[rows]
+        out = student(x, torch.full((len(rows),), t_first), encoder_hidden_states=embeds[index[rows]],
+                      return_dict=False)[0]
+        return to_x0_eps(out, x, alpha, beta, schedule.prediction_type)[0]
+
+    if matching is not None and not matching.updates:
+        # the fake score starts as the base: let it learn the student's pictures before it steers them
+        for _ in range(DMD_WARMUP):
+            rows = torch.randint(0, len(noise), (batch,), generator=rng)
+            with torch.no_grad():
+                x0 = one_step(rows)
+            matching.update_fake(x0, embeds[index[rows]], uncond_embeds[index[rows]], rng)
     while step < total and time.time() < deadline:
         rows = torch.randint(0, len(noise), (batch,), generator=rng)
-        x = noise_scale * noise[rows]
-        t = torch.full((batch,), t_first)
-        out = student(x, t, encoder_hidden_states=embeds[index[rows]], return_dict=False)[0]
-        x0 = to_x0_eps(out, x, alpha, beta, schedule.prediction_type)[0]
+        x0 = one_step(rows)
         images = decode(x0)
         spatial = error(x0, target[rows], loss) + pixel_weight * error(images, target_images[rows], loss)
         high = error(laplacian(images), laplacian(target_images[rows]), loss)
         total_loss = spatial + hf_weight * high
+        if matching is not None:
+            match = matching.loss(x0, embeds[index[rows]], uncond_embeds[index[rows]], rng)
+            total_loss = total_loss + dmd_weight * match
         optimizer.zero_grad(set_to_none=True)
         total_loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -252,12 +283,16 @@ def train_onestep(pipe, prompts, rank: int = 16, minutes: float = 30.0, *, itera
         optimizer.step()
         step += 1
         history.append({"step": step, "loss": total_loss.item(), "spatial": spatial.item(), "high": high.item()})
+        if matching is not None:
+            history[-1]["match"] = match.item()
+            history[-1]["fake"] = matching.update_fake(x0.detach(), embeds[index[rows]], uncond_embeds[index[rows]],
+                                                       rng)
         if progress and (step % 25 == 0 or step == 1):
             progress(history[-1])
         if state_path and step % 200 == 0:
-            _save_state(state_path, student, optimizer, step, history, rng, settings)
+            _save_state(state_path, student, optimizer, step, history, rng, settings, matching)
     if state_path:
-        _save_state(state_path, student, optimizer, step, history, rng, settings)
+        _save_state(state_path, student, optimizer, step, history, rng, settings, matching)
     sampling = AdapterSampling(None, 1, (t_first,), 1.0)
     fields = {"base": model_hash(base), "family": adapter_family.family, "rank": rank, "targets": present,
               "steps": 1, "prompts": prompts_hash(prompts)}
@@ -266,11 +301,120 @@ def train_onestep(pipe, prompts, rank: int = 16, minutes: float = 30.0, *, itera
     return TrainedAdapter(student.eval(), sampling, fields, details)
 
 
-def _save_state(path, student, optimizer, step, history, rng, settings):
+def _save_state(path, student, optimizer, step, history, rng, settings, matching=None):
     from peft.utils import get_peft_model_state_dict
 
     lora = {k: v for k, v in student.state_dict().items() if "lora_" in k}
-    torch.save({"student": lora, "optimizer": optimizer.state_dict(), "step": step, "history": history,
-                "rng": rng.get_state(), "settings": settings, "peft": len(get_peft_model_state_dict(student))},
-               path + ".tmp")
+    state = {"student": lora, "optimizer": optimizer.state_dict(), "step": step, "history": history,
+             "rng": rng.get_state(), "settings": settings, "peft": len(get_peft_model_state_dict(student))}
+    if matching is not None:
+        state["matching"] = matching.state_dict()
+    torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
+
+
+def _init_adapter(init, pipe, rank: int) -> Adapter:
+    """Adapter `init`, checked before any work: ours, for this base, of rank `rank`."""
+    try:
+        source = load_adapter(init, pipe)
+    except (ValueError, StaleArtefactError) as error:   # missing, not an adapter, or for another base
+        raise type(error)(f"init: {error}") from error
+    fields = (source.manifest or {}).get("fields", {})
+    if source.manifest is None or fields.get("rank") != rank:
+        raise ValueError(f"init: {source.path} is not a fastdiff adapter of rank {rank} "
+                         f"(it has rank {fields.get('rank')})")
+    return source
+
+
+def _load_init(source: Adapter, student, present: list[str]) -> str:
+    """Load `source`'s LoRA (on the same targets) into `student`; returns its weights' hash for the settings."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if source.manifest["fields"].get("targets") != present:
+        raise ValueError(f"init: {source.path} targets {source.manifest['fields'].get('targets')}, not {present}")
+    weights = {k.removeprefix("unet."): v for k, v in load_file(source.weights).items()}
+    unexpected = set_peft_model_state_dict(student, weights).unexpected_keys
+    if unexpected:
+        raise ValueError(f"init: {source.path} holds weights this denoiser lacks ({unexpected[:3]}...)")
+    return source.manifest["files"][WEIGHTS_FILE]["sha256"][:16]
+
+
+# DMD's settings: the student's pictures are re-noised anywhere in 2–98% of the schedule; the fake score
+# learns at its own rate, with captions dropped as the base was trained (so that it can be guided), and
+# takes DMD_WARMUP steps on the student's pictures before the first pull.
+DMD_RANGE = (0.02, 0.98)
+DMD_FAKE_LR = 1e-4
+DMD_WARMUP = 100
+DMD_CAPTION_DROPOUT = 0.1
+
+
+class DistributionMatching:
+    """Distribution matching distillation's pull on a one-step student.
+
+    `real` is the frozen base; `fake` a trainable copy of it that keeps learning (the usual denoising
+    loss) to denoise the student's latest pictures. Re-noise a student picture x0 to x_t: x̂0_fake −
+    x̂0_real at x_t is the gradient of the KL divergence from the teacher's distribution to the
+    student's, up to weighting; it is normalised by each picture's mean distance to x̂0_real, as in the
+    paper. Both are read with the teacher's guidance: DMD reads the fake unguided, which pulls toward
+    more guidance until the fake has learned the guided pictures — more steps than a CPU's half hour
+    gives. Guided alike, the two agree at the start and only what the fake learns pulls."""
+
+    def __init__(self, base, scheduler, guidance_scale: float, guidance_rescale: float):
+        self.prediction_type = scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"dmd_weight: distribution matching takes epsilon or v_prediction models, "
+                             f"not {self.prediction_type!r}")
+        cumulative = scheduler.alphas_cumprod.float()
+        self.alpha, self.beta = cumulative.sqrt(), (1 - cumulative).sqrt()
+        self.low, self.high = (int(f * len(cumulative)) for f in DMD_RANGE)
+        self.scale, self.rescale = guidance_scale, guidance_rescale
+        self.real = copy.deepcopy(base).float().eval().requires_grad_(False)
+        self.fake = copy.deepcopy(base).float().train().requires_grad_(True)
+        self.optimizer = torch.optim.AdamW(self.fake.parameters(), lr=DMD_FAKE_LR, weight_decay=0.0)
+        self.updates = 0
+
+    def _noised(self, x0, rng):
+        t = torch.randint(self.low, self.high, (len(x0),), generator=rng)
+        eps = torch.randn(x0.shape, generator=rng)
+        alpha, beta = self.alpha[t].view(-1, 1, 1, 1), self.beta[t].view(-1, 1, 1, 1)
+        return t, eps, alpha, beta, alpha * x0 + beta * eps
+
+    def _guided_x0(self, module, x, t, cond, uncond, alpha, beta):
+        out_u, out_c = module(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond]),
+                              return_dict=False)[0].chunk(2)
+        guided = full_guidance(out_u, out_c, self.scale)
+        if self.rescale > 0:
+            guided = rescale_guidance(guided, out_c, self.rescale)
+        return to_x0_eps(guided, x, alpha, beta, self.prediction_type)[0]
+
+    def loss(self, x0, cond, uncond, rng) -> torch.Tensor:
+        """A surrogate whose gradient in `x0` is the normalised x̂0_fake − x̂0_real."""
+        with torch.no_grad():
+            t, _, alpha, beta, x = self._noised(x0.detach(), rng)
+            real = self._guided_x0(self.real, x, t, cond, uncond, alpha, beta)
+            fake = self._guided_x0(self.fake, x, t, cond, uncond, alpha, beta)
+            weight = (x0.detach() - real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+            pull = (fake - real) / weight
+        return 0.5 * F.mse_loss(x0, x0.detach() - pull)
+
+    def update_fake(self, x0, cond, uncond, rng) -> float:
+        """One denoising step of the fake score on the student's pictures `x0` (detached)."""
+        t, eps, alpha, beta, x = self._noised(x0, rng)
+        dropped = (torch.rand(len(x0), generator=rng) < DMD_CAPTION_DROPOUT).view(-1, 1, 1)
+        target = eps if self.prediction_type == "epsilon" else alpha * eps - beta * x0
+        out = self.fake(x, t, encoder_hidden_states=torch.where(dropped, uncond, cond), return_dict=False)[0]
+        loss = F.mse_loss(out, target)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.updates += 1
+        return loss.item()
+
+    def state_dict(self) -> dict:
+        return {"fake": self.fake.state_dict(), "optimizer": self.optimizer.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.fake.load_state_dict(state["fake"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.updates = state["updates"]

@@ -375,6 +375,18 @@ def test_distribution_matching_pulls_by_the_fake_minus_the_real_estimate():
     torch.testing.assert_close(grad, (fake - real) / weight, rtol=1e-3, atol=1e-4)
 
 
+def test_the_fake_score_learns_the_velocity_of_a_v_prediction_model():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(prediction_type="v_prediction")
+    matching = DistributionMatching(tiny().unet, scheduler, 3.0, 0.0)
+    rng = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, 8, 8, generator=rng), torch.randn(3, 4, 8, 8, generator=rng)
+    t = torch.tensor([20, 500, 970])
+    alpha, beta = matching.alpha[t].view(-1, 1, 1, 1), matching.beta[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(matching.target(x0, eps, alpha, beta), scheduler.get_velocity(x0, eps, t))
+
+
 def test_training_starts_from_an_adapter_and_resumes_with_its_fake_score(trained, tmp_path, monkeypatch):
     from peft.utils import get_peft_model_state_dict
     from fastdiff.tuning import onestep

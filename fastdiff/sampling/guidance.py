@@ -31,9 +31,11 @@ def check_mode(cfg: str) -> str:
     return cfg
 
 
-def full_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
-    """o = o_u + g·(o_c − o_u), on raw model outputs (ε, v or flow velocity alike)."""
-    return uncond + scale * (cond - uncond)
+def full_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float, rescale: float = 0.0) -> torch.Tensor:
+    """o = o_u + g·(o_c − o_u), on raw model outputs (ε, v or flow velocity alike); then, for
+    ``rescale`` φ > 0, :func:`rescale_guidance`."""
+    guided = uncond + scale * (cond - uncond)
+    return rescale_guidance(guided, cond, rescale) if rescale > 0 else guided
 
 
 def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.Tensor:

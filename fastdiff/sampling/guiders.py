@@ -20,7 +20,7 @@ import torch
 
 from ..checks import check_number
 from ..denoiser import Conditioning   # the protocol's row container (no model code)
-from .guidance import CFG_MODES, check_mode, full_guidance, guided_self, rescale_guidance
+from .guidance import CFG_MODES, check_mode, full_guidance, guided_self
 from .solvers import to_x0_eps
 
 __all__ = ["Guider", "NoGuidance", "FullGuidance", "SelfGuidance", "InitializeGuidance", "make_guider"]
@@ -101,9 +101,7 @@ class FullGuidance(Guider):
         return output.shape[0] // 2
 
     def combine(self, out_c, out_u, x, residual, c):
-        guided = full_guidance(out_u, out_c, self.scale)
-        if self.rescale > 0:
-            guided = rescale_guidance(guided, out_c, self.rescale)
+        guided = full_guidance(out_u, out_c, self.scale, self.rescale)
         x0, eps = to_x0_eps(guided, x, c.alpha, c.beta, c.prediction_type)
         return x0, eps, None
 

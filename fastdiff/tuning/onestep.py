@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ..artefacts import StaleArtefactError, library_versions, lock, publish_folder, weights_hash
 from ..checks import check_choice, check_int, check_number
 from ..denoiser import denoiser_for
-from ..sampling.guidance import full_guidance, rescale_guidance
+from ..sampling.guidance import full_guidance
 from ..sampling.guiders import make_guider
 from ..sampling.schedule import step_schedule
 from ..sampling.solvers import to_x0_eps
@@ -273,7 +273,8 @@ def train_onestep(pipe, prompts, rank: int = 16, minutes: float = 30.0, *, itera
         high = error(laplacian(images), laplacian(target_images[rows]), loss)
         total_loss = spatial + hf_weight * high
         if matching is not None:
-            match = matching.loss(x0, embeds[index[rows]], uncond_embeds[index[rows]], rng)
+            cond, uncond = embeds[index[rows]], uncond_embeds[index[rows]]
+            match = matching.loss(x0, cond, uncond, rng)
             total_loss = total_loss + dmd_weight * match
         optimizer.zero_grad(set_to_none=True)
         total_loss.backward()
@@ -285,8 +286,7 @@ def train_onestep(pipe, prompts, rank: int = 16, minutes: float = 30.0, *, itera
         history.append({"step": step, "loss": total_loss.item(), "spatial": spatial.item(), "high": high.item()})
         if matching is not None:
             history[-1]["match"] = match.item()
-            history[-1]["fake"] = matching.update_fake(x0.detach(), embeds[index[rows]], uncond_embeds[index[rows]],
-                                                       rng)
+            history[-1]["fake"] = matching.update_fake(x0.detach(), cond, uncond, rng)
         if progress and (step % 25 == 0 or step == 1):
             progress(history[-1])
         if state_path and step % 200 == 0:
@@ -384,9 +384,7 @@ class DistributionMatching:
     def _guided_x0(self, module, x, t, cond, uncond, alpha, beta):
         out_u, out_c = module(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond]),
                               return_dict=False)[0].chunk(2)
-        guided = full_guidance(out_u, out_c, self.scale)
-        if self.rescale > 0:
-            guided = rescale_guidance(guided, out_c, self.rescale)
+        guided = full_guidance(out_u, out_c, self.scale, self.rescale)
         return to_x0_eps(guided, x, alpha, beta, self.prediction_type)[0]
 
     def loss(self, x0, cond, uncond, rng) -> torch.Tensor:

@@ -404,9 +404,11 @@ def test_training_starts_from_an_adapter_and_resumes_with_its_fake_score(trained
     train_onestep(pipe, PROMPTS, iterations=1, workdir=str(tmp_path / "b"), **kwargs)
     updates, update = [], onestep.DistributionMatching.update_fake
     monkeypatch.setattr(onestep.DistributionMatching, "update_fake",
-                        lambda self, *args: updates.append(1) or update(self, *args))
+                        lambda self, x0, *args: updates.append(len(x0)) or update(self, x0, *args))
     resumed = train_onestep(pipe, PROMPTS, iterations=2, workdir=str(tmp_path / "b"), **kwargs)
-    assert resumed.details["iterations"] == 2 and len(updates) == 1   # step 2 alone: no head start again
+    assert resumed.details["iterations"] == 2 and updates == [1]   # step 2 alone: no head start again
+    # ... on pictures of its own: half a batch of fresh noises beside the regression's pairs
+    assert resumed.details["settings"]["dmd_noise"] == "fresh"
     torch.testing.assert_close(get_peft_model_state_dict(resumed.student), get_peft_model_state_dict(whole.student))
     with pytest.raises(ValueError, match="init.*rank 2"):
         train_onestep(pipe, PROMPTS, rank=2, iterations=1, teachers=2, teacher_steps=2, batch=2, init=saved.path)

@@ -16,7 +16,9 @@ from pure noise draws what the base model draws in many.
   of what the teacher makes of nearby noises — soft edges, mixed shades. A second copy of the base, the
   "fake" score, keeps learning to denoise the student's own pictures; at a re-noised student picture,
   the base's guided estimate minus the fake one points from the student's distribution toward the
-  teacher's, a whole-picture, prompt-aware pull. ``init`` starts from an adapter already trained.
+  teacher's, a whole-picture, prompt-aware pull. Its pictures come from fresh noise (half a batch
+  beside the pairs): on the cached noises the student learns the teacher's pictures by heart, so the
+  pull is wanted where there are no pairs. ``init`` starts from an adapter already trained.
 - Seeded; resumable from `workdir` (LoRA weights, optimizer, step, RNG); progress per step.
 """
 
@@ -240,6 +242,8 @@ def train_onestep(pipe, prompts, rank: int = 16, minutes: float = 30.0, *, itera
                     guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, prompts=prompts_hash(prompts))
     if matching is not None or init_hash is not None:   # older runs' settings stay as they were
         settings.update(dmd_weight=dmd_weight, init=init_hash)
+    if matching is not None:   # the pull's pictures are drawn from fresh noise (earlier runs: the pairs')
+        settings.update(dmd_noise="fresh")
     if state_path and os.path.isfile(state_path):
         state = torch.load(state_path, weights_only=False)
         if state["settings"] == settings:
@@ -252,29 +256,34 @@ def train_onestep(pipe, prompts, rank: int = 16, minutes: float = 30.0, *, itera
     deadline = time.time() + minutes * 60
     total = iterations or 10**9
 
-    def one_step(rows):
-        x = noise_scale * noise[rows]
-        out = student(x, torch.full((len(rows),), t_first), encoder_hidden_states=embeds[index[rows]],
-                      return_dict=False)[0]
+    def one_step(start, prompt):
+        x = noise_scale * start
+        out = student(x, torch.full((len(x),), t_first), encoder_hidden_states=embeds[prompt], return_dict=False)[0]
         return to_x0_eps(out, x, alpha, beta, schedule.prediction_type)[0]
+
+    def fresh():   # noises and prompts for the pull, drawn anew: where the student has no pairs
+        count = max(1, batch // 2)
+        return (torch.randn((count, *noise.shape[1:]), generator=rng),
+                torch.randint(0, len(embeds), (count,), generator=rng))
 
     if matching is not None and not matching.updates:
         # the fake score starts as the base: let it learn the student's pictures before it steers them
         for _ in range(DMD_WARMUP):
-            rows = torch.randint(0, len(noise), (batch,), generator=rng)
+            start, prompt = fresh()
             with torch.no_grad():
-                x0 = one_step(rows)
-            matching.update_fake(x0, embeds[index[rows]], uncond_embeds[index[rows]], rng)
+                x0 = one_step(start, prompt)
+            matching.update_fake(x0, embeds[prompt], uncond_embeds[prompt], rng)
     while step < total and time.time() < deadline:
         rows = torch.randint(0, len(noise), (batch,), generator=rng)
-        x0 = one_step(rows)
+        x0 = one_step(noise[rows], index[rows])
         images = decode(x0)
         spatial = error(x0, target[rows], loss) + pixel_weight * error(images, target_images[rows], loss)
         high = error(laplacian(images), laplacian(target_images[rows]), loss)
         total_loss = spatial + hf_weight * high
         if matching is not None:
-            cond, uncond = embeds[index[rows]], uncond_embeds[index[rows]]
-            match = matching.loss(x0, cond, uncond, rng)
+            start, prompt = fresh()
+            drawn, cond, uncond = one_step(start, prompt), embeds[prompt], uncond_embeds[prompt]
+            match = matching.loss(drawn, cond, uncond, rng)
             total_loss = total_loss + dmd_weight * match
         optimizer.zero_grad(set_to_none=True)
         total_loss.backward()
@@ -286,7 +295,7 @@ def train_onestep(pipe, prompts, rank: int = 16, minutes: float = 30.0, *, itera
         history.append({"step": step, "loss": total_loss.item(), "spatial": spatial.item(), "high": high.item()})
         if matching is not None:
             history[-1]["match"] = match.item()
-            history[-1]["fake"] = matching.update_fake(x0.detach(), cond, uncond, rng)
+            history[-1]["fake"] = matching.update_fake(drawn.detach(), cond, uncond, rng)
         if progress and (step % 25 == 0 or step == 1):
             progress(history[-1])
         if state_path and step % 200 == 0:

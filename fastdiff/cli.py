@@ -698,7 +698,8 @@ def tune_steps(model, steps, method, mode, budget_minutes, prompt_file, count, e
 @click.option("--timestep", type=click.IntRange(min=0), default=None,
               help="The timestep of the one step, taken from pure noise (default: the scheduler's first).")
 @click.option("--dmd-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Weight of distribution matching (DMD: a fake score trained on the student's pictures).")
+              help="Weight of distribution matching (DMD: a fake score trained on the student's pictures); "
+                   "for an adapter already trained (--init).")
 @click.option("--init", type=click.Path(exists=True, path_type=Path), default=None,
               help="Start from this adapter of ours (same rank and targets).")
 @click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True)

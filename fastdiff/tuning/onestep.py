@@ -18,7 +18,8 @@ from pure noise draws what the base model draws in many.
   the base's guided estimate minus the fake one points from the student's distribution toward the
   teacher's, a whole-picture, prompt-aware pull. Its pictures come from fresh noise (half a batch
   beside the pairs): on the cached noises the student learns the teacher's pictures by heart, so the
-  pull is wanted where there are no pairs. ``init`` starts from an adapter already trained.
+  pull is wanted where there are no pairs. ``init`` starts from an adapter already trained — where the
+  pull belongs: from a fresh student's first step it made the adapter worse (BENCHMARKS).
 - Seeded; resumable from `workdir` (LoRA weights, optimizer, step, RNG); progress per step.
 """
 

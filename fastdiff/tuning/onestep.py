@@ -257,33 +257,34 @@ def train_onestep(pipe, prompts, rank: int = 16, minutes: float = 30.0, *, itera
     deadline = time.time() + minutes * 60
     total = iterations or 10**9
 
-    def one_step(start, prompt):
+    def one_step(start, cond):
         x = noise_scale * start
-        out = student(x, torch.full((len(x),), t_first), encoder_hidden_states=embeds[prompt], return_dict=False)[0]
+        out = student(x, torch.full((len(x),), t_first), encoder_hidden_states=cond, return_dict=False)[0]
         return to_x0_eps(out, x, alpha, beta, schedule.prediction_type)[0]
 
     def fresh():   # noises and prompts for the pull, drawn anew: where the student has no pairs
         count = max(1, batch // 2)
-        return (torch.randn((count, *noise.shape[1:]), generator=rng),
-                torch.randint(0, len(embeds), (count,), generator=rng))
+        start = torch.randn((count, *noise.shape[1:]), generator=rng)
+        prompt = torch.randint(0, len(embeds), (count,), generator=rng)
+        return start, embeds[prompt], uncond_embeds[prompt]
 
     if matching is not None and not matching.updates:
         # the fake score starts as the base: let it learn the student's pictures before it steers them
         for _ in range(DMD_WARMUP):
-            start, prompt = fresh()
+            start, cond, uncond = fresh()
             with torch.no_grad():
-                x0 = one_step(start, prompt)
-            matching.update_fake(x0, embeds[prompt], uncond_embeds[prompt], rng)
+                x0 = one_step(start, cond)
+            matching.update_fake(x0, cond, uncond, rng)
     while step < total and time.time() < deadline:
         rows = torch.randint(0, len(noise), (batch,), generator=rng)
-        x0 = one_step(noise[rows], index[rows])
+        x0 = one_step(noise[rows], embeds[index[rows]])
         images = decode(x0)
         spatial = error(x0, target[rows], loss) + pixel_weight * error(images, target_images[rows], loss)
         high = error(laplacian(images), laplacian(target_images[rows]), loss)
         total_loss = spatial + hf_weight * high
         if matching is not None:
-            start, prompt = fresh()
-            drawn, cond, uncond = one_step(start, prompt), embeds[prompt], uncond_embeds[prompt]
+            start, cond, uncond = fresh()
+            drawn = one_step(start, cond)
             match = matching.loss(drawn, cond, uncond, rng)
             total_loss = total_loss + dmd_weight * match
         optimizer.zero_grad(set_to_none=True)

@@ -14,7 +14,8 @@ of ``fastdiff bench quality`` (one, two, three objects; unstated attributes over
     python benchmarks/tuning.py onestep --adapter PATH [--ablation PATH] [--count 128]
     python benchmarks/tuning.py routing --router PATH [--single PATH] [--count 128]
 
-Every row is one :class:`fastdiff.quality.QualityRow` on the same prompts, seeds and initial noise.
+Every row is one :class:`fastdiff.quality.QualityRow` on the same prompts, seeds and initial noise; with
+``--draws N``, the mean over N initial noises (each against the teacher of the same noise).
 """
 
 from __future__ import annotations
@@ -35,15 +36,13 @@ sys.path.insert(0, HERE)
 from machine import environment  # noqa: E402
 
 
-def _rows(pipe, held, teacher, configs, batch=64):
-    from fastdiff.quality import QualityRow, generate, measure
+def _rows(pipe, held, teachers, configs, batch=64):
+    from fastdiff.quality import quality_row
 
     rows = []
     for label, steps, cfg, solver, options, call in configs:
-        images, seconds = generate(pipe, held.texts, steps, cfg, solver, GUIDANCE[0], 0, batch, GUIDANCE[1],
-                                   options, call)
-        rows.append(QualityRow(steps=steps, cfg=cfg, solver=solver or "", seconds_per_image=seconds, label=label,
-                               **measure(images, held, teacher)))
+        rows.append(quality_row(pipe, held, teachers, steps, cfg, solver, GUIDANCE[0], 0, batch, GUIDANCE[1],
+                                options, call, label))
         print(f"  {label}: done", file=sys.stderr)
     return rows
 
@@ -52,7 +51,7 @@ GUIDANCE = [5.0, 0.0]
 SPEED_PAIRS = 9   # timed (full, routed) pairs of the routed speed-up
 
 
-def schedules(pipe, held, teacher, folder, stream_steps, clip_frames=16):
+def schedules(pipe, held, teachers, folder, stream_steps, clip_frames=16):
     from fastdiff.tuning import Schedule
     from fastdiff.tuning.fitness import Trajectories
     from fastdiff.shapes import moving_shapes_clip
@@ -66,7 +65,7 @@ def schedules(pipe, held, teacher, folder, stream_steps, clip_frames=16):
             if os.path.isfile(path):
                 label = {"": "searched (evolution)", "dp": "searched (DP)", "ays": "AYS"}[method]
                 configs.append((label, k, "full", None, {"schedule": path}, None))
-    rows = _rows(pipe, held, teacher, configs)
+    rows = _rows(pipe, held, teachers, configs)
     stream_rows = []
     path = os.path.join(folder, "shapes-stream-2.json")
     if os.path.isfile(path):
@@ -111,7 +110,7 @@ def onestep_stream(pipe, adapter, steps, clip_frames=16):
     return rows
 
 
-def onestep(pipe, held, teacher, adapter, ablation=None):
+def onestep(pipe, held, teachers, adapter, ablation=None):
     configs = [("teacher: 25 steps, full CFG", 25, "full", "ddim", None, None),
                ("base, 1 step, no CFG", 1, "none", "ddim", None, None),
                ("base, 1 step, full CFG", 1, "full", "ddim", None, None),
@@ -119,10 +118,10 @@ def onestep(pipe, held, teacher, adapter, ablation=None):
                ("adapter, 1 step", 1, "none", None, {"adapter": adapter}, None)]
     if ablation:
         configs.append(("adapter without the high-frequency term, 1 step", 1, "none", None, {"adapter": ablation}, None))
-    return _rows(pipe, held, teacher, configs)
+    return _rows(pipe, held, teachers, configs)
 
 
-def routing(pipe, held, teacher, router, single=None, steps=25):
+def routing(pipe, held, teachers, router, single=None, steps=25):
     import fastdiff
     from fastdiff.tuning import load_router
 
@@ -130,7 +129,7 @@ def routing(pipe, held, teacher, router, single=None, steps=25):
                ("routed", steps, "full", "ddim", {"router": router}, None)]
     if single:
         configs.append(("one pruned model (same mean MACs)", steps, "full", "ddim", {"router": single}, None))
-    rows = _rows(pipe, held, teacher, configs)
+    rows = _rows(pipe, held, teachers, configs)
     loaded = load_router(router, pipe)
     macs = {}
     for kind in ("one", "two", "three", "unstated"):
@@ -174,22 +173,26 @@ def main(argv=None) -> int:
     parser.add_argument("--count", type=int, default=128)
     parser.add_argument("--unstated", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--draws", type=int, default=1,
+                        help="initial noises each row is the mean over (its distance's spread is reported)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     GUIDANCE[:] = [GUIDANCE_SCALE, GUIDANCE_RESCALE]
     pipe = load_pipeline()
     held = held_out(args.count, args.unstated, args.repeats)
-    teacher, _ = generate(pipe, held.texts, 50, "full", "ddim", GUIDANCE_SCALE, 0, 64, GUIDANCE_RESCALE)
+    # one 50-step teacher per draw of the initial noise, from the same noise as the rows' draw
+    teachers = [generate(pipe, held.texts, 50, "full", "ddim", GUIDANCE_SCALE, draw, 64, GUIDANCE_RESCALE)[0]
+                for draw in range(args.draws)]
     extra = None
     if args.tool == "schedules":
         from fastdiff.shapes import artefact_path
 
-        rows, extra = schedules(pipe, held, teacher, args.schedules or artefact_path("schedule"), STREAM_STEPS)
+        rows, extra = schedules(pipe, held, teachers, args.schedules or artefact_path("schedule"), STREAM_STEPS)
     elif args.tool == "onestep":
-        rows = onestep(pipe, held, teacher, args.adapter, args.ablation)
+        rows = onestep(pipe, held, teachers, args.adapter, args.ablation)
         extra = {"stream": onestep_stream(pipe, args.adapter, STREAM_STEPS)}
     else:
-        rows, extra = routing(pipe, held, teacher, args.router, args.single)
+        rows, extra = routing(pipe, held, teachers, args.router, args.single)
     print(format_table(rows))
     if extra:
         print(json.dumps(extra, indent=2))

@@ -840,11 +840,14 @@ def bench():
 @click.option("--adapter", default=None, metavar="PATH", help="A LoRA adapter every row but the teacher runs with.")
 @click.option("--router", default=None, metavar="shapes|PATH", help="A prompt router every row but the teacher runs with.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--draws", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Initial noises each row is the mean over (seeds --seed, --seed + 1, ...); the distance's "
+                   "spread over them is shown beside it.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("out/quality.json"),
               show_default=True, help="JSON file the configuration and rows are written to.")
 @device_option
 def quality(model, steps, cfgs, solver, guidance_scale, guidance_rescale, count, unstated, repeats, teacher_steps,
-            schedule, adapter, router, seed, out, device):
+            schedule, adapter, router, seed, draws, out, device):
     """Prompt accuracy (1, 2, 3 objects; unstated attributes), coverage, PSNR against a many-step
     teacher, Fréchet shape distance and seconds per image for each (steps, CFG mode), printed as a
     Markdown table and written to --out."""
@@ -864,7 +867,7 @@ def quality(model, steps, cfgs, solver, guidance_scale, guidance_rescale, count,
     pipe = load_pipeline(model, check_device(device))
     config = dict(model=model, solver=solver, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                   count=count, unstated=unstated, repeats=repeats, teacher_steps=teacher_steps, seed=seed,
-                  threads=torch.get_num_threads())
+                  draws=draws, threads=torch.get_num_threads())
     click.echo(f"quality of {model}: {count} prompts each of 1, 2 and 3 objects, {unstated} unstated × {repeats} "
                f"seeds, guidance {guidance_scale} (rescale {guidance_rescale}), teacher {teacher_steps} DDIM steps "
                "with full CFG", err=True)
@@ -880,7 +883,7 @@ def quality(model, steps, cfgs, solver, guidance_scale, guidance_rescale, count,
         rows = quality_table(pipe, steps, modes, None if options else solver, guidance_scale, count, teacher_steps,
                              seed, progress=lambda r: click.echo(f"  {r.steps} steps, cfg {r.cfg}: done", err=True),
                              guidance_rescale=guidance_rescale, unstated=unstated, repeats=repeats, options=options,
-                             label=" ".join(label))
+                             label=" ".join(label), draws=draws)
     click.echo(format_table(rows))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(config=config, rows=rows_as_dicts(rows)), indent=2))

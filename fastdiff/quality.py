@@ -29,7 +29,7 @@ from .sampling.guidance import CFG_MODES
 from .shapes.metrics import coverage, frechet_distance, paired_psnr, prompt_accuracy
 from .shapes.render import heldout_prompts, realise, render_batch
 
-__all__ = ["QualityRow", "Prompts", "held_out", "generate", "quality_table", "format_table", "rows_as_dicts",
+__all__ = ["QualityRow", "Prompts", "held_out", "generate", "quality_row", "quality_table", "format_table", "rows_as_dicts",
            "SOLVERS"]
 
 # DDIM's deterministic step; LCM's x̂0 re-noised to the next step (the stream's); DPM-Solver++ 2M
@@ -51,6 +51,8 @@ class QualityRow:
     distance: float      # Fréchet shape distance to rendered scenes of the same prompts
     seconds_per_image: float
     label: str = ""      # what else the row ran with (a schedule, an adapter, a router)
+    draws: int = 1       # initial noises the measures are the mean over (an adapter's distance moves ±0.2 between draws)
+    distance_spread: float = 0.0   # the distance's standard deviation over those draws
 
 
 @dataclass
@@ -130,23 +132,41 @@ def measure(images: torch.Tensor, held: Prompts, teacher: torch.Tensor | None) -
     return values
 
 
+def quality_row(pipe, held: Prompts, teachers: list, steps: int, cfg: str, solver: str | None = "ddim",
+                guidance_scale: float = 5.0, seed: int = 0, batch: int = 64, guidance_rescale: float = 0.0,
+                options: dict | None = None, call_options: dict | None = None, label: str = "") -> QualityRow:
+    """One :class:`QualityRow` of `held`: the mean of its measures over ``len(teachers)`` draws of the
+    initial noise (seeds `seed`, `seed` + 1, ...), each against the teacher's pictures of the same draw
+    (``teachers[i]``, or None for no PSNR); `distance_spread` is the distances' standard deviation."""
+    values, seconds = [], []
+    for draw, teacher in enumerate(teachers):
+        images, took = generate(pipe, held.texts, steps, cfg, solver, guidance_scale, seed + draw, batch,
+                                guidance_rescale, options, call_options)
+        values.append(measure(images, held, teacher))
+        seconds.append(took)
+    mean = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+    spread = float(np.std([v["distance"] for v in values], ddof=1)) if len(values) > 1 else 0.0
+    return QualityRow(steps=steps, cfg=cfg, solver=solver or "", seconds_per_image=float(np.mean(seconds)),
+                      label=label, draws=len(values), distance_spread=spread, **mean)
+
+
 def quality_table(pipe, steps_list=(50, 25, 8, 4, 2, 1), cfgs=CFG_MODES[:3], solver: str | None = "ddim",
                   guidance_scale: float = 5.0, count: int = 128, teacher_steps: int = 50, seed: int = 0,
                   batch: int = 64, progress=None, guidance_rescale: float = 0.0, unstated: int = 32,
-                  repeats: int = 8, options: dict | None = None, label: str = "") -> list[QualityRow]:
-    """One :class:`QualityRow` per (steps, cfg) over the held-out set (:func:`held_out`); the
-    teacher is `teacher_steps` DDIM steps with ``full`` CFG (and the same rescale). `options` go to
-    ``fastdiff.accelerate`` for every row but the teacher's (e.g. a schedule), named by `label`."""
+                  repeats: int = 8, options: dict | None = None, label: str = "", draws: int = 1) -> list[QualityRow]:
+    """One :class:`QualityRow` per (steps, cfg) over the held-out set (:func:`held_out`), each the mean
+    over `draws` initial noises (:func:`quality_row`); the teacher is `teacher_steps` DDIM steps with
+    ``full`` CFG (and the same rescale). `options` go to ``fastdiff.accelerate`` for every row but the
+    teacher's (e.g. a schedule), named by `label`."""
+    check_int(draws, "draws", 1)
     held = held_out(count, unstated, repeats, seed)
-    teacher, _ = generate(pipe, held.texts, teacher_steps, "full", "ddim", guidance_scale, seed, batch,
-                          guidance_rescale)
+    teachers = [generate(pipe, held.texts, teacher_steps, "full", "ddim", guidance_scale, seed + draw, batch,
+                         guidance_rescale)[0] for draw in range(draws)]
     rows = []
     for steps in steps_list:
         for cfg in cfgs:
-            images, seconds = generate(pipe, held.texts, steps, cfg, solver, guidance_scale, seed, batch,
-                                       guidance_rescale, options)
-            rows.append(QualityRow(steps=steps, cfg=cfg, solver=solver or "", seconds_per_image=seconds,
-                                   label=label, **measure(images, held, teacher)))
+            rows.append(quality_row(pipe, held, teachers, steps, cfg, solver, guidance_scale, seed, batch,
+                                    guidance_rescale, options, label=label))
             if progress is not None:
                 progress(rows[-1])
     return rows
@@ -160,9 +180,10 @@ def format_table(rows: list[QualityRow]) -> str:
     for r in rows:
         psnr = "∞" if np.isinf(r.psnr) else f"{r.psnr:.2f}"
         label = f" {r.label}" if r.label else ""
+        distance = f"{r.distance:.3f}" + (f" ± {r.distance_spread:.3f} ({r.draws} draws)" if r.draws > 1 else "")
         lines.append(f"| {r.steps} | {r.cfg}{label} | {r.solver} | {100 * r.accuracy_one:.1f}% / "
                      f"{100 * r.accuracy_two:.1f}% / {100 * r.accuracy_three:.1f}% | "
-                     f"{100 * r.accuracy_unstated:.1f}% | {r.coverage:.3f} | {psnr} | {r.distance:.3f} | "
+                     f"{100 * r.accuracy_unstated:.1f}% | {r.coverage:.3f} | {psnr} | {distance} | "
                      f"{r.seconds_per_image:.4f} |")
     return "\n".join(lines)
 

@@ -9,7 +9,9 @@ from click.testing import CliRunner
 
 from fastdiff.cli import main
 from fastdiff.shapes import model as M
-from fastdiff.quality import format_table, generate, held_out, quality_table
+import numpy as np
+
+from fastdiff.quality import format_table, generate, held_out, measure, quality_row, quality_table
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +51,14 @@ def test_generate_rejects_bad_arguments(pipe):
 def test_bench_quality_prints_and_writes_the_table(tmp_path):
     out = tmp_path / "q.json"
     result = CliRunner().invoke(main, ["bench", "quality", "--steps", "2", "--cfg", "self,none", "--count", "2",
-                                       "--unstated", "1", "--repeats", "2", "--teacher-steps", "2",
+                                       "--unstated", "1", "--repeats", "2", "--teacher-steps", "2", "--draws", "2",
                                        "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "| 2 | self | ddim |" in result.output and "| 2 | none | ddim |" in result.output
+    assert result.output.count("(2 draws)") == 2
     written = json.loads(out.read_text())
     assert written["config"]["count"] == 2 and len(written["rows"]) == 2
+    assert written["config"]["draws"] == 2 and {r["draws"] for r in written["rows"]} == {2}
     assert {r["cfg"] for r in written["rows"]} == {"self", "none"}
 
 
@@ -74,3 +78,17 @@ def test_a_row_with_an_adapter_leaves_the_pipeline_as_it_found_it(pipe):
     after, _ = generate(pipe, prompts, 1, "none", "ddim", 1.0)
     assert (adapted - before).abs().max() > 0.05
     assert torch.equal(after, before)
+
+
+def test_a_row_over_draws_is_the_mean_of_its_draws_with_the_distance_spread(pipe):
+    held = held_out(count=2, unstated=1, repeats=2)
+    singles = [measure(generate(pipe, held.texts, 2, "none", "ddim", seed=seed)[0], held, None) for seed in (3, 4)]
+    row = quality_row(pipe, held, [None, None], 2, "none", "ddim", seed=3)
+    assert row.draws == 2 and math.isnan(row.psnr)   # no teachers given: no PSNR
+    for key in ("accuracy_one", "accuracy_unstated", "coverage", "distance"):
+        assert getattr(row, key) == pytest.approx(np.mean([v[key] for v in singles]))
+    distances = [v["distance"] for v in singles]
+    assert distances[0] != distances[1] and row.distance_spread == pytest.approx(np.std(distances, ddof=1))
+    assert f"{row.distance:.3f} ± {row.distance_spread:.3f} (2 draws)" in format_table([row])
+    with pytest.raises(ValueError, match="draws"):
+        quality_table(pipe, steps_list=(1,), cfgs=("none",), count=1, unstated=1, repeats=2, draws=0)

@@ -29,8 +29,8 @@ from .sampling.guidance import CFG_MODES
 from .shapes.metrics import coverage, frechet_distance, paired_psnr, prompt_accuracy
 from .shapes.render import heldout_prompts, realise, render_batch
 
-__all__ = ["QualityRow", "Prompts", "held_out", "generate", "quality_row", "quality_table", "format_table", "rows_as_dicts",
-           "SOLVERS"]
+__all__ = ["QualityRow", "Prompts", "held_out", "generate", "quality_row", "quality_table", "format_table",
+           "rows_as_dicts", "SOLVERS"]
 
 # DDIM's deterministic step; LCM's x̂0 re-noised to the next step (the stream's); DPM-Solver++ 2M
 SOLVERS = ("ddim", "lcm", "dpmpp2m")
@@ -51,7 +51,7 @@ class QualityRow:
     distance: float      # Fréchet shape distance to rendered scenes of the same prompts
     seconds_per_image: float
     label: str = ""      # what else the row ran with (a schedule, an adapter, a router)
-    draws: int = 1       # initial noises the measures are the mean over (an adapter's distance moves ±0.2 between draws)
+    draws: int = 1       # initial noises the measures are the mean over (a distance moves ±0.2 between draws)
     distance_spread: float = 0.0   # the distance's standard deviation over those draws
 
 
@@ -138,6 +138,8 @@ def quality_row(pipe, held: Prompts, teachers: list, steps: int, cfg: str, solve
     """One :class:`QualityRow` of `held`: the mean of its measures over ``len(teachers)`` draws of the
     initial noise (seeds `seed`, `seed` + 1, ...), each against the teacher's pictures of the same draw
     (``teachers[i]``, or None for no PSNR); `distance_spread` is the distances' standard deviation."""
+    if not len(teachers):
+        raise ValueError("teachers: one per draw (None for no PSNR), at least one")
     values, seconds = [], []
     for draw, teacher in enumerate(teachers):
         images, took = generate(pipe, held.texts, steps, cfg, solver, guidance_scale, seed + draw, batch,

@@ -90,5 +90,7 @@ def test_a_row_over_draws_is_the_mean_of_its_draws_with_the_distance_spread(pipe
     distances = [v["distance"] for v in singles]
     assert distances[0] != distances[1] and row.distance_spread == pytest.approx(np.std(distances, ddof=1))
     assert f"{row.distance:.3f} ± {row.distance_spread:.3f} (2 draws)" in format_table([row])
+    with pytest.raises(ValueError, match="teachers"):
+        quality_row(pipe, held, [], 2, "none", "ddim")
     with pytest.raises(ValueError, match="draws"):
         quality_table(pipe, steps_list=(1,), cfgs=("none",), count=1, unstated=1, repeats=2, draws=0)

@@ -160,7 +160,7 @@ def routing(pipe, held, teachers, router, single=None, steps=25):
 
 
 def main(argv=None) -> int:
-    from fastdiff.quality import format_table, generate, held_out, rows_as_dicts
+    from fastdiff.quality import format_table, held_out, rows_as_dicts, teacher_pictures
     from fastdiff.shapes.model import GUIDANCE_RESCALE, GUIDANCE_SCALE, STREAM_STEPS, load_pipeline
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -180,9 +180,7 @@ def main(argv=None) -> int:
     GUIDANCE[:] = [GUIDANCE_SCALE, GUIDANCE_RESCALE]
     pipe = load_pipeline()
     held = held_out(args.count, args.unstated, args.repeats)
-    # one 50-step teacher per draw of the initial noise, from the same noise as the rows' draw
-    teachers = [generate(pipe, held.texts, 50, "full", "ddim", GUIDANCE_SCALE, draw, 64, GUIDANCE_RESCALE)[0]
-                for draw in range(args.draws)]
+    teachers = teacher_pictures(pipe, held, args.draws, 50, GUIDANCE_SCALE, 0, 64, GUIDANCE_RESCALE)
     extra = None
     if args.tool == "schedules":
         from fastdiff.shapes import artefact_path

@@ -29,8 +29,8 @@ from .sampling.guidance import CFG_MODES
 from .shapes.metrics import coverage, frechet_distance, paired_psnr, prompt_accuracy
 from .shapes.render import heldout_prompts, realise, render_batch
 
-__all__ = ["QualityRow", "Prompts", "held_out", "generate", "quality_row", "quality_table", "format_table",
-           "rows_as_dicts", "SOLVERS"]
+__all__ = ["QualityRow", "Prompts", "held_out", "generate", "teacher_pictures", "quality_row", "quality_table",
+           "format_table", "rows_as_dicts", "SOLVERS"]
 
 # DDIM's deterministic step; LCM's x̂0 re-noised to the next step (the stream's); DPM-Solver++ 2M
 SOLVERS = ("ddim", "lcm", "dpmpp2m")
@@ -132,6 +132,15 @@ def measure(images: torch.Tensor, held: Prompts, teacher: torch.Tensor | None) -
     return values
 
 
+def teacher_pictures(pipe, held: Prompts, draws: int = 1, teacher_steps: int = 50, guidance_scale: float = 5.0,
+                     seed: int = 0, batch: int = 64, guidance_rescale: float = 0.0) -> list[torch.Tensor]:
+    """The teacher's pictures of `held` — `teacher_steps` DDIM steps with ``full`` CFG — one per draw of
+    the initial noise (seeds `seed`, `seed` + 1, ...): what :func:`quality_row` pairs each draw with."""
+    check_int(draws, "draws", 1)
+    return [generate(pipe, held.texts, teacher_steps, "full", "ddim", guidance_scale, seed + draw, batch,
+                     guidance_rescale)[0] for draw in range(draws)]
+
+
 def quality_row(pipe, held: Prompts, teachers: list, steps: int, cfg: str, solver: str | None = "ddim",
                 guidance_scale: float = 5.0, seed: int = 0, batch: int = 64, guidance_rescale: float = 0.0,
                 options: dict | None = None, call_options: dict | None = None, label: str = "") -> QualityRow:
@@ -162,8 +171,7 @@ def quality_table(pipe, steps_list=(50, 25, 8, 4, 2, 1), cfgs=CFG_MODES[:3], sol
     teacher's (e.g. a schedule), named by `label`."""
     check_int(draws, "draws", 1)
     held = held_out(count, unstated, repeats, seed)
-    teachers = [generate(pipe, held.texts, teacher_steps, "full", "ddim", guidance_scale, seed + draw, batch,
-                         guidance_rescale)[0] for draw in range(draws)]
+    teachers = teacher_pictures(pipe, held, draws, teacher_steps, guidance_scale, seed, batch, guidance_rescale)
     rows = []
     for steps in steps_list:
         for cfg in cfgs:

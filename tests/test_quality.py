@@ -3,14 +3,13 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
 from fastdiff.cli import main
 from fastdiff.shapes import model as M
-import numpy as np
-
 from fastdiff.quality import format_table, generate, held_out, measure, quality_row, quality_table
 
 

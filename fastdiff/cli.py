@@ -34,7 +34,7 @@ OPTION_OF = {
     "resolutions": "--resolution", "backend": "--backend", "guidance_rescale": "--guidance-rescale",
     "schedule": "--schedule", "adapter": "--adapter", "adapter_scheduler": "--adapter", "scale": "--adapter-scale",
     "router": "--router", "codes": "--codes", "target": "--target", "attention": "--attention",
-    "compile": "--compile", "compile_backend": "--compile",
+    "compile": "--compile", "compile_backend": "--compile", "prompt_rows": "--prompt-rows", "finetune": "--finetune",
 }
 # One vocabulary for what runs the model, in every command: "torch" is the pipeline's own modules,
 # the rest are fastdiff's engine backends.
@@ -762,9 +762,14 @@ def tune_onestep(model, rank, minutes, iterations, targets, prompt_file, count, 
 @click.option("--groups", type=click.IntRange(min=1, max=64), default=4, show_default=True,
               help="Width groups per ResNet and feed-forward layer (4: pruned widths stay multiples of 16 "
                    "channels on the shapes model).")
-@click.option("--finetune", type=click.Choice(["per-code", "shared"]), default="per-code", show_default=True,
+@click.option("--finetune", type=click.Choice(["per-code", "shared"]), default=None,
               help="Each code's sub-network its own adapter, or one adapter on the full network trained "
-                   "through every prompt's code.")
+                   "through every prompt's code.  [default: shared with --nested, else per-code]")
+@click.option("--prompt-rows", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Rows of each prompt in a routing batch (other noises and timesteps): the plan by need gives "
+                   "them one code, by their mean need. Must divide --batch.")
+@click.option("--nested", is_flag=True, help="Codes nested in one pruned network: one ranking of the gates, "
+                                             "each code a larger share of it.")
 @click.option("--minutes", type=float, default=40.0, show_default=True,
               help="Whole budget: routing, then a third of it fine-tuning the sub-networks.")
 @click.option("--iterations", type=click.IntRange(min=1), default=None, help="Steps of each phase (default: the budget).")
@@ -772,7 +777,8 @@ def tune_onestep(model, rank, minutes, iterations, targets, prompt_file, count, 
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="The router folder.")
 @device_option
-def tune_route(model, codes, target, spread, plan, groups, finetune, minutes, iterations, batch, seed, out, device):
+def tune_route(model, codes, target, spread, plan, groups, finetune, prompt_rows, nested, minutes, iterations, batch,
+               seed, out, device):
     """Train a router that sends each prompt to one of --codes pruned sub-networks of --model, at
     --target of its MACs on average, and write router, codes and sub-networks to --out."""
     from .tuning.routing import train_router
@@ -801,7 +807,8 @@ def tune_route(model, codes, target, spread, plan, groups, finetune, minutes, it
 
     with usage_errors():
         router = train_router(pipe, None, draw, codes=codes, target=target, spread=spread, by_need=plan == "need",
-                              groups=groups, finetune=finetune, minutes=minutes, iterations=iterations,
+                              groups=groups, finetune=finetune or ("shared" if nested else "per-code"),
+                              nested=nested, prompt_rows=prompt_rows, minutes=minutes, iterations=iterations,
                               batch=batch, seed=seed, progress=progress)
     router.save(str(out))
     shares = ", ".join(f"{100 * r:.0f}%" for r in router.details["macs_ratio_per_code"])

@@ -123,7 +123,9 @@ def test_bad_options_are_usage_errors_naming_the_option(args, option, tmp_path):
 
 
 @pytest.mark.parametrize("args, named", [(["--spread", "1"], "--spread"), (["--plan", "random"], "--plan"),
-                                         (["--target", "0"], "--target"), (["--codes", "0"], "--codes")])
+                                         (["--target", "0"], "--target"), (["--codes", "0"], "--codes"),
+                                         (["--prompt-rows", "5"], "--prompt-rows"),
+                                         (["--nested", "--finetune", "per-code"], "--finetune")])
 def test_tune_route_names_its_bad_options(tmp_path, args, named):
     result = run("tune", "route", *args, "--minutes", 1, "--out", tmp_path / "router")
     assert result.exit_code == 2 and named in result.output, result.output

@@ -138,6 +138,14 @@ def test_the_plan_by_need_gives_the_full_code_to_the_rows_that_lose_most_without
         gates.remove()
     torch.testing.assert_close(plan.sum(0), torch.full((2,), 3.0), rtol=0, atol=0.05)   # balanced
     assert torch.equal(plan[:, 1].argsort(), loss.argsort())   # the more a row loses, the more of the full code
+    # rows in runs of two per prompt: one code a prompt, by its rows' mean loss
+    with torch.no_grad():
+        gates = attach_gates(unet, units)
+        paired = _plan_by_need(unet, gates, logits, x, t, c, full, epsilon=0.01, prompt_rows=2)
+        gates.remove()
+    torch.testing.assert_close(paired[0::2], paired[1::2], rtol=0, atol=0)
+    torch.testing.assert_close(paired.sum(0), torch.full((2,), 3.0), rtol=0, atol=0.05)
+    assert torch.equal(paired[0::2, 1].argsort(), loss.view(3, 2).mean(1).argsort())
 
 
 def test_the_macs_counter_matches_a_hand_count():
@@ -210,6 +218,22 @@ def test_a_shared_adapter_trains_every_code_through_its_gates_and_round_trips(pi
             plain = prune(pipe.unet, router.units, router.gates[code])
             assert not torch.allclose(plain(x, torch.tensor([300.0]), c).sample,
                                       router.subnets[code](x, torch.tensor([300.0]), c).sample)
+
+
+def test_nested_codes_lie_inside_each_other_and_round_trip(pipe, tmp_path):
+    images = torch.rand(len(PROMPTS), 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    router = train_router(pipe, PROMPTS, images, codes=3, target=0.5, spread=0.5, minutes=2, iterations=4, batch=8,
+                          finetune="shared", nested=True)
+    logits = router.head.code_logits()
+    assert router.head.nested and logits.shape == (3, gate_size(router.units))
+    sizes = router.details["macs_per_code"]
+    assert sizes[0] < sizes[1] < sizes[2]
+    for small, large in zip(router.gates[:-1], router.gates[1:]):   # every gate a smaller code keeps, a larger keeps too
+        assert bool((small <= large).all())
+    loaded = load_router(router.save(str(tmp_path / "nested")), pipe)
+    assert loaded.head.nested and torch.equal(loaded.gates, router.gates)
+    assert torch.equal(loaded.route(pipe, PROMPTS), router.route(pipe, PROMPTS))
+    assert_same_subnets(pipe, loaded, router)
 
 
 def test_a_router_loads_where_an_adapter_was_attached(trained):
@@ -309,3 +333,7 @@ def test_bad_router_arguments_are_named(pipe):
         train_router(pipe, PROMPTS, images, finetune="both")
     with pytest.raises(ValueError, match="finetune"):
         train_router(pipe, PROMPTS, images, finetune="shared", finetune_rank=0)
+    with pytest.raises(ValueError, match="finetune"):
+        train_router(pipe, PROMPTS, images, finetune="per-code", nested=True)
+    with pytest.raises(ValueError, match="prompt_rows"):
+        train_router(pipe, PROMPTS, images, batch=8, prompt_rows=3)

@@ -23,6 +23,10 @@ Training, the denoiser frozen (:mod:`.pruning` holds the units and gates):
   router learns to foresee that from the prompt. APTP balances on the router's own scores instead
   (``by_need=False``); on the shapes world that left one-, two- and three-object prompts with the
   same mean MACs;
+- nested codes (``nested``): one shared vector of gate logits and a level per code, so all codes
+  rank the gates alike and each smaller code's network lies inside every larger one's. Every row
+  then trains the one ranking (a single pruned model's data), where independent codes each learn
+  from the quarter of the rows routed to them;
 - the codes' final architectures are their logits thresholded at their sizes (:func:`sized_gates`);
 - then each code's sub-network is pruned for real (:func:`.pruning.prune`) and fine-tuned on the
   prompts routed to it, the full model as teacher: a low-rank adapter (``finetune_rank``, PEFT's
@@ -66,13 +70,24 @@ FINETUNES = ("per-code", "shared")
 
 class RouterHead(torch.nn.Module):
     """Pooled prompt embedding → architecture vector; K learned codes, each a direction in that space
-    and a vector of gate logits."""
+    and a vector of gate logits. `nested`: the codes' logits are one shared vector plus a level per
+    code, so every code keeps the gates ranked highest by the same order, and a smaller code's
+    network lies inside every larger one's."""
 
-    def __init__(self, text_dim: int, gates: int, codes: int, hidden: int = 256):
+    def __init__(self, text_dim: int, gates: int, codes: int, hidden: int = 256, nested: bool = False):
         super().__init__()
         self.net = torch.nn.Sequential(torch.nn.Linear(text_dim, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden))
         self.directions = torch.nn.Parameter(torch.randn(codes, hidden) / math.sqrt(hidden))
-        self.logits = torch.nn.Parameter(torch.full((codes, gates), 1.0))   # start open: the full model
+        self.nested = nested
+        if nested:
+            self.shared = torch.nn.Parameter(torch.full((gates,), 1.0))   # start open: the full model
+            self.levels = torch.nn.Parameter(torch.zeros(codes))
+        else:
+            self.logits = torch.nn.Parameter(torch.full((codes, gates), 1.0))
+
+    def code_logits(self) -> torch.Tensor:
+        """Every code's gate logits [K, G]."""
+        return self.shared + self.levels[:, None] if self.nested else self.logits
 
     def scores(self, pooled: torch.Tensor) -> torch.Tensor:
         """Cosine similarity of each prompt's architecture vector to each code [B, K]."""
@@ -151,7 +166,8 @@ class Router:
             return self.details
 
         extra = {"kind": KIND, "units": [asdict(u) for u in self.units], "gates": self.gates.int().tolist(),
-                 "head": {"text_dim": self.head.net[0].in_features, "hidden": self.head.net[0].out_features},
+                 "head": {"text_dim": self.head.net[0].in_features, "hidden": self.head.net[0].out_features,
+                          "nested": self.head.nested},
                  "finetune_rank": self.rank, "finetune": self.finetune, "versions": library_versions(("peft",))}
         os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
         with lock(folder):
@@ -187,7 +203,8 @@ def load_router(router, pipe) -> Router:
         raise StaleArtefactError(str(error)) from None
     units = [Unit(**u) for u in manifest["units"]]
     gates = torch.tensor(manifest["gates"], dtype=torch.float32)
-    head = RouterHead(manifest["head"]["text_dim"], gate_size(units), len(gates), manifest["head"]["hidden"])
+    head = RouterHead(manifest["head"]["text_dim"], gate_size(units), len(gates), manifest["head"]["hidden"],
+                      manifest["head"].get("nested", False))
     head.load_state_dict(load_file(os.path.join(router, "router.safetensors")))
     rank = int(manifest.get("finetune_rank", 0))
     finetune = manifest.get("finetune", "per-code")
@@ -279,21 +296,31 @@ def code_targets(target: float, codes: int, spread: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _plan_by_need(unet, gates_hooks, code_logits, x, t, embeds, target_out, epsilon: float = 0.1):
+def _plan_by_need(unet, gates_hooks, code_logits, x, t, embeds, target_out, epsilon: float = 0.1,
+                  prompt_rows: int = 1):
     """A balanced assignment of rows to codes [B, K] by need: each row's distillation loss under every
     code's current architecture (one batched call), then Sinkhorn on its logarithm, centred per row.
     The log makes it a ratio, how many times worse a row gets from one code to another, so that rows
     at low noise (whose losses are on another scale) don't outvote the rest, and it is the same for
     every prediction type (ε, v, x0 differ per row by a factor only). The rows that lose most in the
-    small codes get the big ones."""
+    small codes get the big ones. With `prompt_rows` > 1 the batch holds each prompt that many
+    times in a run (other noise, other timesteps) and all its rows take one code, as they do when
+    routed; a prompt's need is then its rows' mean loss itself, not its logarithm: the timesteps
+    are drawn apart from the prompt, so their scale is noise in that mean, not a bias, and what a
+    prompt loses in absolute terms is what its pictures show (on the shapes world three objects
+    lose about twice what one does in a small code, a ratio only a little more)."""
     codes, rows = len(code_logits), len(x)
     current = keep_one((code_logits > 0).float(), gates_hooks.units, code_logits)
     gates_hooks.set(current.repeat_interleave(rows, 0))   # code-major, like the repeats below
     outs = unet(x.repeat(codes, 1, 1, 1), t.repeat(codes), embeds.repeat(codes, 1, 1), return_dict=False)[0]
     cost = (outs - target_out.repeat(codes, 1, 1, 1)).pow(2).flatten(1).mean(-1).view(codes, rows).T
-    log_cost = torch.log(cost + 0.01 * cost.mean() + 1e-12)   # losses far below the batch's count as equal
-    centred = log_cost - log_cost.mean(-1, keepdim=True)
-    return sinkhorn(-centred / (centred.abs().mean() + 1e-12), epsilon=epsilon, iterations=200)
+    if prompt_rows > 1:
+        need = cost.view(rows // prompt_rows, prompt_rows, codes).mean(1)
+    else:
+        need = torch.log(cost + 0.01 * cost.mean() + 1e-12)   # losses far below the batch's count as equal
+    centred = need - need.mean(-1, keepdim=True)
+    plan = sinkhorn(-centred / (centred.abs().mean() + 1e-12), epsilon=epsilon, iterations=200)
+    return plan.repeat_interleave(prompt_rows, 0)
 
 
 def sized_gates(logits: torch.Tensor, size: float, units: list[Unit], total: float, per_entry: torch.Tensor,
@@ -315,7 +342,8 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
                  resource_weight: float = 1.0,
                  contrastive_weight: float = 0.5, balance_weight: float = 0.5, feature_weight: float = 0.5,
                  uncond_share: float = 0.3, by_need: bool = True, groups: int = GROUPS,
-                 finetune: str = "per-code", seed: int = 0, progress=None, workdir: str | None = None) -> Router:
+                 finetune: str = "per-code", nested: bool = False, prompt_rows: int = 1, seed: int = 0, progress=None,
+                 workdir: str | None = None) -> Router:
     """Train a router of `codes` codes for `pipe` on `prompts` and their pictures `images` ([N, 3, H, W]
     in [-1, 1], one per prompt, or a callable ``(count, generator) -> (images, prompts)`` drawing fresh
     ones), aiming at `target` of the full model's MACs on average. `minutes` is the whole budget:
@@ -324,13 +352,22 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
     balances the assignment on each row's loss under each code (False: on the router's scores).
     `groups`: the width groups per ResNet and feed-forward layer (:data:`.pruning.GROUPS`).
     `finetune`: each code's sub-network with an adapter of its own on its own prompts (``"per-code"``),
-    or one adapter on the full network trained through every row's code (``"shared"``, needs a rank)."""
+    or one adapter on the full network trained through every row's code (``"shared"``, needs a rank).
+    `nested`: the codes rank the gates by one shared order (:class:`RouterHead`), so each smaller
+    code's network lies inside the larger ones' and every prompt trains that order; fine-tuning
+    is then shared. `prompt_rows`: each routing batch holds `batch / prompt_rows` prompts, each at that
+    many noises and timesteps, and the plan by need gives a prompt's rows one code, by their mean need."""
     check_int(codes, "codes", 1, 64)
     check_int(groups, "groups", 1, 64)
+    check_int(prompt_rows, "prompt_rows", 1, 1024)
+    if batch % prompt_rows:
+        raise ValueError(f"prompt_rows must divide batch ({batch}), got {prompt_rows}")
     check_number(target, "target", 0.0, 1.0, low_open=True)
     check_number(spread, "spread", 0.0, 1.0, high_open=True)
     check_int(finetune_rank, "finetune_rank", 0, 512)
     check_choice(finetune, "finetune", FINETUNES)
+    if nested and finetune != "shared":
+        raise ValueError("finetune: nested codes share one network; fine-tune it 'shared'")
     if finetune == "shared" and not finetune_rank:
         raise ValueError("finetune: 'shared' trains one low-rank adapter; give a finetune_rank > 0")
     finetune_lr = (1e-3 if finetune_rank else 1e-4) if finetune_lr is None else finetune_lr
@@ -372,7 +409,7 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
     total, per_entry = total / 2, per_entry / 2
     blocks = {k: v / 2 for k, v in blocks.items()}
     text_dim = pooled_prompts(pipe, sample_texts[:1]).shape[-1]
-    head = RouterHead(text_dim, G, codes)
+    head = RouterHead(text_dim, G, codes, nested=nested)
     optimizer = torch.optim.Adam(head.parameters(), lr=lr)
     gates_hooks = attach_gates(unet, units)
     store, feature_handles = _features(unet)
@@ -381,8 +418,10 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
     history, step = [], 0
     route_deadline = start + max(0.0, minutes - finetune_minutes) * 60
     while time.time() < route_deadline and (iterations is None or step < iterations):
-        latents, texts = batch_of(batch)
+        latents, texts = batch_of(batch // prompt_rows)
+        latents, texts = latents.repeat_interleave(prompt_rows, 0), [p for p in texts for _ in range(prompt_rows)]
         x, t = _noisy(scheduler, latents, generator)
+        code_logits = head.code_logits()
         with torch.no_grad():
             embeds = adapter.pipe.encode_prompt(texts, unet.device, 1, False)[0].float()
             drop = torch.rand(batch, generator=generator) < uncond_share   # CFG's unconditional rows, routed alike
@@ -394,14 +433,15 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
             target_features = [f.detach() for f in store]
             plan = None
             if by_need and codes > 1:
-                plan = _plan_by_need(unet, gates_hooks, head.logits, x, t, embeds, target_out)
+                plan = _plan_by_need(unet, gates_hooks, code_logits.detach(), x, t, embeds, target_out,
+                                     prompt_rows=prompt_rows)
         scores = head.scores(pooled)
         assign = torch.softmax(scores / 0.1, dim=-1)
         if plan is None:   # APTP: the codes' own logits mixed by the router, balanced by Sinkhorn on its scores
             plan = sinkhorn(scores.detach())
-            logits = assign @ head.logits
+            logits = assign @ code_logits
         else:              # each code's logits learn on the rows the plan gives it
-            logits = F.one_hot(plan.argmax(-1), codes).to(head.logits) @ head.logits
+            logits = F.one_hot(plan.argmax(-1), codes).to(code_logits) @ code_logits
         gates = gumbel_sigmoid(logits, generator=generator)
         gates_hooks.set(gates)
         store.clear()
@@ -411,10 +451,10 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
         ratio = macs_of(torch.sigmoid(logits), units, total, per_entry, blocks) / total
         resource = (torch.log(ratio.mean() / target)).abs()
         if spread > 0:
-            code_ratio = macs_of(torch.sigmoid(head.logits), units, total, per_entry, blocks) / total
+            code_ratio = macs_of(torch.sigmoid(code_logits), units, total, per_entry, blocks) / total
             resource = resource + torch.log(code_ratio / sizes).abs().mean()
         prompt_sim = F.normalize(pooled, dim=-1) @ F.normalize(pooled, dim=-1).T
-        arch = F.normalize(assign @ torch.sigmoid(head.logits), dim=-1)   # the router's architecture per prompt
+        arch = F.normalize(assign @ torch.sigmoid(code_logits), dim=-1)   # the router's architecture per prompt
         contrastive = F.kl_div(F.log_softmax(arch @ arch.T / 0.1, dim=-1), F.softmax(prompt_sim / 0.1, dim=-1),
                                reduction="batchmean")
         balance = -(plan * torch.log(assign + 1e-8)).sum(-1).mean()
@@ -433,7 +473,7 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
     for handle in feature_handles:
         handle.remove()
     with torch.no_grad():
-        hard = torch.stack([sized_gates(head.logits[k], float(sizes[k]), units, total, per_entry, blocks)
+        hard = torch.stack([sized_gates(head.code_logits()[k], float(sizes[k]), units, total, per_entry, blocks)
                             for k in range(codes)])
     base = _plain(adapter.original)
     macs = [float(macs_of(hard[k], units, total, per_entry, blocks)) for k in range(codes)]
@@ -472,7 +512,8 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
               "codes": codes, "target": target, "spread": spread, "units": len(units), "groups": groups}
     details = {"macs_per_code": macs, "macs_full": total, "macs_ratio_per_code": [m / total for m in macs],
                "route_steps": step, "history": history[-50:], "seconds": round(time.time() - start, 1),
-               "prompts": prompts_hash(prompts) if draw is None else "drawn", "seed": seed}
+               "prompts": prompts_hash(prompts) if draw is None else "drawn", "seed": seed, "nested": nested,
+               "prompt_rows": prompt_rows}
     return Router(head.eval(), units, hard, subnets, fields, details, adapters, finetune_rank, finetune)
 
 

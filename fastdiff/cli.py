@@ -807,7 +807,7 @@ def tune_route(model, codes, target, spread, plan, groups, finetune, prompt_rows
 
     with usage_errors():
         router = train_router(pipe, None, draw, codes=codes, target=target, spread=spread, by_need=plan == "need",
-                              groups=groups, finetune=finetune or ("shared" if nested else "per-code"),
+                              groups=groups, finetune=finetune,
                               nested=nested, prompt_rows=prompt_rows, minutes=minutes, iterations=iterations,
                               batch=batch, seed=seed, progress=progress)
     router.save(str(out))

@@ -169,7 +169,6 @@ def quality_table(pipe, steps_list=(50, 25, 8, 4, 2, 1), cfgs=CFG_MODES[:3], sol
     over `draws` initial noises (:func:`quality_row`); the teacher is `teacher_steps` DDIM steps with
     ``full`` CFG (and the same rescale). `options` go to ``fastdiff.accelerate`` for every row but the
     teacher's (e.g. a schedule), named by `label`."""
-    check_int(draws, "draws", 1)
     held = held_out(count, unstated, repeats, seed)
     teachers = teacher_pictures(pipe, held, draws, teacher_steps, guidance_scale, seed, batch, guidance_rescale)
     rows = []

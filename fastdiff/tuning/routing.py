@@ -342,7 +342,7 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
                  resource_weight: float = 1.0,
                  contrastive_weight: float = 0.5, balance_weight: float = 0.5, feature_weight: float = 0.5,
                  uncond_share: float = 0.3, by_need: bool = True, groups: int = GROUPS,
-                 finetune: str = "per-code", nested: bool = False, prompt_rows: int = 1, seed: int = 0, progress=None,
+                 finetune: str | None = None, nested: bool = False, prompt_rows: int = 1, seed: int = 0, progress=None,
                  workdir: str | None = None) -> Router:
     """Train a router of `codes` codes for `pipe` on `prompts` and their pictures `images` ([N, 3, H, W]
     in [-1, 1], one per prompt, or a callable ``(count, generator) -> (images, prompts)`` drawing fresh
@@ -351,11 +351,12 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
     `spread` grades the codes' sizes around the target (0: APTP's one shared target); `by_need`
     balances the assignment on each row's loss under each code (False: on the router's scores).
     `groups`: the width groups per ResNet and feed-forward layer (:data:`.pruning.GROUPS`).
-    `finetune`: each code's sub-network with an adapter of its own on its own prompts (``"per-code"``),
+    `finetune`: each code's sub-network with an adapter of its own on its own prompts (``"per-code"``,
+    the default without `nested`),
     or one adapter on the full network trained through every row's code (``"shared"``, needs a rank).
     `nested`: the codes rank the gates by one shared order (:class:`RouterHead`), so each smaller
     code's network lies inside the larger ones' and every prompt trains that order; fine-tuning
-    is then shared. `prompt_rows`: each routing batch holds `batch / prompt_rows` prompts, each at that
+    is then shared (the default with it). `prompt_rows`: each routing batch holds `batch / prompt_rows` prompts, each at that
     many noises and timesteps, and the plan by need gives a prompt's rows one code, by their mean need."""
     check_int(codes, "codes", 1, 64)
     check_int(groups, "groups", 1, 64)
@@ -365,6 +366,7 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
     check_number(target, "target", 0.0, 1.0, low_open=True)
     check_number(spread, "spread", 0.0, 1.0, high_open=True)
     check_int(finetune_rank, "finetune_rank", 0, 512)
+    finetune = finetune or ("shared" if nested else "per-code")
     check_choice(finetune, "finetune", FINETUNES)
     if nested and finetune != "shared":
         raise ValueError("finetune: nested codes share one network; fine-tune it 'shared'")

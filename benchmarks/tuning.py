@@ -8,11 +8,13 @@ of ``fastdiff bench quality`` (one, two, three objects; unstated attributes over
   its 4-step LCM-style stream step, with and without the adapter's high-frequency term; in the
   stream, one step with the adapter against the model's default two steps without it;
 - ``routing``: routed against the full model and against one pruned model of the same mean MACs;
-  MACs per prompt kind; the measured speed of routed ``accelerate`` against the full model.
+  MACs per prompt kind; the measured speed of routed ``accelerate`` against the full model
+  (``routing-speed``: that speed alone, both on an engine backend if asked).
 
     python benchmarks/tuning.py schedules [--schedules DIR] [--count 128] [--out out/tuning-schedules.json]
     python benchmarks/tuning.py onestep --adapter PATH [--ablation PATH] [--count 128]
     python benchmarks/tuning.py routing --router PATH [--single PATH] [--count 128]
+    python benchmarks/tuning.py routing-speed --router PATH [--backend onnxruntime [--workers 2]] [--per-kind 16]
 
 Every row is one :class:`fastdiff.quality.QualityRow` on the same prompts, seeds and initial noise; with
 ``--draws N``, the mean over N initial noises (each against the teacher of the same noise).
@@ -137,13 +139,22 @@ def routing(pipe, held, teachers, router, single=None, steps=25):
         codes = loaded.route(pipe, prompts)
         per = loaded.details["macs_per_code"]
         macs[kind] = sum(per[int(c)] for c in codes) / len(codes) / loaded.details["macs_full"]
-    mix = [held.texts[held.of(k)] for k in ("one", "two", "three")]
     mean = sum(macs[k] for k in ("one", "two", "three")) / 3
-    # measured speed: routed accelerate against the full model, alternating, same prompts; the
-    # speed-up is the median of the pairs' ratios (the host's speed drifts between pairs)
-    full = fastdiff.accelerate(pipe)
-    routed = fastdiff.accelerate(pipe, router=router)
-    prompts = [p for group in mix for p in group[:16]]
+    extra = {"macs_share_by_kind": macs, "macs_share_mean_of_1_2_3": mean,
+             "codes": loaded.codes, "macs_share_per_code": loaded.details["macs_ratio_per_code"]}
+    return rows, {**extra, **routed_speed(pipe, held, router)}
+
+
+def routed_speed(pipe, held, router, per_kind=16, backend=None, workers=1):
+    """Routed ``accelerate`` against the full model, alternating, on the same `per_kind` prompts of
+    each kind, both on `backend` (None: PyTorch) with `workers` denoiser calls side by side; the
+    speed-up is the median of the pairs' ratios (the host's speed drifts between pairs)."""
+    import fastdiff
+
+    prompts = [p for k in ("one", "two", "three") for p in held.texts[held.of(k)][:per_kind]]
+    options = {"max_batch": len(prompts), "workers": workers} if backend else None
+    full = fastdiff.accelerate(pipe, backend=backend, engine_options=options)
+    routed = fastdiff.accelerate(pipe, router=router, backend=backend, engine_options=options)
     times = {"full": [], "routed": []}
     for rep in range(SPEED_PAIRS + 1):   # the first pair warms up, untimed
         for name, fast in (("full", full), ("routed", routed)):
@@ -152,24 +163,26 @@ def routing(pipe, held, teachers, router, single=None, steps=25):
                  generator=torch.Generator().manual_seed(0))
             if rep:
                 times[name].append(time.perf_counter() - start)
-    speed = {k: statistics.median(v) for k, v in times.items()}
     ratios = [f / r for f, r in zip(times["full"], times["routed"])]
-    return rows, {"macs_share_by_kind": macs, "macs_share_mean_of_1_2_3": mean,
-                  "seconds": speed, "speedup": statistics.median(ratios), "speedup_pairs": ratios,
-                  "codes": loaded.codes, "macs_share_per_code": loaded.details["macs_ratio_per_code"]}
+    return {"backend": backend, "workers": workers, "speed_prompts": len(prompts),
+            "seconds": {k: statistics.median(v) for k, v in times.items()},
+            "speedup": statistics.median(ratios), "speedup_pairs": ratios}
 
 
 def main(argv=None) -> int:
-    from fastdiff.quality import format_table, held_out, rows_as_dicts, teacher_pictures
+    from fastdiff.quality import format_table, held_out, teacher_pictures
     from fastdiff.shapes.model import GUIDANCE_RESCALE, GUIDANCE_SCALE, STREAM_STEPS, load_pipeline
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("tool", choices=["schedules", "onestep", "routing"])
+    parser.add_argument("tool", choices=["schedules", "onestep", "routing", "routing-speed"])
     parser.add_argument("--schedules", default=None, help="folder of shapes-K[-method].json (default: the shipped)")
     parser.add_argument("--adapter", default=None)
     parser.add_argument("--ablation", default=None, help="an adapter trained without the high-frequency term")
     parser.add_argument("--router", default=None)
     parser.add_argument("--single", default=None, help="a router of one code at the routed mean MACs")
+    parser.add_argument("--backend", default=None, help="routing-speed: both models on this engine backend")
+    parser.add_argument("--per-kind", type=int, default=16, help="routing-speed: prompts of each kind per call")
+    parser.add_argument("--workers", type=int, default=1, help="routing-speed: engine_options['workers'] of both")
     parser.add_argument("--count", type=int, default=128)
     parser.add_argument("--unstated", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=8)
@@ -180,6 +193,10 @@ def main(argv=None) -> int:
     GUIDANCE[:] = [GUIDANCE_SCALE, GUIDANCE_RESCALE]
     pipe = load_pipeline()
     held = held_out(args.count, args.unstated, args.repeats)
+    if args.tool == "routing-speed":
+        extra = routed_speed(pipe, held, args.router, args.per_kind, args.backend, args.workers)
+        print(json.dumps(extra, indent=2))
+        return _write(args, argv, [], extra)
     teachers = teacher_pictures(pipe, held, args.draws, 50, GUIDANCE_SCALE, 0, 64, GUIDANCE_RESCALE)
     extra = None
     if args.tool == "schedules":
@@ -194,6 +211,12 @@ def main(argv=None) -> int:
     print(format_table(rows))
     if extra:
         print(json.dumps(extra, indent=2))
+    return _write(args, argv, rows, extra)
+
+
+def _write(args, argv, rows, extra) -> int:
+    from fastdiff.quality import rows_as_dicts
+
     out = args.out or f"out/tuning-{args.tool}.json"
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:

@@ -201,6 +201,8 @@ class Denoiser(abc.ABC):
         self.original = module   # the PyTorch module: its parameters say where rows must live
         self.module = module     # what runs; an engine may replace it
         self.attention = "sdpa"  # the attention backend (fastdiff.attention); sdpa kernels apply per call
+        self.workers = 1         # calls run side by side (engines that release the GIL; see run_calls)
+        self._pool = None
         self._first = FirstParameter()   # of `original`
 
     @property
@@ -226,8 +228,49 @@ class Denoiser(abc.ABC):
 
     def __call__(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The model's raw output for each row (ε, v or flow velocity, as its scheduler says)."""
+        if self.workers > 1:
+            return self.run_calls([(self.module, torch.arange(latents.shape[0]))], latents, t, cond)
         with attention_context(self.attention):
             return self.run(self.module, latents, t, cond)
+
+    def set_workers(self, workers: int) -> None:
+        """Run each call's rows as `workers` calls side by side (1: one call). For engines whose calls
+        release the GIL (ONNX Runtime): on a CPU of few cores, two one-thread calls on half the rows
+        each finish sooner than one two-thread call, whose threads meet at every small op."""
+        if workers != self.workers and self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        self.workers = workers
+
+    def run_calls(self, calls: list, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Each (module, rows) call on its rows of the batch, outputs put back in the rows' order.
+        With :attr:`workers` > 1 the largest calls are halved until there are that many, and they
+        run side by side, the largest first."""
+        calls = sorted(calls, key=lambda c: -len(c[1]))
+        while len(calls) < self.workers and len(calls[0][1]) > 1:
+            module, rows = calls.pop(0)
+            calls = sorted(calls + [(module, rows[: (len(rows) + 1) // 2]), (module, rows[(len(rows) + 1) // 2:])],
+                           key=lambda c: -len(c[1]))
+
+        def one(call):
+            module, rows = call
+            with attention_context(self.attention):
+                return self.run(module, latents[rows], t[rows], cond.rows(rows))
+
+        if self.workers > 1 and len(calls) > 1:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="fastdiff-denoiser")
+            parts = list(self._pool.map(one, calls))
+        else:
+            parts = [one(call) for call in calls]
+        if len(calls) == 1:
+            return parts[0]
+        out = parts[0].new_empty((latents.shape[0],) + tuple(parts[0].shape[1:]))
+        for (_, rows), part in zip(calls, parts):
+            out[rows] = part
+        return out
 
     @abc.abstractmethod
     def run(self, module, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -378,18 +421,11 @@ class GroupedDenoiser(Denoiser):
             raise ValueError(f"cond.route names routes {missing} that have no module (have {sorted(self.modules)})")
         from .attention import attention_context
 
-        if len(present) == 1:
+        if len(present) == 1 and self.workers == 1:
             with attention_context(self.attention):
                 return self.base.run(self.modules[present[0]], latents, t, cond)
-        out = None
-        for route in present:
-            rows = (routes == route).nonzero().squeeze(1)
-            with attention_context(self.attention):
-                part = self.base.run(self.modules[route], latents[rows], t[rows], cond.rows(rows))
-            if out is None:
-                out = part.new_empty((latents.shape[0],) + tuple(part.shape[1:]))
-            out[rows] = part
-        return out
+        return self.run_calls([(self.modules[route], (routes == route).nonzero().squeeze(1)) for route in present],
+                              latents, t, cond)
 
 
 def denoiser_for(pipe) -> Denoiser:

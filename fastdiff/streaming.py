@@ -41,8 +41,9 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
     ``backend`` ("onnxruntime", "tensorrt", "aoti", "inductor" or "auto"; None: PyTorch as it is)
     runs the denoiser and the VAE as engines, built at :meth:`prepare` for the stream's row count
     and resolution or loaded from the engine cache. ``engine_options`` passes ``components``,
-    ``precision``, ``cache_dir``, ``rebuild``, ``compile_mode``, ``threads`` and ``tensorrt`` on (see
-    :mod:`fastdiff.engines`).
+    ``precision``, ``cache_dir``, ``rebuild``, ``compile_mode``, ``threads``, ``workers`` (ONNX
+    Runtime: denoiser calls side by side, see :meth:`fastdiff.denoiser.Denoiser.set_workers`) and
+    ``tensorrt`` on (see :mod:`fastdiff.engines`).
 
     ``adapter`` loads a LoRA into the denoiser (see :func:`fastdiff.accelerate`); the stream then
     samples with its scheduler, and a txt2img stream with its timesteps. :meth:`set_adapter` swaps or

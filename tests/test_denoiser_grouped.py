@@ -105,3 +105,66 @@ def test_a_grouped_denoiser_gets_one_engine_per_sub_network(parts, tmp_path):
     with torch.inference_mode():
         got = grouped(x, t, cond.with_route(torch.tensor([0, 1, 1, 0, 1])))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+    # the same engines (from the cache) side by side: one-thread sessions, the same outputs
+    options = {"components": ["denoiser"], "cache_dir": str(tmp_path), "workers": 2}
+    attach_engines(grouped, LatentCodec(pipe.vae), "onnxruntime", rows=5, frames=1, resolutions=[(64, 64)],
+                   options=options)
+    assert grouped.workers == 2
+    assert all(m.runner.session.get_session_options().intra_op_num_threads == max(1, torch.get_num_threads() // 2)
+               for m in grouped.modules.values())
+    with torch.inference_mode():
+        side_by_side = grouped(x, t, cond.with_route(torch.tensor([0, 1, 1, 0, 1])))
+    torch.testing.assert_close(side_by_side, want, rtol=1e-4, atol=1e-4)
+    for bad in (0, "2"):
+        with pytest.raises(ValueError, match=r"engine_options\['workers'\] must be"):
+            attach_engines(grouped, LatentCodec(pipe.vae), "onnxruntime", rows=5, frames=1,
+                           resolutions=[(64, 64)], options={**options, "workers": bad})
+    with pytest.raises(ValueError, match=r"engine_options\['workers'\] runs ONNX Runtime"):
+        attach_engines(grouped, LatentCodec(pipe.vae), "inductor", rows=5, frames=1, resolutions=[(64, 64)],
+                       options=options)
+
+
+def _side_by_side(denoiser, base, workers, *inputs):
+    """`denoiser`'s output on `inputs` with `workers`, and the (rows, thread) of each call of `base.run`."""
+    import threading
+
+    calls, real_run = [], base.run
+
+    def recording_run(module, latents, tt, c):
+        calls.append((latents.shape[0], threading.current_thread().name))
+        return real_run(module, latents, tt, c)
+
+    base.run = recording_run
+    denoiser.set_workers(workers)
+    try:
+        with torch.inference_mode():
+            return denoiser(*inputs), calls
+    finally:
+        del base.run
+        denoiser.set_workers(1)
+
+
+def test_workers_split_the_rows_into_calls_side_by_side_and_keep_their_order(parts):
+    pipe, base, other, cond, x, t = parts
+    with torch.inference_mode():
+        want = base(x, t, cond)
+    got, calls = _side_by_side(base, base, 2, x, t, cond)
+    assert sorted(n for n, _ in calls) == [2, 3]   # the rows halved
+    assert all(name.startswith("fastdiff-denoiser") for _, name in calls)   # on the pool's threads
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():   # each half is the plain call on those rows
+        torch.testing.assert_close(got[:3], base(x[:3], t[:3], cond.rows(3)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("workers, sizes", [(2, [2, 3]), (3, [1, 2, 2])])
+def test_grouped_calls_run_side_by_side_and_equal_the_sequential_ones(parts, workers, sizes):
+    pipe, base, other, cond, x, t = parts
+    grouped = GroupedDenoiser(base, {0: pipe.unet, 3: other})
+    routed = cond.with_route(torch.tensor([3, 0, 3, 3, 0]))
+    with torch.inference_mode():
+        want = grouped(x, t, routed)
+    got, calls = _side_by_side(grouped, base, workers, x, t, routed)
+    # two routes: one call each; three workers: the larger group halved as well
+    assert sorted(n for n, _ in calls) == sizes
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

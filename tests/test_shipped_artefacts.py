@@ -63,7 +63,9 @@ def test_the_shipped_router_matches_the_committed_model(pipe, noisy_and_context)
 
     router = load_router(artefact_path("router"), pipe)   # refused if made for other weights
     shares = router.details["macs_ratio_per_code"]
-    assert router.codes == 4 and shares == sorted(shares) and shares[-1] < 1   # graded, all pruned
+    assert router.codes == 3 and shares == sorted(shares) and shares[-1] < 1   # graded, all pruned
+    # nested: every gate a smaller code keeps, each larger code keeps too
+    assert router.head.nested and all((router.gates[k] <= router.gates[k + 1]).all() for k in range(2))
     full = sum(p.numel() for p in pipe.unet.parameters())
     latents, context = noisy_and_context
     with torch.no_grad():
@@ -74,3 +76,16 @@ def test_the_shipped_router_matches_the_committed_model(pipe, noisy_and_context)
             assert out.shape == base.shape and torch.isfinite(out).all()
             # a pruned network that still does the full model's job: close to it, not equal
             assert 0 < (out - base).pow(2).mean() < base.pow(2).mean() * 0.5
+
+
+def test_the_shipped_router_gives_harder_prompts_bigger_codes(pipe):
+    from fastdiff.quality import held_out
+    from fastdiff.tuning.routing import load_router
+
+    router = load_router(artefact_path("router"), pipe)
+    held = held_out(64, 1, 2)   # the held-out prompts BENCHMARKS reads the router on
+    per_code = router.details["macs_ratio_per_code"]
+    share = {kind: sum(per_code[int(c)] for c in router.route(pipe, held.texts[held.of(kind)])) / 64
+             for kind in ("one", "two", "three")}
+    assert share["one"] < share["two"] < share["three"], share
+    assert sum(share.values()) / 3 <= 0.6, share   # at least 40% fewer MACs over the mix

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..checks import check_int
 from ..denoiser import Denoiser, GroupedDenoiser
 from ..vae import LatentCodec
 from .backends import PRECISIONS, engine, resolve_backend
@@ -19,7 +20,7 @@ from .modules import EngineModule, EngineVAE
 from .profiles import ShapeProfile, stream_profile
 
 HOT_COMPONENTS = ("denoiser", "vae_encoder", "vae_decoder")
-OPTIONS = ("components", "precision", "cache_dir", "rebuild", "compile_mode", "threads", "tensorrt")
+OPTIONS = ("components", "precision", "cache_dir", "rebuild", "compile_mode", "threads", "workers", "tensorrt")
 
 
 @dataclass
@@ -79,6 +80,13 @@ def attach_engines(denoiser: Denoiser, codec: LatentCodec, backend: str, *, rows
         build["options"] = {"cuda_graph": True, **options.get("tensorrt", {})}
     elif "tensorrt" in options:
         raise ValueError(f"engine_options['tensorrt'] applies to backend='tensorrt', not {backend!r}")
+    # denoiser calls side by side, each session on its share of the threads (see Denoiser.set_workers)
+    workers = check_int(options.get("workers", 1), "engine_options['workers']", 1, 64)
+    if workers > 1:
+        if backend != "onnxruntime":
+            raise ValueError(f"engine_options['workers'] runs ONNX Runtime sessions side by side; "
+                             f"backend={backend!r} takes 1")
+        build.setdefault("threads", max(1, torch.get_num_threads() // workers))
 
     def make(component, profile: ShapeProfile, key: str | None = None, vae=None) -> EngineModule:
         precision = precision_of(options, component.name, vae, backend)
@@ -95,6 +103,7 @@ def attach_engines(denoiser: Denoiser, codec: LatentCodec, backend: str, *, rows
                 denoiser.modules[route] = make(denoiser_component(denoiser, module), profile, f"denoiser/{route}")
         else:
             denoiser.module = make(denoiser_component(denoiser), profile)
+        denoiser.set_workers(workers)
     vae = codec.vae.vae if isinstance(codec.vae, EngineVAE) else codec.vae
     halves = {}
     for name in ("vae_encoder", "vae_decoder"):

@@ -337,3 +337,24 @@ def test_bad_router_arguments_are_named(pipe):
         train_router(pipe, PROMPTS, images, finetune="per-code", nested=True)
     with pytest.raises(ValueError, match="prompt_rows"):
         train_router(pipe, PROMPTS, images, batch=8, prompt_rows=3)
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny, legacy end token", "shapes"])
+def test_routing_reads_the_pooled_prompts_from_the_embeddings_already_made(pipe, model):
+    from fastdiff.denoiser import denoiser_for
+    from fastdiff.shapes.model import load_pipeline
+    from fastdiff.tuning.routing import pooled_prompts
+
+    chosen = load_pipeline() if model == "shapes" else tiny_sd_pipeline(scheduler="ddim")
+    if model == "tiny, legacy end token":   # configs made before transformers fixed eos_token_id: the largest id pools
+        chosen.text_encoder.config.eos_token_id = 2
+        for module in chosen.text_encoder.modules():   # where this transformers version keeps it
+            if hasattr(module, "eos_token_id"):
+                module.eos_token_id = 2
+    prompts = ["a red circle", "two blue squares on the left, a green background", "a"]
+    with torch.inference_mode():
+        cond, _ = denoiser_for(chosen).encode_prompt(prompts, None, 64, 64)
+        second_pass = pooled_prompts(chosen, prompts)
+        read = pooled_prompts(chosen, prompts, cond.embeds)
+    torch.testing.assert_close(read, second_pass, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(read[0], read[1])   # each prompt's own

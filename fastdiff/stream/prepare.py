@@ -72,7 +72,7 @@ class Prepared:
 
         A stream (`frames` F) takes one prompt or F, one row per frame. A pipeline call takes any
         number of prompts, each repeated `per_prompt` times; a negative prompt is one string or one
-        per prompt. `route` (``prompts -> int64 [B]``, a router's) gives every row, and its
+        per prompt. `route` (``(prompts, cond) -> int64 [B]``, a router's) gives every row, and its
         unconditional row alike, the sub-network it runs on."""
         tokenizers = self.denoiser.tokenizers
         prompts = check_prompts(prompt, "prompt", tokenizers, allow_empty=False)
@@ -96,7 +96,7 @@ class Prepared:
         with torch.inference_mode():
             cond, uncond = self.denoiser.encode_prompt(prompts, negatives, height, width)
             if route is not None:
-                routes = route(prompts)
+                routes = route(prompts, cond)
                 cond, uncond = cond.with_route(routes), uncond.with_route(routes)
         return cond, uncond
 

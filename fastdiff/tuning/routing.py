@@ -136,9 +136,10 @@ class Router:
         return self.gates.shape[0]
 
     @torch.no_grad()
-    def route(self, pipe, prompts: list[str]) -> torch.Tensor:
-        """The code of each prompt (int64 [B]), deterministic: the nearest code by cosine."""
-        return self.head.scores(pooled_prompts(pipe, prompts)).argmax(-1)
+    def route(self, pipe, prompts: list[str], embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """The code of each prompt (int64 [B]), deterministic: the nearest code by cosine. `embeds`:
+        the prompts' text embeddings already computed (see :func:`pooled_prompts`)."""
+        return self.head.scores(pooled_prompts(pipe, prompts, embeds)).argmax(-1)
 
     def check(self, pipe) -> "Router":
         adapter = denoiser_for(pipe)
@@ -175,13 +176,20 @@ class Router:
         return folder
 
 
-def pooled_prompts(pipe, prompts: list[str]) -> torch.Tensor:
-    """The frozen sentence embedding of each prompt: the text encoder's pooled output (float32 [B, D])."""
+def pooled_prompts(pipe, prompts: list[str], embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """The frozen sentence embedding of each prompt: the text encoder's pooled output (float32 [B, D]).
+    `embeds`, the encoder's last hidden states of these prompts (what the pipeline's encode_prompt
+    gives a CLIP encoder), spare a second pass: CLIP pools the end-of-text token's final state, which
+    the causal mask keeps apart from the padding after it."""
     tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
     ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids.to(encoder.device)
-    with torch.no_grad():
-        return encoder(ids)[1].float()
+    if embeds is None or type(encoder).__name__ != "CLIPTextModel":
+        with torch.no_grad():
+            return encoder(ids)[1].float()
+    eos = encoder.config.eos_token_id   # CLIP's own rule: 2 marks configs whose end token is the largest id
+    where = ids.argmax(-1) if eos == 2 else (ids == eos).int().argmax(-1)
+    return embeds[torch.arange(len(ids), device=embeds.device), where.to(embeds.device)].float()
 
 
 def load_router(router, pipe) -> Router:
@@ -611,4 +619,4 @@ class HoldsRouter:
         if self.router is None:
             return None
         device = self.parts.denoiser.device
-        return lambda prompts: self.router.route(self.pipe, prompts).to(device)
+        return lambda prompts, cond: self.router.route(self.pipe, prompts, cond.embeds).to(device)

@@ -254,17 +254,18 @@ class Denoiser(abc.ABC):
 
         def one(call):
             module, rows = call
-            with attention_context(self.attention):
-                return self.run(module, latents[rows], t[rows], cond.rows(rows))
+            return self.run(module, latents[rows], t[rows], cond.rows(rows))
 
-        if self.workers > 1 and len(calls) > 1:
-            if self._pool is None:
-                from concurrent.futures import ThreadPoolExecutor
+        # entered once, here: PyTorch's SDPA kernel choice is process-wide, not per thread
+        with attention_context(self.attention):
+            if self.workers > 1 and len(calls) > 1:
+                if self._pool is None:
+                    from concurrent.futures import ThreadPoolExecutor
 
-                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="fastdiff-denoiser")
-            parts = list(self._pool.map(one, calls))
-        else:
-            parts = [one(call) for call in calls]
+                    self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="fastdiff-denoiser")
+                parts = list(self._pool.map(one, calls))
+            else:
+                parts = [one(call) for call in calls]
         if len(calls) == 1:
             return parts[0]
         out = parts[0].new_empty((latents.shape[0],) + tuple(parts[0].shape[1:]))
@@ -419,8 +420,6 @@ class GroupedDenoiser(Denoiser):
         missing = sorted(set(present) - set(self.modules))
         if missing:
             raise ValueError(f"cond.route names routes {missing} that have no module (have {sorted(self.modules)})")
-        from .attention import attention_context
-
         if len(present) == 1 and self.workers == 1:
             with attention_context(self.attention):
                 return self.base.run(self.modules[present[0]], latents, t, cond)

@@ -434,9 +434,9 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
         code_logits = head.code_logits()
         with torch.no_grad():
             embeds = adapter.pipe.encode_prompt(texts, unet.device, 1, False)[0].float()
+            pooled = pooled_prompts(pipe, texts, embeds)   # read before some rows turn unconditional
             drop = torch.rand(batch, generator=generator) < uncond_share   # CFG's unconditional rows, routed alike
             embeds[drop] = uncond
-            pooled = pooled_prompts(pipe, texts)
             gates_hooks.set(None)
             store.clear()
             target_out = unet(x, t, embeds, return_dict=False)[0]   # the full model (a float copy of the teacher)
@@ -534,8 +534,8 @@ def _teacher_batch(head, teacher, adapter, pipe, batch_of, scheduler, generator,
     x, t = _noisy(scheduler, latents, generator)
     with torch.no_grad():
         embeds = adapter.pipe.encode_prompt(texts, teacher.device, 1, False)[0].float()
+        routes = head.scores(pooled_prompts(pipe, texts, embeds)).argmax(-1)
         embeds[torch.rand(batch, generator=generator) < uncond_share] = uncond
-        routes = head.scores(pooled_prompts(pipe, texts)).argmax(-1)
         target = teacher(x.to(teacher.dtype), t, embeds.to(teacher.dtype), return_dict=False)[0].float()
     return x, t, embeds, routes, target
 

@@ -1,7 +1,8 @@
 """Engines against eager PyTorch: denoiser latency and end-to-end stream frames/s.
 
     python benchmarks/engines.py [--pipelines tiny,shapes] [--backends onnxruntime,aoti,inductor,whole,whole-onnxruntime]
-                                 [--batches 1,2,4] [--frames 30] [--rounds 3] [--threads N] [--out results.json]
+                                 [--batches 1,2,4] [--frames 30] [--rounds 3] [--threads N] [--workers N]
+                                 [--out results.json]
     python benchmarks/engines.py --gpu [--archs sd-turbo,sd15,sdxl,sd3] [--size 512]
 
 CPU (default). For each pipeline (``tiny``: the tiny random-weight SD-1.x pipeline of
@@ -15,6 +16,8 @@ CPU (default). For each pipeline (``tiny``: the tiny random-weight SD-1.x pipeli
   ONNX Runtime), against the eager stream and against diffusers'
   StableDiffusionImg2ImgPipeline called once per frame on the same two timesteps (guidance 1, no
   CFG batch, precomputed prompt embeddings; the per-frame baseline of the stream benchmark).
+  With ``--workers N`` the ONNX Runtime stream also runs with ``engine_options={"workers": N}``
+  (its denoiser call as N calls side by side on one-thread sessions).
 
 Configurations take turns call by call (a shuffled order per sweep) so that load from other
 processes hits them alike; speed-ups are medians over sweeps of same-sweep time ratios. Engines
@@ -141,7 +144,7 @@ def cpu_denoiser(pipe_name, pipe, backends, batches, cache_dir, threads, sweeps,
 
 
 def cpu_stream(pipe_name, pipe, backends, cache_dir, threads, sweeps, rounds, build_log, backends_extra=(),
-               block: int = 1):
+               block: int = 1, workers: int = 1):
     from diffusers import StableDiffusionImg2ImgPipeline
 
     g = torch.Generator().manual_seed(1)
@@ -153,14 +156,17 @@ def cpu_stream(pipe_name, pipe, backends, cache_dir, threads, sweeps, rounds, bu
         return frames[state["i"]]
 
     streams = {"eager": Stream(pipe, STEPS, cfg="self", output_type="pt")}
-    for backend in backends:
+    side_by_side = [("onnxruntime", workers)] if "onnxruntime" in backends and workers > 1 else []
+    for backend, n in [(b, 1) for b in backends] + side_by_side:
         t0 = time.perf_counter()
-        options = {"cache_dir": cache_dir} | ({"threads": threads} if threads else {})
+        options = {"cache_dir": cache_dir} | ({"threads": threads} if threads else {}) | \
+            ({"workers": n} if n > 1 else {})
         s = Stream(pipe, STEPS, cfg="self", output_type="pt", backend=backend, engine_options=options)
         s.prepare(PROMPT)
-        build_log.append({"pipeline": pipe_name, "component": "stream (denoiser + VAE)", "backend": backend,
+        name = backend if n == 1 else f"{backend}, {n} workers"
+        build_log.append({"pipeline": pipe_name, "component": "stream (denoiser + VAE)", "backend": name,
                           "seconds": round(time.perf_counter() - t0, 1)})
-        streams[backend] = s
+        streams[name] = s
     streams["eager"].prepare(PROMPT)
     for extra in backends_extra:   # the whole steady step (encode + UNet + step + decode) as one graph
         compile_backend = "onnxruntime" if extra == "whole-onnxruntime" else "inductor"
@@ -305,6 +311,8 @@ def main(argv=None):
     parser.add_argument("--block", type=int, default=5,
                         help="stream frames timed in a row per configuration, after one untimed (1: frame by frame)")
     parser.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime threads")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="the ONNX Runtime stream also with engine_options['workers'] at this")
     parser.add_argument("--cache-dir", default=None, help="engine cache (default: a fresh temporary folder)")
     parser.add_argument("--gpu", action="store_true", help="the GPU benchmark instead (needs CUDA)")
     parser.add_argument("--archs", default="sd-turbo,sd15,sdxl,sd3")
@@ -335,7 +343,7 @@ def main(argv=None):
             result["denoiser"] += cpu_denoiser(name, pipe, backends, batches, cache_dir, args.threads,
                                                args.frames, args.rounds, result["builds"])
             result["stream"] += cpu_stream(name, pipe, backends, cache_dir, args.threads, args.frames,
-                                           args.rounds, result["builds"], whole, args.block)
+                                           args.rounds, result["builds"], whole, args.block, args.workers)
         table = cpu_tables(result)
     print(table)
     if args.out:

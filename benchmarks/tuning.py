@@ -13,7 +13,7 @@ of ``fastdiff bench quality`` (one, two, three objects; unstated attributes over
 
     python benchmarks/tuning.py schedules [--schedules DIR] [--count 128] [--out out/tuning-schedules.json]
     python benchmarks/tuning.py onestep --adapter PATH [--ablation PATH] [--count 128]
-    python benchmarks/tuning.py routing --router PATH [--single PATH] [--count 128]
+    python benchmarks/tuning.py routing --router PATH[,PATH...] [--single PATH] [--count 128] [--draws N --seed S]
     python benchmarks/tuning.py routing-speed --router PATH [--backend onnxruntime [--workers 2]] [--per-kind 16]
 
 Every row is one :class:`fastdiff.quality.QualityRow` on the same prompts, seeds and initial noise; with
@@ -43,13 +43,13 @@ def _rows(pipe, held, teachers, configs, batch=64):
 
     rows = []
     for label, steps, cfg, solver, options, call in configs:
-        rows.append(quality_row(pipe, held, teachers, steps, cfg, solver, GUIDANCE[0], 0, batch, GUIDANCE[1],
-                                options, call, label))
+        rows.append(quality_row(pipe, held, teachers, steps, cfg, solver, RUN["guidance"], RUN["seed"], batch,
+                                RUN["rescale"], options, call, label))
         print(f"  {label}: done", file=sys.stderr)
     return rows
 
 
-GUIDANCE = [5.0, 0.0]
+RUN = {"guidance": 5.0, "rescale": 0.0, "seed": 0}   # the model's guidance; the first draw's seed
 SPEED_PAIRS = 9   # timed (full, routed) pairs of the routed speed-up
 
 
@@ -123,26 +123,41 @@ def onestep(pipe, held, teachers, adapter, ablation=None):
     return _rows(pipe, held, teachers, configs)
 
 
-def routing(pipe, held, teachers, router, single=None, steps=25):
-    import fastdiff
+def routing(pipe, held, teachers, routers, single=None, steps=25):
+    """Rows of the full model, each router in `routers` and the `single` pruned model; each router's
+    MACs by prompt kind and its accuracy against the single model draw by draw; the first's speed."""
     from fastdiff.tuning import load_router
 
-    configs = [("full model", steps, "full", "ddim", None, None),
-               ("routed", steps, "full", "ddim", {"router": router}, None)]
+    named = {(f"routed {os.path.basename(os.path.normpath(r))}" if len(routers) > 1 else "routed"): r
+             for r in routers}
+    configs = [("full model", steps, "full", "ddim", None, None)]
+    configs += [(label, steps, "full", "ddim", {"router": r}, None) for label, r in named.items()]
     if single:
         configs.append(("one pruned model (same mean MACs)", steps, "full", "ddim", {"router": single}, None))
     rows = _rows(pipe, held, teachers, configs)
-    loaded = load_router(router, pipe)
-    macs = {}
-    for kind in ("one", "two", "three", "unstated"):
-        prompts = held.texts[held.of(kind)]
-        codes = loaded.route(pipe, prompts)
-        per = loaded.details["macs_per_code"]
-        macs[kind] = sum(per[int(c)] for c in codes) / len(codes) / loaded.details["macs_full"]
-    mean = sum(macs[k] for k in ("one", "two", "three")) / 3
-    extra = {"macs_share_by_kind": macs, "macs_share_mean_of_1_2_3": mean,
-             "codes": loaded.codes, "macs_share_per_code": loaded.details["macs_ratio_per_code"]}
-    return rows, {**extra, **routed_speed(pipe, held, router)}
+    extra = {}
+    for i, (label, router) in enumerate(named.items(), start=1):
+        loaded = load_router(router, pipe)
+        macs = {}
+        for kind in ("one", "two", "three", "unstated"):
+            codes = loaded.route(pipe, held.texts[held.of(kind)])
+            per = loaded.details["macs_per_code"]
+            macs[kind] = sum(per[int(c)] for c in codes) / len(codes) / loaded.details["macs_full"]
+        extra[label] = {"macs_share_by_kind": macs,
+                        "macs_share_mean_of_1_2_3": sum(macs[k] for k in ("one", "two", "three")) / 3,
+                        "codes": loaded.codes, "macs_share_per_code": loaded.details["macs_ratio_per_code"]}
+        if single:
+            extra[label]["minus_single"] = paired_difference(rows[i].accuracy_by_draw, rows[-1].accuracy_by_draw)
+    return rows, {**extra, **routed_speed(pipe, held, routers[0])}
+
+
+def paired_difference(a: list[float], b: list[float]) -> dict:
+    """a − b draw by draw (the same initial noise): the mean, its standard error and the draws a wins;
+    pairing removes what a draw's noise does to both."""
+    diffs = [x - y for x, y in zip(a, b)]
+    error = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+    return {"per_draw": diffs, "mean": statistics.fmean(diffs), "standard_error": error,
+            "wins": sum(d > 0 for d in diffs), "draws": len(diffs)}
 
 
 def routed_speed(pipe, held, router, per_kind=16, backend=None, workers=1):
@@ -159,7 +174,7 @@ def routed_speed(pipe, held, router, per_kind=16, backend=None, workers=1):
     for rep in range(SPEED_PAIRS + 1):   # the first pair warms up, untimed
         for name, fast in (("full", full), ("routed", routed)):
             start = time.perf_counter()
-            fast(prompts, num_inference_steps=8, guidance_scale=GUIDANCE[0], output_type="latent",
+            fast(prompts, num_inference_steps=8, guidance_scale=RUN["guidance"], output_type="latent",
                  generator=torch.Generator().manual_seed(0))
             if rep:
                 times[name].append(time.perf_counter() - start)
@@ -178,7 +193,7 @@ def main(argv=None) -> int:
     parser.add_argument("--schedules", default=None, help="folder of shapes-K[-method].json (default: the shipped)")
     parser.add_argument("--adapter", default=None)
     parser.add_argument("--ablation", default=None, help="an adapter trained without the high-frequency term")
-    parser.add_argument("--router", default=None)
+    parser.add_argument("--router", default=None, help="routing: one router, or several joined by commas")
     parser.add_argument("--single", default=None, help="a router of one code at the routed mean MACs")
     parser.add_argument("--backend", default=None, help="routing-speed: both models on this engine backend")
     parser.add_argument("--per-kind", type=int, default=16, help="routing-speed: prompts of each kind per call")
@@ -188,16 +203,17 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--draws", type=int, default=1,
                         help="initial noises each row is the mean over (its distance's spread is reported)")
+    parser.add_argument("--seed", type=int, default=0, help="the first draw's seed (the next draws count on)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    GUIDANCE[:] = [GUIDANCE_SCALE, GUIDANCE_RESCALE]
+    RUN.update(guidance=GUIDANCE_SCALE, rescale=GUIDANCE_RESCALE, seed=args.seed)
     pipe = load_pipeline()
     held = held_out(args.count, args.unstated, args.repeats)
     if args.tool == "routing-speed":
         extra = routed_speed(pipe, held, args.router, args.per_kind, args.backend, args.workers)
         print(json.dumps(extra, indent=2))
         return _write(args, argv, [], extra)
-    teachers = teacher_pictures(pipe, held, args.draws, 50, GUIDANCE_SCALE, 0, 64, GUIDANCE_RESCALE)
+    teachers = teacher_pictures(pipe, held, args.draws, 50, GUIDANCE_SCALE, args.seed, 64, GUIDANCE_RESCALE)
     extra = None
     if args.tool == "schedules":
         from fastdiff.shapes import artefact_path
@@ -207,7 +223,7 @@ def main(argv=None) -> int:
         rows = onestep(pipe, held, teachers, args.adapter, args.ablation)
         extra = {"stream": onestep_stream(pipe, args.adapter, STREAM_STEPS)}
     else:
-        rows, extra = routing(pipe, held, teachers, args.router, args.single)
+        rows, extra = routing(pipe, held, teachers, args.router.split(","), args.single)
     print(format_table(rows))
     if extra:
         print(json.dumps(extra, indent=2))
@@ -221,7 +237,7 @@ def _write(args, argv, rows, extra) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"environment": environment(["benchmarks/tuning.py", *(argv or sys.argv[1:])]),
-                   "guidance": GUIDANCE, "rows": rows_as_dicts(rows), "extra": extra}, f, indent=2)
+                   **RUN, "rows": rows_as_dicts(rows), "extra": extra}, f, indent=2)
     return 0
 
 

@@ -105,7 +105,7 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         # accelerate's own engine options: the largest batch and the sizes the engines must take
         max_batch = options.pop("max_batch", 4) if isinstance(options, dict) else 4
         resolutions = options.pop("resolutions", None) if isinstance(options, dict) else None
-        check_int(max_batch, "engine_options['max_batch']", 1, 31)
+        check_int(max_batch, "engine_options['max_batch']", 1)
         self.parts = Prepared(pipe, backend, options)
         self._set_router(router)
         self.parts.set_attention(attention)

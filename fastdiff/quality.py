@@ -19,7 +19,7 @@ yardstick and imports nothing above the sampling layer.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ class QualityRow:
     label: str = ""      # what else the row ran with (a schedule, an adapter, a router)
     draws: int = 1       # initial noises the measures are the mean over (a distance moves ±0.2 between draws)
     distance_spread: float = 0.0   # the distance's standard deviation over those draws
+    accuracy_by_draw: list = field(default_factory=list)   # each draw's mean accuracy over 1, 2, 3 objects
 
 
 @dataclass
@@ -157,8 +158,9 @@ def quality_row(pipe, held: Prompts, teachers: list, steps: int, cfg: str, solve
         seconds.append(took)
     mean = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
     spread = float(np.std([v["distance"] for v in values], ddof=1)) if len(values) > 1 else 0.0
+    by_draw = [float(np.mean([v[f"accuracy_{kind}"] for kind in KINDS])) for v in values]
     return QualityRow(steps=steps, cfg=cfg, solver=solver or "", seconds_per_image=float(np.mean(seconds)),
-                      label=label, draws=len(values), distance_spread=spread, **mean)
+                      label=label, draws=len(values), distance_spread=spread, accuracy_by_draw=by_draw, **mean)
 
 
 def quality_table(pipe, steps_list=(50, 25, 8, 4, 2, 1), cfgs=CFG_MODES[:3], solver: str | None = "ddim",

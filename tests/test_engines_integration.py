@@ -115,6 +115,8 @@ def test_accelerate_with_onnxruntime_gives_pytorchs_images(cache_dir):
     assert error <= FRAME_TOLERANCE, f"max |onnxruntime − PyTorch| = {error:.3g}"
     with pytest.raises(ValueError, match="height/width 128×128 is outside"):
         fast(PROMPT, height=128, width=128, **kwargs)
+    with pytest.raises(ValueError, match="6 rows reach the denoiser engine.*a larger max_batch"):
+        fast([PROMPT] * 3, **kwargs)
 
 
 def test_accelerate_with_inductor_gives_pytorchs_images():
@@ -137,6 +139,9 @@ def test_backend_errors_are_clear():
         fastdiff.Stream(pipe, backend="onnxruntime", engine_options={"opset": 17})
     with pytest.raises(ValueError, match="components"):
         fastdiff.accelerate(pipe, backend="onnxruntime", engine_options={"components": ["text_encoder"]})
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=r"engine_options\['max_batch'\] must be an integer"):
+            fastdiff.accelerate(pipe, backend="onnxruntime", engine_options={"max_batch": bad})
     with pytest.raises(ValueError, match="runs on CUDA devices only"):
         from fastdiff.engines.backends import check_backend
         from unittest import mock

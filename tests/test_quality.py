@@ -86,6 +86,8 @@ def test_a_row_over_draws_is_the_mean_of_its_draws_with_the_distance_spread(pipe
     assert row.draws == 2 and math.isnan(row.psnr)   # no teachers given: no PSNR
     for key in ("accuracy_one", "accuracy_unstated", "coverage", "distance"):
         assert getattr(row, key) == pytest.approx(np.mean([v[key] for v in singles]))
+    assert row.accuracy_by_draw == pytest.approx([np.mean([v[f"accuracy_{k}"] for k in ("one", "two", "three")])
+                                                  for v in singles])
     distances = [v["distance"] for v in singles]
     assert distances[0] != distances[1] and row.distance_spread == pytest.approx(np.std(distances, ddof=1))
     assert f"{row.distance:.3f} ± {row.distance_spread:.3f} (2 draws)" in format_table([row])

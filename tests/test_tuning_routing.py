@@ -358,3 +358,18 @@ def test_routing_reads_the_pooled_prompts_from_the_embeddings_already_made(pipe,
         read = pooled_prompts(chosen, prompts, cond.embeds)
     torch.testing.assert_close(read, second_pass, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(read[0], read[1])   # each prompt's own
+
+
+def test_the_routing_bench_pairs_router_and_single_model_draw_by_draw():
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    try:
+        from tuning import paired_difference
+    finally:
+        sys.path.pop(0)
+    out = paired_difference([0.80, 0.84, 0.79], [0.78, 0.85, 0.76])
+    assert out["per_draw"] == pytest.approx([0.02, -0.01, 0.03])
+    assert out["mean"] == pytest.approx(0.04 / 3) and out["wins"] == 2 and out["draws"] == 3
+    assert out["standard_error"] == pytest.approx(np.std([0.02, -0.01, 0.03], ddof=1) / 3 ** 0.5)

@@ -80,17 +80,20 @@ def attach_engines(denoiser: Denoiser, codec: LatentCodec, backend: str, *, rows
         build["options"] = {"cuda_graph": True, **options.get("tensorrt", {})}
     elif "tensorrt" in options:
         raise ValueError(f"engine_options['tensorrt'] applies to backend='tensorrt', not {backend!r}")
-    # denoiser calls side by side, each session on its share of the threads (see Denoiser.set_workers)
+    # denoiser calls side by side, each session on its share of the threads (see Denoiser.set_workers);
+    # the VAE's calls stay one at a time, on all of them
     workers = check_int(options.get("workers", 1), "engine_options['workers']", 1, 64)
+    denoiser_build = dict(build)
     if workers > 1:
         if backend != "onnxruntime":
             raise ValueError(f"engine_options['workers'] runs ONNX Runtime sessions side by side; "
                              f"backend={backend!r} takes 1")
-        build.setdefault("threads", max(1, torch.get_num_threads() // workers))
+        denoiser_build.setdefault("threads", max(1, torch.get_num_threads() // workers))
 
     def make(component, profile: ShapeProfile, key: str | None = None, vae=None) -> EngineModule:
         precision = precision_of(options, component.name, vae, backend)
-        runner = engine(component, backend, profile=profile, precision=precision, **build)
+        runner = engine(component, backend, profile=profile, precision=precision,
+                        **(build if vae is not None else denoiser_build))
         attached.profiles[key or component.name] = profile
         attached.folders[key or component.name] = getattr(runner, "folder", None)
         checked = None if backend == "inductor" else profile   # torch.compile takes any shape

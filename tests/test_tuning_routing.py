@@ -364,11 +364,12 @@ def test_the_routing_bench_pairs_router_and_single_model_draw_by_draw():
     import os
     import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    sys.path.insert(0, folder)
     try:
         from tuning import paired_difference
     finally:
-        sys.path.pop(0)
+        sys.path.remove(folder)
     out = paired_difference([0.80, 0.84, 0.79], [0.78, 0.85, 0.76])
     assert out["per_draw"] == pytest.approx([0.02, -0.01, 0.03])
     assert out["mean"] == pytest.approx(0.04 / 3) and out["wins"] == 2 and out["draws"] == 3

@@ -13,7 +13,8 @@ of ``fastdiff bench quality`` (one, two, three objects; unstated attributes over
 
     python benchmarks/tuning.py schedules [--schedules DIR] [--count 128] [--out out/tuning-schedules.json]
     python benchmarks/tuning.py onestep --adapter PATH [--ablation PATH] [--count 128]
-    python benchmarks/tuning.py routing --router PATH[,PATH...] [--single PATH] [--count 128] [--draws N --seed S]
+    python benchmarks/tuning.py routing --router PATH[,PATH...] [--single PATH] [--each-code] [--count 128]
+                                        [--draws N --seed S]
     python benchmarks/tuning.py routing-speed --router PATH [--backend onnxruntime [--workers 2]] [--per-kind 16]
 
 Every row is one :class:`fastdiff.quality.QualityRow` on the same prompts, seeds and initial noise; with
@@ -123,15 +124,20 @@ def onestep(pipe, held, teachers, adapter, ablation=None):
     return _rows(pipe, held, teachers, configs)
 
 
-def routing(pipe, held, teachers, routers, single=None, steps=25):
+def routing(pipe, held, teachers, routers, single=None, steps=25, each_code=False):
     """Rows of the full model, each router in `routers` and the `single` pruned model; each router's
-    MACs by prompt kind and its accuracy against the single model draw by draw; the first's speed."""
+    MACs by prompt kind and its accuracy against the single model draw by draw; the first's speed.
+    `each_code`: also every prompt on each code of the first router in turn (what each kind gains
+    from a bigger code: the bound of any routing over those codes)."""
     from fastdiff.tuning import load_router
 
     named = {(f"routed {os.path.basename(os.path.normpath(r))}" if len(routers) > 1 else "routed"): r
              for r in routers}
     configs = [("full model", steps, "full", "ddim", None, None)]
     configs += [(label, steps, "full", "ddim", {"router": r}, None) for label, r in named.items()]
+    if each_code:
+        configs += [(f"every prompt on code {k}", steps, "full", "ddim", {"router": forced(routers[0], pipe, k)}, None)
+                    for k in range(load_router(routers[0], pipe).codes)]
     if single:
         configs.append(("one pruned model (same mean MACs)", steps, "full", "ddim", {"router": single}, None))
     rows = _rows(pipe, held, teachers, configs)
@@ -149,6 +155,15 @@ def routing(pipe, held, teachers, routers, single=None, steps=25):
         if single:
             extra[label]["minus_single"] = paired_difference(rows[i].accuracy_by_draw, rows[-1].accuracy_by_draw)
     return rows, {**extra, **routed_speed(pipe, held, routers[0])}
+
+
+def forced(router, pipe, code: int):
+    """`router` loaded with every prompt routed to `code`."""
+    from fastdiff.tuning import load_router
+
+    loaded = load_router(router, pipe)
+    loaded.route = lambda pipe, prompts, embeds=None: torch.full((len(prompts),), code, dtype=torch.long)
+    return loaded
 
 
 def paired_difference(a: list[float], b: list[float]) -> dict:
@@ -195,6 +210,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ablation", default=None, help="an adapter trained without the high-frequency term")
     parser.add_argument("--router", default=None, help="routing: one router, or several joined by commas")
     parser.add_argument("--single", default=None, help="a router of one code at the routed mean MACs")
+    parser.add_argument("--each-code", action="store_true", help="routing: also every prompt on each code in turn")
     parser.add_argument("--backend", default=None, help="routing-speed: both models on this engine backend")
     parser.add_argument("--per-kind", type=int, default=16, help="routing-speed: prompts of each kind per call")
     parser.add_argument("--workers", type=int, default=1, help="routing-speed: engine_options['workers'] of both")
@@ -223,7 +239,7 @@ def main(argv=None) -> int:
         rows = onestep(pipe, held, teachers, args.adapter, args.ablation)
         extra = {"stream": onestep_stream(pipe, args.adapter, STREAM_STEPS)}
     else:
-        rows, extra = routing(pipe, held, teachers, args.router.split(","), args.single)
+        rows, extra = routing(pipe, held, teachers, args.router.split(","), args.single, each_code=args.each_code)
     print(format_table(rows))
     if extra:
         print(json.dumps(extra, indent=2))

@@ -360,17 +360,20 @@ def test_routing_reads_the_pooled_prompts_from_the_embeddings_already_made(pipe,
     assert not torch.allclose(read[0], read[1])   # each prompt's own
 
 
-def test_the_routing_bench_pairs_router_and_single_model_draw_by_draw():
+def test_the_routing_bench_pairs_router_and_single_model_draw_by_draw(pipe, trained):
     import os
     import sys
 
     folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
     sys.path.insert(0, folder)
     try:
-        from tuning import paired_difference
+        from tuning import forced, paired_difference
     finally:
         sys.path.remove(folder)
     out = paired_difference([0.80, 0.84, 0.79], [0.78, 0.85, 0.76])
     assert out["per_draw"] == pytest.approx([0.02, -0.01, 0.03])
     assert out["mean"] == pytest.approx(0.04 / 3) and out["wins"] == 2 and out["draws"] == 3
     assert out["standard_error"] == pytest.approx(np.std([0.02, -0.01, 0.03], ddof=1) / 3 ** 0.5)
+    # --each-code: every prompt on one code, whatever the router would pick
+    for code in (0, 1):
+        assert forced(trained[1], pipe, code).route(pipe, PROMPTS).tolist() == [code] * len(PROMPTS)

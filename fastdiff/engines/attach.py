@@ -83,17 +83,17 @@ def attach_engines(denoiser: Denoiser, codec: LatentCodec, backend: str, *, rows
     # denoiser calls side by side, each session on its share of the threads (see Denoiser.set_workers);
     # the VAE's calls stay one at a time, on all of them
     workers = check_int(options.get("workers", 1), "engine_options['workers']", 1, 64)
-    denoiser_build = dict(build)
+    side_by_side = {}
     if workers > 1:
         if backend != "onnxruntime":
             raise ValueError(f"engine_options['workers'] runs ONNX Runtime sessions side by side; "
                              f"backend={backend!r} takes 1")
-        denoiser_build.setdefault("threads", max(1, torch.get_num_threads() // workers))
+        if "threads" not in build:
+            side_by_side = {"threads": max(1, torch.get_num_threads() // workers)}
 
-    def make(component, profile: ShapeProfile, key: str | None = None, vae=None) -> EngineModule:
+    def make(component, profile: ShapeProfile, key: str | None = None, vae=None, **own) -> EngineModule:
         precision = precision_of(options, component.name, vae, backend)
-        runner = engine(component, backend, profile=profile, precision=precision,
-                        **(build if vae is not None else denoiser_build))
+        runner = engine(component, backend, profile=profile, precision=precision, **build, **own)
         attached.profiles[key or component.name] = profile
         attached.folders[key or component.name] = getattr(runner, "folder", None)
         checked = None if backend == "inductor" else profile   # torch.compile takes any shape
@@ -103,9 +103,10 @@ def attach_engines(denoiser: Denoiser, codec: LatentCodec, backend: str, *, rows
         profile = _profile(rows, best_rows, resolutions)
         if isinstance(denoiser, GroupedDenoiser):   # one engine per sub-network, each under its own key
             for route, module in denoiser.originals.items():
-                denoiser.modules[route] = make(denoiser_component(denoiser, module), profile, f"denoiser/{route}")
+                denoiser.modules[route] = make(denoiser_component(denoiser, module), profile, f"denoiser/{route}",
+                                               **side_by_side)
         else:
-            denoiser.module = make(denoiser_component(denoiser), profile)
+            denoiser.module = make(denoiser_component(denoiser), profile, **side_by_side)
         denoiser.set_workers(workers)
     vae = codec.vae.vae if isinstance(codec.vae, EngineVAE) else codec.vae
     halves = {}

@@ -35,6 +35,7 @@ OPTION_OF = {
     "schedule": "--schedule", "adapter": "--adapter", "adapter_scheduler": "--adapter", "scale": "--adapter-scale",
     "router": "--router", "codes": "--codes", "target": "--target", "attention": "--attention",
     "compile": "--compile", "compile_backend": "--compile", "prompt_rows": "--prompt-rows", "finetune": "--finetune",
+    "routers": "--join",
 }
 # One vocabulary for what runs the model, in every command: "torch" is the pipeline's own modules,
 # the rest are fastdiff's engine backends.
@@ -775,13 +776,27 @@ def tune_onestep(model, rank, minutes, iterations, targets, prompt_file, count, 
 @click.option("--iterations", type=click.IntRange(min=1), default=None, help="Steps of each phase (default: the budget).")
 @click.option("--batch", type=click.IntRange(min=2), default=32, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--join", default=None, metavar="DIR,DIR,...",
+              help="Route over these routers' codes instead (e.g. single pruned models made apart with --codes 1 "
+                   "at different --target): only a new router is trained, for --minutes, each code serving an "
+                   "equal share of the prompts.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="The router folder.")
 @device_option
-def tune_route(model, codes, target, spread, plan, groups, finetune, prompt_rows, nested, minutes, iterations, batch,
-               seed, out, device):
+@click.pass_context
+def tune_route(ctx, model, codes, target, spread, plan, groups, finetune, prompt_rows, nested, minutes, iterations,
+               batch, seed, join, out, device):
     """Train a router that sends each prompt to one of --codes pruned sub-networks of --model, at
     --target of its MACs on average, and write router, codes and sub-networks to --out."""
-    from .tuning.routing import train_router
+    from .tuning.routing import join_routers, train_router
+
+    if join is not None:
+        members = [p for p in join.split(",") if p]
+        given = [o for o in ("codes", "target", "spread", "plan", "groups", "finetune", "nested")
+                 if ctx.get_parameter_source(o) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            raise click.UsageError(f"--join takes the codes of its routers as they are; --{given[0]} doesn't apply")
+        if len(members) < 2 or not all(os.path.isdir(p) for p in members):
+            raise click.BadParameter(f"two or more router folders, joined by commas; got {join!r}", param_hint="'--join'")
 
     if not 0 < target <= 1:
         raise click.BadParameter(f"must be in (0, 1], got {target}", param_hint="'--target'")
@@ -806,13 +821,17 @@ def tune_route(model, codes, target, spread, plan, groups, finetune, prompt_rows
                        err=True)
 
     with usage_errors():
-        router = train_router(pipe, None, draw, codes=codes, target=target, spread=spread, by_need=plan == "need",
-                              groups=groups, finetune=finetune,
-                              nested=nested, prompt_rows=prompt_rows, minutes=minutes, iterations=iterations,
-                              batch=batch, seed=seed, progress=progress)
+        if join is not None:
+            router = join_routers(pipe, members, None, draw, minutes=minutes, iterations=iterations, batch=batch,
+                                  prompt_rows=prompt_rows, seed=seed, progress=progress)
+        else:
+            router = train_router(pipe, None, draw, codes=codes, target=target, spread=spread, by_need=plan == "need",
+                                  groups=groups, finetune=finetune,
+                                  nested=nested, prompt_rows=prompt_rows, minutes=minutes, iterations=iterations,
+                                  batch=batch, seed=seed, progress=progress)
     router.save(str(out))
     shares = ", ".join(f"{100 * r:.0f}%" for r in router.details["macs_ratio_per_code"])
-    click.echo(f"{codes} codes at {shares} of the full model's MACs; written to {out}")
+    click.echo(f"{router.codes} codes at {shares} of the full model's MACs; written to {out}")
 
 
 @main.group()

@@ -10,6 +10,9 @@ from PIL import Image
 
 import fastdiff.architectures
 from fastdiff.cli import main
+from fastdiff.shapes import artefact_path
+
+SHIPPED_ROUTER = artefact_path("router")
 
 
 @pytest.fixture(autouse=True)
@@ -125,7 +128,10 @@ def test_bad_options_are_usage_errors_naming_the_option(args, option, tmp_path):
 @pytest.mark.parametrize("args, named", [(["--spread", "1"], "--spread"), (["--plan", "random"], "--plan"),
                                          (["--target", "0"], "--target"), (["--codes", "0"], "--codes"),
                                          (["--prompt-rows", "5"], "--prompt-rows"),
-                                         (["--nested", "--finetune", "per-code"], "--finetune")])
+                                         (["--nested", "--finetune", "per-code"], "--finetune"),
+                                         (["--join", "/no/such,/nor/this"], "--join"),
+                                         (["--join", f"{SHIPPED_ROUTER},{SHIPPED_ROUTER}", "--codes", "2"], "--codes"),
+                                         (["--join", f"{SHIPPED_ROUTER},{SHIPPED_ROUTER}"], "--join")])
 def test_tune_route_names_its_bad_options(tmp_path, args, named):
     result = run("tune", "route", *args, "--minutes", 1, "--out", tmp_path / "router")
     assert result.exit_code == 2 and named in result.output, result.output

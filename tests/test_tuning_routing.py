@@ -12,7 +12,8 @@ from fastdiff.architectures import tiny_sd_pipeline
 from fastdiff.artefacts import StaleArtefactError
 from fastdiff.macs import call_macs, module_macs
 from fastdiff.tuning.pruning import attach_gates, gate_size, keep_one, macs_of, prunable_units, prune, unit_macs
-from fastdiff.tuning.routing import _plan_by_need, code_targets, load_router, sinkhorn, sized_gates, train_router
+from fastdiff.tuning.routing import (_plan_by_need, code_targets, join_routers, load_router, sinkhorn, sized_gates,
+                                     train_router)
 
 PROMPTS = ["a red circle", "a blue square", "a red fox and a dog", "a green tree and a house and a car"]
 
@@ -377,3 +378,30 @@ def test_the_routing_bench_pairs_router_and_single_model_draw_by_draw(pipe, trai
     # --each-code: every prompt on one code, whatever the router would pick
     for code in (0, 1):
         assert forced(trained[1], pipe, code).route(pipe, PROMPTS).tolist() == [code] * len(PROMPTS)
+
+
+def test_routers_trained_apart_join_under_one_head_trained_by_need(pipe, tmp_path):
+    images = torch.rand(len(PROMPTS), 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    small, large = (train_router(pipe, PROMPTS, images, codes=1, target=size, minutes=2, iterations=3, batch=8)
+                    for size in (0.4, 0.8))
+    joined = join_routers(pipe, [small, large.save(str(tmp_path / "large"))], PROMPTS, images, iterations=25,
+                          batch=8, prompt_rows=2)
+    assert joined.codes == 2 and torch.equal(joined.gates, torch.cat([small.gates, large.gates]))
+    assert joined.details["macs_per_code"] == small.details["macs_per_code"] + large.details["macs_per_code"]
+    assert joined.fields["target"] == pytest.approx(sum(joined.details["macs_ratio_per_code"]) / 2, abs=1e-4)
+    losses = [e["loss"] for e in joined.details["history"]]
+    assert sum(losses[-5:]) < sum(losses[:5])   # the head learns the plans
+    loaded = load_router(joined.save(str(tmp_path / "joined")), pipe)
+    assert torch.equal(loaded.route(pipe, PROMPTS), joined.route(pipe, PROMPTS))
+    for code, member in enumerate([small, large]):   # each code is its member's sub-network, as loaded
+        x, t = torch.randn(1, 4, 8, 8), torch.tensor([300.0])
+        with torch.no_grad():
+            c = pipe.encode_prompt(PROMPTS[:1], "cpu", 1, False)[0]
+            torch.testing.assert_close(loaded.subnets[code](x, t, c).sample, member.subnets[0](x, t, c).sample)
+    with pytest.raises(ValueError, match="routers"):
+        join_routers(pipe, [small], PROMPTS, images)
+    shared = train_router(pipe, PROMPTS, images, codes=2, target=0.5, minutes=2, iterations=2, batch=8, nested=True)
+    with pytest.raises(ValueError, match="routers"):
+        join_routers(pipe, [small, shared], PROMPTS, images)
+    with pytest.raises(ValueError, match="minutes"):
+        join_routers(pipe, [small, large], PROMPTS, images, minutes=0)

@@ -6,16 +6,17 @@
 - :func:`train_onestep` — a one-step LoRA adapter (HiPA-style) → a diffusers-loadable LoRA folder;
   ``accelerate(pipe, adapter=...)``, ``Stream(pipe, adapter=...)``, ``stream.set_adapter(...)``.
 - :func:`train_router` — prompt-routed pruning (APTP) → a router folder with its pruned
-  sub-networks; ``accelerate(pipe, router=...)``, ``Stream(pipe, router=...)``.
+  sub-networks; ``accelerate(pipe, router=...)``, ``Stream(pipe, router=...)``; :func:`join_routers`
+  routes over the codes of routers (or single pruned models) made apart.
 """
 
 from .adapters import KNOWN_FAMILIES, Adapter, load_adapter
 from .fitness import DEFAULT_WEIGHTS, Trajectories, shapes_judge
 from .onestep import train_onestep
-from .routing import Router, load_router, train_router
+from .routing import Router, join_routers, load_router, train_router
 from .schedules import Schedule, load_schedule
 from .steps import METHODS, search_steps
 
 __all__ = ["Adapter", "DEFAULT_WEIGHTS", "KNOWN_FAMILIES", "METHODS", "Router", "Schedule", "Trajectories",
-           "load_adapter", "load_router", "load_schedule", "search_steps", "shapes_judge", "train_onestep",
-           "train_router"]
+           "join_routers", "load_adapter", "load_router", "load_schedule", "search_steps", "shapes_judge",
+           "train_onestep", "train_router"]

@@ -59,8 +59,8 @@ from ..denoiser import GroupedDenoiser, denoiser_for
 from .pruning import GROUPS, Unit, attach_gates, gate_size, keep_one, macs_of, prunable_units, prune, unit_macs
 from .schedules import model_hash, prompts_hash
 
-__all__ = ["Router", "RouterHead", "HoldsRouter", "train_router", "load_router", "sinkhorn", "gumbel_sigmoid",
-           "pooled_prompts", "code_targets", "sized_gates", "FORMAT"]
+__all__ = ["Router", "RouterHead", "HoldsRouter", "train_router", "join_routers", "load_router", "sinkhorn",
+           "gumbel_sigmoid", "pooled_prompts", "code_targets", "sized_gates", "FORMAT"]
 
 FORMAT = 1
 KIND = "fastdiff-router"
@@ -279,6 +279,35 @@ def _placed(module, like):
 
 
 # -- training ------------------------------------------------------------------------------------------
+def _picture_batches(pipe, prompts, images, generator):
+    """``batch_of(count) -> (latents, prompts)``: `count` training pictures through the pipeline's VAE
+    and their prompts, drawn from `prompts` and their `images` ([N, 3, H, W] in [-1, 1]) or from
+    `images` itself when it is a callable ``(count, generator) -> (images, prompts)``."""
+    if not callable(images):
+        prompts = list(prompts)
+        if len(images) != len(prompts):
+            raise ValueError(f"images must hold one picture per prompt: {len(images)} pictures, {len(prompts)} prompts")
+    vae = pipe.vae
+    scaling = float(vae.config.get("scaling_factor", 1.0) or 1.0)
+
+    def batch_of(count):
+        if callable(images):
+            pics, texts = images(count, generator)
+        else:
+            rows = torch.randint(0, len(prompts), (count,), generator=generator)
+            pics, texts = images[rows], [prompts[i] for i in rows.tolist()]
+        with torch.no_grad():
+            latents = vae.encode(pics.to(vae.dtype)).latent_dist.mode().float() * scaling
+        return latents, list(texts)
+
+    return batch_of
+
+
+def _prompts_of(prompts, images) -> str:
+    """What the manifest says of the training prompts: their hash, or "drawn"."""
+    return "drawn" if callable(images) else prompts_hash(prompts)
+
+
 def _noisy(scheduler, latents, generator):
     """(x_t, t): `latents` noised at uniform random training timesteps."""
     t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
@@ -322,6 +351,13 @@ def _plan_by_need(unet, gates_hooks, code_logits, x, t, embeds, target_out, epsi
     gates_hooks.set(current.repeat_interleave(rows, 0))   # code-major, like the repeats below
     outs = unet(x.repeat(codes, 1, 1, 1), t.repeat(codes), embeds.repeat(codes, 1, 1), return_dict=False)[0]
     cost = (outs - target_out.repeat(codes, 1, 1, 1)).pow(2).flatten(1).mean(-1).view(codes, rows).T
+    return _plan_of_costs(cost, epsilon, prompt_rows)
+
+
+def _plan_of_costs(cost: torch.Tensor, epsilon: float = 0.1, prompt_rows: int = 1) -> torch.Tensor:
+    """The balanced plan [B, K] of each row's distillation loss under each code `cost` [B, K] (see
+    :func:`_plan_by_need`)."""
+    rows, codes = cost.shape
     if prompt_rows > 1:
         need = cost.view(rows // prompt_rows, prompt_rows, codes).mean(1)
     else:
@@ -385,11 +421,6 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
     adapter = denoiser_for(pipe)
     if adapter.family != "unet":
         raise ValueError(f"pipe: routed pruning is written for SD-family UNets, not {adapter.family!r}")
-    draw = images if callable(images) else None
-    if draw is None:
-        prompts = list(prompts)
-        if len(images) != len(prompts):
-            raise ValueError(f"images must hold one picture per prompt: {len(images)} pictures, {len(prompts)} prompts")
     start = time.time()
     finetune_minutes = minutes / 3 if finetune_minutes is None else finetune_minutes
     generator = torch.Generator().manual_seed(seed)
@@ -399,19 +430,7 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
     units = prunable_units(unet, groups)
     G = gate_size(units)
     scheduler = pipe.scheduler
-    vae = pipe.vae
-    scaling = float(vae.config.get("scaling_factor", 1.0) or 1.0)
-
-    def batch_of(count):
-        if draw is not None:
-            pics, texts = draw(count, generator)
-        else:
-            rows = torch.randint(0, len(prompts), (count,), generator=generator)
-            pics, texts = images[rows], [prompts[i] for i in rows.tolist()]
-        with torch.no_grad():
-            latents = vae.encode(pics.to(vae.dtype)).latent_dist.mode().float() * scaling
-        return latents, list(texts)
-
+    batch_of = _picture_batches(pipe, prompts, images, generator)
     sample_latents, sample_texts = batch_of(2)
     with torch.no_grad():
         embeds0 = adapter.pipe.encode_prompt(sample_texts, unet.device, 1, False)[0].float()
@@ -522,7 +541,7 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
               "codes": codes, "target": target, "spread": spread, "units": len(units), "groups": groups}
     details = {"macs_per_code": macs, "macs_full": total, "macs_ratio_per_code": [m / total for m in macs],
                "route_steps": step, "history": history[-50:], "seconds": round(time.time() - start, 1),
-               "prompts": prompts_hash(prompts) if draw is None else "drawn", "seed": seed, "nested": nested,
+               "prompts": _prompts_of(prompts, images), "seed": seed, "nested": nested,
                "prompt_rows": prompt_rows}
     return Router(head.eval(), units, hard, subnets, fields, details, adapters, finetune_rank, finetune)
 
@@ -594,6 +613,80 @@ def _finetune_shared(unet, units, hard, head, teacher, adapter, pipe, batch_of, 
         _logged(history, progress, step, {k: per_row[routes == k].mean().item() for k in routes.unique().tolist()})
     gates.remove()
     unet.eval()
+
+
+def join_routers(pipe, routers, prompts, images, minutes: float = 2.0, *, iterations: int | None = None,
+                 batch: int = 32, prompt_rows: int = 4, lr: float = 1e-2, uncond_share: float = 0.3, seed: int = 0,
+                 progress=None) -> Router:
+    """One router over the codes of `routers` (folders or routers of `pipe`, e.g. single
+    pruned models trained apart at different sizes, each with the whole data and its own ranking of
+    the gates), with a new head trained by need for `minutes`: each prompt's distillation loss on
+    every code, balanced by Sinkhorn so that every code serves an equal share of the prompts (pick
+    the members' sizes so that their mean is the MACs wanted). `prompts` / `images` as for
+    :func:`train_router`. The members' sub-networks are taken as they are, not trained further."""
+    if isinstance(routers, (str, os.PathLike, Router)) or len(routers) < 2:
+        raise ValueError("routers: give two or more routers to join")
+    check_number(minutes, "minutes", 0.0, low_open=True)
+    check_int(prompt_rows, "prompt_rows", 1, 1024)
+    if batch % prompt_rows:
+        raise ValueError(f"prompt_rows must divide batch ({batch}), got {prompt_rows}")
+    members = []
+    for router in routers:
+        try:
+            members.append(load_router(router, pipe))
+        except (ValueError, StaleArtefactError) as error:   # missing, or made for another model: named as this argument's
+            raise type(error)(f"routers: {error}") from None
+    first = members[0]
+    for name, member in zip(routers, members):
+        if member.finetune != "per-code" or member.rank != first.rank or member.units != first.units:
+            raise ValueError(f"routers: {name if isinstance(name, (str, os.PathLike)) else 'a router'} can't be "
+                             "joined: members need the same units and fine-tuning rank, each code fine-tuned on "
+                             "its own (not --finetune shared)")
+    start = time.time()
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    subnets = [m.subnets[k] for m in members for k in range(m.codes)]
+    gates = torch.cat([m.gates for m in members])
+    adapter, batch_of = denoiser_for(pipe), _picture_batches(pipe, prompts, images, generator)
+    uncond = adapter.pipe.encode_prompt([""], adapter.original.device, 1, False)[0].float()
+    head = RouterHead(pooled_prompts(pipe, [""]).shape[-1], gate_size(first.units), len(subnets))
+    optimizer = torch.optim.Adam([*head.net.parameters(), head.directions], lr=lr)   # the codes' gates are fixed
+    macs, total = [d for m in members for d in m.details["macs_per_code"]], first.details["macs_full"]
+    ratios = torch.tensor(macs) / total
+    history, step, deadline = [], 0, start + minutes * 60
+    while time.time() < deadline and (iterations is None or step < iterations):
+        latents, texts = batch_of(batch // prompt_rows)
+        latents, texts = latents.repeat_interleave(prompt_rows, 0), [p for p in texts for _ in range(prompt_rows)]
+        x, t = _noisy(pipe.scheduler, latents, generator)
+        with torch.no_grad():
+            embeds = adapter.pipe.encode_prompt(texts, adapter.original.device, 1, False)[0].float()
+            pooled = pooled_prompts(pipe, texts, embeds)
+            embeds[torch.rand(batch, generator=generator) < uncond_share] = uncond
+            outs = [m(x.to(m.dtype), t, embeds.to(m.dtype), return_dict=False)[0].float()
+                    for m in [adapter.original, *subnets]]
+            cost = torch.stack([(o - outs[0]).pow(2).flatten(1).mean(-1) for o in outs[1:]], dim=-1)
+            plan = _plan_of_costs(cost, prompt_rows=prompt_rows)
+        assign = torch.softmax(head.scores(pooled) / 0.1, dim=-1)
+        loss = -(plan * torch.log(assign + 1e-8)).sum(-1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        chosen = assign.argmax(-1)
+        entry = {"stage": "route", "step": step, "loss": loss.item(), "distill": cost.mean().item(),
+                 "macs_ratio": ratios[chosen].mean().item(), "used_codes": int(chosen.unique().numel())}
+        history.append(entry)
+        if progress and (step % 10 == 0 or step == 1):
+            progress(entry)
+    fields = {**first.fields, "codes": len(subnets), "target": round(float(ratios.mean()), 4), "spread": 0.0}
+    details = {"macs_per_code": macs, "macs_full": total, "macs_ratio_per_code": ratios.tolist(),
+               "route_steps": step, "history": history[-50:], "prompts": _prompts_of(prompts, images), "seed": seed,
+               "nested": False, "prompt_rows": prompt_rows, "joined": [m.details.get("seconds") for m in members],
+               "seconds": round(time.time() - start + sum(m.details.get("seconds", 0) for m in members), 1)}
+    adapters = {}
+    if first.rank:
+        adapters = {i: a for i, a in enumerate(a for m in members for _, a in sorted(m.adapters.items()))}
+    return Router(head.eval(), first.units, gates, dict(enumerate(subnets)), fields, details, adapters, first.rank)
 
 
 class HoldsRouter:

@@ -328,6 +328,10 @@ def test_bad_router_arguments_are_named(pipe):
         train_router(pipe, PROMPTS, images, spread=1.0)
     with pytest.raises(ValueError, match="finetune_rank"):
         train_router(pipe, PROMPTS, images, finetune_rank=-1)
+    with pytest.raises(ValueError, match="iterations"):
+        train_router(pipe, PROMPTS, images, iterations=0)
+    with pytest.raises(ValueError, match="batch"):
+        train_router(pipe, PROMPTS, images, batch=-2)
     with pytest.raises(ValueError, match="groups"):
         train_router(pipe, PROMPTS, images, groups=0)
     with pytest.raises(ValueError, match="finetune"):
@@ -405,3 +409,7 @@ def test_routers_trained_apart_join_under_one_head_trained_by_need(pipe, tmp_pat
         join_routers(pipe, [small, shared], PROMPTS, images)
     with pytest.raises(ValueError, match="minutes"):
         join_routers(pipe, [small, large], PROMPTS, images, minutes=0)
+    with pytest.raises(ValueError, match="batch"):
+        join_routers(pipe, [small, large], PROMPTS, images, batch=0)
+    with pytest.raises(StaleArtefactError, match="routers: .*base"):   # made for another model
+        join_routers(tiny_sd_pipeline(seed=1), [small, large], PROMPTS, images)

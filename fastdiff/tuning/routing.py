@@ -308,6 +308,15 @@ def _prompts_of(prompts, images) -> str:
     return "drawn" if callable(images) else prompts_hash(prompts)
 
 
+def _check_steps(batch: int, prompt_rows: int, iterations: int | None) -> None:
+    """A training loop's batch, rows per prompt (dividing the batch) and step cap, checked by name."""
+    check_int(batch, "batch", 1, 1 << 16)
+    check_int(prompt_rows, "prompt_rows", 1, 1024)
+    if batch % prompt_rows:
+        raise ValueError(f"prompt_rows must divide batch ({batch}), got {prompt_rows}")
+    check_int(iterations, "iterations", 1, optional=True)
+
+
 def _noisy(scheduler, latents, generator):
     """(x_t, t): `latents` noised at uniform random training timesteps."""
     t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
@@ -404,9 +413,7 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
     many noises and timesteps, and the plan by need gives a prompt's rows one code, by their mean need."""
     check_int(codes, "codes", 1, 64)
     check_int(groups, "groups", 1, 64)
-    check_int(prompt_rows, "prompt_rows", 1, 1024)
-    if batch % prompt_rows:
-        raise ValueError(f"prompt_rows must divide batch ({batch}), got {prompt_rows}")
+    _check_steps(batch, prompt_rows, iterations)
     check_number(target, "target", 0.0, 1.0, low_open=True)
     check_number(spread, "spread", 0.0, 1.0, high_open=True)
     check_int(finetune_rank, "finetune_rank", 0, 512)
@@ -627,9 +634,7 @@ def join_routers(pipe, routers, prompts, images, minutes: float = 2.0, *, iterat
     if isinstance(routers, (str, os.PathLike, Router)) or len(routers) < 2:
         raise ValueError("routers: give two or more routers to join")
     check_number(minutes, "minutes", 0.0, low_open=True)
-    check_int(prompt_rows, "prompt_rows", 1, 1024)
-    if batch % prompt_rows:
-        raise ValueError(f"prompt_rows must divide batch ({batch}), got {prompt_rows}")
+    _check_steps(batch, prompt_rows, iterations)
     members = []
     for router in routers:
         try:

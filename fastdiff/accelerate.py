@@ -21,7 +21,7 @@ from .sampling.schedule import own_solver, step_schedule
 from .stream.batch import LatentStream
 from .stream.prepare import Prepared, UsesPrepared
 from .tuning.adapters import HoldsAdapter
-from .tuning.routing import HoldsRouter
+from .tuning.routers import HoldsRouter
 
 # pipeline class → (task, module of its output dataclass, output dataclass)
 SUPPORTED = {

@@ -13,7 +13,7 @@ from .stream.prepare import Prepared, UsesPrepared
 from .stream.similarity import SimilarityFilter
 from .stream.whole import WHOLE_BACKENDS, WholeStep
 from .tuning.adapters import HoldsAdapter
-from .tuning.routing import HoldsRouter
+from .tuning.routers import HoldsRouter
 
 MODES = ("img2img", "txt2img")
 DEFAULT_STEPS = {"img2img": [32, 45], "txt2img": [0, 16, 32, 45]}

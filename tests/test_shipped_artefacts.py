@@ -59,7 +59,7 @@ def test_the_shipped_one_step_adapter_matches_the_committed_model(pipe, noisy_an
 
 
 def test_the_shipped_router_matches_the_committed_model(pipe, noisy_and_context):
-    from fastdiff.tuning.routing import load_router
+    from fastdiff.tuning.routers import load_router
 
     router = load_router(artefact_path("router"), pipe)   # refused if made for other weights
     shares = router.details["macs_ratio_per_code"]
@@ -80,7 +80,7 @@ def test_the_shipped_router_matches_the_committed_model(pipe, noisy_and_context)
 
 def test_the_shipped_router_gives_harder_prompts_bigger_codes(pipe):
     from fastdiff.quality import held_out
-    from fastdiff.tuning.routing import load_router
+    from fastdiff.tuning.routers import load_router
 
     router = load_router(artefact_path("router"), pipe)
     held = held_out(64, 1, 2)   # the held-out prompts BENCHMARKS reads the router on

@@ -12,8 +12,8 @@ from fastdiff.architectures import tiny_sd_pipeline
 from fastdiff.artefacts import StaleArtefactError
 from fastdiff.macs import call_macs, module_macs
 from fastdiff.tuning.pruning import attach_gates, gate_size, keep_one, macs_of, prunable_units, prune, unit_macs
-from fastdiff.tuning.routing import (_plan_by_need, code_targets, join_routers, load_router, sinkhorn, sized_gates,
-                                     train_router)
+from fastdiff.tuning.routers import load_router
+from fastdiff.tuning.routing import _plan_by_need, code_targets, join_routers, sinkhorn, sized_gates, train_router
 
 PROMPTS = ["a red circle", "a blue square", "a red fox and a dog", "a green tree and a house and a car"]
 
@@ -348,7 +348,7 @@ def test_bad_router_arguments_are_named(pipe):
 def test_routing_reads_the_pooled_prompts_from_the_embeddings_already_made(pipe, model):
     from fastdiff.denoiser import denoiser_for
     from fastdiff.shapes.model import load_pipeline
-    from fastdiff.tuning.routing import pooled_prompts
+    from fastdiff.tuning.routers import pooled_prompts
 
     chosen = load_pipeline() if model == "shapes" else tiny_sd_pipeline(scheduler="ddim")
     if model == "tiny, legacy end token":   # configs made before transformers fixed eos_token_id: the largest id pools

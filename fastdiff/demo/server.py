@@ -94,7 +94,7 @@ def create_app(pipe, config: DemoConfig | None = None, *, replica: str | None = 
 
     router = None
     if config.router is not None:   # loaded once: every session's stream shares its sub-networks
-        from ..tuning.routing import load_router
+        from ..tuning.routers import load_router
 
         router = load_router(config.router, pipe)
 

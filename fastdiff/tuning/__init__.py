@@ -13,7 +13,8 @@
 from .adapters import KNOWN_FAMILIES, Adapter, load_adapter
 from .fitness import DEFAULT_WEIGHTS, Trajectories, shapes_judge
 from .onestep import train_onestep
-from .routing import Router, join_routers, load_router, train_router
+from .routers import Router, load_router
+from .routing import join_routers, train_router
 from .schedules import Schedule, load_schedule
 from .steps import METHODS, search_steps
 

@@ -38,8 +38,11 @@ Training, the denoiser frozen (:mod:`.pruning` holds the units and gates):
   per code: the codes share what they keep, and every prompt trains it (one adapter in the file).
 
 Training data: noisy latents of pictures of the prompts (``images``, e.g. the shapes world's
-renderer), at random timesteps. The artefact: the router's weights, the codes' gates and the pruned
-sub-networks' weights, with a manifest (base weights hash, units, K, MACs per code, target).
+renderer), at random timesteps. The trained :class:`.routers.Router` is the artefact: the router's
+weights, the codes' gates and the sub-networks' fine-tuning, with a manifest.
+
+:func:`join_routers` makes one router over the codes of routers trained apart (e.g. single pruned
+models at different sizes): only its head is trained, by need.
 """
 
 from __future__ import annotations
@@ -48,50 +51,20 @@ import copy
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from ..artefacts import StaleArtefactError, check_fields, library_versions, lock, publish_folder, read_manifest
+from ..artefacts import StaleArtefactError
 from ..checks import check_choice, check_int, check_number
-from ..denoiser import GroupedDenoiser, denoiser_for
+from ..denoiser import denoiser_for
 from .pruning import GROUPS, Unit, attach_gates, gate_size, keep_one, macs_of, prunable_units, prune, unit_macs
+from .routers import Router, RouterHead, load_router, merge_lora, placed_like, plain_base, pooled_prompts
 from .schedules import model_hash, prompts_hash
 
-__all__ = ["Router", "RouterHead", "HoldsRouter", "train_router", "join_routers", "load_router", "sinkhorn",
-           "gumbel_sigmoid", "pooled_prompts", "code_targets", "sized_gates", "FORMAT"]
+__all__ = ["train_router", "join_routers", "sinkhorn", "gumbel_sigmoid", "code_targets", "sized_gates"]
 
-FORMAT = 1
-KIND = "fastdiff-router"
-REMEDY = "train a router for this model (fastdiff tune route)"
 FINETUNES = ("per-code", "shared")
-
-
-class RouterHead(torch.nn.Module):
-    """Pooled prompt embedding → architecture vector; K learned codes, each a direction in that space
-    and a vector of gate logits. `nested`: the codes' logits are one shared vector plus a level per
-    code, so every code keeps the gates ranked highest by the same order, and a smaller code's
-    network lies inside every larger one's."""
-
-    def __init__(self, text_dim: int, gates: int, codes: int, hidden: int = 256, nested: bool = False):
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(text_dim, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden))
-        self.directions = torch.nn.Parameter(torch.randn(codes, hidden) / math.sqrt(hidden))
-        self.nested = nested
-        if nested:
-            self.shared = torch.nn.Parameter(torch.full((gates,), 1.0))   # start open: the full model
-            self.levels = torch.nn.Parameter(torch.zeros(codes))
-        else:
-            self.logits = torch.nn.Parameter(torch.full((codes, gates), 1.0))
-
-    def code_logits(self) -> torch.Tensor:
-        """Every code's gate logits [K, G]."""
-        return self.shared + self.levels[:, None] if self.nested else self.logits
-
-    def scores(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity of each prompt's architecture vector to each code [B, K]."""
-        return F.normalize(self.net(pooled), dim=-1) @ F.normalize(self.directions, dim=-1).T
 
 
 def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
@@ -117,165 +90,6 @@ def gumbel_sigmoid(logits: torch.Tensor, temperature: float = 0.5, hard: bool = 
     return (soft > 0.5).to(soft) + soft - soft.detach()
 
 
-@dataclass
-class Router:
-    """A trained router: its head, each code's binary gates and sub-network, and their MACs."""
-
-    head: RouterHead
-    units: list[Unit]
-    gates: torch.Tensor            # [K, G] binary
-    subnets: dict                  # code → pruned module
-    fields: dict
-    details: dict = field(default_factory=dict)
-    adapters: dict = field(default_factory=dict)   # code (or "shared") → its fine-tuning's LoRA weights (rank > 0)
-    rank: int = 0
-    finetune: str = "per-code"     # each code its own adapter, or one "shared" adapter on the full network
-
-    @property
-    def codes(self) -> int:
-        return self.gates.shape[0]
-
-    @torch.no_grad()
-    def route(self, pipe, prompts: list[str], embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """The code of each prompt (int64 [B]), deterministic: the nearest code by cosine. `embeds`:
-        the prompts' text embeddings already computed (see :func:`pooled_prompts`)."""
-        return self.head.scores(pooled_prompts(pipe, prompts, embeds)).argmax(-1)
-
-    def check(self, pipe) -> "Router":
-        adapter = denoiser_for(pipe)
-        wanted = {"base": model_hash(adapter.original), "family": adapter.family,
-                  "text_encoder": model_hash(pipe.text_encoder)}
-        check_fields("this router", wanted, {k: self.fields.get(k) for k in wanted}, REMEDY)
-        return self
-
-    def grouped(self, pipe) -> GroupedDenoiser:
-        """The pipeline's denoiser as a grouped one over this router's sub-networks."""
-        return GroupedDenoiser(denoiser_for(pipe), self.subnets)
-
-    def save(self, folder: str) -> str:
-        from safetensors.torch import save_file
-
-        def build(partial):
-            save_file({k: v.contiguous() for k, v in self.head.state_dict().items()}, os.path.join(partial, "router.safetensors"))
-            if self.finetune == "shared":
-                files = {"shared": self.adapters["shared"]}
-            else:
-                files = {f"subnet-{code}": self.adapters[code] if self.rank else module.state_dict()
-                         for code, module in self.subnets.items()}
-            for name, weights in files.items():
-                save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(partial, f"{name}.safetensors"))
-            return self.details
-
-        extra = {"kind": KIND, "units": [asdict(u) for u in self.units], "gates": self.gates.int().tolist(),
-                 "head": {"text_dim": self.head.net[0].in_features, "hidden": self.head.net[0].out_features,
-                          "nested": self.head.nested},
-                 "finetune_rank": self.rank, "finetune": self.finetune, "versions": library_versions(("peft",))}
-        os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
-        with lock(folder):
-            publish_folder(folder, self.fields, build, FORMAT, extra=extra)
-        return folder
-
-
-def pooled_prompts(pipe, prompts: list[str], embeds: torch.Tensor | None = None) -> torch.Tensor:
-    """The frozen sentence embedding of each prompt: the text encoder's pooled output (float32 [B, D]).
-    `embeds`, the encoder's last hidden states of these prompts (what the pipeline's encode_prompt
-    gives a CLIP encoder), spare a second pass: CLIP pools the end-of-text token's final state, which
-    the causal mask keeps apart from the padding after it."""
-    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
-    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(encoder.device)
-    if embeds is None or type(encoder).__name__ != "CLIPTextModel":
-        with torch.no_grad():
-            return encoder(ids)[1].float()
-    eos = encoder.config.eos_token_id   # CLIP's own rule: 2 marks configs whose end token is the largest id
-    where = ids.argmax(-1) if eos == 2 else (ids == eos).int().argmax(-1)
-    return embeds[torch.arange(len(ids), device=embeds.device), where.to(embeds.device)].float()
-
-
-def load_router(router, pipe) -> Router:
-    """A :class:`Router` from its folder (or one already loaded), checked against `pipe`."""
-    if isinstance(router, Router):
-        return router.check(pipe)
-    if not isinstance(router, (str, os.PathLike)) or not os.path.isdir(router):
-        raise ValueError(f"router: no router folder at {router!r}")
-    from safetensors.torch import load_file
-
-    from ..artefacts import check_manifest
-
-    manifest = read_manifest(str(router))
-    if manifest is None or manifest.get("kind") != KIND:
-        raise ValueError(f"router: {router} is not a fastdiff router folder")
-    try:
-        check_manifest(str(router), manifest["fields"], "router", FORMAT, REMEDY)
-    except StaleArtefactError as error:
-        raise StaleArtefactError(str(error)) from None
-    units = [Unit(**u) for u in manifest["units"]]
-    gates = torch.tensor(manifest["gates"], dtype=torch.float32)
-    head = RouterHead(manifest["head"]["text_dim"], gate_size(units), len(gates), manifest["head"]["hidden"],
-                      manifest["head"].get("nested", False))
-    head.load_state_dict(load_file(os.path.join(router, "router.safetensors")))
-    rank = int(manifest.get("finetune_rank", 0))
-    finetune = manifest.get("finetune", "per-code")
-    loaded = Router(head.eval(), units, gates, {}, manifest["fields"], manifest.get("details", {}), rank=rank,
-                    finetune=finetune)
-    loaded.check(pipe)
-    base = _plain(denoiser_for(pipe).original)
-
-    def adapted(module, key, name):   # `module` with the LoRA of `name`.safetensors merged in
-        weights = load_file(os.path.join(router, f"{name}.safetensors"))
-        _set_lora(module, rank, weights, f"router: {router}'s adapter weights don't fit {name}")
-        loaded.adapters[key] = weights
-        return _merged(module)
-
-    full = adapted(copy.deepcopy(base).float(), "shared", "shared") if finetune == "shared" else None
-    for code in range(len(gates)):
-        if full is not None:   # one adapter on the full network: each code is that network pruned
-            module = prune(full, units, gates[code])
-        elif rank:
-            module = adapted(prune(base, units, gates[code]).float(), code, f"subnet-{code}")
-        else:
-            module = prune(base, units, gates[code]).float()
-            module.load_state_dict(load_file(os.path.join(router, f"subnet-{code}.safetensors")))
-        loaded.subnets[code] = _placed(module, base).eval().requires_grad_(False)
-    return loaded
-
-
-def _set_lora(module, rank: int, weights: dict, what: str) -> None:
-    """Give `module` a rank-`rank` LoRA holding `weights`; refused (naming `what`) if they don't fit."""
-    from peft import set_peft_model_state_dict
-
-    from .onestep import add_lora   # here: onestep imports the stream, which imports this module
-
-    add_lora(module, rank)
-    result = set_peft_model_state_dict(module, weights)
-    wrong = result.unexpected_keys + [k for k in result.missing_keys if "lora_" in k]
-    if wrong:
-        raise StaleArtefactError(f"{what} ({wrong[0]}, ...); {REMEDY}")
-
-
-def _plain(base):
-    """`base`, or a copy of it without LoRA layers where an adapter is or was attached (PEFT leaves
-    its wrappers after a delete): the router prunes and fine-tunes the base weights alone."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    if not any(isinstance(m, BaseTunerLayer) for m in base.modules()):
-        return base
-    plain = copy.deepcopy(base)
-    plain.unload_lora()
-    return plain
-
-
-def _merged(module):
-    """`module` with its LoRA folded into the weights and the adapter layers gone: a plain network."""
-    module.fuse_lora()
-    module.unload_lora()
-    return module
-
-
-def _placed(module, like):
-    """`module` on `like`'s device and in its dtype (cast only when it differs)."""
-    module = module.to(like.device)
-    return module if next(module.parameters()).dtype == like.dtype else module.to(like.dtype)
 
 
 # -- training ------------------------------------------------------------------------------------------
@@ -432,7 +246,7 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
     finetune_minutes = minutes / 3 if finetune_minutes is None else finetune_minutes
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    unet = copy.deepcopy(_plain(adapter.original)).float().eval().requires_grad_(False)
+    unet = copy.deepcopy(plain_base(adapter.original)).float().eval().requires_grad_(False)
     teacher = adapter.original
     units = prunable_units(unet, groups)
     G = gate_size(units)
@@ -511,7 +325,7 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
     with torch.no_grad():
         hard = torch.stack([sized_gates(head.code_logits()[k], float(sizes[k]), units, total, per_entry, blocks)
                             for k in range(codes)])
-    base = _plain(adapter.original)
+    base = plain_base(adapter.original)
     macs = [float(macs_of(hard[k], units, total, per_entry, blocks)) for k in range(codes)]
     tuning = (teacher, adapter, pipe, batch_of, scheduler, generator, batch, finetune_lr, start + minutes * 60,
               history, progress, uncond, uncond_share, iterations)
@@ -540,10 +354,10 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
                         p.copy_(p.half().float())
         adapters = {k: {n: v.detach().half() for n, v in get_peft_model_state_dict(m).items()}
                     for k, m in trained.items()}
-        trained = {k: _merged(m) for k, m in trained.items()}
+        trained = {k: merge_lora(m) for k, m in trained.items()}
     subnets = {k: prune(trained["shared"], units, hard[k]) for k in range(codes)} if finetune == "shared" else trained
     for k, module in subnets.items():
-        subnets[k] = _placed(module, base).eval().requires_grad_(False)
+        subnets[k] = placed_like(module, base).eval().requires_grad_(False)
     fields = {"base": model_hash(base), "family": adapter.family, "text_encoder": model_hash(pipe.text_encoder),
               "codes": codes, "target": target, "spread": spread, "units": len(units), "groups": groups}
     details = {"macs_per_code": macs, "macs_full": total, "macs_ratio_per_code": [m / total for m in macs],
@@ -692,29 +506,3 @@ def join_routers(pipe, routers, prompts, images, minutes: float = 2.0, *, iterat
     if first.rank:
         adapters = {i: a for i, a in enumerate(a for m in members for _, a in sorted(m.adapters.items()))}
     return Router(head.eval(), first.units, gates, dict(enumerate(subnets)), fields, details, adapters, first.rank)
-
-
-class HoldsRouter:
-    """The router part of a front door holding ``self.pipe`` and ``self.parts``: the router, and the
-    grouped denoiser its sub-networks run as."""
-
-    router: Router | None = None
-
-    def _set_router(self, router) -> None:
-        if router is None:
-            if self.router is not None:
-                self.parts.denoiser = denoiser_for(self.pipe)
-            self.router = None
-            return
-        if getattr(self, "adapter", None) is not None:
-            raise ValueError("router: an adapter is attached, and the router's pruned sub-networks would run "
-                             "without it; use one or the other")
-        self.router = load_router(router, self.pipe)
-        self.parts.denoiser = self.router.grouped(self.pipe)
-
-    def _route(self):
-        """What :meth:`fastdiff.stream.prepare.Prepared.encode` routes prompts with (None: unrouted)."""
-        if self.router is None:
-            return None
-        device = self.parts.denoiser.device
-        return lambda prompts, cond: self.router.route(self.pipe, prompts, cond.embeds).to(device)

@@ -332,6 +332,12 @@ def test_bad_router_arguments_are_named(pipe):
         train_router(pipe, PROMPTS, images, iterations=0)
     with pytest.raises(ValueError, match="batch"):
         train_router(pipe, PROMPTS, images, batch=-2)
+    with pytest.raises(ValueError, match="finetune_lr"):
+        train_router(pipe, PROMPTS, images, finetune_lr=0.0)
+    with pytest.raises(ValueError, match="uncond_share"):
+        train_router(pipe, PROMPTS, images, uncond_share=1.0)
+    with pytest.raises(ValueError, match="contrastive_weight"):
+        train_router(pipe, PROMPTS, images, contrastive_weight=-1.0)
     with pytest.raises(ValueError, match="groups"):
         train_router(pipe, PROMPTS, images, groups=0)
     with pytest.raises(ValueError, match="finetune"):
@@ -411,5 +417,7 @@ def test_routers_trained_apart_join_under_one_head_trained_by_need(pipe, tmp_pat
         join_routers(pipe, [small, large], PROMPTS, images, minutes=0)
     with pytest.raises(ValueError, match="batch"):
         join_routers(pipe, [small, large], PROMPTS, images, batch=0)
+    with pytest.raises(ValueError, match="lr"):
+        join_routers(pipe, [small, large], PROMPTS, images, lr=float("nan"))
     with pytest.raises(StaleArtefactError, match="routers: .*base"):   # made for another model
         join_routers(tiny_sd_pipeline(seed=1), [small, large], PROMPTS, images)

@@ -122,8 +122,11 @@ def _prompts_of(prompts, images) -> str:
     return "drawn" if callable(images) else prompts_hash(prompts)
 
 
-def _check_steps(batch: int, prompt_rows: int, iterations: int | None) -> None:
-    """A training loop's batch, rows per prompt (dividing the batch) and step cap, checked by name."""
+def _check_loop(batch: int, prompt_rows: int, iterations: int | None, lr: float, uncond_share: float) -> None:
+    """A training loop's batch, rows per prompt (dividing the batch), step cap, learning rate and
+    share of unconditional rows, checked by name."""
+    check_number(lr, "lr", 0.0, low_open=True)
+    check_number(uncond_share, "uncond_share", 0.0, 1.0, high_open=True)
     check_int(batch, "batch", 1, 1 << 16)
     check_int(prompt_rows, "prompt_rows", 1, 1024)
     if batch % prompt_rows:
@@ -227,7 +230,11 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
     many noises and timesteps, and the plan by need gives a prompt's rows one code, by their mean need."""
     check_int(codes, "codes", 1, 64)
     check_int(groups, "groups", 1, 64)
-    _check_steps(batch, prompt_rows, iterations)
+    _check_loop(batch, prompt_rows, iterations, lr, uncond_share)
+    check_number(finetune_lr, "finetune_lr", 0.0, low_open=True, optional=True)
+    for name, weight in (("resource_weight", resource_weight), ("contrastive_weight", contrastive_weight),
+                         ("balance_weight", balance_weight), ("feature_weight", feature_weight)):
+        check_number(weight, name, 0.0)
     check_number(target, "target", 0.0, 1.0, low_open=True)
     check_number(spread, "spread", 0.0, 1.0, high_open=True)
     check_int(finetune_rank, "finetune_rank", 0, 512)
@@ -448,7 +455,7 @@ def join_routers(pipe, routers, prompts, images, minutes: float = 2.0, *, iterat
     if isinstance(routers, (str, os.PathLike, Router)) or len(routers) < 2:
         raise ValueError("routers: give two or more routers to join")
     check_number(minutes, "minutes", 0.0, low_open=True)
-    _check_steps(batch, prompt_rows, iterations)
+    _check_loop(batch, prompt_rows, iterations, lr, uncond_share)
     members = []
     for router in routers:
         try:

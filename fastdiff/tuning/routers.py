@@ -29,6 +29,7 @@ FORMAT = 1
 KIND = "fastdiff-router"
 REMEDY = "train a router for this model (fastdiff tune route)"
 
+
 class RouterHead(torch.nn.Module):
     """Pooled prompt embedding → architecture vector; K learned codes, each a direction in that space
     and a vector of gate logits. `nested`: the codes' logits are one shared vector plus a level per

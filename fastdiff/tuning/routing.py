@@ -1,7 +1,7 @@
 """Prompt-routed pruning (APTP, "Not All Prompts Are Made Equal"): a router sends each prompt to one
 of K architecture codes, each a physically pruned sub-network of the denoiser sized to its prompts.
 
-    router = train_router(pipe, prompts, codes=4, target=0.6, minutes=40)
+    router = train_router(pipe, prompts, images, codes=4, target=0.6, minutes=40)
     router.save("shapes-router")
     fast = fastdiff.accelerate(pipe, router="shapes-router")   # rows grouped by code, one call each
 

@@ -779,7 +779,7 @@ def tune_onestep(model, rank, minutes, iterations, targets, prompt_file, count, 
 @click.option("--join", default=None, metavar="DIR,DIR,...",
               help="Route over these routers' codes instead (e.g. single pruned models made apart with --codes 1 "
                    "at different --target): only a new router is trained, for --minutes, each code serving an "
-                   "equal share of the prompts.")
+                   "equal share of the prompts, or with --target the most even shares of that mean MACs.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="The router folder.")
 @device_option
 @click.pass_context
@@ -791,8 +791,10 @@ def tune_route(ctx, model, codes, target, spread, plan, groups, finetune, prompt
 
     if join is not None:
         members = [p for p in join.split(",") if p]
-        given = [o for o in ("codes", "target", "spread", "plan", "groups", "finetune", "nested")
-                 if ctx.get_parameter_source(o) is not click.core.ParameterSource.DEFAULT]
+        given = {o for o in ("codes", "target", "spread", "plan", "groups", "finetune", "nested")
+                 if ctx.get_parameter_source(o) is not click.core.ParameterSource.DEFAULT}
+        join_target = target if "target" in given else None   # else equal shares of the prompts
+        given = sorted(given - {"target"})
         if given:
             raise click.UsageError(f"--join takes the codes of its routers as they are; --{given[0]} doesn't apply")
         if len(members) < 2 or not all(os.path.isdir(p) for p in members):
@@ -822,8 +824,9 @@ def tune_route(ctx, model, codes, target, spread, plan, groups, finetune, prompt
 
     with usage_errors():
         if join is not None:
-            router = join_routers(pipe, members, None, draw, minutes=minutes, iterations=iterations, batch=batch,
-                                  prompt_rows=prompt_rows, seed=seed, progress=progress)
+            router = join_routers(pipe, members, None, draw, minutes=minutes, target=join_target,
+                                  iterations=iterations, batch=batch, prompt_rows=prompt_rows, seed=seed,
+                                  progress=progress)
         else:
             router = train_router(pipe, None, draw, codes=codes, target=target, spread=spread, by_need=plan == "need",
                                   groups=groups, finetune=finetune,

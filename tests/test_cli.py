@@ -131,6 +131,7 @@ def test_bad_options_are_usage_errors_naming_the_option(args, option, tmp_path):
                                          (["--nested", "--finetune", "per-code"], "--finetune"),
                                          (["--join", "/no/such,/nor/this"], "--join"),
                                          (["--join", f"{SHIPPED_ROUTER},{SHIPPED_ROUTER}", "--codes", "2"], "--codes"),
+                                         (["--join", f"{SHIPPED_ROUTER},{SHIPPED_ROUTER}", "--target", "2"], "--target"),
                                          (["--join", f"{SHIPPED_ROUTER},{SHIPPED_ROUTER}"], "--join")])
 def test_tune_route_names_its_bad_options(tmp_path, args, named):
     result = run("tune", "route", *args, "--minutes", 1, "--out", tmp_path / "router")

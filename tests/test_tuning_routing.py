@@ -13,7 +13,8 @@ from fastdiff.artefacts import StaleArtefactError
 from fastdiff.macs import call_macs, module_macs
 from fastdiff.tuning.pruning import attach_gates, gate_size, keep_one, macs_of, prunable_units, prune, unit_macs
 from fastdiff.tuning.routers import load_router
-from fastdiff.tuning.routing import _plan_by_need, code_targets, join_routers, sinkhorn, sized_gates, train_router
+from fastdiff.tuning.routing import (_plan_by_need, code_targets, join_routers, shares_for, sinkhorn, sized_gates,
+                                     train_router)
 
 PROMPTS = ["a red circle", "a blue square", "a red fox and a dog", "a green tree and a house and a car"]
 
@@ -166,6 +167,18 @@ def test_sinkhorn_balances_a_skewed_assignment():
     torch.testing.assert_close(balanced.sum(1), torch.ones(12), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(balanced.sum(0), torch.full((3,), 4.0), rtol=1e-3, atol=1e-3)
     assert torch.softmax(scores, -1).sum(0)[0] > 6   # unbalanced, code 0 would take most rows
+    uneven = sinkhorn(scores, epsilon=0.5, iterations=200, shares=torch.tensor([0.5, 0.25, 0.25]))
+    torch.testing.assert_close(uneven.sum(0), torch.tensor([6.0, 3.0, 3.0]), rtol=1e-3, atol=1e-3)
+
+
+def test_shares_for_a_target_are_the_most_even_with_that_mean():
+    ratios = torch.tensor([0.4, 0.6, 0.8])
+    torch.testing.assert_close(shares_for(ratios, 0.6), torch.full((3,), 1 / 3), rtol=1e-4, atol=1e-4)
+    shares = shares_for(ratios, 0.5)
+    assert float(shares @ ratios) == pytest.approx(0.5, abs=1e-5) and float(shares.sum()) == pytest.approx(1.0)
+    assert shares[0] > shares[1] > shares[2] > 0   # tilted toward the small codes, none left out
+    with pytest.raises(ValueError, match="target"):
+        shares_for(ratios, 0.9)
 
 
 def test_routing_is_deterministic_and_the_artefact_round_trips(pipe, trained):
@@ -378,6 +391,12 @@ def test_routers_trained_apart_join_under_one_head_trained_by_need(pipe, tmp_pat
     assert joined.codes == 2 and torch.equal(joined.gates, torch.cat([small.gates, large.gates]))
     assert joined.details["macs_per_code"] == small.details["macs_per_code"] + large.details["macs_per_code"]
     assert joined.fields["target"] == pytest.approx(sum(joined.details["macs_ratio_per_code"]) / 2, abs=1e-4)
+    low, high = joined.details["macs_ratio_per_code"]
+    aimed = join_routers(pipe, [small, large], PROMPTS, images, target=low + (high - low) / 4, iterations=2, batch=8,
+                         prompt_rows=2)
+    assert aimed.fields["target"] == pytest.approx(low + (high - low) / 4, abs=1e-4)
+    with pytest.raises(ValueError, match="target"):
+        join_routers(pipe, [small, large], PROMPTS, images, target=high + 0.01)
     losses = [e["loss"] for e in joined.details["history"]]
     assert sum(losses[-5:]) < sum(losses[:5])   # the head learns the plans
     loaded = load_router(joined.save(str(tmp_path / "joined")), pipe)

@@ -62,21 +62,42 @@ from .pruning import GROUPS, Unit, attach_gates, gate_size, keep_one, macs_of, p
 from .routers import Router, RouterHead, load_router, merge_lora, placed_like, plain_base, pooled_prompts
 from .schedules import model_hash, prompts_hash
 
-__all__ = ["train_router", "join_routers", "sinkhorn", "gumbel_sigmoid", "code_targets", "sized_gates"]
+__all__ = ["train_router", "join_routers", "sinkhorn", "shares_for", "gumbel_sigmoid", "code_targets", "sized_gates"]
 
 FINETUNES = ("per-code", "shared")
 
 
-def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
+def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3,
+             shares: torch.Tensor | None = None) -> torch.Tensor:
     """A balanced soft assignment [B, K] from scores: each row sums to 1 and every code gets an equal
-    share of the rows (Sinkhorn-Knopp on exp(scores / ε), in the log domain: a small ε can't
-    underflow)."""
+    share of the rows, or `shares` [K] of them (Sinkhorn-Knopp on exp(scores / ε), in the log domain:
+    a small ε can't underflow)."""
     log_q = (scores / epsilon).T   # [K, B]
     codes, rows = log_q.shape
+    log_shares = torch.full((codes, 1), -math.log(codes)) if shares is None else torch.log(shares.float())[:, None]
     for _ in range(iterations):
-        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - math.log(codes)
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) + log_shares.to(log_q)
         log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - math.log(rows)
     return (log_q.exp() * rows).T
+
+
+def shares_for(ratios: torch.Tensor, target: float) -> torch.Tensor:
+    """The most even shares [K] of prompts over codes of MACs `ratios` [K] whose mean is `target`
+    (maximum entropy: shares ∝ exp(β · ratio), β found by bisection)."""
+    low, high = float(ratios.min()), float(ratios.max())
+    if not low < target < high:
+        raise ValueError(f"target must lie between the smallest and largest code's MACs ({low:.3f}, {high:.3f}), "
+                         f"got {target}")
+    spread = ratios.double() - ratios.double().mean()
+    beta_low, beta_high = -1e3, 1e3
+    for _ in range(200):
+        beta = (beta_low + beta_high) / 2
+        shares = torch.softmax(beta * spread / spread.abs().max(), 0)
+        if float(shares @ ratios.double()) < target:
+            beta_low = beta
+        else:
+            beta_high = beta
+    return shares.float()
 
 
 def gumbel_sigmoid(logits: torch.Tensor, temperature: float = 0.5, hard: bool = True,
@@ -180,16 +201,17 @@ def _plan_by_need(unet, gates_hooks, code_logits, x, t, embeds, target_out, epsi
     return _plan_of_costs(cost, epsilon, prompt_rows)
 
 
-def _plan_of_costs(cost: torch.Tensor, epsilon: float = 0.1, prompt_rows: int = 1) -> torch.Tensor:
+def _plan_of_costs(cost: torch.Tensor, epsilon: float = 0.1, prompt_rows: int = 1,
+                   shares: torch.Tensor | None = None) -> torch.Tensor:
     """The balanced plan [B, K] of each row's distillation loss under each code `cost` [B, K] (see
-    :func:`_plan_by_need`)."""
+    :func:`_plan_by_need`), each code taking `shares` of the rows (default equal ones)."""
     rows, codes = cost.shape
     if prompt_rows > 1:
         need = cost.view(rows // prompt_rows, prompt_rows, codes).mean(1)
     else:
         need = torch.log(cost + 0.01 * cost.mean() + 1e-12)   # losses far below the batch's count as equal
     centred = need - need.mean(-1, keepdim=True)
-    plan = sinkhorn(-centred / (centred.abs().mean() + 1e-12), epsilon=epsilon, iterations=200)
+    plan = sinkhorn(-centred / (centred.abs().mean() + 1e-12), epsilon=epsilon, iterations=200, shares=shares)
     return plan.repeat_interleave(prompt_rows, 0)
 
 
@@ -443,15 +465,17 @@ def _finetune_shared(unet, units, hard, head, teacher, adapter, pipe, batch_of, 
     unet.eval()
 
 
-def join_routers(pipe, routers, prompts, images, minutes: float = 2.0, *, iterations: int | None = None,
-                 batch: int = 32, prompt_rows: int = 4, lr: float = 1e-2, uncond_share: float = 0.3, seed: int = 0,
-                 progress=None) -> Router:
+def join_routers(pipe, routers, prompts, images, minutes: float = 2.0, *, target: float | None = None,
+                 iterations: int | None = None, batch: int = 32, prompt_rows: int = 4, lr: float = 1e-2,
+                 uncond_share: float = 0.3, seed: int = 0, progress=None) -> Router:
     """One router over the codes of `routers` (folders or routers of `pipe`, e.g. single
     pruned models trained apart at different sizes, each with the whole data and its own ranking of
     the gates), with a new head trained by need for `minutes`: each prompt's distillation loss on
-    every code, balanced by Sinkhorn so that every code serves an equal share of the prompts (pick
-    the members' sizes so that their mean is the MACs wanted). `prompts` / `images` as for
-    :func:`train_router`. The members' sub-networks are taken as they are, not trained further."""
+    every code, balanced by Sinkhorn so that every code serves an equal share of the training
+    prompts, or (`target`, a share of the full model's MACs between the smallest code's and the
+    largest's) the most even shares whose mean MACs are `target` (:func:`shares_for`). `prompts` /
+    `images` as for :func:`train_router`. The members' sub-networks are taken as they are, not
+    trained further."""
     if isinstance(routers, (str, os.PathLike, Router)) or len(routers) < 2:
         raise ValueError("routers: give two or more routers to join")
     check_number(minutes, "minutes", 0.0, low_open=True)
@@ -479,6 +503,7 @@ def join_routers(pipe, routers, prompts, images, minutes: float = 2.0, *, iterat
     optimizer = torch.optim.Adam([*head.net.parameters(), head.directions], lr=lr)   # the codes' gates are fixed
     macs, total = [d for m in members for d in m.details["macs_per_code"]], first.details["macs_full"]
     ratios = torch.tensor(macs) / total
+    shares = None if target is None else shares_for(ratios, check_number(target, "target", 0.0, 1.0, low_open=True))
     history, step, deadline = [], 0, start + minutes * 60
     while time.time() < deadline and (iterations is None or step < iterations):
         latents, texts = batch_of(batch // prompt_rows)
@@ -491,7 +516,7 @@ def join_routers(pipe, routers, prompts, images, minutes: float = 2.0, *, iterat
             outs = [m(x.to(m.dtype), t, embeds.to(m.dtype), return_dict=False)[0].float()
                     for m in [adapter.original, *subnets]]
             cost = torch.stack([(o - outs[0]).pow(2).flatten(1).mean(-1) for o in outs[1:]], dim=-1)
-            plan = _plan_of_costs(cost, prompt_rows=prompt_rows)
+            plan = _plan_of_costs(cost, prompt_rows=prompt_rows, shares=shares)
         assign = torch.softmax(head.scores(pooled) / 0.1, dim=-1)
         loss = -(plan * torch.log(assign + 1e-8)).sum(-1).mean()
         optimizer.zero_grad(set_to_none=True)
@@ -504,7 +529,8 @@ def join_routers(pipe, routers, prompts, images, minutes: float = 2.0, *, iterat
         history.append(entry)
         if progress and (step % 10 == 0 or step == 1):
             progress(entry)
-    fields = {**first.fields, "codes": len(subnets), "target": round(float(ratios.mean()), 4), "spread": 0.0}
+    aimed = float(ratios.mean()) if shares is None else float(shares @ ratios)
+    fields = {**first.fields, "codes": len(subnets), "target": round(aimed, 4), "spread": 0.0}
     details = {"macs_per_code": macs, "macs_full": total, "macs_ratio_per_code": ratios.tolist(),
                "route_steps": step, "history": history[-50:], "prompts": _prompts_of(prompts, images), "seed": seed,
                "nested": False, "prompt_rows": prompt_rows, "joined": [m.details.get("seconds") for m in members],

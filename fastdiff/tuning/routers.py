@@ -56,7 +56,6 @@ class RouterHead(torch.nn.Module):
         return F.normalize(self.net(pooled), dim=-1) @ F.normalize(self.directions, dim=-1).T
 
 
-
 @dataclass
 class Router:
     """A trained router: its head, each code's binary gates and sub-network, and their MACs."""

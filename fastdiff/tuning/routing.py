@@ -155,6 +155,21 @@ def _check_loop(batch: int, prompt_rows: int, iterations: int | None, lr: float,
     check_int(iterations, "iterations", 1, optional=True)
 
 
+def _prompt_batch(adapter, pipe, batch_of, generator, batch, prompt_rows, uncond, uncond_share):
+    """A training batch of `batch` rows, `batch / prompt_rows` prompts each `prompt_rows` times (other
+    noises, other timesteps): noisy latents x, timesteps t, the prompts' embeddings with a share of
+    rows made unconditional (CFG's, routed with their prompt) and the prompts' pooled embeddings."""
+    latents, texts = batch_of(batch // prompt_rows)
+    if prompt_rows > 1:
+        latents, texts = latents.repeat_interleave(prompt_rows, 0), [p for p in texts for _ in range(prompt_rows)]
+    x, t = _noisy(pipe.scheduler, latents, generator)
+    with torch.no_grad():
+        embeds = adapter.pipe.encode_prompt(texts, adapter.original.device, 1, False)[0].float()
+        pooled = pooled_prompts(pipe, texts, embeds)   # read before some rows turn unconditional
+        embeds[torch.rand(batch, generator=generator) < uncond_share] = uncond
+    return x, t, embeds, pooled
+
+
 def _noisy(scheduler, latents, generator):
     """(x_t, t): `latents` noised at uniform random training timesteps."""
     t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
@@ -279,7 +294,6 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
     teacher = adapter.original
     units = prunable_units(unet, groups)
     G = gate_size(units)
-    scheduler = pipe.scheduler
     batch_of = _picture_batches(pipe, prompts, images, generator)
     sample_latents, sample_texts = batch_of(2)
     with torch.no_grad():
@@ -297,15 +311,10 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
     history, step = [], 0
     route_deadline = start + max(0.0, minutes - finetune_minutes) * 60
     while time.time() < route_deadline and (iterations is None or step < iterations):
-        latents, texts = batch_of(batch // prompt_rows)
-        latents, texts = latents.repeat_interleave(prompt_rows, 0), [p for p in texts for _ in range(prompt_rows)]
-        x, t = _noisy(scheduler, latents, generator)
+        x, t, embeds, pooled = _prompt_batch(adapter, pipe, batch_of, generator, batch, prompt_rows, uncond,
+                                             uncond_share)
         code_logits = head.code_logits()
         with torch.no_grad():
-            embeds = adapter.pipe.encode_prompt(texts, unet.device, 1, False)[0].float()
-            pooled = pooled_prompts(pipe, texts, embeds)   # read before some rows turn unconditional
-            drop = torch.rand(batch, generator=generator) < uncond_share   # CFG's unconditional rows, routed alike
-            embeds[drop] = uncond
             gates_hooks.set(None)
             store.clear()
             target_out = unet(x, t, embeds, return_dict=False)[0]   # the full model (a float copy of the teacher)
@@ -343,11 +352,9 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
         loss.backward()
         optimizer.step()
         step += 1
-        entry = {"stage": "route", "step": step, "loss": loss.item(), "distill": distill.item(),
-                 "macs_ratio": ratio.mean().item(), "used_codes": int(assign.argmax(-1).unique().numel())}
-        history.append(entry)
-        if progress and (step % 10 == 0 or step == 1):
-            progress(entry)
+        _logged(history, progress, {"stage": "route", "step": step, "loss": loss.item(), "distill": distill.item(),
+                                    "macs_ratio": ratio.mean().item(),
+                                    "used_codes": int(assign.argmax(-1).unique().numel())})
     gates_hooks.remove()
     for handle in feature_handles:
         handle.remove()
@@ -356,7 +363,7 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
                             for k in range(codes)])
     base = plain_base(adapter.original)
     macs = [float(macs_of(hard[k], units, total, per_entry, blocks)) for k in range(codes)]
-    tuning = (teacher, adapter, pipe, batch_of, scheduler, generator, batch, finetune_lr, start + minutes * 60,
+    tuning = (teacher, adapter, pipe, batch_of, generator, batch, finetune_lr, start + minutes * 60,
               history, progress, uncond, uncond_share, iterations)
     if finetune == "shared":
         from .onestep import add_lora
@@ -396,27 +403,24 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
     return Router(head.eval(), units, hard, subnets, fields, details, adapters, finetune_rank, finetune)
 
 
-def _teacher_batch(head, teacher, adapter, pipe, batch_of, scheduler, generator, batch, uncond, uncond_share):
+def _teacher_batch(head, teacher, adapter, pipe, batch_of, generator, batch, uncond, uncond_share):
     """A fine-tuning batch: noisy latents, timesteps, prompt embeddings (a share unconditional), each
     row's code and the full model's output."""
-    latents, texts = batch_of(batch)
-    x, t = _noisy(scheduler, latents, generator)
+    x, t, embeds, pooled = _prompt_batch(adapter, pipe, batch_of, generator, batch, 1, uncond, uncond_share)
     with torch.no_grad():
-        embeds = adapter.pipe.encode_prompt(texts, teacher.device, 1, False)[0].float()
-        routes = head.scores(pooled_prompts(pipe, texts, embeds)).argmax(-1)
-        embeds[torch.rand(batch, generator=generator) < uncond_share] = uncond
+        routes = head.scores(pooled).argmax(-1)
         target = teacher(x.to(teacher.dtype), t, embeds.to(teacher.dtype), return_dict=False)[0].float()
     return x, t, embeds, routes, target
 
 
-def _logged(history, progress, step, losses) -> None:
-    entry = {"stage": "finetune", "step": step, "losses": losses}
+def _logged(history, progress, entry: dict) -> None:
+    """A training step's entry kept in `history`, and shown every tenth step (and the first)."""
     history.append(entry)
-    if progress and (step % 10 == 0 or step == 1):
+    if progress and (entry["step"] % 10 == 0 or entry["step"] == 1):
         progress(entry)
 
 
-def _finetune(subnets, head, teacher, adapter, pipe, batch_of, scheduler, generator, batch, lr, deadline, history,
+def _finetune(subnets, head, teacher, adapter, pipe, batch_of, generator, batch, lr, deadline, history,
               progress, uncond, uncond_share, iterations):
     """Each sub-network trained on the prompts routed to it, the full model as teacher, in turns."""
     for module in subnets.values():
@@ -427,7 +431,7 @@ def _finetune(subnets, head, teacher, adapter, pipe, batch_of, scheduler, genera
                   for k, m in subnets.items()}
     step = 0
     while time.time() < deadline and (iterations is None or step < iterations):
-        x, t, embeds, routes, target = _teacher_batch(head, teacher, adapter, pipe, batch_of, scheduler, generator,
+        x, t, embeds, routes, target = _teacher_batch(head, teacher, adapter, pipe, batch_of, generator,
                                                       batch, uncond, uncond_share)
         losses = {}
         for k in routes.unique().tolist():
@@ -439,10 +443,10 @@ def _finetune(subnets, head, teacher, adapter, pipe, batch_of, scheduler, genera
             optimizers[k].step()
             losses[k] = loss.item()
         step += 1
-        _logged(history, progress, step, losses)
+        _logged(history, progress, {"stage": "finetune", "step": step, "losses": losses})
 
 
-def _finetune_shared(unet, units, hard, head, teacher, adapter, pipe, batch_of, scheduler, generator, batch, lr,
+def _finetune_shared(unet, units, hard, head, teacher, adapter, pipe, batch_of, generator, batch, lr,
                      deadline, history, progress, uncond, uncond_share, iterations):
     """One adapter on the full network, each row run through its code's gates (`hard` [K, G]): every
     code's sub-network is that network pruned, so a weight that several codes keep learns from all
@@ -452,7 +456,7 @@ def _finetune_shared(unet, units, hard, head, teacher, adapter, pipe, batch_of, 
     optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     step = 0
     while time.time() < deadline and (iterations is None or step < iterations):
-        x, t, embeds, routes, target = _teacher_batch(head, teacher, adapter, pipe, batch_of, scheduler, generator,
+        x, t, embeds, routes, target = _teacher_batch(head, teacher, adapter, pipe, batch_of, generator,
                                                       batch, uncond, uncond_share)
         gates.set(hard[routes])
         per_row = (unet(x, t, embeds, return_dict=False)[0] - target).pow(2).flatten(1).mean(1)
@@ -460,7 +464,8 @@ def _finetune_shared(unet, units, hard, head, teacher, adapter, pipe, batch_of, 
         per_row.mean().backward()
         optimizer.step()
         step += 1
-        _logged(history, progress, step, {k: per_row[routes == k].mean().item() for k in routes.unique().tolist()})
+        _logged(history, progress, {"stage": "finetune", "step": step,
+                                    "losses": {k: per_row[routes == k].mean().item() for k in routes.unique().tolist()}})
     gates.remove()
     unet.eval()
 
@@ -506,13 +511,9 @@ def join_routers(pipe, routers, prompts, images, minutes: float = 2.0, *, target
     shares = None if target is None else shares_for(ratios, check_number(target, "target", 0.0, 1.0, low_open=True))
     history, step, deadline = [], 0, start + minutes * 60
     while time.time() < deadline and (iterations is None or step < iterations):
-        latents, texts = batch_of(batch // prompt_rows)
-        latents, texts = latents.repeat_interleave(prompt_rows, 0), [p for p in texts for _ in range(prompt_rows)]
-        x, t = _noisy(pipe.scheduler, latents, generator)
+        x, t, embeds, pooled = _prompt_batch(adapter, pipe, batch_of, generator, batch, prompt_rows, uncond,
+                                             uncond_share)
         with torch.no_grad():
-            embeds = adapter.pipe.encode_prompt(texts, adapter.original.device, 1, False)[0].float()
-            pooled = pooled_prompts(pipe, texts, embeds)
-            embeds[torch.rand(batch, generator=generator) < uncond_share] = uncond
             outs = [m(x.to(m.dtype), t, embeds.to(m.dtype), return_dict=False)[0].float()
                     for m in [adapter.original, *subnets]]
             cost = torch.stack([(o - outs[0]).pow(2).flatten(1).mean(-1) for o in outs[1:]], dim=-1)
@@ -524,11 +525,8 @@ def join_routers(pipe, routers, prompts, images, minutes: float = 2.0, *, target
         optimizer.step()
         step += 1
         chosen = assign.argmax(-1)
-        entry = {"stage": "route", "step": step, "loss": loss.item(), "distill": cost.mean().item(),
-                 "macs_ratio": ratios[chosen].mean().item(), "used_codes": int(chosen.unique().numel())}
-        history.append(entry)
-        if progress and (step % 10 == 0 or step == 1):
-            progress(entry)
+        _logged(history, progress, {"stage": "route", "step": step, "loss": loss.item(), "distill": cost.mean().item(),
+                                    "macs_ratio": ratios[chosen].mean().item(), "used_codes": int(chosen.unique().numel())})
     aimed = float(ratios.mean()) if shares is None else float(shares @ ratios)
     fields = {**first.fields, "codes": len(subnets), "target": round(aimed, 4), "spread": 0.0}
     details = {"macs_per_code": macs, "macs_full": total, "macs_ratio_per_code": ratios.tolist(),

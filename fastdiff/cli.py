@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 # transformers warns at import about optional image processors the CLI never uses.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from .artefacts import StaleArtefactError
 from .quality import SOLVERS as QUALITY_SOLVERS
 from .sampling.guidance import CFG_MODES
 from .sampling.schedule import SOLVERS
@@ -43,16 +44,19 @@ BACKEND_CHOICES = ("torch", "auto", "onnxruntime", "tensorrt", "aoti", "inductor
 
 
 @contextlib.contextmanager
-def usage_errors(prompt_hint: str = "--prompt"):
-    """Show the library's argument errors as click usage errors on the option, without a traceback."""
+def usage_errors(**hints):
+    """Show the library's argument errors as click usage errors on the option, without a traceback;
+    `hints` name the option of an argument where this command's differs from :data:`OPTION_OF`'s."""
     try:
         yield
     except ValueError as error:
         name = str(error).split(" ", 1)[0].rstrip(":")
-        hint = prompt_hint if name == "prompt" else OPTION_OF.get(name)
+        hint = hints.get(name, OPTION_OF.get(name))
         if hint is None:
             raise click.UsageError(str(error)) from error
         raise click.BadParameter(str(error), param_hint=f"'{hint}'") from error
+    except StaleArtefactError as error:   # a file made for another model: its message says which and what to do
+        raise click.ClickException(str(error)) from error
 
 
 def check_device(device: str | None) -> torch.device:
@@ -250,7 +254,7 @@ def generate(prompts, model, steps, schedule, adapter, adapter_scale, router, gu
         guidance_rescale = GUIDANCE_RESCALE if guidance_rescale is None else guidance_rescale
     extra = {"guidance_rescale": guidance_rescale} if guidance_rescale and (guidance_scale or 0) > 1 \
         and cfg in (None, "full") else {}
-    with usage_errors(prompt_hint="PROMPT"):
+    with usage_errors(prompt="PROMPT"):
         try:
             fast = accelerate(pipe, cfg=cfg, backend=engine_backend(backend), schedule=schedule, adapter=adapter,
                               adapter_scale=adapter_scale, router=router, attention=attention)
@@ -269,7 +273,7 @@ def generate(prompts, model, steps, schedule, adapter, adapter_scale, router, gu
         # A seed per prompt: a prompt's images don't depend on the prompts before it.
         generator = torch.Generator(fast.denoiser.device).manual_seed(seed)
         start = time.perf_counter()
-        with usage_errors(prompt_hint="PROMPT"):
+        with usage_errors(prompt="PROMPT"):
             images = fast(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
                           num_images_per_prompt=num_images, height=height, width=width, output_type="pil",
                           **extra).images
@@ -523,10 +527,10 @@ def demo(model, backend, steps, cfg, guidance_scale, prompt, host, port, max_ses
 
 
 
-def read_prompts(path: Path | None, model: str, count: int, kind: str, repeats: int = 1) -> list[str]:
+def read_prompts(path: Path | None, model: str, count: int, kind: str, repeats: int = 1, **kinds) -> list[str]:
     """Prompts for a search: one per line of --prompt-file, else the shapes world's (search prompts
-    drawn from their own seeds, disjoint from the held-out evaluation prompts; the unstated ones
-    `repeats` times each, for coverage)."""
+    drawn from their own seeds, disjoint from the held-out evaluation prompts, of each of `kinds`
+    if given; the unstated ones `repeats` times each, for coverage)."""
     if path is not None:
         prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         if not prompts:
@@ -536,7 +540,7 @@ def read_prompts(path: Path | None, model: str, count: int, kind: str, repeats: 
         raise click.BadParameter("give --prompt-file for a model outside the shapes world", param_hint="'--prompt-file'")
     from .shapes.render import tuning_prompts
 
-    return tuning_prompts(kind, count, repeats)
+    return tuning_prompts(kind, count, repeats, **kinds)
 
 
 @main.command(short_help="Serve the real-time demo on Ray Serve: replicas, autoscaling, sessions pinned.")
@@ -780,15 +784,41 @@ def tune_onestep(model, rank, minutes, iterations, targets, prompt_file, count, 
               help="Route over these routers' codes instead (e.g. single pruned models made apart with --codes 1 "
                    "at different --target): only a new router is trained, for --minutes, each code serving an "
                    "equal share of the prompts, or with --target the most even shares of that mean MACs.")
+@click.option("--calibrate", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              metavar="DIR", help="No training: shift router DIR's codes so that the prompts it will serve "
+                                  "(--prompt-file) cost --target of the full model's MACs on average.")
+@click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="With --calibrate: a sample of the prompts to serve, one per line (default: the shapes "
+                   "world's tuning prompts, 256 each of one, two and three objects).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="The router folder.")
 @device_option
 @click.pass_context
 def tune_route(ctx, model, codes, target, spread, plan, groups, finetune, prompt_rows, nested, minutes, iterations,
-               batch, seed, join, out, device):
+               batch, seed, join, calibrate, prompt_file, out, device):
     """Train a router that sends each prompt to one of --codes pruned sub-networks of --model, at
     --target of its MACs on average, and write router, codes and sub-networks to --out."""
-    from .tuning.routing import join_routers, train_router
+    from .tuning.routing import calibrate_router, join_routers, train_router
 
+    given = {o for o in ctx.params if ctx.get_parameter_source(o) is not click.core.ParameterSource.DEFAULT}
+    if calibrate is not None:
+        extra = sorted(given - {"calibrate", "target", "prompt_file", "model", "out", "device"})
+        if extra:
+            raise click.UsageError(f"--calibrate trains nothing; --{extra[0].replace('_', '-')} doesn't apply")
+        if "target" not in given:
+            raise click.UsageError("--calibrate needs the --target to calibrate to")
+        if join is not None:
+            raise click.UsageError("--calibrate and --join: join first, then calibrate the joined router")
+        pipe = load_pipeline(model, check_device(device))
+        prompts = read_prompts(prompt_file, model, 768, "search", kinds=("one", "two", "three"))
+        with usage_errors(router="--calibrate", prompts="--prompt-file"):
+            router = calibrate_router(pipe, str(calibrate), prompts, target)
+        router.save(str(out))
+        landed = router.details["calibration"]["landed"]
+        click.echo(f"{len(prompts)} prompts routed at {100 * landed:.1f}% of the full model's MACs on average "
+                   f"(target {100 * target:.1f}%); written to {out}")
+        return
+    if prompt_file is not None:
+        raise click.UsageError("--prompt-file goes with --calibrate: routing trains on the renderer's pictures")
     if join is not None:
         members = [p for p in join.split(",") if p]
         given = {o for o in ("codes", "target", "spread", "plan", "groups", "finetune", "nested")

@@ -139,6 +139,40 @@ def test_tune_route_names_its_bad_options(tmp_path, args, named):
     assert not (tmp_path / "router").exists()
 
 
+def test_tune_route_calibrates_a_router_to_the_prompts_it_will_serve(tmp_path):
+    from fastdiff.shapes.model import load_pipeline
+    from fastdiff.tuning import load_router
+
+    result = run("tune", "route", "--calibrate", SHIPPED_ROUTER, "--target", 0.5, "--out", tmp_path / "calibrated")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"768 prompts routed at 50\.\d% of the full model's MACs", result.output)
+    calibrated = load_router(str(tmp_path / "calibrated"), load_pipeline())
+    assert calibrated.fields["target"] == 0.5 and abs(calibrated.details["calibration"]["landed"] - 0.5) < 0.01
+    served = tmp_path / "served.txt"
+    served.write_text("a small red circle at the top, blue background\n\n"
+                      "a large gray square in the center and a small pink triangle at the top left, white background\n")
+    bad = [(["--calibrate", SHIPPED_ROUTER, "--target", 0.5, "--minutes", 1], "--minutes"),
+           (["--calibrate", SHIPPED_ROUTER], "--target"),
+           (["--calibrate", SHIPPED_ROUTER, "--target", 0.9, "--prompt-file", served], "--target"),
+           (["--calibrate", tmp_path, "--target", 0.5], "--calibrate"),
+           (["--prompt-file", served, "--minutes", 1], "--prompt-file")]
+    for args, named in bad:
+        refused = run("tune", "route", *args, "--out", tmp_path / "refused")
+        assert refused.exit_code == 2 and named in refused.output, (args, refused.output)
+    assert not (tmp_path / "refused").exists()
+    result = run("tune", "route", "--calibrate", SHIPPED_ROUTER, "--target", 0.6, "--prompt-file", served,
+                 "--out", tmp_path / "two")
+    assert result.exit_code == 0 and "2 prompts routed at" in result.output, result.output
+
+
+@pytest.mark.parametrize("option, path", [("--schedule", artefact_path("schedule") + "/shapes-4.json"),
+                                          ("--adapter", artefact_path("onestep"))])
+def test_a_file_made_for_another_model_is_refused_with_its_reason_not_a_traceback(tmp_path, option, path):
+    result = run("generate", "a red circle", "--model", "tiny", option, path, "--out", tmp_path)
+    assert result.exit_code == 1 and "was made for something else (" in result.output, result.output
+    assert "Traceback" not in result.output and not pngs(tmp_path)
+
+
 def test_generate_runs_on_the_shipped_router(tmp_path):
     result = run("generate", "a red circle", "a green square and a blue circle", "--router", "shapes", "--steps", 2,
                  "--out", tmp_path)

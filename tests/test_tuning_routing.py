@@ -12,9 +12,9 @@ from fastdiff.architectures import tiny_sd_pipeline
 from fastdiff.artefacts import StaleArtefactError
 from fastdiff.macs import call_macs, module_macs
 from fastdiff.tuning.pruning import attach_gates, gate_size, keep_one, macs_of, prunable_units, prune, unit_macs
-from fastdiff.tuning.routers import load_router
-from fastdiff.tuning.routing import (_plan_by_need, code_targets, join_routers, shares_for, sinkhorn, sized_gates,
-                                     train_router)
+from fastdiff.tuning.routers import load_router, pooled_prompts
+from fastdiff.tuning.routing import (_plan_by_need, calibrate_router, code_targets, join_routers, shares_for, sinkhorn,
+                                     sized_gates, train_router)
 
 PROMPTS = ["a red circle", "a blue square", "a red fox and a dog", "a green tree and a house and a car"]
 
@@ -289,6 +289,15 @@ def test_graded_code_sizes_keep_the_mean_target():
     assert torch.equal(code_targets(0.55, 1, 0.4), torch.tensor([0.55]))
 
 
+def test_a_router_with_a_damaged_manifest_is_refused(pipe, trained, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(trained[1], tmp_path / "damaged")
+    (copy / "manifest.json").write_text("[1, 2")
+    with pytest.raises(StaleArtefactError, match="manifest.json is damaged"):
+        load_router(str(copy), pipe)
+
+
 def test_a_router_for_another_model_is_refused(trained):
     _, folder = trained
     with pytest.raises(StaleArtefactError, match="base"):
@@ -419,3 +428,44 @@ def test_routers_trained_apart_join_under_one_head_trained_by_need(pipe, tmp_pat
         join_routers(pipe, [small, large], PROMPTS, images, lr=float("nan"))
     with pytest.raises(StaleArtefactError, match="routers: .*base"):   # made for another model
         join_routers(tiny_sd_pipeline(seed=1), [small, large], PROMPTS, images)
+
+
+def test_a_calibrated_router_serves_its_prompts_at_the_target_keeping_their_order(pipe, trained, tmp_path):
+    router, folder = trained
+    served = [f"a {c} {s} and a {d} {t}" for c in ("red", "blue", "green", "pink") for s in ("circle", "fox", "tree")
+              for d in ("gray", "gold") for t in ("house", "car")]   # 48 prompts
+    ratios = torch.tensor(router.details["macs_ratio_per_code"])
+    low, high = ratios.tolist()
+    with torch.no_grad():   # the means any shift can reach: the prompts most drawn to the bigger code on it
+        scores = router.head.scores(pooled_prompts(pipe, served))
+    pull = scores[:, int(high > low)] - scores[:, int(high <= low)]
+    reachable = [min(low, high)] + [float(min(low, high) + (pull >= p).float().mean() * abs(high - low))
+                                    for p in pull.unique()]
+    on_big, previous = [], None
+    for share in (0.1, 0.5, 0.9):
+        target = min(low, high) + share * abs(high - low)
+        calibrated = calibrate_router(pipe, folder, served, target)
+        codes = calibrated.route(pipe, served)
+        landed = float(torch.tensor(calibrated.details["macs_ratio_per_code"])[codes].mean())
+        assert abs(landed - target) <= min(abs(r - target) for r in reachable) + 1e-6
+        assert calibrated.details["calibration"]["landed"] == pytest.approx(landed, abs=1e-4)
+        assert calibrated.fields["target"] == pytest.approx(target, abs=1e-4)
+        big = set(torch.nonzero(codes == int(high > low)).flatten().tolist())
+        assert previous is None or previous <= big   # a higher target only moves prompts to the bigger code
+        previous = big
+        on_big.append(len(big))
+    assert on_big[0] < on_big[1] < on_big[2]
+    loaded = load_router(calibrated.save(str(tmp_path / "calibrated")), pipe)
+    assert torch.equal(loaded.route(pipe, served), codes)
+    assert loaded.details["calibration"]["count"] == len(served)
+    assert_same_subnets(pipe, loaded, router)
+    assert torch.equal(load_router(folder, pipe).route(pipe, PROMPTS), router.route(pipe, PROMPTS))   # left as it was
+    for arguments, named in [((served, high + 0.01), "target"), ((served, float("nan")), "target"),
+                             (([], 0.5), "prompts"), (("a red circle", 0.5), "prompts")]:
+        with pytest.raises(ValueError, match=named):
+            calibrate_router(pipe, folder, *arguments)
+    single = train_router(pipe, PROMPTS, torch.zeros(4, 3, 64, 64), codes=1, target=0.5, minutes=2, iterations=1, batch=8)
+    with pytest.raises(ValueError, match="router"):
+        calibrate_router(pipe, single, served, 0.5)
+    with pytest.raises(StaleArtefactError, match="base"):
+        calibrate_router(tiny_sd_pipeline(seed=1), folder, served, 0.5)

@@ -576,19 +576,21 @@ def heldout_prompts(kind: str = "one", count: int = 256, seed: int | None = None
 TUNING_SEEDS = {"one": 7_001, "two": 7_002, "three": 7_003, "unstated": 7_004}
 
 
-def tuning_prompts(role: str = "search", count: int = 48, repeats: int = 1) -> list[str]:
+def tuning_prompts(role: str = "search", count: int = 48, repeats: int = 1, kinds=HELDOUT_KINDS) -> list[str]:
     """Prompts for the offline tuning tools: ``role="search"`` draws `count` from the tuning seeds
-    (none of them in the held-out sets), ``"eval"`` takes them from the held-out sets; a quarter
-    of each kind (one, two, three objects, unstated attributes). Each unstated prompt comes
-    `repeats` times in a row (each row gets noise of its own), so that a judge can measure the
-    coverage of what those prompts leave free (it needs ≥ 2 pictures of a prompt)."""
+    (none of them in the held-out sets), ``"eval"`` takes them from the held-out sets; an equal
+    share of each of `kinds` (by default one, two, three objects, unstated attributes). Each
+    unstated prompt comes `repeats` times in a row (each row gets noise of its own), so that a judge
+    can measure the coverage of what those prompts leave free (it needs ≥ 2 pictures of a prompt)."""
     check_int(count, "count", 1)
     check_int(repeats, "repeats", 1)
     if role not in ("search", "eval"):
         raise ValueError(f"role must be 'search' or 'eval', got {role!r}")
-    shares = [count // 4 + (i < count % 4) for i in range(4)]
+    if isinstance(kinds, str) or not kinds or any(kind not in HELDOUT_KINDS for kind in kinds):
+        raise ValueError(f"kinds must be some of {HELDOUT_KINDS}, got {kinds!r}")
+    shares = [count // len(kinds) + (i < count % len(kinds)) for i in range(len(kinds))]
     prompts = []
-    for kind, share in zip(HELDOUT_KINDS, shares):
+    for kind, share in zip(kinds, shares):
         if not share:
             continue
         if role == "eval":

@@ -7,17 +7,18 @@
   ``accelerate(pipe, adapter=...)``, ``Stream(pipe, adapter=...)``, ``stream.set_adapter(...)``.
 - :func:`train_router` — prompt-routed pruning (APTP) → a router folder with its pruned
   sub-networks; ``accelerate(pipe, router=...)``, ``Stream(pipe, router=...)``; :func:`join_routers`
-  routes over the codes of routers (or single pruned models) made apart.
+  routes over the codes of routers (or single pruned models) made apart; :func:`calibrate_router` sets
+  the MACs a router spends on the prompts it will serve.
 """
 
 from .adapters import KNOWN_FAMILIES, Adapter, load_adapter
 from .fitness import DEFAULT_WEIGHTS, Trajectories, shapes_judge
 from .onestep import train_onestep
 from .routers import Router, load_router
-from .routing import join_routers, train_router
+from .routing import calibrate_router, join_routers, train_router
 from .schedules import Schedule, load_schedule
 from .steps import METHODS, search_steps
 
 __all__ = ["Adapter", "DEFAULT_WEIGHTS", "KNOWN_FAMILIES", "METHODS", "Router", "Schedule", "Trajectories",
-           "join_routers", "load_adapter", "load_router", "load_schedule", "search_steps", "shapes_judge",
+           "calibrate_router", "join_routers", "load_adapter", "load_router", "load_schedule", "search_steps", "shapes_judge",
            "train_onestep", "train_router"]

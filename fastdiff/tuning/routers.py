@@ -46,14 +46,15 @@ class RouterHead(torch.nn.Module):
             self.levels = torch.nn.Parameter(torch.zeros(codes))
         else:
             self.logits = torch.nn.Parameter(torch.full((codes, gates), 1.0))
+        self.register_buffer("offsets", torch.zeros(codes))   # each code's score shift (see calibrate_router)
 
     def code_logits(self) -> torch.Tensor:
         """Every code's gate logits [K, G]."""
         return self.shared + self.levels[:, None] if self.nested else self.logits
 
     def scores(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity of each prompt's architecture vector to each code [B, K]."""
-        return F.normalize(self.net(pooled), dim=-1) @ F.normalize(self.directions, dim=-1).T
+        """Cosine similarity of each prompt's architecture vector to each code, plus the code's offset [B, K]."""
+        return F.normalize(self.net(pooled), dim=-1) @ F.normalize(self.directions, dim=-1).T + self.offsets
 
 
 @dataclass
@@ -152,7 +153,9 @@ def load_router(router, pipe) -> Router:
     gates = torch.tensor(manifest["gates"], dtype=torch.float32)
     head = RouterHead(manifest["head"]["text_dim"], gate_size(units), len(gates), manifest["head"]["hidden"],
                       manifest["head"].get("nested", False))
-    head.load_state_dict(load_file(os.path.join(router, "router.safetensors")))
+    state = load_file(os.path.join(router, "router.safetensors"))
+    state.setdefault("offsets", torch.zeros(len(gates)))   # saved before routers were calibrated
+    head.load_state_dict(state)
     rank = int(manifest.get("finetune_rank", 0))
     finetune = manifest.get("finetune", "per-code")
     loaded = Router(head.eval(), units, gates, {}, manifest["fields"], manifest.get("details", {}), rank=rank,

@@ -42,12 +42,14 @@ renderer), at random timesteps. The trained :class:`.routers.Router` is the arte
 weights, the codes' gates and the sub-networks' fine-tuning, with a manifest.
 
 :func:`join_routers` makes one router over the codes of routers trained apart (e.g. single pruned
-models at different sizes): only its head is trained, by need.
+models at different sizes): only its head is trained, by need. :func:`calibrate_router` shifts a
+trained router's codes so that the prompts it will serve cost a chosen share of the MACs.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import time
@@ -62,7 +64,7 @@ from .pruning import GROUPS, Unit, attach_gates, gate_size, keep_one, macs_of, p
 from .routers import Router, RouterHead, load_router, merge_lora, placed_like, plain_base, pooled_prompts
 from .schedules import model_hash, prompts_hash
 
-__all__ = ["train_router", "join_routers", "sinkhorn", "shares_for", "gumbel_sigmoid", "code_targets", "sized_gates"]
+__all__ = ["train_router", "join_routers", "calibrate_router", "sinkhorn", "shares_for", "gumbel_sigmoid", "code_targets", "sized_gates"]
 
 FINETUNES = ("per-code", "shared")
 
@@ -537,3 +539,48 @@ def join_routers(pipe, routers, prompts, images, minutes: float = 2.0, *, target
     if first.rank:
         adapters = {i: a for i, a in enumerate(a for m in members for _, a in sorted(m.adapters.items()))}
     return Router(head.eval(), first.units, gates, dict(enumerate(subnets)), fields, details, adapters, first.rank)
+
+
+@torch.no_grad()
+def calibrate_router(pipe, router, prompts, target: float) -> Router:
+    """`router` (a folder or a router of `pipe`) with each code's score shifted so that `prompts` — a
+    sample of what it will serve — are routed at `target` of the full model's MACs on average, as
+    near as their count allows. A router balanced on its training prompts serves another mix at
+    other MACs (the shapes world's training stream is mostly one object, its held-out mix one, two
+    and three in equal shares). The shift is λ times each code's share of the MACs: raising λ moves
+    prompts only towards bigger codes, so the mean is monotone in λ and a bisection finds it, and
+    the prompts that need most stay on the biggest codes. The result's manifest records the target,
+    where the prompts landed and their hash."""
+    loaded = load_router(router, pipe)
+    if isinstance(prompts, str) or not len(prompts) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts: a non-empty list of strings, a sample of what the router will serve")
+    prompts = list(prompts)
+    if loaded.codes < 2:
+        raise ValueError("router: it has one code, which every prompt takes; there is nothing to calibrate")
+    ratios = torch.tensor(loaded.details["macs_per_code"], dtype=torch.float64) / loaded.details["macs_full"]
+    check_number(target, "target", float(ratios.min()), float(ratios.max()))
+    head = copy.deepcopy(loaded.head)
+    head.offsets.zero_()
+    scores = torch.cat([head.scores(pooled_prompts(pipe, prompts[i:i + 256]))
+                        for i in range(0, len(prompts), 256)]).double()
+
+    def landed(shift: float) -> float:
+        return float(ratios[(scores + shift * ratios).argmax(-1)].mean())
+
+    gaps = (ratios[:, None] - ratios[None]).abs()
+    reach = 2.0 / float(gaps[gaps > 0].min()) + 1.0   # cosines differ by ≤ 2: beyond it one code takes all
+    low, high = -reach, reach
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if landed(middle) < target else (low, middle)
+    edge, end = (low, -reach) if abs(landed(low) - target) <= abs(landed(high) - target) else (high, reach)
+    level, inner = landed(edge), edge
+    for _ in range(60):   # the far end of edge's step: the shift goes in its middle, clear of both ends' ties
+        middle = (inner + end) / 2
+        inner, end = (middle, end) if landed(middle) == level else (inner, middle)
+    shift = (edge + inner) / 2
+    head.offsets.copy_((shift * ratios).float())
+    calibration = {"target": round(float(target), 4), "landed": round(landed(shift), 4), "prompts": prompts_hash(prompts),
+                   "count": len(prompts)}
+    return dataclasses.replace(loaded, head=head.eval(), fields={**loaded.fields, "target": round(float(target), 4)},
+                               details={**loaded.details, "calibration": calibration})

@@ -185,14 +185,20 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
             raise ValueError(f"guidance_rescale: {type(self.pipe).__name__} has no guidance_rescale")
         denoiser, codec = self.denoiser, self.parts.current_codec()
 
-        guidance_scale = float(self._default("guidance_scale", guidance_scale))
-        guidance_rescale = float(self._default("guidance_rescale", guidance_rescale) or 0.0)
+        guidance_scale = check_number(self._default("guidance_scale", guidance_scale), "guidance_scale")
+        guidance_rescale = check_number(self._default("guidance_rescale", guidance_rescale) or 0.0, "guidance_rescale")
         cfg = self.cfg or ("full" if guidance_scale > 1 else "none")
         guider = make_guider(cfg, guidance_scale, self.delta, guidance_rescale if cfg == "full" else 0.0)
         if guidance_rescale and cfg != "full":
             raise ValueError(f"guidance_rescale applies to full guidance (guidance_scale > 1, cfg='full'), "
                              f"not cfg={cfg!r}")
-        num_inference_steps = self._default("num_inference_steps", num_inference_steps)
+        num_inference_steps = check_int(self._default("num_inference_steps", num_inference_steps), "num_inference_steps", 1)
+        if strength is not None and self.task != "img2img":
+            raise ValueError(f"strength applies to img2img; the txt2img {type(self.pipe).__name__} starts from noise")
+        strength = check_number(self._default("strength", strength), "strength", 0.0, 1.0, low_open=True) \
+            if self.task == "img2img" else 1.0
+        if latents is not None and not isinstance(latents, torch.Tensor):
+            raise ValueError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
         scheduler = self.scheduler
 
         pixels = None
@@ -208,6 +214,7 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         cond, uncond = self.parts.encode(prompt, negative_prompt, height, width, per_prompt=num_images_per_prompt,
                                          route=self._route())
         batch = len(cond)
+        _check_generator(generator, batch)
         if pixels is not None:
             if pixels.shape[0] not in (1, batch):
                 raise ValueError(f"image has {pixels.shape[0]} images for a batch of {batch} prompts×images")
@@ -215,7 +222,7 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
 
         solver = self.solver
         searched = self.schedules.get(num_inference_steps)
-        whole = self.task == "txt2img" or float(self._default("strength", strength)) == 1.0
+        whole = strength == 1.0
         if timesteps is None and searched is not None and whole:
             timesteps, solver = searched.timesteps, self.solver or searched.solver
         sampling = self.adapter.sampling if self.adapter is not None else None
@@ -225,9 +232,6 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         if timesteps is not None:
             steps = None
         elif self.task == "img2img":
-            strength = float(self._default("strength", strength))
-            if not 0 < strength <= 1:
-                raise ValueError(f"strength must be in (0, 1], got {strength}")
             # The pipeline's own rounding of strength to a first step (SD and SD3 round differently).
             scheduler.set_timesteps(num_inference_steps)
             if scheduler is self.pipe.scheduler:
@@ -246,7 +250,8 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
             if solver is None:
                 self._warn_step(scheduler)
         # eta reaches the schedulers whose step takes it (DDIM, TCD), as in the pipeline; others ignore it
-        eta = float(self._default("eta", eta) or 0.0) if "eta" in inspect.signature(scheduler.step).parameters else 0.0
+        eta = check_number(self._default("eta", eta) or 0.0, "eta", 0.0)
+        eta = eta if "eta" in inspect.signature(scheduler.step).parameters else 0.0
         schedule = step_schedule(scheduler, steps, timesteps, num_inference_steps, solver, eta)
 
         from diffusers.utils.torch_utils import randn_tensor
@@ -297,3 +302,13 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         if not return_dict:
             return tuple(fields.values())
         return self.output_class(**fields)
+
+
+def _check_generator(generator, batch: int) -> None:
+    """None, a torch.Generator, or one per image of the call, as the diffusers pipelines take them."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if not isinstance(generator, (list, tuple)) or not all(isinstance(g, torch.Generator) for g in generator):
+        raise ValueError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
+    if len(generator) != batch:
+        raise ValueError(f"generator: {len(generator)} generators for a batch of {batch} images")

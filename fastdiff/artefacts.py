@@ -123,8 +123,17 @@ def lock(path: str):
 
 
 def read_manifest(folder: str) -> dict | None:
+    """The manifest in `folder`, None if it has none; :class:`StaleArtefactError` if it is unreadable."""
     path = os.path.join(folder, MANIFEST)
-    return read_json(path) if os.path.isfile(path) else None
+    if not os.path.isfile(path):
+        return None
+    try:
+        manifest = read_json(path)
+    except (OSError, ValueError) as error:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise StaleArtefactError(f"{path} is damaged: {error}") from None
+    if not isinstance(manifest, dict):
+        raise StaleArtefactError(f"{path} is damaged: not a JSON object")
+    return manifest
 
 
 def check_manifest(folder: str, fields: dict, kind: str, fmt: int, remedy: str, *, digest: bool = True) -> dict:
@@ -134,12 +143,16 @@ def check_manifest(folder: str, fields: dict, kind: str, fmt: int, remedy: str, 
     manifest = read_manifest(folder)
     if manifest is None:
         raise StaleArtefactError(f"{folder} holds no {MANIFEST}: not a complete {kind}")
-    found = manifest.get("fields", {})
+    found = manifest.get("fields") if isinstance(manifest.get("fields"), dict) else {}
     if manifest.get("format") != fmt:
         raise StaleArtefactError(f"the {kind} in {folder} has format {manifest.get('format')!r}; this fastdiff "
                                  f"reads {fmt}; {remedy}")
     check_fields(f"the {kind} in {folder}", fields, found, remedy)
-    for name, expected in manifest["files"].items():
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(e, dict) and {"bytes", "sha256"} <= e.keys()
+                                              for e in files.values()):
+        raise StaleArtefactError(f"the {kind} in {folder} is damaged: its manifest lists no files; {remedy}")
+    for name, expected in files.items():
         path = os.path.join(folder, name)
         if not os.path.isfile(path) or os.path.getsize(path) != expected["bytes"]:
             raise StaleArtefactError(f"the {kind} in {folder} is damaged: {name} is missing or not "

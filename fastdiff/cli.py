@@ -41,6 +41,7 @@ OPTION_OF = {
 # One vocabulary for what runs the model, in every command: "torch" is the pipeline's own modules,
 # the rest are fastdiff's engine backends.
 BACKEND_CHOICES = ("torch", "auto", "onnxruntime", "tensorrt", "aoti", "inductor")
+SEED = click.IntRange(0, 2**63 - 1)   # what a torch.Generator takes
 
 
 @contextlib.contextmanager
@@ -222,7 +223,7 @@ def main():
               help="diffusers' guidance_rescale for full CFG (default: the shapes model's own, else 0).")
 @click.option("--cfg", type=click.Choice(CFG_MODES), default=None,
               help="Guidance mode (default: 'full' when guidance scale > 1, else 'none').")
-@click.option("--seed", type=int, default=0, show_default=True, help="Each prompt is generated from this seed.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Each prompt is generated from this seed.")
 @click.option("--num-images", type=click.IntRange(min=1), default=1, show_default=True, help="Images per prompt.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out/generate"),
               show_default=True, help="Folder the PNGs are written to.")
@@ -304,8 +305,18 @@ def read_frames(input_dir, clip, frames, seed):
     if not paths:
         raise click.BadParameter(f"no PNG or JPEG files in {input_dir}", param_hint="'--input'")
     paths = paths[:frames] if frames else paths
-    # Read lazily: a long clip never has to fit in memory.
-    return len(paths), (Image.open(p).convert("RGB") for p in paths)
+    return len(paths), _opened(paths)
+
+
+def _opened(paths):
+    """Each file as an RGB image, read lazily (a long clip never has to fit in memory); a file that is
+    not a readable image stops the stream with a usage error naming it."""
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                yield image.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as error:   # PIL's errors for unknown, damaged and truncated files
+            raise click.BadParameter(f"{path.name} is not a readable image ({error})", param_hint="'--input'") from None
 
 
 def write_results(results, out) -> tuple[int, int]:
@@ -348,7 +359,7 @@ def ready_results(runner):
                    "the padding's outputs are discarded.")
 @click.option("--similarity-filter", type=float, default=None, metavar="THRESH",
               help="Skip frames more similar than THRESH (e.g. 0.98) to the last processed one, reusing its output.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (and the clip's).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Noise seed (and the clip's).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out/stream"),
               show_default=True, help="Folder the output frames are written to.")
 @click.option("--adapter", default=None, metavar="PATH", help="A LoRA adapter loaded into the denoiser.")
@@ -395,16 +406,23 @@ def stream(input_dir, clip, frames, prompt, negative_prompt, model, steps, cfg, 
     # The runner pairs outputs with inputs (the stream lags n−1 calls), pads a last partial group
     # of --frame-buffer frames and discards the padding's outputs, and flushes at close.
     runner = StreamRunner(s, max_queue=2 * frame_buffer, when_full="block")
+    unreadable = None
     with tqdm(total=total, desc="stream", unit="frame") as bar:
         with runner:
-            for frame in fitted:
-                runner.put(frame)
-                counts = write_results(ready_results(runner), out)
-                written, skipped = written + counts[0], skipped + counts[1]
-                bar.update(counts[0])
+            try:
+                for frame in fitted:
+                    runner.put(frame)
+                    counts = write_results(ready_results(runner), out)
+                    written, skipped = written + counts[0], skipped + counts[1]
+                    bar.update(counts[0])
+            except click.BadParameter as error:   # the frames before it still come out
+                unreadable = error
         counts = write_results(runner, out)
         written, skipped = written + counts[0], skipped + counts[1]
         bar.update(counts[0])
+    if unreadable is not None:
+        raise click.BadParameter(f"{unreadable.message}; the {written} frame(s) before it are in {out}",
+                                 param_hint="'--input'")
 
     stats = runner.stats()
     padded = -total % frame_buffer
@@ -621,7 +639,7 @@ def tune():
               help="Stream mode: the first timestep, as an index into the 50-step schedule (img2img's strength; "
                    "default: the first of the model's default stream steps).")
 @click.option("--frames", type=click.IntRange(min=1), default=16, show_default=True, help="Stream mode: clip frames.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--resume", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Evolution: a state file, written each generation; a rerun continues from it.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The schedule (.json).")
@@ -710,7 +728,7 @@ def tune_steps(model, steps, method, mode, budget_minutes, prompt_file, count, e
 @click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Teacher cache and checkpoints; a rerun with the same settings resumes.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="The adapter folder.")
 @device_option
 def tune_onestep(model, rank, minutes, iterations, targets, prompt_file, count, teachers, teacher_steps,
@@ -779,7 +797,7 @@ def tune_onestep(model, rank, minutes, iterations, targets, prompt_file, count, 
               help="Whole budget: routing, then a third of it fine-tuning the sub-networks.")
 @click.option("--iterations", type=click.IntRange(min=1), default=None, help="Steps of each phase (default: the budget).")
 @click.option("--batch", type=click.IntRange(min=2), default=32, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--join", default=None, metavar="DIR,DIR,...",
               help="Route over these routers' codes instead (e.g. single pruned models made apart with --codes 1 "
                    "at different --target): only a new router is trained, for --minutes, each code serving an "
@@ -898,7 +916,7 @@ def bench():
               help="Searched step schedules (fastdiff tune steps): rows of their step counts run them.")
 @click.option("--adapter", default=None, metavar="PATH", help="A LoRA adapter every row but the teacher runs with.")
 @click.option("--router", default=None, metavar="shapes|PATH", help="A prompt router every row but the teacher runs with.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--draws", type=click.IntRange(min=1), default=1, show_default=True,
               help="Initial noises each row is the mean over (seeds --seed, --seed + 1, ...); the distance's "
                    "spread over them is shown beside it.")

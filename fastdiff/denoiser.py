@@ -125,7 +125,7 @@ def check_size(denoiser: "Denoiser", codec, height, width) -> tuple[int, int]:
     config = denoiser.original.config
     multiple = codec.scale_factor * (config.get("patch_size", 1) or 1)
     default = config.sample_size * codec.scale_factor
-    height, width = height or default, width or default
+    height, width = default if height is None else height, default if width is None else width
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
             raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value!r}")

@@ -43,6 +43,20 @@ def check_finite(values, name: str) -> None:
         raise ValueError(f"{name} holds NaN or infinite values; a frame or image must be finite")
 
 
+def check_unit_range(values, name: str) -> None:
+    """ValueError naming `name` unless a float frame's values are finite and in [0, 1] (a hair of
+    slack for a resampler's overshoot): one min-max reduction, which NaN and ±Inf fail as well."""
+    if isinstance(values, np.ndarray):
+        low, high = float(values.min()), float(values.max())
+    else:
+        low, high = torch.stack(torch.aminmax(values)).tolist()
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"{name} holds NaN or infinite values; a frame or image must be finite")
+    if low < -0.01 or high > 1.01:
+        raise ValueError(f"{name} holds values from {low:g} to {high:g}; float frames are in [0, 1] "
+                         "(0–255 values: pass them as uint8, or divide by 255)")
+
+
 class FiniteWatch:
     """Reports, once per component, outputs that turned non-finite inside the model (fp16 overflow,
     say), naming the component: nothing is streamed as garbage without a word."""
@@ -84,8 +98,8 @@ def signed(images: torch.Tensor) -> torch.Tensor:
 
 def to_model_tensor(image, height: int, width: int, device, dtype, name: str = "image") -> torch.Tensor:
     """One frame as a [1, 3, H, W] tensor in [0, 1] (possibly the caller's own tensor: read it, never
-    write it); its size must be exactly height×width, and its
-    values finite (checked on the host before the transfer, where it comes from the host)."""
+    write it); its size must be exactly height×width, and a float frame's values finite and in
+    [0, 1] (checked on the host before the transfer, where it comes from the host)."""
     if isinstance(image, Image.Image):
         if image.mode != "RGB":
             raise ValueError(f"{name} must be an RGB image, got mode {image.mode!r}")
@@ -93,10 +107,11 @@ def to_model_tensor(image, height: int, width: int, device, dtype, name: str = "
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"{name} must be an [H, W, 3] array, got shape {image.shape}")
-        check_finite(image, name)
+        if image.dtype.kind == "f":
+            check_unit_range(image, name)
         image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-    elif isinstance(image, torch.Tensor):
-        check_finite(image, name)
+    elif isinstance(image, torch.Tensor) and image.is_floating_point():
+        check_unit_range(image, name)
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"{name} must be one of: {'; '.join(ACCEPTED)}; got {type(image).__name__}")
     batched = image.dim() == 4 and image.shape[0] == 1   # kept 4-D: no view ops on the way (a frame's hot path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .checks import check_choice, check_int, check_number
@@ -78,13 +80,12 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         check_choice(noise, "noise", NOISE_MODES)
         self.guider = make_guider(cfg, guidance_scale, delta, guidance_rescale)
         self.solver = solver
-        self.searched = None   # the searched schedule the steps came from, if any
         self.noise = noise
         self.output_type = check_output_type(output_type)
         check_number(similarity_filter, "similarity_filter", 0.0, 1.0, low_open=True, high_open=True, optional=True)
         self.pipe = pipe
         self.parts = Prepared(pipe, backend, engine_options)
-        self.generator = torch.Generator(self.denoiser.device).manual_seed(seed)
+        self.generator = torch.Generator(self.denoiser.device).manual_seed(check_int(seed, "seed", 0, 2**63 - 1))
         self.filter = (SimilarityFilter(float(similarity_filter), max_skip_frames, seed)
                        if similarity_filter is not None else None)
         self._pending = None   # an engine rebuild running in the background (set_adapter(wait=False))
@@ -182,33 +183,44 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         — as (tag, output) pairs with `with_tags`, as :meth:`flush_tagged` gives them.
         """
         self._require_prepared()
+        # Everything is checked, and the prompts encoded, before anything changes: a bad argument
+        # leaves the stream as it was, its frames in flight still in it.
+        guider = self.guider
         if any(v is not None for v in (guidance_scale, delta, guidance_rescale)):
-            g = self.guider
-            self.guider = make_guider(g.mode, g.scale if guidance_scale is None else guidance_scale,
-                                      g.delta if delta is None else delta,
-                                      g.rescale if guidance_rescale is None else guidance_rescale)
-            self.latents.set_guider(self.guider)
-            self._drop_whole()
+            guider = make_guider(guider.mode, guider.scale if guidance_scale is None else guidance_scale,
+                                 guider.delta if delta is None else delta,
+                                 guider.rescale if guidance_rescale is None else guidance_rescale)
         structural = any(v is not None for v in (steps, timesteps, num_inference_steps, height, width))
-        drained, resized = [], False
+        size = (self.height, self.width)
         if structural:
             if steps is None and timesteps is None:
                 steps, timesteps = self.steps, self.timesteps
-            steps, timesteps, self.solver = self._searched(steps, timesteps, self.solver)
-            num_inference_steps = num_inference_steps or self.num_inference_steps
-            schedule = step_schedule(self.scheduler, steps, timesteps, num_inference_steps, self.solver)
-            size = self.parts.size(height or self.height, width or self.width)
+            steps, timesteps, solver = self._searched(steps, timesteps, self.solver)
+            if num_inference_steps is None:
+                num_inference_steps = self.num_inference_steps
+            schedule = step_schedule(self.scheduler, steps, timesteps, num_inference_steps, solver)
+            size = self.parts.size(self.height if height is None else height, self.width if width is None else width)
+        resized = size != (self.height, self.width)
+        prompt = self.prompt if prompt is None else prompt
+        negative_prompt = self.negative_prompt if negative_prompt is None else negative_prompt
+        encoded = None
+        if (prompt, negative_prompt) != (self.prompt, self.negative_prompt) or resized:   # SDXL's conditioning holds the size
+            encoded = self.parts.encode(prompt, negative_prompt, *size, frames=self.frame_buffer, route=self._route())
+        if guider is not self.guider:
+            self.guider = guider
+            self.latents.set_guider(guider)
+            self._drop_whole()
+        drained = []
+        if structural:
             drained = self.flush_tagged() if with_tags else self.flush()
-            self.schedule, self.steps, self.timesteps = schedule, steps, timesteps
+            self.schedule, self.steps, self.timesteps, self.solver = schedule, steps, timesteps, solver
             self.num_inference_steps = num_inference_steps
-            resized, (self.height, self.width) = size != (self.height, self.width), size
-        # A new size re-encodes too: SDXL's conditioning carries the image size.
-        if prompt is not None or negative_prompt is not None or resized:
-            self._encode(self.prompt if prompt is None else prompt,
-                         self.negative_prompt if negative_prompt is None else negative_prompt)
+            self.height, self.width = size
+        if encoded is not None:
+            self._cond, self.prompt, self.negative_prompt = encoded, prompt, negative_prompt
         if structural:
             self._start()
-        elif prompt is not None or negative_prompt is not None:
+        elif encoded is not None:
             self.latents.set_conditioning(*self._cond)
         return drained
 
@@ -253,7 +265,10 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         """(steps, timesteps, solver): a searched schedule given as `steps` becomes its timesteps."""
         if steps is None or isinstance(steps, (list, tuple)):
             return steps, timesteps, solver
-        from .tuning.schedules import load_schedule
+        from .tuning.schedules import Schedule, load_schedule
+
+        if not isinstance(steps, (str, os.PathLike, Schedule)):
+            raise ValueError(f"steps must be a list of step indices, a schedule or its file, got {steps!r}")
 
         if timesteps is not None:
             raise ValueError("timesteps: give a schedule (as steps) or timesteps, not both")
@@ -261,7 +276,9 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         if self.mode == "img2img" and schedule.mode != "stream":
             raise ValueError(f"steps: this schedule is a {schedule.mode} one, searched from pure noise; an img2img "
                              "stream needs a stream schedule (fastdiff tune steps --mode stream)")
-        self.searched = schedule
+        if self.mode == "txt2img" and schedule.mode == "stream":
+            raise ValueError("steps: this schedule was searched for an img2img stream's step, which starts from the "
+                             "input frame; a txt2img stream starts from pure noise and needs a sample schedule")
         return None, schedule.timesteps, solver or schedule.solver
 
     def set_vae(self, vae):

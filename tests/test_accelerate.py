@@ -136,6 +136,24 @@ def test_unsupported_pipeline_and_arguments(txt2img):
         fast("a red circle", num_images_per_prompt=0)
 
 
+def test_bad_call_arguments_are_named_before_anything_runs(txt2img):
+    fast = fastdiff.accelerate(txt2img)
+    bad = [(dict(num_inference_steps="4"), "num_inference_steps"), (dict(num_inference_steps=2.0), "num_inference_steps"),
+           (dict(num_inference_steps=True), "num_inference_steps"), (dict(num_inference_steps=0), "num_inference_steps"),
+           (dict(guidance_scale="7"), "guidance_scale"), (dict(guidance_scale=True), "guidance_scale"),
+           (dict(guidance_rescale="x"), "guidance_rescale"), (dict(eta="x"), "eta"), (dict(eta=True), "eta"),
+           (dict(strength=0.5), "strength applies to img2img"), (dict(height=0), "height"), (dict(width=0), "width"),
+           (dict(latents=np.zeros((1, 4, 8, 8))), "latents must be a torch.Tensor"),
+           (dict(generator=5), "generator must be"), (dict(generator=[torch.Generator()] * 3), "generator: 3")]
+    for kwargs, named in bad:
+        with pytest.raises(ValueError, match=named):
+            fast("a red circle", **{"num_inference_steps": 2, **kwargs})
+    args = dict(prompt=["a red circle", "a blue fox"], num_inference_steps=2)   # one generator per image, as diffusers
+    expected = txt2img(**args, generator=[torch.Generator().manual_seed(s) for s in (1, 2)], output_type="np").images
+    got = fast(**args, generator=[torch.Generator().manual_seed(s) for s in (1, 2)], output_type="np").images
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
 def test_custom_pipeline_files_load_from_a_saved_pipeline(tmp_path, txt2img):
     txt2img.save_pretrained(tmp_path)
     for name, kwargs in (("fastdiff_txt2img", {}),

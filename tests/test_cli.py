@@ -103,6 +103,13 @@ def test_stream_reads_a_folder_and_resizes(tmp_path):
     assert result.exit_code == 0, result.output
     assert len(pngs(out)) == 3 and Image.open(pngs(out)[0]).size == (64, 64)
     assert "frames in: 3, frames out: 3" in result.output
+    (frames / "3.png").write_bytes((frames / "0.png").read_bytes()[:40])   # a damaged frame after three good ones
+    (frames / "4.png").write_bytes((frames / "0.png").read_bytes())
+    damaged = tmp_path / "damaged"
+    result = run("stream", "--input", frames, "--out", damaged)
+    assert result.exit_code == 2 and "3.png is not a readable image" in result.output, result.output
+    assert "the 3 frame(s) before it are in" in result.output and "Traceback" not in result.output
+    assert [p.name for p in pngs(damaged)] == [f"frame_{i:05d}.png" for i in range(3)]   # none before it lost
 
 
 @pytest.mark.parametrize("args,option", [

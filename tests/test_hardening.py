@@ -38,6 +38,16 @@ def test_a_frame_holding_nan_or_inf_is_refused(pipe, bad):
     assert stream(torch.full((3, 64, 64), 0.5)) is None   # the stream lives on: the good frame enters
 
 
+def test_a_float_frame_outside_zero_one_is_refused(pipe):
+    stream = fastdiff.Stream(pipe, [20, 40], output_type="latent")
+    stream.prepare("a red circle")
+    for frame in (np.full((64, 64, 3), 200.0, dtype=np.float32), torch.full((3, 64, 64), -0.5)):
+        with pytest.raises(ValueError, match="float frames are in \\[0, 1\\]"):
+            stream(frame)
+    assert stream(np.full((64, 64, 3), 200, dtype=np.uint8)) is None   # 0–255 as uint8 is a frame
+    assert stream(torch.full((3, 64, 64), 1.005)) is not None   # a resampler's overshoot passes
+
+
 def test_accelerate_refuses_non_finite_latents_and_images(pipe):
     fast = fastdiff.accelerate(pipe)
     latents = torch.zeros(1, 4, 8, 8)
@@ -134,6 +144,10 @@ def test_engine_precision_per_component_and_the_upcast_vae():
     assert precision_of({}, "vae_decoder", vae, "inductor") is None
     with pytest.raises(ValueError, match="per component"):
         check_options({"precision": {"unet": "fp16"}})
+    with pytest.raises(ValueError, match="engine_options must be a dict"):
+        check_options([1])
+    with pytest.raises(ValueError, match="rebuild"):   # a string would read as true and rebuild every time
+        check_options({"rebuild": "no"})
 
 
 def test_the_exported_text_encoder_gives_clips_own_last_hidden_state(pipe):

@@ -91,6 +91,30 @@ def test_prompt_change_keeps_frames_in_flight_and_unconditional(pipe):
     assert not torch.allclose(outs[0], blue[0], atol=1e-3)
 
 
+def test_a_refused_update_changes_nothing_and_loses_no_frame(pipe, tmp_path):
+    kwargs = dict(steps=[10, 25, 40], cfg="full", guidance_scale=3.0, output_type="latent")
+    refused, untouched = fastdiff.Stream(pipe, **kwargs), fastdiff.Stream(pipe, **kwargs)
+    inputs = frames(6)
+    for stream in (refused, untouched):
+        stream.prepare("a red circle")
+    outs = {id(s): [s(f) for f in inputs[:4]] for s in (refused, untouched)}
+    state = (refused.steps, refused.schedule, refused.height, refused.guider, refused.prompt, refused.latents)
+    bad = [(dict(steps=[10, 40], prompt=""), "prompt"), (dict(guidance_scale=5.0, height=60), "height"),
+           (dict(prompt="a blue fox", num_inference_steps=0), "num_inference_steps"), (dict(width=0), "width"),
+           (dict(negative_prompt="dark", delta="big"), "delta"), (dict(steps=20), "steps must be a list"),
+           (dict(steps=str(tmp_path / "missing.json")), "schedule")]
+    for arguments, named in bad:
+        with pytest.raises(ValueError, match=named):
+            refused.update(**arguments)
+        assert (refused.steps, refused.schedule, refused.height, refused.guider, refused.prompt, refused.latents) == state
+    for stream in (refused, untouched):
+        outs[id(stream)] += [stream(f) for f in inputs[4:]] + stream.flush()
+    got, expected = ([o for o in outs[id(s)] if o is not None] for s in (refused, untouched))
+    assert len(got) == len(expected) == 6
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_guidance_and_delta_change_at_run_time(pipe):
     stream = fastdiff.Stream(pipe, steps=[20, 40], cfg="self", guidance_scale=1.0, output_type="latent")
     stream.prepare("a red circle")

@@ -125,6 +125,29 @@ def test_a_mismatched_base_is_refused(trained):
         fastdiff.accelerate(other, adapter=saved.path)
 
 
+def test_a_damaged_adapter_is_refused(trained, tmp_path):
+    import json
+    import shutil
+
+    pipe, _, saved = trained
+    for damage, named in [("weights", "does not match its digest"), ("truncated", "missing or not"),
+                          ("sampling", "no readable sampling"), ("garbage", "manifest.json is damaged")]:
+        copy = shutil.copytree(saved.path, tmp_path / damage)
+        weights, manifest = copy / "pytorch_lora_weights.safetensors", copy / "manifest.json"
+        if damage == "weights":   # the same size, other bytes
+            data = bytearray(weights.read_bytes())
+            data[-100:] = bytes(100)
+            weights.write_bytes(bytes(data))
+        elif damage == "truncated":
+            weights.write_bytes(weights.read_bytes()[:-100])
+        elif damage == "sampling":
+            manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items() if k != "sampling"}))
+        else:
+            manifest.write_text("{bad")
+        with pytest.raises(StaleArtefactError, match=named):
+            fastdiff.accelerate(pipe, adapter=str(copy))
+
+
 def test_adapters_attached_in_turn_under_inference_mode(trained):
     # The quality harness builds each accelerated pipeline inside torch.inference_mode, so the LoRA
     # layers of the first adapter are inference tensors when the second one is checked and loaded.
@@ -193,6 +216,10 @@ def test_known_families_set_their_scheduler(trained, tmp_path):
     fast = fastdiff.accelerate(pipe, adapter=mystery, adapter_scheduler="lcm")
     assert type(fast.scheduler).__name__ == "LCMScheduler"
     fast.set_adapter(None)
+    with pytest.raises(ValueError, match="adapter_scheduler must be one of"):
+        load_adapter(mystery, adapter_scheduler="bogus")
+    with pytest.raises(ValueError, match="adapter_scheduler: this adapter is fastdiff's own"):
+        load_adapter(saved.path, adapter_scheduler="lcm")
 
 
 def to_kohya(state: dict) -> dict:
@@ -236,6 +263,13 @@ def test_bad_input_is_named(tmp_path):
         train_onestep(pipe, PROMPTS, dmd_weight=-1.0, iterations=1)
     with pytest.raises(ValueError, match="init"):
         train_onestep(pipe, PROMPTS, init=str(tmp_path / "missing"), iterations=1)
+    (tmp_path / "a-file").write_text("")
+    for arguments, named in [({"batch": 0}, "batch"), ({"lr": float("nan")}, "lr"), ({"teacher_steps": "2"}, "teacher_steps"),
+                             ({"guidance_scale": "5"}, "guidance_scale"), ({"seed": "x"}, "seed"),
+                             ({"workdir": str(tmp_path / "a-file")}, "workdir"), ({"prompts": [3]}, "prompts")]:
+        arguments = {"prompts": PROMPTS, **arguments}
+        with pytest.raises(ValueError, match=named):   # before any teacher is drawn
+            train_onestep(pipe, arguments.pop("prompts"), iterations=1, **arguments)
     with pytest.raises(ValueError, match="adapter: no LoRA"):
         fastdiff.accelerate(pipe, adapter=str(tmp_path / "missing"))
     sdxl = tiny_sdxl_pipeline()

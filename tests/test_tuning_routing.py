@@ -340,12 +340,18 @@ def test_bad_router_arguments_are_named(pipe):
     images = torch.zeros(4, 3, 64, 64)
     with pytest.raises(ValueError, match="images"):
         train_router(pipe, PROMPTS, images[:2], iterations=1)
+    for prompts, pictures, named in [(PROMPTS, images * float("nan"), "images must be finite"),
+                                     (PROMPTS, images + 255, "in \\[-1, 1\\]"), (PROMPTS, list(images), "images must be a tensor"),
+                                     ([], images[:0], "prompts"), ([1, 2, 3, 4], images, "prompts")]:
+        with pytest.raises(ValueError, match=named):
+            train_router(pipe, prompts, pictures, iterations=1)
     bad = [({"codes": 0}, "codes"), ({"target": 1.5}, "target"), ({"target": 0.0}, "target"),
            ({"spread": 1.0}, "spread"), ({"finetune_rank": -1}, "finetune_rank"), ({"iterations": 0}, "iterations"),
            ({"batch": -2}, "batch"), ({"finetune_lr": 0.0}, "finetune_lr"), ({"uncond_share": 1.0}, "uncond_share"),
            ({"contrastive_weight": -1.0}, "contrastive_weight"), ({"groups": 0}, "groups"),
            ({"finetune": "both"}, "finetune"), ({"finetune": "shared", "finetune_rank": 0}, "finetune"),
-           ({"finetune": "per-code", "nested": True}, "finetune"), ({"batch": 8, "prompt_rows": 3}, "prompt_rows")]
+           ({"finetune": "per-code", "nested": True}, "finetune"), ({"batch": 8, "prompt_rows": 3}, "prompt_rows"),
+           ({"minutes": 1, "finetune_minutes": 1}, "finetune_minutes")]
     for arguments, named in bad:
         with pytest.raises(ValueError, match=named):
             train_router(pipe, PROMPTS, images, **arguments)

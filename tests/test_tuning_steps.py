@@ -85,6 +85,30 @@ def test_evolution_is_deterministic_for_a_seed_and_resumes(tmp_path):
     resumed, details = evolution_search(FakeTrajectories(), 4, budget_minutes=1, seed=3, generations=4,
                                         state_path=state)
     assert resumed == best and details["generations"] == 4
+    for other in ({"seed": 4}, {"state": "{bad"}):   # another search's state, or none: refused, left as it is
+        path = state if "seed" in other else str(tmp_path / "garbage.json")
+        if "state" in other:
+            open(path, "w").write(other["state"])
+        before = open(path).read()
+        with pytest.raises(StaleArtefactError, match="resume"):
+            evolution_search(FakeTrajectories(), 4, budget_minutes=1, seed=other.get("seed", 3), state_path=path)
+        assert open(path).read() == before
+
+
+def test_bad_search_arguments_are_named_before_any_work(pipe, tmp_path):
+    bad = [({"prompts": None}, "prompts"), ({"prompts": []}, "prompts"), ({"prompts": ["a", 3]}, "prompts"),
+           ({"eval_prompts": [""]}, "eval_prompts"), ({"populaton": 3}, "populaton"),
+           ({"method": "dp", "population": 3}, "population"), ({"population": 0}, "population"),
+           ({"mutation_probability": float("nan")}, "mutation_probability"), ({"teacher_steps": "4"}, "teacher_steps"),
+           ({"teacher_steps": 1}, "teacher_steps"), ({"weights": {"latent": float("nan")}}, "weights"),
+           ({"guidance_scale": "x"}, "guidance_scale"), ({"strength_timestep": float("nan")}, "strength_timestep"),
+           ({"strength_timestep": 100.5}, "strength_timestep"), ({"frames": []}, "frames"),
+           ({"resume": str(tmp_path)}, "resume"), ({"resume": str(tmp_path / "no" / "state.json")}, "resume"),
+           ({"seed": 1.5}, "seed")]
+    for arguments, named in bad:
+        arguments = {"prompts": PROMPTS, "method": "evolution", **arguments}
+        with pytest.raises((ValueError, TypeError), match=named):
+            search_steps(pipe, arguments.pop("prompts"), 2, arguments.pop("method"), budget_minutes=1, **arguments)
 
 
 def test_a_search_writes_a_schedule_that_round_trips_and_refuses_other_models(pipe, tmp_path):
@@ -110,6 +134,13 @@ def test_a_search_writes_a_schedule_that_round_trips_and_refuses_other_models(pi
         Schedule.load(path, pipe)
     with pytest.raises(ValueError, match="no schedule file"):
         Schedule.load(str(tmp_path / "missing.json"))
+    data["manifest"]["format"] = 1
+    for damage, error, named in [({"timesteps": [999, float("nan")]}, StaleArtefactError, "whole numbers"),
+                                 ({"timesteps": None}, StaleArtefactError, "a list of timesteps"),
+                                 ({"manifest": [1]}, ValueError, "not a fastdiff step schedule")]:
+        json.dump({**data, **damage}, open(path, "w"))
+        with pytest.raises(error, match=named):
+            Schedule.load(path, pipe)
     with pytest.raises(ValueError, match="disjoint"):
         search_steps(pipe, PROMPTS, 3, "uniform", eval_prompts=PROMPTS[:1])
 
@@ -156,6 +187,8 @@ def test_stream_with_a_schedule_equals_the_same_timesteps(tmp_path):
     pipeline_schedule = search_steps(pipe, ["a red circle"], 2, "uniform", teacher_steps=6)
     with pytest.raises(ValueError, match="stream schedule"):
         fastdiff.Stream(pipe, pipeline_schedule)
+    with pytest.raises(ValueError, match="needs a sample schedule"):   # nor the other way round
+        fastdiff.Stream(pipe, path, mode="txt2img")
 
 
 def test_a_stream_search_refuses_a_prompt_judge():
@@ -186,6 +219,12 @@ def test_tuning_prompts_repeat_the_unstated_ones_so_coverage_can_be_measured():
     assert not set(search) & set(tuning_prompts("eval", 8, repeats=3))
     with pytest.raises(ValueError, match="repeats"):
         tuning_prompts("search", 8, repeats=0)
+    stated = tuning_prompts("search", 9, kinds=("one", "two", "three"))   # three of each, in that order
+    assert [p.count(" and a ") for p in stated] == [0] * 3 + [1] * 3 + [2] * 3
+    assert stated[:3] == search[:2] + [tuning_prompts("search", 12)[2]]   # the same draws as the default's
+    for kinds in ("one", (), ("one", "four")):
+        with pytest.raises(ValueError, match="kinds"):
+            tuning_prompts("search", 8, kinds=kinds)
 
 
 def test_the_shapes_judge_measures_coverage_and_the_fitness_weighs_its_shortfall():

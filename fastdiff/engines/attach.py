@@ -31,6 +31,8 @@ class AttachedEngines:
 
 
 def check_options(options: dict | None) -> dict:
+    if options is not None and not isinstance(options, dict):
+        raise ValueError(f"engine_options must be a dict, got {type(options).__name__}")
     options = dict(options or {})
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
@@ -39,6 +41,8 @@ def check_options(options: dict | None) -> dict:
     if isinstance(components, str) or not set(components) <= set(HOT_COMPONENTS) or not components:
         raise ValueError(f"engine_options['components'] must be a non-empty list of {HOT_COMPONENTS}, got {components!r}")
     options["components"] = tuple(components)
+    if not isinstance(options.get("rebuild", False), bool):
+        raise ValueError(f"engine_options['rebuild'] must be True or False, got {options['rebuild']!r}")
     precision = options.get("precision")
     if isinstance(precision, dict) and not set(precision) <= set(HOT_COMPONENTS):
         raise ValueError(f"engine_options['precision'] per component takes keys of {HOT_COMPONENTS}, "

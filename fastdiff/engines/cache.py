@@ -116,14 +116,15 @@ def find_covering(cache_dir: str, fields: dict) -> str | None:
         folder = os.path.join(cache_dir, name)
         if not name.startswith(prefix) or "." in name or not os.path.isdir(folder):
             continue
-        manifest = read_manifest(folder)
-        built = (manifest or {}).get("fields", {})
-        if {k: v for k, v in built.items() if k != "profile"} == same and covers(built["profile"], fields["profile"]):
-            try:
-                check_artefact(folder, built)
-            except StaleEngineError:
+        try:
+            built = (read_manifest(folder) or {}).get("fields")
+            if not isinstance(built, dict) or "profile" not in built:
                 continue
-            return folder
+            if {k: v for k, v in built.items() if k != "profile"} == same and covers(built["profile"], fields["profile"]):
+                check_artefact(folder, built)
+                return folder
+        except StaleArtefactError:   # damaged or stale: not one to take
+            continue
     return None
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checks import check_int, check_number
+from ..checks import check_number
 
 SOLVERS = ("lcm", "ddim", "tcd", "dpmpp2m")
 
@@ -114,7 +114,12 @@ def validate_timesteps(timesteps, num_train_timesteps: int) -> list[float]:
     """Explicit timesteps: numbers, strictly decreasing, within the model's training range."""
     if isinstance(timesteps, (int, float)) or not hasattr(timesteps, "__iter__"):
         raise ValueError(f"timesteps must be a list of timesteps, got {timesteps!r}")
-    values = [float(t) for t in timesteps]
+    try:
+        values = [float(t) for t in timesteps]
+    except (TypeError, ValueError):
+        raise ValueError(f"timesteps must be numbers, got {list(timesteps)!r}") from None
+    if not all(math.isfinite(t) and t == int(t) for t in values):   # they index the training schedule
+        raise ValueError(f"timesteps must be whole numbers, got {list(timesteps)!r}")
     if not values:
         raise ValueError("timesteps must name at least one timestep")
     if len(set(values)) != len(values):

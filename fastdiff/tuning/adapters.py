@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..artefacts import StaleArtefactError, check_fields, read_json
+from ..artefacts import StaleArtefactError, check_fields, check_manifest, read_manifest
 from ..checks import check_number
 from ..denoiser import denoiser_for
 from .schedules import model_hash
@@ -33,6 +33,7 @@ ADAPTER_NAME = "fastdiff"
 WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 FORMAT = 1
 KIND = "fastdiff-adapter"
+REMEDY = "train one for this model (fastdiff tune onestep)"
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ class Adapter:
             found = self.manifest.get("fields", {})
             wanted = {"base": model_hash(denoiser_for(pipe).original), "family": denoiser_for(pipe).family}
             check_fields(f"the adapter in {self.path}", wanted, {k: found.get(k) for k in wanted},
-                         "train one for this model (fastdiff tune onestep)")
+                         REMEDY)
         return self
 
 
@@ -104,25 +105,33 @@ def load_adapter(adapter, pipe=None, adapter_scheduler: str | None = None) -> Ad
     if not isinstance(adapter, (str, os.PathLike)) or not os.path.exists(adapter):
         raise ValueError(f"adapter: no LoRA folder or .safetensors file at {adapter!r}")
     path = str(adapter)
+    if adapter_scheduler is not None and adapter_scheduler not in KNOWN_FAMILIES:
+        raise ValueError(f"adapter_scheduler must be one of {tuple(KNOWN_FAMILIES)}, got {adapter_scheduler!r}")
     manifest_path = os.path.join(path, "manifest.json") if os.path.isdir(path) else None
     if manifest_path and os.path.isfile(manifest_path):
-        manifest = read_json(manifest_path)
-        if manifest.get("kind") != KIND:
-            raise ValueError(f"adapter: {path} holds a manifest that is not a fastdiff adapter's")
-        if manifest.get("format") != FORMAT:
-            raise StaleArtefactError(f"adapter: {path} has format {manifest.get('format')!r}; this fastdiff reads "
-                                     f"{FORMAT}")
-        s = manifest["sampling"]
-        sampling = AdapterSampling(s.get("scheduler"), s["steps"], tuple(s["timesteps"]) if s.get("timesteps") else None,
-                                   s.get("guidance_scale", 1.0), s.get("config", {}), s.get("eta", 0.0))
+        if adapter_scheduler is not None:
+            raise ValueError("adapter_scheduler: this adapter is fastdiff's own, and its manifest says how it "
+                             "samples; the override is for adapters made elsewhere")
+        try:
+            manifest = read_manifest(path)
+            if manifest.get("kind") != KIND:
+                raise ValueError(f"adapter: {path} holds a manifest that is not a fastdiff adapter's")
+            fields = manifest.get("fields")   # checked against the pipeline by Adapter.check
+            check_manifest(path, fields if isinstance(fields, dict) else {}, "adapter", FORMAT, REMEDY)   # files whole
+        except StaleArtefactError as error:
+            raise StaleArtefactError(f"adapter: {error}") from None
+        try:
+            s = manifest["sampling"]
+            sampling = AdapterSampling(s.get("scheduler"), s["steps"], tuple(s["timesteps"]) if s.get("timesteps") else None,
+                                       s.get("guidance_scale", 1.0), s.get("config", {}), s.get("eta", 0.0))
+        except (KeyError, TypeError, AttributeError):
+            raise StaleArtefactError(f"adapter: {path}'s manifest is damaged: no readable sampling; {REMEDY}") from None
         loaded = Adapter(path, sampling, "fastdiff", manifest)
     else:
         weights = os.path.join(path, WEIGHTS_FILE) if os.path.isdir(path) else path
         if not os.path.isfile(weights) or not weights.endswith(".safetensors"):
             raise ValueError(f"adapter: {path} is neither a .safetensors file nor a folder holding {WEIGHTS_FILE}")
         if adapter_scheduler is not None:
-            if adapter_scheduler not in KNOWN_FAMILIES:
-                raise ValueError(f"adapter_scheduler must be one of {tuple(KNOWN_FAMILIES)}, got {adapter_scheduler!r}")
             found = (adapter_scheduler, KNOWN_FAMILIES[adapter_scheduler])
         else:
             found = _family_of(path)

@@ -195,10 +195,18 @@ def train_onestep(pipe, prompts, rank: int = 16, minutes: float = 30.0, *, itera
     check_int(timestep, "timestep", 0, pipe.scheduler.config.num_train_timesteps - 1, optional=True)
     check_choice(targets, "targets", TARGETS)
     check_number(dmd_weight, "dmd_weight", 0.0)
+    check_int(teacher_steps, "teacher_steps", 1)
+    check_number(guidance_scale, "guidance_scale", 0.0)
+    check_number(guidance_rescale, "guidance_rescale", 0.0, 1.0)
+    check_int(batch, "batch", 1, 1 << 16)
+    check_number(lr, "lr", 0.0)   # 0: the adapter stays as `init` gave it (the fake score still learns)
+    check_int(seed, "seed", 0, 2**63 - 1)
+    if workdir is not None and (not isinstance(workdir, (str, os.PathLike)) or os.path.isfile(workdir)):
+        raise ValueError(f"workdir must be a folder's path (made if missing), got {workdir!r}")
     init_source = _init_adapter(init, pipe, rank) if init is not None else None
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts:
-        raise ValueError("prompts must hold at least one prompt")
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must hold at least one prompt, all strings")
     adapter_family = denoiser_for(pipe)
     if adapter_family.family != "unet":
         raise ValueError(f"pipe: one-step training is written for SD-family UNets, not {adapter_family.family!r}")

@@ -121,9 +121,15 @@ def _picture_batches(pipe, prompts, images, generator):
     and their prompts, drawn from `prompts` and their `images` ([N, 3, H, W] in [-1, 1]) or from
     `images` itself when it is a callable ``(count, generator) -> (images, prompts)``."""
     if not callable(images):
-        prompts = list(prompts)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must hold at least one prompt, all strings")
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be a tensor [N, 3, H, W] in [-1, 1], got {getattr(images, 'shape', type(images))}")
         if len(images) != len(prompts):
             raise ValueError(f"images must hold one picture per prompt: {len(images)} pictures, {len(prompts)} prompts")
+        if not torch.isfinite(images).all() or images.abs().max() > 1 + 1e-3:
+            raise ValueError("images must be finite and in [-1, 1] (pictures as the VAE takes them)")
     vae = pipe.vae
     scaling = float(vae.config.get("scaling_factor", 1.0) or 1.0)
 
@@ -251,8 +257,8 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
                  resource_weight: float = 1.0,
                  contrastive_weight: float = 0.5, balance_weight: float = 0.5, feature_weight: float = 0.5,
                  uncond_share: float = 0.3, by_need: bool = True, groups: int = GROUPS,
-                 finetune: str | None = None, nested: bool = False, prompt_rows: int = 1, seed: int = 0, progress=None,
-                 workdir: str | None = None) -> Router:
+                 finetune: str | None = None, nested: bool = False, prompt_rows: int = 1, seed: int = 0,
+                 progress=None) -> Router:
     """Train a router of `codes` codes for `pipe` on `prompts` and their pictures `images` ([N, 3, H, W]
     in [-1, 1], one per prompt, or a callable ``(count, generator) -> (images, prompts)`` drawing fresh
     ones), aiming at `target` of the full model's MACs on average. `minutes` is the whole budget:
@@ -285,6 +291,7 @@ def train_router(pipe, prompts, images, codes: int = 4, target: float = 0.6, min
         raise ValueError("finetune: 'shared' trains one low-rank adapter; give a finetune_rank > 0")
     finetune_lr = (1e-3 if finetune_rank else 1e-4) if finetune_lr is None else finetune_lr
     check_number(minutes, "minutes", 0.0, low_open=True)
+    check_number(finetune_minutes, "finetune_minutes", 0.0, minutes, high_open=True, optional=True)
     adapter = denoiser_for(pipe)
     if adapter.family != "unet":
         raise ValueError(f"pipe: routed pruning is written for SD-family UNets, not {adapter.family!r}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import os
 import time
 import weakref
@@ -150,13 +151,17 @@ class Schedule:
             data = read_json(path)
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(f"schedule: {path} is not a schedule file ({error})") from error
-        manifest = data.get("manifest", {}) if isinstance(data, dict) else {}
-        if manifest.get("kind") != KIND:
+        manifest = data.get("manifest") if isinstance(data, dict) else None
+        if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
             raise ValueError(f"schedule: {path} is not a fastdiff step schedule")
         if manifest.get("format") != FORMAT:
             raise StaleArtefactError(f"schedule: {path} has format {manifest.get('format')!r}; this fastdiff reads "
                                      f"{FORMAT}; {REMEDY}")
         body = {k: data[k] for k in ("timesteps", "solver", "mode", "method", "fitness", "details") if k in data}
+        try:
+            validate_timesteps(body.get("timesteps"), math.inf)
+        except ValueError as error:
+            raise StaleArtefactError(f"schedule: {path} is damaged: {error}") from None
         schedule = cls(fields=manifest.get("fields", {}), **body)
         return schedule.check(pipe) if pipe is not None else schedule
 

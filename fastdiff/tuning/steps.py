@@ -21,7 +21,6 @@ own schedule starts (pure noise must enter at the timestep that holds it), and a
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -29,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from ..artefacts import read_json, write_json
+from ..artefacts import StaleArtefactError, read_json, write_json
 from ..checks import check_choice, check_int, check_number
 from ..sampling.schedule import step_schedule
 from ..sampling.solvers import advance
@@ -217,13 +216,42 @@ def _state_key(trajectories: Trajectories, steps: int, seed: int) -> str:
 
 
 def _load_state(path, trajectories, steps, seed):
+    """The saved state at `path` of this very search, None if there is none yet; a file holding
+    anything else is refused, not overwritten."""
     if not path or not os.path.isfile(path):
         return None
     try:
         state = read_json(path)
-    except (OSError, json.JSONDecodeError):
-        return None
-    return state if state.get("key") == _state_key(trajectories, steps, seed) else None
+    except (OSError, ValueError):
+        state = None
+    if not isinstance(state, dict) or state.get("key") != _state_key(trajectories, steps, seed):
+        raise StaleArtefactError(f"resume: {path} is not the saved state of this search (another model, prompts, "
+                                 "steps, seed or settings, or not a state file); give a new path or delete it")
+    return state
+
+
+def _prompt_list(prompts, name: str, optional: bool) -> list[str]:
+    """`prompts` (a string or a list of them) as a list, checked by `name`."""
+    if optional and (prompts is None or (isinstance(prompts, (list, tuple)) and not prompts)):
+        return []
+    prompts = [prompts] if isinstance(prompts, str) else prompts
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError(f"{name} must be a prompt or a non-empty list of prompts, got {prompts!r}")
+    return list(prompts)
+
+
+def _check_evolution(method: str, settings: dict) -> None:
+    """The evolutionary search's settings (:data:`EVOLUTION`): known, and only for that method."""
+    unknown = sorted(set(settings) - set(EVOLUTION))
+    if unknown:
+        raise TypeError(f"search_steps got unknown arguments {unknown}; the evolution's settings are {sorted(EVOLUTION)}")
+    if settings and method != "evolution":
+        raise ValueError(f"{sorted(settings)[0]} is a setting of method='evolution', not of {method!r}")
+    for name, value in settings.items():
+        if name == "mutation_probability":
+            check_number(value, name, 0.0, 1.0)
+        else:
+            check_int(value, name, 0 if name in ("mutants", "crossovers") else 1)
 
 
 # -- published schedules -----------------------------------------------------------------------------
@@ -286,14 +314,30 @@ def search_steps(pipe, prompts, steps: int, method: str = "evolution", budget_mi
     if judge is not None and mode == "stream":
         raise ValueError("judge: a stream search is judged against its teacher only (a clip's frames are not "
                          "pictures of the prompt); pass judge=None")
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    eval_prompts = [eval_prompts] if isinstance(eval_prompts, str) else list(eval_prompts or [])
+    prompts, eval_prompts = (_prompt_list(p, name, optional) for p, name, optional in
+                             ((prompts, "prompts", False), (eval_prompts, "eval_prompts", True)))
     if set(prompts) & set(eval_prompts):
         raise ValueError("eval_prompts must be disjoint from prompts (the search's own)")
     weights = {**DEFAULT_WEIGHTS, **(weights or {})}
     unknown = sorted(set(weights) - set(DEFAULT_WEIGHTS))
     if unknown:
         raise ValueError(f"weights has unknown terms {unknown}; the terms are {sorted(DEFAULT_WEIGHTS)}")
+    for term, weight in weights.items():
+        check_number(weight, f"weights['{term}']", 0.0)
+    _check_evolution(method, evolution)
+    check_int(teacher_steps, "teacher_steps", max(steps, 2))
+    check_int(fine_steps, "fine_steps", max(steps, 2))
+    check_int(seed, "seed")
+    check_number(guidance_scale, "guidance_scale", 0.0, optional=True)
+    check_number(guidance_rescale, "guidance_rescale", 0.0, 1.0)
+    if strength_timestep is not None and (check_number(strength_timestep, "strength_timestep", 0.0, low_open=True)
+                                          != int(strength_timestep)):
+        raise ValueError(f"strength_timestep must be a whole timestep, got {strength_timestep!r}")
+    if frames is not None and not len(frames):
+        raise ValueError("frames: give the clip's frames, at least one")
+    if resume is not None and (not isinstance(resume, (str, os.PathLike)) or os.path.isdir(resume)
+                               or not os.path.isdir(os.path.dirname(os.path.abspath(resume)))):
+        raise ValueError(f"resume must be a file path in an existing folder, got {resume!r}")
     if guidance_scale is None:
         guidance_scale = 1.2 if mode == "stream" else 5.0
     common = dict(mode=mode, cfg=cfg if cfg is not None else ("self" if mode == "stream" else None),

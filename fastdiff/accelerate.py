@@ -192,7 +192,8 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         if guidance_rescale and cfg != "full":
             raise ValueError(f"guidance_rescale applies to full guidance (guidance_scale > 1, cfg='full'), "
                              f"not cfg={cfg!r}")
-        num_inference_steps = check_int(self._default("num_inference_steps", num_inference_steps), "num_inference_steps", 1)
+        num_inference_steps = check_int(self._default("num_inference_steps", num_inference_steps),
+                                        "num_inference_steps", 1)
         if strength is not None and self.task != "img2img":
             raise ValueError(f"strength applies to img2img; the txt2img {type(self.pipe).__name__} starts from noise")
         strength = check_number(self._default("strength", strength), "strength", 0.0, 1.0, low_open=True) \

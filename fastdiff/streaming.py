@@ -204,7 +204,8 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         prompt = self.prompt if prompt is None else prompt
         negative_prompt = self.negative_prompt if negative_prompt is None else negative_prompt
         encoded = None
-        if (prompt, negative_prompt) != (self.prompt, self.negative_prompt) or resized:   # SDXL's conditioning holds the size
+        # a new size re-encodes too: SDXL's conditioning holds the image size
+        if (prompt, negative_prompt) != (self.prompt, self.negative_prompt) or resized:
             encoded = self.parts.encode(prompt, negative_prompt, *size, frames=self.frame_buffer, route=self._route())
         if guider is not self.guider:
             self.guider = guider

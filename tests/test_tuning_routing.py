@@ -2,6 +2,7 @@
 Sinkhorn, the router artefact, and routed accelerate / Stream."""
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -293,8 +294,14 @@ def test_a_router_with_a_damaged_manifest_is_refused(pipe, trained, tmp_path):
     import shutil
 
     copy = shutil.copytree(trained[1], tmp_path / "damaged")
+    manifest = (copy / "manifest.json").read_text()
     (copy / "manifest.json").write_text("[1, 2")
     with pytest.raises(StaleArtefactError, match="manifest.json is damaged"):
+        load_router(str(copy), pipe)
+    edited = json.loads(manifest)
+    edited["gates"][0] = edited["gates"][0][:-1]   # a gate gone: the sub-network would not fit its weights
+    (copy / "manifest.json").write_text(json.dumps(edited))
+    with pytest.raises(StaleArtefactError, match="units and gates don't fit"):
         load_router(str(copy), pipe)
 
 

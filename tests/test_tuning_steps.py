@@ -67,6 +67,13 @@ class FakeTrajectories:
         return float(sum((a - b) ** 2 for a, b in zip(candidate, self.target))), {}
 
 
+def test_evolution_under_an_early_first_timestep_fills_no_more_than_there_is():
+    fake = FakeTrajectories()
+    fake.strength_timestep, fake.target = 5, (5, 3, 1)   # C(5, 2) = 10 sets of three, fewer than a population
+    best, details = evolution_search(fake, 3, budget_minutes=1, seed=0, generations=2)
+    assert best == [5, 3, 1] and details["evaluations"] <= 10 and all(is_valid(c, 5) for c in fake.calls)
+
+
 def test_evolution_is_deterministic_for_a_seed_and_resumes(tmp_path):
     runs = []
     for _ in range(2):

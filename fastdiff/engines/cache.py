@@ -120,7 +120,8 @@ def find_covering(cache_dir: str, fields: dict) -> str | None:
             built = (read_manifest(folder) or {}).get("fields")
             if not isinstance(built, dict) or "profile" not in built:
                 continue
-            if {k: v for k, v in built.items() if k != "profile"} == same and covers(built["profile"], fields["profile"]):
+            same_but_profile = {k: v for k, v in built.items() if k != "profile"} == same
+            if same_but_profile and covers(built["profile"], fields["profile"]):
                 check_artefact(folder, built)
                 return folder
         except StaleArtefactError:   # damaged or stale: not one to take

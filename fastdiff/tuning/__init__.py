@@ -20,5 +20,5 @@ from .schedules import Schedule, load_schedule
 from .steps import METHODS, search_steps
 
 __all__ = ["Adapter", "DEFAULT_WEIGHTS", "KNOWN_FAMILIES", "METHODS", "Router", "Schedule", "Trajectories",
-           "calibrate_router", "join_routers", "load_adapter", "load_router", "load_schedule", "search_steps", "shapes_judge",
-           "train_onestep", "train_router"]
+           "calibrate_router", "join_routers", "load_adapter", "load_router", "load_schedule", "search_steps",
+           "shapes_judge", "train_onestep", "train_router"]

@@ -122,8 +122,9 @@ def load_adapter(adapter, pipe=None, adapter_scheduler: str | None = None) -> Ad
             raise StaleArtefactError(f"adapter: {error}") from None
         try:
             s = manifest["sampling"]
-            sampling = AdapterSampling(s.get("scheduler"), s["steps"], tuple(s["timesteps"]) if s.get("timesteps") else None,
-                                       s.get("guidance_scale", 1.0), s.get("config", {}), s.get("eta", 0.0))
+            timesteps = tuple(s["timesteps"]) if s.get("timesteps") else None
+            sampling = AdapterSampling(s.get("scheduler"), s["steps"], timesteps, s.get("guidance_scale", 1.0),
+                                       s.get("config", {}), s.get("eta", 0.0))
         except (KeyError, TypeError, AttributeError):
             raise StaleArtefactError(f"adapter: {path}'s manifest is damaged: no readable sampling; {REMEDY}") from None
         loaded = Adapter(path, sampling, "fastdiff", manifest)

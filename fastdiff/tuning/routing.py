@@ -64,7 +64,8 @@ from .pruning import GROUPS, Unit, attach_gates, gate_size, keep_one, macs_of, p
 from .routers import Router, RouterHead, load_router, merge_lora, placed_like, plain_base, pooled_prompts
 from .schedules import model_hash, prompts_hash
 
-__all__ = ["train_router", "join_routers", "calibrate_router", "sinkhorn", "shares_for", "gumbel_sigmoid", "code_targets", "sized_gates"]
+__all__ = ["train_router", "join_routers", "calibrate_router", "sinkhorn", "shares_for", "gumbel_sigmoid",
+           "code_targets", "sized_gates"]
 
 FINETUNES = ("per-code", "shared")
 
@@ -125,7 +126,8 @@ def _picture_batches(pipe, prompts, images, generator):
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must hold at least one prompt, all strings")
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be a tensor [N, 3, H, W] in [-1, 1], got {getattr(images, 'shape', type(images))}")
+            got = getattr(images, "shape", type(images).__name__)
+            raise ValueError(f"images must be a tensor [N, 3, H, W] in [-1, 1], got {got}")
         if len(images) != len(prompts):
             raise ValueError(f"images must hold one picture per prompt: {len(images)} pictures, {len(prompts)} prompts")
         if not torch.isfinite(images).all() or images.abs().max() > 1 + 1e-3:
@@ -587,7 +589,7 @@ def calibrate_router(pipe, router, prompts, target: float) -> Router:
         inner, end = (middle, end) if landed(middle) == level else (inner, middle)
     shift = (edge + inner) / 2
     head.offsets.copy_((shift * ratios).float())
-    calibration = {"target": round(float(target), 4), "landed": round(landed(shift), 4), "prompts": prompts_hash(prompts),
-                   "count": len(prompts)}
+    calibration = {"target": round(float(target), 4), "landed": round(landed(shift), 4),
+                   "prompts": prompts_hash(prompts), "count": len(prompts)}
     return dataclasses.replace(loaded, head=head.eval(), fields={**loaded.fields, "target": round(float(target), 4)},
                                details={**loaded.details, "calibration": calibration})

@@ -173,7 +173,8 @@ def evolution_search(trajectories: Trajectories, steps: int, budget_minutes: flo
         generation, history = state["generation"], state["history"]
     else:
         population = [uniform_timesteps(first, steps)] + [list(s) for s in seeds if is_valid(s, first)]
-        while len(population) < cfg["population"]:
+        # there are only so many sets of timesteps under an early first one (a late stream's)
+        while len(population) < min(cfg["population"], math.comb(first, steps - 1)):
             candidate = _repair(rng.integers(0, first, steps - 1), first, steps, rng)
             if candidate is not None and candidate not in population:
                 population.append(candidate)
@@ -235,7 +236,8 @@ def _prompt_list(prompts, name: str, optional: bool) -> list[str]:
     if optional and (prompts is None or (isinstance(prompts, (list, tuple)) and not prompts)):
         return []
     prompts = [prompts] if isinstance(prompts, str) else prompts
-    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+    if not isinstance(prompts, (list, tuple)) or not prompts \
+            or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ValueError(f"{name} must be a prompt or a non-empty list of prompts, got {prompts!r}")
     return list(prompts)
 
@@ -244,7 +246,8 @@ def _check_evolution(method: str, settings: dict) -> None:
     """The evolutionary search's settings (:data:`EVOLUTION`): known, and only for that method."""
     unknown = sorted(set(settings) - set(EVOLUTION))
     if unknown:
-        raise TypeError(f"search_steps got unknown arguments {unknown}; the evolution's settings are {sorted(EVOLUTION)}")
+        raise TypeError(f"search_steps got unknown arguments {unknown}; the evolution's settings are "
+                        f"{sorted(EVOLUTION)}")
     if settings and method != "evolution":
         raise ValueError(f"{sorted(settings)[0]} is a setting of method='evolution', not of {method!r}")
     for name, value in settings.items():

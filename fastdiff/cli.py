@@ -247,6 +247,9 @@ def generate(prompts, model, steps, schedule, adapter, adapter_scale, router, gu
     asked_steps = steps
     schedule, steps = pick_schedule(schedule if adapter is None else "none", model, steps)
     device = check_device(device)
+    if guidance_rescale and (cfg not in (None, "full") or (guidance_scale is not None and guidance_scale <= 1)):
+        raise click.BadParameter("it rescales full CFG (--cfg full, --guidance-scale > 1)",
+                                 param_hint="'--guidance-rescale'")
     pipe = load_pipeline(model, device)
     if model == "shapes" and adapter is None:   # the settings its quality figures were measured at
         from .shapes.model import GUIDANCE_RESCALE, GUIDANCE_SCALE
@@ -254,7 +257,7 @@ def generate(prompts, model, steps, schedule, adapter, adapter_scale, router, gu
         guidance_scale = GUIDANCE_SCALE if guidance_scale is None else guidance_scale
         guidance_rescale = GUIDANCE_RESCALE if guidance_rescale is None else guidance_rescale
     extra = {"guidance_rescale": guidance_rescale} if guidance_rescale and (guidance_scale or 0) > 1 \
-        and cfg in (None, "full") else {}
+        and cfg in (None, "full") else {}   # the shapes model's own rescale where it applies
     with usage_errors(prompt="PROMPT"):
         try:
             fast = accelerate(pipe, cfg=cfg, backend=engine_backend(backend), schedule=schedule, adapter=adapter,

@@ -124,6 +124,9 @@ def test_stream_reads_a_folder_and_resizes(tmp_path):
     (["stream", "--clip", "moving-shapes", "--compile", "onnxruntime", "--backend", "onnxruntime"], "--compile"),
     (["generate", "x", "--cfg", "bogus"], "--cfg"),
     (["generate", "x", "--height", "60"], "--height"),
+    (["generate", "x", "--height", "0"], "--height"),
+    (["generate", "x", "--seed", str(2**64)], "--seed"),
+    (["generate", "x", "--cfg", "self", "--guidance-rescale", "0.5"], "--guidance-rescale"),
 ])
 def test_bad_options_are_usage_errors_naming_the_option(args, option, tmp_path):
     result = run(*args, "--out", tmp_path)

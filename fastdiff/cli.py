@@ -827,8 +827,6 @@ def tune_route(ctx, model, codes, target, spread, plan, groups, finetune, prompt
             raise click.UsageError(f"--calibrate trains nothing; --{extra[0].replace('_', '-')} doesn't apply")
         if "target" not in given:
             raise click.UsageError("--calibrate needs the --target to calibrate to")
-        if join is not None:
-            raise click.UsageError("--calibrate and --join: join first, then calibrate the joined router")
         pipe = load_pipeline(model, check_device(device))
         prompts = read_prompts(prompt_file, model, 768, "search", kinds=("one", "two", "three"))
         with usage_errors(router="--calibrate", prompts="--prompt-file"):
@@ -842,12 +840,10 @@ def tune_route(ctx, model, codes, target, spread, plan, groups, finetune, prompt
         raise click.UsageError("--prompt-file goes with --calibrate: routing trains on the renderer's pictures")
     if join is not None:
         members = [p for p in join.split(",") if p]
-        given = {o for o in ("codes", "target", "spread", "plan", "groups", "finetune", "nested")
-                 if ctx.get_parameter_source(o) is not click.core.ParameterSource.DEFAULT}
         join_target = target if "target" in given else None   # else equal shares of the prompts
-        given = sorted(given - {"target"})
-        if given:
-            raise click.UsageError(f"--join takes the codes of its routers as they are; --{given[0]} doesn't apply")
+        misplaced = sorted(given & {"codes", "spread", "plan", "groups", "finetune", "nested"})
+        if misplaced:
+            raise click.UsageError(f"--join takes the codes of its routers as they are; --{misplaced[0]} doesn't apply")
         if len(members) < 2 or not all(os.path.isdir(p) for p in members):
             raise click.BadParameter(f"two or more router folders, joined by commas; got {join!r}", param_hint="'--join'")
 

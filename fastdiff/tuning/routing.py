@@ -564,9 +564,9 @@ def calibrate_router(pipe, router, prompts, target: float) -> Router:
     if isinstance(prompts, str) or not len(prompts) or not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompts: a non-empty list of strings, a sample of what the router will serve")
     prompts = list(prompts)
-    if loaded.codes < 2:
-        raise ValueError("router: it has one code, which every prompt takes; there is nothing to calibrate")
     ratios = torch.tensor(loaded.details["macs_per_code"], dtype=torch.float64) / loaded.details["macs_full"]
+    if ratios.max() == ratios.min():
+        raise ValueError("router: its codes all cost the same (or it has one); there is nothing to calibrate")
     check_number(target, "target", float(ratios.min()), float(ratios.max()))
     head = copy.deepcopy(loaded.head)
     head.offsets.zero_()

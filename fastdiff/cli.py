@@ -36,7 +36,7 @@ OPTION_OF = {
     "schedule": "--schedule", "adapter": "--adapter", "adapter_scheduler": "--adapter", "scale": "--adapter-scale",
     "router": "--router", "codes": "--codes", "target": "--target", "attention": "--attention",
     "compile": "--compile", "compile_backend": "--compile", "prompt_rows": "--prompt-rows", "finetune": "--finetune",
-    "routers": "--join",
+    "routers": "--join", "opset": "--opset",
 }
 # One vocabulary for what runs the model, in every command: "torch" is the pipeline's own modules,
 # the rest are fastdiff's engine backends.
@@ -488,7 +488,12 @@ def build(model, components, backend, precision, profile, resolutions, batch, ou
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="'--profile'" if profile else "'--model'") from error
     names = components.split(",") if components else None
-    with usage_errors():
+    if out is not None:
+        try:   # before any export: a path through a file is found now, not after the first engine
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise click.BadParameter(f"can't make the folder {out}: {error}", param_hint="'--out'") from None
+    with usage_errors(height="--resolution", width="--resolution"):
         try:
             built = build_engines(pipe, components=names, backend=backend, precision=precision,
                                   resolutions=resolutions, batch=batch_range, out_dir=str(out) if out else None,
@@ -528,7 +533,8 @@ def demo(model, backend, steps, cfg, guidance_scale, prompt, host, port, max_ses
     except ImportError as error:
         raise click.UsageError(f"the demo needs its extra: pip install \"fastdiff[demo]\" ({error})") from error
     options = {} if prompt is None else {"prompt": prompt}
-    with usage_errors():
+    with usage_errors(max_frame_side="--max-frame-side", max_sessions="--max-sessions",
+                      max_message_bytes="--max-message-bytes"):
         config = DemoConfig(steps=tuple(steps or stream_steps(model)), cfg=cfg, guidance_scale=guidance_scale,
                             backend=backend, max_sessions=max_sessions, max_message_bytes=max_message_bytes,
                             max_frame_side=max_frame_side, threads=threads, router=pick_router(router, model),
@@ -955,12 +961,21 @@ def quality(model, steps, cfgs, solver, guidance_scale, guidance_rescale, count,
     if router:
         options["router"], label = pick_router(router, model), label + ["routed"]
     config.update(schedule=list(schedule) or None, adapter=adapter, router=router)
+    try:   # the output and the files asked for are checked before the teacher's pictures are drawn
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise click.BadParameter(f"can't write {out}: {error}", param_hint="'--out'") from None
+    if out.is_dir():
+        raise click.BadParameter(f"{out} is a folder; give a file", param_hint="'--out'")
     with usage_errors():
+        if options:
+            from .accelerate import accelerate
+
+            accelerate(pipe, **options).set_adapter(None)
         rows = quality_table(pipe, steps, modes, None if options else solver, guidance_scale, count, teacher_steps,
                              seed, progress=lambda r: click.echo(f"  {r.steps} steps, cfg {r.cfg}: done", err=True),
                              guidance_rescale=guidance_rescale, unstated=unstated, repeats=repeats, options=options,
                              label=" ".join(label), draws=draws)
     click.echo(format_table(rows))
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(config=config, rows=rows_as_dicts(rows)), indent=2))
     click.echo(f"written to {out}", err=True)

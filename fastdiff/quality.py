@@ -75,6 +75,7 @@ def held_out(count: int = 128, unstated: int = 32, repeats: int = 8, seed: int =
     check_int(count, "count", 1)
     check_int(unstated, "unstated", 1)
     check_int(repeats, "repeats", 2)
+    check_int(seed, "seed", 0)
     texts, kinds, scenes = [], [], []
     for kind in KINDS:
         for text, scene in heldout_prompts(kind, count):
@@ -105,6 +106,10 @@ def generate(pipe, prompts: list[str], steps: int, cfg: str, solver: str | None 
     if solver is not None:
         check_choice(solver, "solver", SOLVERS)
     check_int(steps, "steps", 1)
+    check_int(seed, "seed", 0, 2**63 - 1 - len(prompts))
+    check_int(batch, "batch", 1)
+    if isinstance(prompts, str) or not len(prompts):
+        raise ValueError("prompts: a non-empty list of prompts")
     fast = accelerate(pipe, cfg=cfg, solver=solver, **(options or {}))
     height, width = fast.parts.size(None, None)   # the model's native size
     noise = _noise(len(prompts), fast.parts.latent_shape(height, width), seed)
@@ -138,6 +143,7 @@ def teacher_pictures(pipe, held: Prompts, draws: int = 1, teacher_steps: int = 5
     """The teacher's pictures of `held` — `teacher_steps` DDIM steps with ``full`` CFG — one per draw of
     the initial noise (seeds `seed`, `seed` + 1, ...): what :func:`quality_row` pairs each draw with."""
     check_int(draws, "draws", 1)
+    check_int(teacher_steps, "teacher_steps", 1)
     return [generate(pipe, held.texts, teacher_steps, "full", "ddim", guidance_scale, seed + draw, batch,
                      guidance_rescale)[0] for draw in range(draws)]
 
@@ -148,8 +154,8 @@ def quality_row(pipe, held: Prompts, teachers: list, steps: int, cfg: str, solve
     """One :class:`QualityRow` of `held`: the mean of its measures over ``len(teachers)`` draws of the
     initial noise (seeds `seed`, `seed` + 1, ...), each against the teacher's pictures of the same draw
     (``teachers[i]``, or None for no PSNR); `distance_spread` is the distances' standard deviation."""
-    if not len(teachers):
-        raise ValueError("teachers: one per draw (None for no PSNR), at least one")
+    if isinstance(teachers, torch.Tensor) or not isinstance(teachers, (list, tuple)) or not teachers:
+        raise ValueError("teachers: a list of one teacher's pictures per draw (None for no PSNR), at least one")
     values, seconds = [], []
     for draw, teacher in enumerate(teachers):
         images, took = generate(pipe, held.texts, steps, cfg, solver, guidance_scale, seed + draw, batch,
@@ -171,6 +177,12 @@ def quality_table(pipe, steps_list=(50, 25, 8, 4, 2, 1), cfgs=CFG_MODES[:3], sol
     over `draws` initial noises (:func:`quality_row`); the teacher is `teacher_steps` DDIM steps with
     ``full`` CFG (and the same rescale). `options` go to ``fastdiff.accelerate`` for every row but the
     teacher's (e.g. a schedule), named by `label`."""
+    if isinstance(cfgs, str) or not cfgs or not len(steps_list):
+        raise ValueError(f"cfgs and steps_list: non-empty lists, got {cfgs!r} and {steps_list!r}")
+    for cfg in cfgs:
+        check_choice(cfg, "cfgs", CFG_MODES)
+    for steps in steps_list:
+        check_int(steps, "steps_list", 1)
     held = held_out(count, unstated, repeats, seed)
     teachers = teacher_pictures(pipe, held, draws, teacher_steps, guidance_scale, seed, batch, guidance_rescale)
     rows = []

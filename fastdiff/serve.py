@@ -115,6 +115,8 @@ def build_application(model: str = "shapes", config=None, *, replicas: int | Non
                       device: str | None = None, num_cpus: float = 1.0):
     """The Ray Serve application of the demo: `replicas` fixed, or autoscaling between
     `min_replicas` and `max_replicas` on `target_sessions` ongoing sessions per replica."""
+    import torch
+
     from .checks import check_int, check_number
     from .demo import DemoConfig
 
@@ -123,11 +125,13 @@ def build_application(model: str = "shapes", config=None, *, replicas: int | Non
     check_int(replicas, "replicas", 1, optional=True)
     check_int(min_replicas, "min_replicas", 0)
     check_int(max_replicas, "max_replicas", max(1, min_replicas), optional=True)
+    try:
+        torch_device = None if device is None else torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from None
     target = check_number(target_sessions if target_sessions is not None else max(1, config.max_sessions * 0.75),
                           "target_sessions", 0.0, low_open=True)
-    import torch
-
-    gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    gpu = torch_device.type == "cuda" if torch_device is not None else torch.cuda.is_available()
     # sessions are the replica's to limit (a full one refuses clearly, as the plain demo does); the
     # headroom lets /health and /stats through to a replica whose sessions are all taken
     options = dict(name=DEPLOYMENT_NAME, max_ongoing_requests=config.max_sessions + HTTP_HEADROOM,
@@ -136,7 +140,8 @@ def build_application(model: str = "shapes", config=None, *, replicas: int | Non
     if replicas is not None and max_replicas is None:
         options["num_replicas"] = replicas
     else:
-        options["autoscaling_config"] = {"min_replicas": min_replicas, "max_replicas": max_replicas or 8,
+        most = max_replicas or max(8, min_replicas)   # the default ceiling, raised to a larger floor
+        options["autoscaling_config"] = {"min_replicas": min_replicas, "max_replicas": most,
                                          "target_ongoing_requests": target, "upscale_delay_s": 2,
                                          "downscale_delay_s": 60,
                                          "initial_replicas": replicas or max(1, min_replicas)}
@@ -160,12 +165,13 @@ def serve(model: str = "shapes", config=None, *, host: str = "127.0.0.1", port: 
     """Start Ray (or join `address`), the statistics board and the application; serve until
     interrupted when `block`. Returns the application's base URL."""
     ray, ray_serve = _ray()
+    application = build_application(model, config, **scaling)   # its arguments checked before Ray starts
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, configure_logging=False, namespace="serve",
                  log_to_driver=False, **({} if address else {"num_cpus": max(2, os.cpu_count() or 2)}))
     ray_serve.start(http_options={"host": host, "port": port}, detached=False)
     start_board()
-    ray_serve.run(build_application(model, config, **scaling), name=APP_NAME, route_prefix="/")
+    ray_serve.run(application, name=APP_NAME, route_prefix="/")
     url = f"http://{host}:{port}"
     if block:
         try:

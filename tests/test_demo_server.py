@@ -231,9 +231,19 @@ def png(size):
     return buffer.getvalue()
 
 
+def claiming(side):
+    """A small JPEG whose header claims a side × side picture (a decompression bomb's trick)."""
+    data = bytearray(jpeg(Image.new("RGB", (64, 64))))
+    start = data.find(b"\xff\xc0") + 5   # the baseline frame header: height, then width
+    data[start:start + 4] = side.to_bytes(2, "big") * 2
+    return bytes(data)
+
+
 BAD_CONTROLS = [
     ("{not json", None),
     ("[1, 2]", None),
+    ("[" * 5000 + "]" * 5000, None),   # deeper than the parser recurses
+    ('{"type": "update", "prompt": "\\ud800"}', "prompt"),   # a lone surrogate no tokenizer takes
     ('{"type": "launch"}', "type"),
     ('{"type": "update", "colour": "red"}', "colour"),
     ('{"type": "update", "guidance_scale": "high"}', "guidance_scale"),
@@ -254,6 +264,7 @@ BAD_FRAMES = [
     (jpeg(Image.new("RGB", (8, 8))), "between 16 and"),
     (jpeg(Image.new("RGB", (MAX_FRAME_SIDE + 1, 64))), "between 16 and"),
     (bytes(MAX_MESSAGE_BYTES + 1), "the limit is"),
+    (claiming(15000), "claims a picture far larger"),
 ]
 
 
@@ -267,9 +278,9 @@ def test_each_malformed_message_gets_an_error_and_the_session_lives_on(server):
             ws.send(payload)
             error = receive(ws)
             assert error["type"] == "error" and error["index"] == index and expected in error["message"], error
-        # The session still works; the refused frames took indices 0..5.
+        # The session still works; the refused frames took the first indices.
         pairs = run_paced(ws, frames(3), lag=1, first_index=len(BAD_FRAMES))
-        assert [header["index"] for header, _ in pairs] == [6, 7, 8]
+        assert [header["index"] for header, _ in pairs] == [len(BAD_FRAMES) + k for k in range(3)]
         assert pairs[-1][0]["stats"]["errors"] == len(BAD_CONTROLS) + len(BAD_FRAMES)
     assert get_json(server, "/health")["status"] == "ok"
 
@@ -424,6 +435,10 @@ def test_demo_command_refuses_an_unknown_backend():
 
     result = CliRunner().invoke(main, ["demo", "--backend", "warp-drive", "--port", "1"])
     assert result.exit_code == 2 and "backend" in result.output and "warp-drive" in result.output
+    for args, named in [(["--guidance-scale", "1e9"], "--guidance-scale"), (["--max-frame-side", "100000000"],
+                                                                           "--max-frame-side")]:
+        result = CliRunner().invoke(main, ["demo", "--port", "1", *args])   # limits a client is held to
+        assert result.exit_code == 2 and named in result.output, result.output
 
 
 def test_fastdiff_demo_serves_the_page(tmp_path):

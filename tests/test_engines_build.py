@@ -67,6 +67,11 @@ def test_build_rejects_bad_options_naming_them(tmp_path):
     bad = runner.invoke(main, ["build", "--model", str(tmp_path / "no-such-folder"), "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "--model" in bad.output
     assert os.listdir(tmp_path) == []
+    bad = runner.invoke(main, ["build", "--model", "tiny", "--resolution", "60x64", "--out", str(tmp_path / "odd")])
+    assert bad.exit_code == 2 and "--resolution" in bad.output
+    (tmp_path / "a-file").write_text("")
+    bad = runner.invoke(main, ["build", "--model", "tiny", "--out", str(tmp_path / "a-file" / "engines")])
+    assert bad.exit_code == 2 and "--out" in bad.output and "Traceback" not in bad.output
 
 
 def test_the_script_is_the_same_command():

@@ -169,3 +169,8 @@ def test_bad_arguments_are_named(pipes, tmp_path):
     with pytest.raises(ValueError, match="not a multiple of 8"):
         engine(part, "onnxruntime", profile=ShapeProfile((1, 1, 1), (60, 60, 60), (64, 64, 64)),
                cache_dir=str(tmp_path))
+    for bad, named in [({"opset": 10**6}, "opset"), ({"rebuild": "no"}, "rebuild"), ({"options": "x"}, "options")]:
+        with pytest.raises(ValueError, match=named):   # before anything is exported or cached
+            engine(part, "onnxruntime", profile=PROFILE, cache_dir=str(tmp_path / "refused"), **bad)
+    assert not (tmp_path / "refused").exists() or not any(
+        f.endswith(".onnx") for _, _, files in os.walk(tmp_path / "refused") for f in files)

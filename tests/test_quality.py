@@ -41,10 +41,20 @@ def test_held_out_set_holds_every_kind_and_repeats_the_unstated_prompts():
 
 
 def test_generate_rejects_bad_arguments(pipe):
-    for kwargs, name in ((dict(steps=0), "steps"), (dict(cfg="half"), "cfg"), (dict(solver="euler"), "solver")):
-        args = dict(steps=2, cfg="none", solver="ddim") | kwargs
+    for kwargs, name in ((dict(steps=0), "steps"), (dict(cfg="half"), "cfg"), (dict(solver="euler"), "solver"),
+                         (dict(batch=0), "batch"), (dict(seed=1.5), "seed"), (dict(prompts=[]), "prompts")):
+        args = dict(prompts=["red background"], steps=2, cfg="none", solver="ddim") | kwargs
         with pytest.raises(ValueError, match=name):
-            generate(pipe, ["red background"], **args)
+            generate(pipe, args.pop("prompts"), **args)
+    held = held_out(count=1, unstated=1, repeats=2)
+    for call, name in ((lambda: held_out(seed=-1), "seed"), (lambda: quality_row(pipe, held, None, 2, "none"), "teachers"),
+                       (lambda: quality_table(pipe, [2], "none"), "cfgs"), (lambda: quality_table(pipe, [], ["none"]), "steps_list"),
+                       (lambda: quality_table(pipe, [2], ["none"], count=1, unstated=1, repeats=2, teacher_steps=0),
+                        "teacher_steps")):
+        with pytest.raises(ValueError, match=name):
+            call()
+    with pytest.raises(ValueError, match="outside its range"):   # 0–255 values read as [0, 1]: refused, not clipped
+        measure(torch.full((len(held.texts), 3, 64, 64), 200.0), held, None)
 
 
 def test_bench_quality_prints_and_writes_the_table(tmp_path):
@@ -61,9 +71,15 @@ def test_bench_quality_prints_and_writes_the_table(tmp_path):
     assert {r["cfg"] for r in written["rows"]} == {"self", "none"}
 
 
-def test_bench_quality_names_a_bad_option():
+def test_bench_quality_names_a_bad_option(tmp_path):
     result = CliRunner().invoke(main, ["bench", "quality", "--cfg", "full,half"])
     assert result.exit_code == 2 and "--cfg" in result.output
+    for args, named in [(["--schedule", str(tmp_path / "missing.json")], "--schedule"), (["--out", str(tmp_path)], "--out"),
+                        (["--out", str(tmp_path / "q.json" / "sub.json")], "--out")]:
+        (tmp_path / "q.json").write_text("")
+        result = CliRunner().invoke(main, ["bench", "quality", "--steps", "2", "--count", "1", "--unstated", "1",
+                                           "--repeats", "2", "--teacher-steps", "2", *args])
+        assert result.exit_code == 2 and named in result.output and "done" not in result.output, result.output
 
 
 def test_a_row_with_an_adapter_leaves_the_pipeline_as_it_found_it(pipe):

@@ -184,21 +184,38 @@ def test_block_applies_backpressure():
     assert runner.stats().dropped == 0
 
 
-def test_stream_exception_propagates_and_stops_the_runner():
+def test_stream_exception_propagates_after_the_frames_before_it_and_stops_the_runner():
     stream = FakeStream(lag=1, fail_at=3)
     runner = StreamRunner(stream, max_queue=16)
     for k in range(6):
         runner.put(k)
+    got = []
     with pytest.raises(StreamError) as raised:
         for _ in range(6):
-            runner.get(timeout=60)
+            got.append(runner.get(timeout=60))
+    # inputs 0 and 1 came out of calls 1 and 2, input 2 was in flight and is flushed: none lost
+    assert [(r.index, r.image) for r in got] == [(k, f(k)) for k in range(3)]
     assert isinstance(raised.value.__cause__, ValueError)
     assert "boom at call 3" in str(raised.value.__cause__)
+    assert "inputs 3 to 5 get no result" in str(raised.value)   # the ones lost are named
     with pytest.raises(StreamError):
         runner.put(99)
     runner.close()  # already reported: closes quietly
     runner.close()
     assert stream.calls == 4  # the runner stopped at the failure
+
+
+def test_bad_timeouts_and_a_stream_without_frames_are_named():
+    runner = StreamRunner(FakeStream())
+    for bad in (float("nan"), -1.0, "1"):
+        with pytest.raises(ValueError, match="timeout"):
+            runner.get(timeout=bad)
+        with pytest.raises(ValueError, match="timeout"):
+            runner.put(0, timeout=bad)
+    runner.close()
+    for frame_buffer in (0, 2.7):
+        with pytest.raises(ValueError, match="frame_buffer"):
+            StreamRunner(FakeStream(frame_buffer=frame_buffer))
 
 
 def test_unreported_exception_is_raised_by_close():

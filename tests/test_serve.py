@@ -161,6 +161,10 @@ def test_the_application_autoscales_on_sessions_or_keeps_its_replicas():
         serve.build_application("tiny", config, min_replicas=3, max_replicas=2)
     with pytest.raises(ValueError, match="target_sessions"):
         serve.build_application("tiny", config, max_replicas=2, target_sessions=0)
+    with pytest.raises(ValueError, match="device"):
+        serve.build_application("tiny", config, device="bogus")
+    floor = serve.build_application("tiny", config, min_replicas=9, device="cpu")._bound_deployment
+    assert floor._deployment_config.autoscaling_config.max_replicas == 9   # the default ceiling of 8 raised
 
 
 def test_a_kuberay_rayservice_manifest_runs_the_same_application():

@@ -257,3 +257,8 @@ def test_heldout_prompts_are_fixed_distinct_and_canonical():
     assert heldout_prompts("one", 10, seed=5) != sets["one"][:10]
     with pytest.raises(ValueError, match="kind"):
         heldout_prompts("four")
+    for count in (0, 2.5, 10**6):   # 10**6 would draw for minutes before finding too few
+        with pytest.raises(ValueError, match="count"):
+            heldout_prompts("one", count)
+    with pytest.raises(ValueError, match="seed"):
+        heldout_prompts("one", 4, seed=-1)

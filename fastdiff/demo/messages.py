@@ -57,6 +57,8 @@ def parse_control(text: str) -> Control:
         if isinstance(error, ClientError):
             raise
         raise ClientError(f"control message is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ClientError("control message is nested too deeply to be a control message") from None
     if not isinstance(message, dict):
         raise ClientError(f"control message must be a JSON object, got {type(message).__name__}")
     kind = message.pop("type", None)
@@ -117,6 +119,9 @@ def open_frame(data: bytes, index: int, max_side: int) -> Image.Image:
     decoded later (:func:`decode_opened`), so a frame replaced by a newer one costs no decoding."""
     try:
         image = Image.open(io.BytesIO(data), formats=FRAME_FORMATS)
+    except Image.DecompressionBombError:   # a small file whose header claims a huge picture
+        raise ClientError(f"frame {index} claims a picture far larger than {max_side}×{max_side}", field="frame",
+                          index=index) from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise ClientError(f"frame {index} is not a JPEG or WebP image", field="frame", index=index) from None
     width, height = image.size

@@ -30,12 +30,12 @@ from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from ..checks import check_int
+from ..checks import check_int, check_number
 from ..streaming import Stream
 from ..streaming import DEFAULT_STEPS
 from .inbox import Frame, Inbox
 from .memory import release_free_memory
-from .messages import FORMATS, MODES, ClientError, open_frame, parse_control
+from .messages import FORMATS, MAX_GUIDANCE, MODES, ClientError, open_frame, parse_control
 from .session import Session, Settings
 from .stats import FrameStats
 
@@ -64,7 +64,8 @@ class DemoConfig:
     def __post_init__(self):
         check_int(self.max_sessions, "max_sessions", 1)
         check_int(self.max_message_bytes, "max_message_bytes", 1024)
-        check_int(self.max_frame_side, "max_frame_side", 16)
+        check_int(self.max_frame_side, "max_frame_side", 16, 8192)   # a frame's pixels are decoded in memory
+        check_number(self.guidance_scale, "guidance_scale", 0.0, MAX_GUIDANCE)   # what clients may send back
         if self.threads is not None:
             check_int(self.threads, "threads", 1)
         if not isinstance(self.prompt, str) or not self.prompt.strip():

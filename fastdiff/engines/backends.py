@@ -220,6 +220,10 @@ def engine(component: Component, backend: str = "auto", *, profile: ShapeProfile
     if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
         raise ValueError(f"cache_dir must be a folder path, got {cache_dir!r}")
     check_int(threads, "threads", 1, optional=True)
+    if not isinstance(rebuild, bool):   # a string such as "no" would read as true
+        raise ValueError(f"rebuild must be True or False, got {rebuild!r}")
+    if options is not None and not isinstance(options, dict):
+        raise ValueError(f"options must be a dict of TensorRT's options, got {type(options).__name__}")
     device = next(component.module.parameters()).device
     backend = resolve_backend(backend, device)
     precision = check_precision(precision, component)

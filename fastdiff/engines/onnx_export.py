@@ -61,7 +61,9 @@ def export_onnx(component: Component, path: str, profile: ShapeProfile, *, opset
     """Write `component` as ONNX to `path`; returns what was done: exporter, opset, external data."""
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
-    check_int(opset, "opset", MIN_OPSET)
+    import onnx
+
+    check_int(opset, "opset", MIN_OPSET, onnx.defs.onnx_opset_version())   # the newest the installed onnx knows
     profile.check_multiple(component.size_divisor * (8 if component.size_divisor > 1 and not profile.static_size else 1))
     dtype = dtype or component.dtype
     graph = component.graph.eval()

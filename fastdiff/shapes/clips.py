@@ -33,7 +33,7 @@ def moving_shapes_clip(num_frames: int = 32, size: int = 64, seed: int = 0) -> l
     seed always gives the same frames.
     """
     check_int(num_frames, "num_frames", 1)
-    check_int(size, "size", 16)  # smaller frames leave the shape no room to move
+    check_int(size, "size", 16, 2048)  # smaller frames leave the shape no room to move; larger ones no memory
     check_int(seed, "seed")
 
     rng = random.Random(seed)

@@ -64,6 +64,10 @@ def _as_uint8(image, value_range) -> np.ndarray:
             # Floats are [0, 1] unless some value is negative: every palette colour but white has
             # a channel below the middle, so a [-1, 1] shapes picture always has one.
             low, high = value_range or ((-1.0, 1.0) if a.min() < 0 else (0.0, 1.0))
+            slack = 0.05 * (high - low)   # a decoder's overshoot; 0–255 values in a [0, 1] range are not
+            if a.min() < low - slack or a.max() > high + slack:
+                raise ValueError(f"a picture holds values from {a.min():g} to {a.max():g}, outside its range "
+                                 f"({low:g}, {high:g})")
             a = np.clip(np.rint((a - low) * (255 / (high - low))), 0, 255).astype(np.uint8)
     if a.shape[:2] != (RESOLUTION, RESOLUTION):
         a = np.asarray(Image.fromarray(a).resize((RESOLUTION, RESOLUTION), Image.BOX))

@@ -561,6 +561,8 @@ def heldout_prompts(kind: str = "one", count: int = 256, seed: int | None = None
     """
     if kind not in HELDOUT_SEEDS:
         raise ValueError(f"kind must be one of {HELDOUT_KINDS}, got {kind!r}")
+    check_int(count, "count", 1, 10_000)   # the world has a few thousand distinct one-object captions
+    check_int(seed, "seed", 0, optional=True)
     rng = np.random.default_rng(HELDOUT_SEEDS[kind] if seed is None else seed)
     prompts: dict[str, Scene] = {}
     for _ in range(100 * count):  # far more draws than a possible `count` needs

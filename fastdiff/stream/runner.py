@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Any, Iterator
 
-from ..checks import check_choice, check_int
+from ..checks import check_choice, check_int, check_number
 from .stats import LatencyWindow
 
 __all__ = ["FrameResult", "RunnerStats", "StreamError", "StreamRunner"]
@@ -73,7 +73,7 @@ class StreamRunner:
     """
 
     def __init__(self, stream, max_queue: int = 8, when_full: str = "block"):
-        frame_buffer = int(stream.frame_buffer)
+        frame_buffer = check_int(stream.frame_buffer, "stream.frame_buffer", 1)
         check_int(max_queue, "max_queue", 1)
         if max_queue < frame_buffer:
             raise ValueError(f"max_queue ({max_queue}) must hold a whole group of frame_buffer={frame_buffer} frames")
@@ -103,6 +103,7 @@ class StreamRunner:
 
     def put(self, frame, timeout: float | None = None) -> int:
         """Queue `frame`; return its index. Raises queue.Full if "block" waited `timeout` s in vain."""
+        check_number(timeout, "timeout", 0.0, optional=True)
         t_put = time.perf_counter()
         with self._changed:
             self._raise_if_failed()
@@ -131,15 +132,17 @@ class StreamRunner:
             return index
 
     def get(self, timeout: float | None = None) -> FrameResult:
-        """The next result in input order. Raises queue.Empty on timeout, EOFError once closed and drained."""
+        """The next result in input order. Raises queue.Empty on timeout, EOFError once closed and drained,
+        StreamError once the stream failed and the results finished before that are delivered."""
+        check_number(timeout, "timeout", 0.0, optional=True)
         with self._changed:
             ready = self._changed.wait_for(
                 lambda: self._next_out in self._ready or self._finished() or self._error is not None, timeout
             )
-            self._raise_if_failed()
             if self._next_out in self._ready:
                 self._next_out += 1
                 return self._ready.pop(self._next_out - 1)
+            self._raise_if_failed()
             if ready:
                 raise EOFError("the runner is closed and every result has been delivered")
             raise queue.Empty(f"no result within {timeout} s")
@@ -192,7 +195,9 @@ class StreamRunner:
         if self._error is None or (only_once and self._error_reported):
             return
         self._error_reported = True
-        raise StreamError(f"the stream raised in the runner's worker: {self._error!r}") from self._error
+        lost = f"; inputs {self._next_out} to {self._next_index - 1} get no result" \
+            if self._next_out < self._next_index else ""
+        raise StreamError(f"the stream raised in the runner's worker: {self._error!r}{lost}") from self._error
 
     # --- worker side ---------------------------------------------------------------------------
 
@@ -203,11 +208,21 @@ class StreamRunner:
             for entries, outs in self.stream.flush_tagged():
                 self._deliver(entries, [outs] if self._frame_buffer == 1 else outs, skipped=False)
         except BaseException as error:  # noqa: BLE001 - handed to the caller, who decides
+            self._recover_in_flight()
             with self._changed:
                 self._error = error
         finally:
             with self._changed:
                 self._changed.notify_all()  # wake get() and put() waiting on the error
+
+    def _recover_in_flight(self) -> None:
+        """After a failed call, deliver the frames already in the stream's pipeline if it can still
+        finish them (a refused frame leaves it as it was): the inputs before the failure aren't lost."""
+        try:
+            for entries, outs in self.stream.flush_tagged():
+                self._deliver(entries, [outs] if self._frame_buffer == 1 else outs, skipped=False)
+        except Exception:  # noqa: BLE001 - the stream is broken too: the first error is the one reported
+            pass
 
     def _take_group(self) -> list | None:
         """Wait for F queued frames (fewer only when closing); None when closing with nothing left."""

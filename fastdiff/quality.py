@@ -106,10 +106,10 @@ def generate(pipe, prompts: list[str], steps: int, cfg: str, solver: str | None 
     if solver is not None:
         check_choice(solver, "solver", SOLVERS)
     check_int(steps, "steps", 1)
-    check_int(seed, "seed", 0, 2**63 - 1 - len(prompts))
-    check_int(batch, "batch", 1)
-    if isinstance(prompts, str) or not len(prompts):
+    if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("prompts: a non-empty list of prompts")
+    check_int(seed, "seed", 0, 2**63 - 1 - len(prompts))   # each batch draws from seed + its first row
+    check_int(batch, "batch", 1)
     fast = accelerate(pipe, cfg=cfg, solver=solver, **(options or {}))
     height, width = fast.parts.size(None, None)   # the model's native size
     noise = _noise(len(prompts), fast.parts.latent_shape(height, width), seed)

@@ -108,7 +108,7 @@ def check_prompts(prompts, name: str, tokenizers, allow_empty: bool) -> list[str
     for p in prompts:
         if not allow_empty and not p.strip():
             raise ValueError(f"{name} must not be empty")
-        if not p.isprintable() and any(0xD800 <= ord(c) <= 0xDFFF for c in p):   # no tokenizer takes them
+        if any(0xD800 <= ord(c) <= 0xDFFF for c in p):   # no tokenizer (nor UTF-8) takes them
             raise ValueError(f"{name} holds a lone surrogate (a broken UTF-16 pair): {p[:60]!r}")
         for tok in tokenizers:
             if tok is None:

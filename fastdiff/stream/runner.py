@@ -205,8 +205,7 @@ class StreamRunner:
         try:
             while (group := self._take_group()) is not None:
                 self._run_group(group)
-            for entries, outs in self.stream.flush_tagged():
-                self._deliver(entries, [outs] if self._frame_buffer == 1 else outs, skipped=False)
+            self._flush()
         except BaseException as error:  # noqa: BLE001 - handed to the caller, who decides
             self._recover_in_flight()
             with self._changed:
@@ -219,10 +218,14 @@ class StreamRunner:
         """After a failed call, deliver the frames already in the stream's pipeline if it can still
         finish them (a refused frame leaves it as it was): the inputs before the failure aren't lost."""
         try:
-            for entries, outs in self.stream.flush_tagged():
-                self._deliver(entries, [outs] if self._frame_buffer == 1 else outs, skipped=False)
+            self._flush()
         except Exception:  # noqa: BLE001 - the stream is broken too: the first error is the one reported
             pass
+
+    def _flush(self) -> None:
+        """Deliver the frames in the stream's pipeline (``flush_tagged``)."""
+        for entries, outs in self.stream.flush_tagged():
+            self._deliver(entries, [outs] if self._frame_buffer == 1 else outs, skipped=False)
 
     def _take_group(self) -> list | None:
         """Wait for F queued frames (fewer only when closing); None when closing with nothing left."""

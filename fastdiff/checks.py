@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["check_int", "check_number", "check_choice"]
+__all__ = ["check_int", "check_number", "check_choice", "check_seed", "MAX_SEED"]
+
+MAX_SEED = 2**63 - 1   # the largest seed a torch.Generator takes
 
 
 def _bounds(low, high, low_open: bool = False, high_open: bool = False) -> str:
@@ -43,6 +45,11 @@ def check_number(value, name: str, low: float | None = None, high: float | None 
         what = " ".join(filter(None, ["a finite number", _bounds(low, high, low_open, high_open)]))
         raise ValueError(f"{name} must be {what}{' or None' if optional else ''}, got {value!r}")
     return float(value)
+
+
+def check_seed(value, name: str = "seed") -> int:
+    """`value` as a seed a torch.Generator takes: an integer in [0, MAX_SEED]."""
+    return check_int(value, name, 0, MAX_SEED)
 
 
 def check_choice(value, name: str, choices):

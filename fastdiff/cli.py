@@ -19,6 +19,7 @@ from PIL import Image, ImageOps
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from .artefacts import StaleArtefactError
+from .checks import MAX_SEED
 from .quality import SOLVERS as QUALITY_SOLVERS
 from .sampling.guidance import CFG_MODES
 from .sampling.schedule import SOLVERS
@@ -41,7 +42,7 @@ OPTION_OF = {
 # One vocabulary for what runs the model, in every command: "torch" is the pipeline's own modules,
 # the rest are fastdiff's engine backends.
 BACKEND_CHOICES = ("torch", "auto", "onnxruntime", "tensorrt", "aoti", "inductor")
-SEED = click.IntRange(0, 2**63 - 1)   # what a torch.Generator takes
+SEED = click.IntRange(0, MAX_SEED)
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from .checks import check_choice, check_int
+from .checks import MAX_SEED, check_choice, check_int
 from .sampling.guidance import CFG_MODES
 from .shapes.metrics import coverage, frechet_distance, paired_psnr, prompt_accuracy
 from .shapes.render import heldout_prompts, realise, render_batch
@@ -108,7 +108,7 @@ def generate(pipe, prompts: list[str], steps: int, cfg: str, solver: str | None 
     check_int(steps, "steps", 1)
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("prompts: a non-empty list of prompts")
-    check_int(seed, "seed", 0, 2**63 - 1 - len(prompts))   # each batch draws from seed + its first row
+    check_int(seed, "seed", 0, MAX_SEED - len(prompts))   # each batch draws from seed + its first row
     check_int(batch, "batch", 1)
     fast = accelerate(pipe, cfg=cfg, solver=solver, **(options or {}))
     height, width = fast.parts.size(None, None)   # the model's native size

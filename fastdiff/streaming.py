@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from .checks import check_choice, check_int, check_number
+from .checks import check_choice, check_int, check_number, check_seed
 from .images import FiniteWatch, check_output_type, from_model_tensor, signed, to_model_tensor
 from .sampling.guiders import make_guider
 from .sampling.schedule import step_schedule
@@ -85,7 +85,7 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         check_number(similarity_filter, "similarity_filter", 0.0, 1.0, low_open=True, high_open=True, optional=True)
         self.pipe = pipe
         self.parts = Prepared(pipe, backend, engine_options)
-        self.generator = torch.Generator(self.denoiser.device).manual_seed(check_int(seed, "seed", 0, 2**63 - 1))
+        self.generator = torch.Generator(self.denoiser.device).manual_seed(check_seed(seed))
         self.filter = (SimilarityFilter(float(similarity_filter), max_skip_frames, seed)
                        if similarity_filter is not None else None)
         self._pending = None   # an engine rebuild running in the background (set_adapter(wait=False))
@@ -141,13 +141,13 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         if self.latents is not None:
             self.update(prompt=prompt, negative_prompt=negative_prompt)
             return
-        self._encode(prompt, negative_prompt)
+        self._cond = self._encoded(prompt, negative_prompt, (self.height, self.width))
+        self.prompt, self.negative_prompt = prompt, negative_prompt
         self._start()
 
-    def _encode(self, prompt, negative_prompt):
-        self._cond = self.parts.encode(prompt, negative_prompt, self.height, self.width, frames=self.frame_buffer,
-                                       route=self._route())
-        self.prompt, self.negative_prompt = prompt, negative_prompt
+    def _encoded(self, prompt, negative_prompt, size):
+        """(cond, uncond) of the prompts at `size` (SDXL's conditioning holds the image size), routed."""
+        return self.parts.encode(prompt, negative_prompt, *size, frames=self.frame_buffer, route=self._route())
 
     def _start(self):
         cond, uncond = self._cond
@@ -206,7 +206,7 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         encoded = None
         # a new size re-encodes too: SDXL's conditioning holds the image size
         if (prompt, negative_prompt) != (self.prompt, self.negative_prompt) or resized:
-            encoded = self.parts.encode(prompt, negative_prompt, *size, frames=self.frame_buffer, route=self._route())
+            encoded = self._encoded(prompt, negative_prompt, size)
         if guider is not self.guider:
             self.guider = guider
             self.latents.set_guider(guider)

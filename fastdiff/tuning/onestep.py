@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from ..artefacts import StaleArtefactError, library_versions, lock, publish_folder, weights_hash
-from ..checks import check_choice, check_int, check_number
-from ..denoiser import denoiser_for
+from ..checks import check_choice, check_int, check_number, check_seed
+from ..denoiser import check_prompts, denoiser_for
 from ..sampling.guidance import full_guidance
 from ..sampling.guiders import make_guider
 from ..sampling.schedule import step_schedule
@@ -200,13 +200,11 @@ def train_onestep(pipe, prompts, rank: int = 16, minutes: float = 30.0, *, itera
     check_number(guidance_rescale, "guidance_rescale", 0.0, 1.0)
     check_int(batch, "batch", 1, 1 << 16)
     check_number(lr, "lr", 0.0)   # 0: the adapter stays as `init` gave it (the fake score still learns)
-    check_int(seed, "seed", 0, 2**63 - 1)
+    check_seed(seed)
     if workdir is not None and (not isinstance(workdir, (str, os.PathLike)) or os.path.isfile(workdir)):
         raise ValueError(f"workdir must be a folder's path (made if missing), got {workdir!r}")
     init_source = _init_adapter(init, pipe, rank) if init is not None else None
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompts must hold at least one prompt, all strings")
+    prompts = check_prompts(prompts, "prompts", (), allow_empty=True)
     adapter_family = denoiser_for(pipe)
     if adapter_family.family != "unet":
         raise ValueError(f"pipe: one-step training is written for SD-family UNets, not {adapter_family.family!r}")

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 from ..artefacts import StaleArtefactError
 from ..checks import check_choice, check_int, check_number
-from ..denoiser import denoiser_for
+from ..denoiser import check_prompts, denoiser_for
 from .pruning import GROUPS, Unit, attach_gates, gate_size, keep_one, macs_of, prunable_units, prune, unit_macs
 from .routers import Router, RouterHead, load_router, merge_lora, placed_like, plain_base, pooled_prompts
 from .schedules import model_hash, prompts_hash
@@ -122,9 +122,7 @@ def _picture_batches(pipe, prompts, images, generator):
     and their prompts, drawn from `prompts` and their `images` ([N, 3, H, W] in [-1, 1]) or from
     `images` itself when it is a callable ``(count, generator) -> (images, prompts)``."""
     if not callable(images):
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompts must hold at least one prompt, all strings")
+        prompts = check_prompts(prompts, "prompts", (), allow_empty=True)
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
             got = getattr(images, "shape", type(images).__name__)
             raise ValueError(f"images must be a tensor [N, 3, H, W] in [-1, 1], got {got}")

@@ -30,6 +30,7 @@ import torch
 
 from ..artefacts import StaleArtefactError, read_json, write_json
 from ..checks import check_choice, check_int, check_number
+from ..denoiser import check_prompts
 from ..sampling.schedule import step_schedule
 from ..sampling.solvers import advance
 from .fitness import DEFAULT_WEIGHTS, Trajectories
@@ -231,17 +232,6 @@ def _load_state(path, trajectories, steps, seed):
     return state
 
 
-def _prompt_list(prompts, name: str, optional: bool) -> list[str]:
-    """`prompts` (a string or a list of them) as a list, checked by `name`."""
-    if optional and (prompts is None or (isinstance(prompts, (list, tuple)) and not prompts)):
-        return []
-    prompts = [prompts] if isinstance(prompts, str) else prompts
-    if not isinstance(prompts, (list, tuple)) or not prompts \
-            or not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise ValueError(f"{name} must be a prompt or a non-empty list of prompts, got {prompts!r}")
-    return list(prompts)
-
-
 def _check_evolution(method: str, settings: dict) -> None:
     """The evolutionary search's settings (:data:`EVOLUTION`): known, and only for that method."""
     unknown = sorted(set(settings) - set(EVOLUTION))
@@ -317,8 +307,8 @@ def search_steps(pipe, prompts, steps: int, method: str = "evolution", budget_mi
     if judge is not None and mode == "stream":
         raise ValueError("judge: a stream search is judged against its teacher only (a clip's frames are not "
                          "pictures of the prompt); pass judge=None")
-    prompts, eval_prompts = (_prompt_list(p, name, optional) for p, name, optional in
-                             ((prompts, "prompts", False), (eval_prompts, "eval_prompts", True)))
+    prompts = check_prompts(prompts, "prompts", (), allow_empty=False)
+    eval_prompts = check_prompts(eval_prompts, "eval_prompts", (), allow_empty=False) if eval_prompts else []
     if set(prompts) & set(eval_prompts):
         raise ValueError("eval_prompts must be disjoint from prompts (the search's own)")
     weights = {**DEFAULT_WEIGHTS, **(weights or {})}

@@ -10,6 +10,10 @@ them, for every kind:
   another process is reading;
 - :func:`check_manifest` — a manifest is used only when every field matches what is asked for;
   otherwise :class:`StaleArtefactError` names each field that differs;
+- :func:`sealed` / :func:`check_seal` — a manifest (or a single-file artefact such as a schedule)
+  carries the digest of its own content, so that one edited by hand or damaged is refused rather
+  than used: the file digests cover the weights, the seal covers what the manifest says of them
+  (gates, sampling, timesteps);
 - :func:`write_json` — atomic JSON writes (single-file artefacts such as schedules embed their
   manifest this way).
 """
@@ -25,11 +29,12 @@ import uuid
 
 import torch
 
-__all__ = ["MANIFEST", "StaleArtefactError", "weights_hash", "files_digest", "library_versions", "differences",
-           "check_fields", "write_json", "read_json", "lock", "publish_folder", "read_manifest", "check_manifest",
-           "remove_leftovers"]
+__all__ = ["MANIFEST", "SEAL", "StaleArtefactError", "weights_hash", "files_digest", "library_versions", "differences",
+           "check_fields", "sealed", "check_seal", "write_json", "read_json", "lock", "publish_folder", "read_manifest",
+           "check_manifest", "remove_leftovers"]
 
 MANIFEST = "manifest.json"
+SEAL = "content_sha256"   # the key of a manifest's digest of its own content
 PARTIAL, RETIRED = ".partial-", ".retired-"
 
 
@@ -100,6 +105,23 @@ def check_fields(what: str, wanted: dict, found: dict, remedy: str) -> None:
         raise StaleArtefactError(f"{what} was made for something else (" + "; ".join(differs) + f"); {remedy}")
 
 
+def _content_digest(data: dict) -> str:
+    body = json.loads(json.dumps({k: v for k, v in data.items() if k != SEAL}))   # as it reads back from the file
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def sealed(data: dict) -> dict:
+    """`data` with the digest of its own content under :data:`SEAL`."""
+    return {**data, SEAL: _content_digest(data)}
+
+
+def check_seal(data: dict, what: str, remedy: str) -> None:
+    """Raise :class:`StaleArtefactError` unless `data` carries the digest of its own content."""
+    if data.get(SEAL) != _content_digest(data):
+        raise StaleArtefactError(f"{what} is damaged or was edited: its content does not match its own digest "
+                                 f"({SEAL}); {remedy}")
+
+
 def write_json(path: str, data) -> None:
     """Write `data` as JSON to `path` atomically (a reader sees the old file or the whole new one)."""
     tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -137,9 +159,9 @@ def read_manifest(folder: str) -> dict | None:
 
 
 def check_manifest(folder: str, fields: dict, kind: str, fmt: int, remedy: str, *, digest: bool = True) -> dict:
-    """The manifest of the `kind` artefact in `folder` if it was made from `fields` in format `fmt`
-    and its files are whole (sizes, and with `digest` their sha256); :class:`StaleArtefactError`
-    naming what differs otherwise."""
+    """The manifest of the `kind` artefact in `folder` if it was made from `fields` in format `fmt`,
+    is sealed (:func:`check_seal`) and its files are whole (sizes, and with `digest` their sha256);
+    :class:`StaleArtefactError` naming what differs otherwise."""
     manifest = read_manifest(folder)
     if manifest is None:
         raise StaleArtefactError(f"{folder} holds no {MANIFEST}: not a complete {kind}")
@@ -148,6 +170,7 @@ def check_manifest(folder: str, fields: dict, kind: str, fmt: int, remedy: str, 
         raise StaleArtefactError(f"the {kind} in {folder} has format {manifest.get('format')!r}; this fastdiff "
                                  f"reads {fmt}; {remedy}")
     check_fields(f"the {kind} in {folder}", fields, found, remedy)
+    check_seal(manifest, f"the {kind} in {folder}", remedy)
     files = manifest.get("files")
     if not isinstance(files, dict) or not all(isinstance(e, dict) and {"bytes", "sha256"} <= e.keys()
                                               for e in files.values()):
@@ -202,9 +225,9 @@ def publish_folder(folder: str, fields: dict, build, fmt: int, *, extra: dict | 
     try:
         start = time.perf_counter()
         details = build(partial) or {}
-        manifest = {"format": fmt, "fields": fields, "details": details, "files": files_digest(partial),
-                    "build_seconds": round(time.perf_counter() - start, 2),
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(extra or {})}
+        manifest = sealed({"format": fmt, "fields": fields, "details": details, "files": files_digest(partial),
+                           "build_seconds": round(time.perf_counter() - start, 2),
+                           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(extra or {})})
         write_json(os.path.join(partial, MANIFEST), manifest)
         if os.path.exists(folder):
             retired = f"{folder}{RETIRED}{uuid.uuid4().hex[:8]}"

@@ -79,6 +79,14 @@ def test_manifest_records_the_key_and_a_stale_artefact_is_refused_then_rebuilt(d
     again = engine(decoder, "onnxruntime", profile=PROFILE, cache_dir=str(tmp_path), threads=1)
     assert not again.built_now and again.folder == runner.folder
 
+    # a manifest edited by hand (its file digests, say) is refused, not used
+    path = os.path.join(runner.folder, cache.MANIFEST)
+    edited = copy.deepcopy(manifest)
+    edited["files"]["model.onnx"]["sha256"] = "0" * 64
+    json.dump(edited, open(path, "w"))
+    with pytest.raises(StaleEngineError, match="does not match its own digest"):
+        engine(decoder, "onnxruntime", profile=PROFILE, cache_dir=str(tmp_path))
+
     # as if onnxruntime had been upgraded since the build
     manifest["fields"]["versions"]["onnxruntime"] = "0.0.1"
     json.dump(manifest, open(os.path.join(runner.folder, cache.MANIFEST), "w"))

@@ -131,7 +131,7 @@ def test_a_damaged_adapter_is_refused(trained, tmp_path):
 
     pipe, _, saved = trained
     for damage, named in [("weights", "does not match its digest"), ("truncated", "missing or not"),
-                          ("sampling", "no readable sampling"), ("garbage", "manifest.json is damaged")]:
+                          ("sampling", "does not match its own digest"), ("garbage", "manifest.json is damaged")]:
         copy = shutil.copytree(saved.path, tmp_path / damage)
         weights, manifest = copy / "pytorch_lora_weights.safetensors", copy / "manifest.json"
         if damage == "weights":   # the same size, other bytes
@@ -141,7 +141,9 @@ def test_a_damaged_adapter_is_refused(trained, tmp_path):
         elif damage == "truncated":
             weights.write_bytes(weights.read_bytes()[:-100])
         elif damage == "sampling":
-            manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items() if k != "sampling"}))
+            edited = json.loads(manifest.read_text())
+            edited["sampling"]["timesteps"] = [t // 2 for t in edited["sampling"]["timesteps"]]   # a later step
+            manifest.write_text(json.dumps(edited))
         else:
             manifest.write_text("{bad")
         with pytest.raises(StaleArtefactError, match=named):

@@ -299,10 +299,19 @@ def test_a_router_with_a_damaged_manifest_is_refused(pipe, trained, tmp_path):
     with pytest.raises(StaleArtefactError, match="manifest.json is damaged"):
         load_router(str(copy), pipe)
     edited = json.loads(manifest)
-    edited["gates"][0] = edited["gates"][0][:-1]   # a gate gone: the sub-network would not fit its weights
+    gates = edited["gates"][0]
+    closed, open_ = gates.index(0), gates.index(1)   # one gate closed for another: every weight still fits
+    gates[closed], gates[open_] = 1, 0
     (copy / "manifest.json").write_text(json.dumps(edited))
-    with pytest.raises(StaleArtefactError, match="units and gates don't fit"):
+    with pytest.raises(StaleArtefactError, match="edited: its content does not match its own digest"):
         load_router(str(copy), pipe)
+    edited = json.loads(manifest)
+    edited["details"]["minutes"] = 999   # any field of it
+    (copy / "manifest.json").write_text(json.dumps(edited))
+    with pytest.raises(StaleArtefactError, match="does not match its own digest"):
+        load_router(str(copy), pipe)
+    (copy / "manifest.json").write_text(manifest)
+    assert load_router(str(copy), pipe).codes == len(edited["gates"])   # the copy, put back, loads
 
 
 def test_a_router_for_another_model_is_refused(trained):

@@ -142,8 +142,10 @@ def test_a_search_writes_a_schedule_that_round_trips_and_refuses_other_models(pi
     with pytest.raises(ValueError, match="no schedule file"):
         Schedule.load(str(tmp_path / "missing.json"))
     data["manifest"]["format"] = 1
-    for damage, error, named in [({"timesteps": [999, float("nan")]}, StaleArtefactError, "whole numbers"),
-                                 ({"timesteps": None}, StaleArtefactError, "a list of timesteps"),
+    edited = [999.0, 500.0, 1.0] if loaded.timesteps != [999.0, 500.0, 1.0] else [999.0, 400.0, 1.0]
+    for damage, error, named in [({"timesteps": edited}, StaleArtefactError, "edited: its content does not match"),
+                                 ({"timesteps": None}, StaleArtefactError, "does not match its own digest"),
+                                 ({"content_sha256": None}, StaleArtefactError, "does not match its own digest"),
                                  ({"manifest": [1]}, ValueError, "not a fastdiff step schedule")]:
         json.dump({**data, **damage}, open(path, "w"))
         with pytest.raises(error, match=named):

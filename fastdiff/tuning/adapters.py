@@ -120,13 +120,10 @@ def load_adapter(adapter, pipe=None, adapter_scheduler: str | None = None) -> Ad
             check_manifest(path, fields if isinstance(fields, dict) else {}, "adapter", FORMAT, REMEDY)   # files whole
         except StaleArtefactError as error:
             raise StaleArtefactError(f"adapter: {error}") from None
-        try:
-            s = manifest["sampling"]
-            timesteps = tuple(s["timesteps"]) if s.get("timesteps") else None
-            sampling = AdapterSampling(s.get("scheduler"), s["steps"], timesteps, s.get("guidance_scale", 1.0),
-                                       s.get("config", {}), s.get("eta", 0.0))
-        except (KeyError, TypeError, AttributeError):
-            raise StaleArtefactError(f"adapter: {path}'s manifest is damaged: no readable sampling; {REMEDY}") from None
+        s = manifest["sampling"]   # under the manifest's seal, checked above
+        timesteps = tuple(s["timesteps"]) if s.get("timesteps") else None
+        sampling = AdapterSampling(s.get("scheduler"), s["steps"], timesteps, s.get("guidance_scale", 1.0),
+                                   s.get("config", {}), s.get("eta", 0.0))
         loaded = Adapter(path, sampling, "fastdiff", manifest)
     else:
         weights = os.path.join(path, WEIGHTS_FILE) if os.path.isdir(path) else path

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import math
 import os
 import time
 import weakref
@@ -28,7 +27,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..artefacts import StaleArtefactError, check_fields, library_versions, read_json, weights_hash, write_json
+from ..artefacts import (StaleArtefactError, check_fields, check_seal, library_versions, read_json, sealed, weights_hash,
+                         write_json)
 from ..checks import check_choice, check_int
 from ..denoiser import denoiser_for
 from ..sampling.schedule import SOLVERS, is_flow_scheduler, validate_timesteps
@@ -131,7 +131,7 @@ class Schedule:
         fields = body.pop("fields")
         manifest = {"kind": KIND, "format": FORMAT, "fields": fields, "versions": library_versions(),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        return {"manifest": manifest, **body}
+        return sealed({"manifest": manifest, **body})
 
     def save(self, path: str) -> str:
         """Write the schedule (atomically) to `path`, a ``.json`` file; returns the path."""
@@ -157,11 +157,8 @@ class Schedule:
         if manifest.get("format") != FORMAT:
             raise StaleArtefactError(f"schedule: {path} has format {manifest.get('format')!r}; this fastdiff reads "
                                      f"{FORMAT}; {REMEDY}")
+        check_seal(data, f"schedule: {path}", REMEDY)
         body = {k: data[k] for k in ("timesteps", "solver", "mode", "method", "fitness", "details") if k in data}
-        try:
-            validate_timesteps(body.get("timesteps"), math.inf)
-        except ValueError as error:
-            raise StaleArtefactError(f"schedule: {path} is damaged: {error}") from None
         schedule = cls(fields=manifest.get("fields", {}), **body)
         return schedule.check(pipe) if pipe is not None else schedule
 

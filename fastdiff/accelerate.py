@@ -32,9 +32,10 @@ SUPPORTED = {
     "StableDiffusion3Pipeline": ("txt2img", "diffusers.pipelines.stable_diffusion_3", "StableDiffusion3PipelineOutput"),
     "StableDiffusion3Img2ImgPipeline": ("img2img", "diffusers.pipelines.stable_diffusion_3", "StableDiffusion3PipelineOutput"),
 }
+EMBED_ARGS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 ACCEPTED_ARGS = ("prompt", "image", "negative_prompt", "height", "width", "num_inference_steps", "timesteps",
                  "strength", "guidance_scale", "guidance_rescale", "eta", "num_images_per_prompt", "generator",
-                 "latents", "output_type", "return_dict")
+                 "latents", "output_type", "return_dict", *EMBED_ARGS)
 
 
 def accelerate(pipe, *, cfg: str | None = None, delta: float = 1.0, solver: str | None = None,
@@ -176,9 +177,12 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
     def __call__(self, prompt=None, image=None, *, negative_prompt=None, height=None, width=None,
                  num_inference_steps=None, timesteps=None, strength=None, guidance_scale=None,
                  guidance_rescale=None, eta=None, num_images_per_prompt=1, generator=None, latents=None,
-                 output_type="pil", return_dict=True, **unsupported):
+                 output_type="pil", return_dict=True, prompt_embeds=None, negative_prompt_embeds=None,
+                 pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, **unsupported):
         if unsupported:
             raise TypeError(f"fastdiff.accelerate does not take {sorted(unsupported)}; it accepts {ACCEPTED_ARGS}")
+        embeds = dict(zip(EMBED_ARGS, (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+                                       negative_pooled_prompt_embeds)))
         check_output_type(output_type)
         check_int(num_images_per_prompt, "num_images_per_prompt", 1)
         if guidance_rescale not in (None, 0, 0.0) and "guidance_rescale" not in self.defaults:
@@ -213,7 +217,7 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
             raise ValueError(f"image is not an argument of the txt2img {type(self.pipe).__name__}")
         height, width = self.parts.size(height, width)
         cond, uncond = self.parts.encode(prompt, negative_prompt, height, width, per_prompt=num_images_per_prompt,
-                                         route=self._route())
+                                         route=self._route(), embeds=embeds)
         batch = len(cond)
         _check_generator(generator, batch)
         if pixels is not None:

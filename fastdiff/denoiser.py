@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from .attention import attention_context
+from .images import check_finite
 from .parameters import FirstParameter
 
 
@@ -119,6 +120,40 @@ def check_prompts(prompts, name: str, tokenizers, allow_empty: bool) -> list[str
                                  f"{tok.model_max_length} (start and end tokens included): {p[:60]!r}...")
             _warn_unknown(tok, p, name)
     return list(prompts)
+
+
+def check_embeds(denoiser: "Denoiser", embeds: dict, prompt, negative_prompt) -> dict:
+    """The embeddings a call gives instead of prompts, as diffusers' pipelines take them: the given
+    ones of `embeds` ({name: tensor or None}), each finite, of the family's width and of one row
+    count, on the denoiser's device and dtype. A prompt and its embeddings are not both given; the
+    pooled ones (SDXL, SD3) come with the embeddings they pool."""
+    given = {k: v for k, v in embeds.items() if v is not None}
+    sizes = denoiser.embed_sizes
+    for name, value in given.items():
+        if name not in sizes:
+            raise ValueError(f"{name}: the {denoiser.family} denoiser takes no {name} (it takes {tuple(sizes)})")
+        pooled = "pooled" in name
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() != (2 if pooled else 3) \
+                or value.shape[-1] != sizes[name] or value.shape[0] == 0:
+            want = f"[batch, {sizes[name]}]" if pooled else f"[batch, tokens, {sizes[name]}]"
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"{name} must be a float tensor of shape {want}, got {got}")
+        check_finite(value, name)
+    for text, name in ((prompt, "prompt_embeds"), (negative_prompt, "negative_prompt_embeds")):
+        if text is not None and name in given:
+            raise ValueError(f"{name.replace('_embeds', '')} and {name}: give one of them, not both")
+    for name in [k for k in sizes if "pooled" in k]:   # SDXL and SD3 condition on the pooled embedding too
+        plain = name.replace("pooled_", "")
+        if (plain in given) != (name in given):
+            raise ValueError(f"{name} and {plain} come together: give both or neither")
+    rows = {k: v.shape[0] for k, v in given.items()}
+    if len(set(rows.values())) > 1:
+        raise ValueError(f"the embeddings' batches differ: {rows}")
+    if "prompt_embeds" in given and "negative_prompt_embeds" in given \
+            and given["prompt_embeds"].shape != given["negative_prompt_embeds"].shape:
+        raise ValueError(f"prompt_embeds and negative_prompt_embeds must have one shape, got "
+                         f"{tuple(given['prompt_embeds'].shape)} and {tuple(given['negative_prompt_embeds'].shape)}")
+    return {k: v.to(denoiser.device, denoiser.dtype) for k, v in given.items()}
 
 
 def check_size(denoiser: "Denoiser", codec, height, width) -> tuple[int, int]:
@@ -223,10 +258,17 @@ class Denoiser(abc.ABC):
     def tokenizers(self):
         return [getattr(self.pipe, name, None) for name in ("tokenizer", "tokenizer_2", "tokenizer_3")]
 
+    @property
+    def embed_sizes(self) -> dict:
+        """The width of each embedding a call can give instead of prompts (diffusers' names)."""
+        width = self.original.config.cross_attention_dim
+        return {"prompt_embeds": width, "negative_prompt_embeds": width}
+
     @abc.abstractmethod
-    def encode_prompt(self, prompts: list[str], negative_prompts: list[str] | None,
-                      height: int, width: int) -> tuple[Conditioning, Conditioning]:
-        """(conditional, unconditional) conditioning, one row per prompt."""
+    def encode_prompt(self, prompts: list[str] | None, negative_prompts: list[str] | None,
+                      height: int, width: int, embeds: dict | None = None) -> tuple[Conditioning, Conditioning]:
+        """(conditional, unconditional) conditioning, one row per prompt; `embeds` (checked by
+        :func:`check_embeds`) stand in for the prompts' or the negative prompts' encoding."""
 
     def __call__(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The model's raw output for each row (ε, v or flow velocity, as its scheduler says)."""
@@ -291,9 +333,9 @@ class UNetDenoiser(Denoiser):
 
     family = "unet"
 
-    def encode_prompt(self, prompts, negative_prompts, height, width):
+    def encode_prompt(self, prompts, negative_prompts, height, width, embeds=None):
         cond, uncond = self.pipe.encode_prompt(
-            prompts, self.device, 1, True, negative_prompts)
+            prompts, self.device, 1, True, negative_prompts, **(embeds or {}))
         return Conditioning(cond), Conditioning(uncond)
 
     def run(self, module, latents, t, cond):
@@ -328,11 +370,17 @@ class SDXLDenoiser(UNetDenoiser):
 
     family = "sdxl"
 
-    def encode_prompt(self, prompts, negative_prompts, height, width):
+    @property
+    def embed_sizes(self):
+        config = self.original.config
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        return {**super().embed_sizes, "pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": pooled}
+
+    def encode_prompt(self, prompts, negative_prompts, height, width, embeds=None):
         cond, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(
             prompt=prompts, device=self.device, num_images_per_prompt=1,
-            do_classifier_free_guidance=True, negative_prompt=negative_prompts)
-        n = len(prompts)
+            do_classifier_free_guidance=True, negative_prompt=negative_prompts, **(embeds or {}))
+        n = len(cond)
         if self.pipe.config.get("requires_aesthetics_score", False):
             ids, neg_ids = [height, width, 0, 0, 6.0], [height, width, 0, 0, 2.5]
         else:
@@ -360,10 +408,17 @@ class SD3Denoiser(Denoiser):
 
     family = "sd3"
 
-    def encode_prompt(self, prompts, negative_prompts, height, width):
+    @property
+    def embed_sizes(self):
+        config = self.original.config
+        width, pooled = config.joint_attention_dim, config.pooled_projection_dim
+        return {"prompt_embeds": width, "negative_prompt_embeds": width,
+                "pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": pooled}
+
+    def encode_prompt(self, prompts, negative_prompts, height, width, embeds=None):
         cond, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(
             prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
-            do_classifier_free_guidance=True, negative_prompt=negative_prompts)
+            do_classifier_free_guidance=True, negative_prompt=negative_prompts, **(embeds or {}))
         return (Conditioning(cond, {"pooled_projections": pooled}),
                 Conditioning(uncond, {"pooled_projections": uncond_pooled}))
 
@@ -405,8 +460,12 @@ class GroupedDenoiser(Denoiser):
         self.originals = {int(k): m for k, m in modules.items()}   # the PyTorch sub-networks
         self.modules = dict(self.originals)                        # what runs; engines may replace them
 
-    def encode_prompt(self, prompts, negative_prompts, height, width):
-        return self.base.encode_prompt(prompts, negative_prompts, height, width)
+    @property
+    def embed_sizes(self):
+        return self.base.embed_sizes
+
+    def encode_prompt(self, prompts, negative_prompts, height, width, embeds=None):
+        return self.base.encode_prompt(prompts, negative_prompts, height, width, embeds)
 
     def run(self, module, latents, t, cond):
         return self.base.run(module, latents, t, cond)

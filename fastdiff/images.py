@@ -40,7 +40,7 @@ def check_finite(values, name: str) -> None:
     else:
         return
     if bad:
-        raise ValueError(f"{name} holds NaN or infinite values; a frame or image must be finite")
+        raise ValueError(f"{name} holds NaN or infinite values")
 
 
 def check_unit_range(values, name: str) -> None:

@@ -122,8 +122,8 @@ def test_unsupported_pipeline_and_arguments(txt2img):
     with pytest.raises(ValueError, match="pipe: NotAPipeline is not supported.*StableDiffusionPipeline"):
         fastdiff.accelerate(NotAPipeline())
     fast = fastdiff.accelerate(txt2img)
-    with pytest.raises(TypeError, match="prompt_embeds"):
-        fast("a red circle", prompt_embeds=torch.zeros(1, 77, 32))
+    with pytest.raises(TypeError, match="cross_attention_kwargs"):
+        fast("a red circle", cross_attention_kwargs={"scale": 0.5})
     with pytest.raises(ValueError, match="output_type"):
         fast("a red circle", output_type="gif")
     with pytest.raises(ValueError, match="prompt must not be empty"):
@@ -184,6 +184,60 @@ def test_sdxl_and_sd3_match_diffusers(family, img2img):
     assert expected.std() > 0.01
     np.testing.assert_allclose(run(fastdiff.accelerate(pipe), **args), expected, atol=2e-5)
     assert np.isfinite(run(fastdiff.accelerate(pipe, cfg="self"), **args)).all()
+
+
+def test_prompt_embeds_give_the_images_of_the_prompts_they_encode(txt2img):
+    """Embeddings made elsewhere (e.g. weighted prompts) instead of prompts, as diffusers takes them:
+    the same images as the prompts, and as the pipeline given the same embeddings."""
+    prompts, negatives = ["a red circle", "a blue fox"], ["dark", "bright"]
+    cond, uncond = txt2img.encode_prompt(prompts, "cpu", 1, True, negatives)
+    args = dict(num_inference_steps=3, guidance_scale=6.0, num_images_per_prompt=2)
+    fast = fastdiff.accelerate(txt2img)
+    by_text = run(fast, prompt=prompts, negative_prompt=negatives, **args)
+    by_embeds = run(fast, prompt_embeds=cond, negative_prompt_embeds=uncond, **args)
+    assert by_text.std() > 0.01
+    np.testing.assert_array_equal(by_embeds, by_text)
+    np.testing.assert_allclose(by_embeds, run(txt2img, prompt_embeds=cond, negative_prompt_embeds=uncond, **args),
+                               atol=2e-5)
+    # prompt embeddings with text negatives, and alone (the empty prompt's row as the unconditional)
+    np.testing.assert_array_equal(run(fast, prompt_embeds=cond, negative_prompt=negatives, **args), by_text)
+    np.testing.assert_allclose(run(fast, prompt_embeds=cond, **args), run(txt2img, prompt_embeds=cond, **args),
+                               atol=2e-5)
+
+
+def test_bad_prompt_embeds_are_named(txt2img):
+    fast = fastdiff.accelerate(txt2img)
+    cond = txt2img.encode_prompt(["a red circle"], "cpu", 1, False)[0]
+    bad = [(dict(prompt="a red circle", prompt_embeds=cond), "prompt and prompt_embeds: give one"),
+           (dict(prompt_embeds=cond, negative_prompt="dark", negative_prompt_embeds=cond), "negative_prompt and"),
+           (dict(prompt_embeds=cond[0]), r"prompt_embeds must be a float tensor of shape \[batch, tokens, 32\]"),
+           (dict(prompt_embeds=cond[..., :16]), "prompt_embeds must be a float tensor"),
+           (dict(prompt_embeds=cond.tolist()), "got list"),
+           (dict(prompt_embeds=cond * float("nan")), "prompt_embeds holds NaN"),
+           (dict(prompt_embeds=cond, negative_prompt_embeds=cond.repeat(2, 1, 1)), "batches differ"),
+           (dict(prompt_embeds=cond, negative_prompt_embeds=cond[:, :40]), "must have one shape"),
+           (dict(prompt=["a", "b"], negative_prompt_embeds=cond), "negative_prompt_embeds has 1 rows but prompt has 2"),
+           (dict(prompt_embeds=cond, pooled_prompt_embeds=cond[:, 0]), "the unet denoiser takes no pooled_prompt_embeds")]
+    for kwargs, named in bad:
+        with pytest.raises(ValueError, match=named):
+            fast(num_inference_steps=2, **kwargs)
+
+
+def test_sdxl_takes_pooled_prompt_embeds():
+    from fastdiff.architectures import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    cond, uncond, pooled, uncond_pooled = pipe.encode_prompt("a red circle", negative_prompt="dark")
+    args = dict(num_inference_steps=3, guidance_scale=4.0)
+    fast = fastdiff.accelerate(pipe)
+    by_text = run(fast, prompt="a red circle", negative_prompt="dark", **args)
+    embeds = dict(prompt_embeds=cond, negative_prompt_embeds=uncond, pooled_prompt_embeds=pooled,
+                  negative_pooled_prompt_embeds=uncond_pooled)
+    np.testing.assert_array_equal(run(fast, **embeds, **args), by_text)
+    np.testing.assert_allclose(run(fast, **embeds, **args), run(pipe, **embeds, **args), atol=2e-5)
+    with pytest.raises(ValueError, match="pooled_prompt_embeds and prompt_embeds come together"):
+        fast(prompt_embeds=cond, num_inference_steps=2)
 
 
 def test_size_that_the_model_cannot_take_is_refused(txt2img):

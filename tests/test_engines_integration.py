@@ -117,6 +117,14 @@ def test_accelerate_with_onnxruntime_gives_pytorchs_images(cache_dir):
         fast(PROMPT, height=128, width=128, **kwargs)
     with pytest.raises(ValueError, match="6 rows reach the denoiser engine.*a larger max_batch"):
         fast([PROMPT] * 3, **kwargs)
+    # embeddings given instead of the prompt: the engine's images; of another text length, refused
+    cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(PROMPT, None, None)
+    embeds = dict(prompt_embeds=cond, negative_prompt_embeds=uncond, pooled_prompt_embeds=pooled,
+                  negative_pooled_prompt_embeds=uncond_pooled)
+    torch.testing.assert_close(fast(generator=torch.Generator().manual_seed(0), **embeds, **kwargs).images, got)
+    short = {**embeds, "prompt_embeds": cond[:, :40], "negative_prompt_embeds": uncond[:, :40]}
+    with pytest.raises(ValueError, match="prompt_embeds has 40 tokens; the onnxruntime engines take 333"):
+        fast(**short, **kwargs)
 
 
 def test_accelerate_with_inductor_gives_pytorchs_images():

@@ -338,6 +338,8 @@ def test_routed_accelerate_equals_each_prompt_on_its_sub_network(pipe, trained):
     expected = sum(2 * router.details["macs_per_code"][int(c)] for c in codes)   # CFG: two rows a prompt
     assert routed_macs == pytest.approx(expected, rel=1e-6)
     assert routed_macs <= plain.last_call_macs
+    with pytest.raises(ValueError, match="a router routes each prompt by its text"):
+        fast(prompt_embeds=pipe.encode_prompt(PROMPTS[:1], "cpu", 1, False)[0], **args)
 
 
 def test_a_routed_stream_reports_its_macs(pipe, trained):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..denoiser import Conditioning, check_prompts, check_size, denoiser_for
+from ..denoiser import Conditioning, check_embeds, check_prompts, check_size, denoiser_for
 from ..vae import LatentCodec
 
 __all__ = ["Prepared", "UsesPrepared"]
@@ -67,15 +67,31 @@ class Prepared:
 
     # -- prompts -------------------------------------------------------------------------------
     def encode(self, prompt, negative_prompt, height: int, width: int, *, frames: int | None = None,
-               per_prompt: int = 1, route=None) -> tuple[Conditioning, Conditioning]:
+               per_prompt: int = 1, route=None, embeds: dict | None = None) -> tuple[Conditioning, Conditioning]:
         """(conditional, unconditional) rows for `prompt` and `negative_prompt` (a string or a list).
 
         A stream (`frames` F) takes one prompt or F, one row per frame. A pipeline call takes any
         number of prompts, each repeated `per_prompt` times; a negative prompt is one string or one
-        per prompt. `route` (``(prompts, cond) -> int64 [B]``, a router's) gives every row, and its
-        unconditional row alike, the sub-network it runs on."""
+        per prompt; or, instead of prompts, `embeds` as diffusers' pipelines take them
+        (``prompt_embeds``..., see :func:`check_embeds`), each row repeated alike. `route`
+        (``(prompts, cond) -> int64 [B]``, a router's) gives every row, and its unconditional row
+        alike, the sub-network it runs on."""
         tokenizers = self.denoiser.tokenizers
-        prompts = check_prompts(prompt, "prompt", tokenizers, allow_empty=False)
+        embeds = check_embeds(self.denoiser, embeds or {}, prompt, negative_prompt)
+        if "prompt_embeds" in embeds:
+            if route is not None:
+                raise ValueError("prompt_embeds: a router routes each prompt by its text; give prompt instead")
+            prompts, count = None, len(embeds["prompt_embeds"])
+        else:
+            prompts = check_prompts(prompt, "prompt", tokenizers, allow_empty=False)
+            count = len(prompts)
+        tokens = self._engine_tokens() if embeds and self.backend is not None else None
+        for name, value in embeds.items():   # negative ones beside text prompts: one row a prompt
+            if len(value) != count:
+                raise ValueError(f"{name} has {len(value)} rows but prompt has {count}")
+            if tokens is not None and value.dim() == 3 and value.shape[1] != tokens:
+                raise ValueError(f"{name} has {value.shape[1]} tokens; the {self.backend} engines take {tokens}")
+        embeds = {k: v.repeat_interleave(per_prompt, 0) for k, v in embeds.items()}
         negatives = None
         if negative_prompt is not None:
             negatives = check_prompts(negative_prompt, "negative_prompt", tokenizers, allow_empty=True)
@@ -88,17 +104,25 @@ class Prepared:
             negatives = negatives * (frames // len(negatives)) if negatives is not None else None
         else:
             if negatives is not None:
-                negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
-                if len(negatives) != len(prompts):
-                    raise ValueError(f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}")
+                negatives = negatives * count if len(negatives) == 1 else negatives
+                if len(negatives) != count:
+                    raise ValueError(f"negative_prompt has {len(negatives)} entries but prompt has {count}")
                 negatives = [n for n in negatives for _ in range(per_prompt)]
-            prompts = [p for p in prompts for _ in range(per_prompt)]
+            if prompts is not None:
+                prompts = [p for p in prompts for _ in range(per_prompt)]
         with torch.inference_mode():
-            cond, uncond = self.denoiser.encode_prompt(prompts, negatives, height, width)
+            cond, uncond = self.denoiser.encode_prompt(prompts, negatives, height, width, embeds)
+            if cond.embeds.shape[1] != uncond.embeds.shape[1]:   # given embeddings of another length
+                raise ValueError(f"prompt_embeds has {cond.embeds.shape[1]} tokens and the unconditional rows "
+                                 f"{uncond.embeds.shape[1]}; give negative_prompt_embeds of the same shape")
             if route is not None:
                 routes = route(prompts, cond)
                 cond, uncond = cond.with_route(routes), uncond.with_route(routes)
         return cond, uncond
+
+    def _engine_tokens(self) -> int:
+        """The text length the denoiser's engines are built for (its encoders' own)."""
+        return next(i.shape[1] for i in self.denoiser.graph_spec().inputs if i.name == "encoder_hidden_states")
 
     # -- cost ----------------------------------------------------------------------------------
     def row_macs(self, cond_row: Conditioning, latent_shape: tuple, route: int | None = None) -> float:

@@ -35,7 +35,8 @@ SUPPORTED = {
 EMBED_ARGS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 ACCEPTED_ARGS = ("prompt", "image", "negative_prompt", "height", "width", "num_inference_steps", "timesteps",
                  "strength", "guidance_scale", "guidance_rescale", "eta", "num_images_per_prompt", "generator",
-                 "latents", "output_type", "return_dict", *EMBED_ARGS)
+                 "latents", "output_type", "return_dict", "callback_on_step_end",
+                 "callback_on_step_end_tensor_inputs", *EMBED_ARGS)
 
 
 def accelerate(pipe, *, cfg: str | None = None, delta: float = 1.0, solver: str | None = None,
@@ -113,6 +114,7 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         self._finite = FiniteWatch()
         self._last_rows = None   # (model conditioning, latent shape) of the last call's denoiser calls
         self._warned_steps = set()   # scheduler classes already warned of (see _warn_step)
+        self._num_timesteps, self._interrupt = 0, False   # the last call's, as a step-end callback reads them
         self._max_batch, self._resolutions = max_batch, resolutions or [self.parts.size(None, None)]
         if backend is not None:
             self._attach_engines()
@@ -178,9 +180,11 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
                  num_inference_steps=None, timesteps=None, strength=None, guidance_scale=None,
                  guidance_rescale=None, eta=None, num_images_per_prompt=1, generator=None, latents=None,
                  output_type="pil", return_dict=True, prompt_embeds=None, negative_prompt_embeds=None,
-                 pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, **unsupported):
+                 pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",), **unsupported):
         if unsupported:
             raise TypeError(f"fastdiff.accelerate does not take {sorted(unsupported)}; it accepts {ACCEPTED_ARGS}")
+        _check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         embeds = dict(zip(EMBED_ARGS, (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
                                        negative_pooled_prompt_embeds)))
         check_output_type(output_type)
@@ -278,9 +282,52 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
                               generator=generator)
         t_rows = torch.zeros(len(cond), device=denoiser.device)
         self._last_rows = (guider.model_conditioning(t_rows, cond, uncond, len(cond))[1], latent_shape)
+        self._num_timesteps, self._interrupt = len(schedule), False
         finished = stream.push(clean, noise=noise)
-        result = finished if finished is not None else stream.drain()[0]
-        return self._output(result.latents, output_type, return_dict, codec)
+        if callback_on_step_end is not None:
+            # Euler-type schedulers hold k-diffusion's x0 + σ·ε (init_noise_sigma > 1), the stream α·x0 + β·ε
+            k_state = float(getattr(scheduler, "init_noise_sigma", 1.0)) > 1
+            scales = 1 / schedule.alpha_next if k_state else torch.ones(len(schedule), dtype=torch.float64)
+            latents = self._steps_with_callback(stream, finished, schedule.timesteps, scales.tolist(),
+                                                callback_on_step_end)
+        else:
+            latents = (finished if finished is not None else stream.drain()[0]).latents
+        return self._output(latents, output_type, return_dict, codec)
+
+    # What a step-end callback may read of the pipeline, as diffusers' pipelines show it
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    def _steps_with_callback(self, stream, finished, timesteps, scales, callback) -> torch.Tensor:
+        """The call's steps one at a time (the first already taken), with ``callback(self, i, t,
+        {"latents": ...})`` after each, as diffusers' loop calls it, the latents as the pipeline
+        holds them (the stream's times ``scales[i]``): latents it returns replace the call's; setting
+        ``_interrupt`` stops the steps, and the latents reached are decoded."""
+        for i, t in enumerate(timesteps):
+            if i:
+                finished = stream.advance()
+            group = finished if finished is not None else next(slot for slot in stream.slots if slot is not None)
+            latents = group.latents * scales[i] if scales[i] != 1 else group.latents
+            out = callback(self, i, t, {"latents": latents})
+            if not isinstance(out, dict):
+                raise ValueError(f"callback_on_step_end must return a dict (of the tensors it changes), "
+                                 f"got {type(out).__name__}")
+            changed = out.get("latents", latents)
+            if changed is not latents:
+                if not isinstance(changed, torch.Tensor) or changed.shape != latents.shape:
+                    raise ValueError(f"callback_on_step_end returned latents of shape "
+                                     f"{tuple(getattr(changed, 'shape', ()))}; the step's are {tuple(latents.shape)}")
+                check_finite(changed, "the latents callback_on_step_end returned")
+                latents = changed.to(latents.device, latents.dtype)
+                group.latents = latents / scales[i] if scales[i] != 1 else latents
+            if self._interrupt:
+                return latents
+        return group.latents
 
     def _warn_step(self, scheduler) -> None:
         """Once per scheduler class: fastdiff does not run its own step here, so the images are not
@@ -307,6 +354,20 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         if not return_dict:
             return tuple(fields.values())
         return self.output_class(**fields)
+
+
+def _check_callback(callback, tensor_inputs) -> None:
+    """A step-end callback reads and changes the latents only: the prompt embeddings and the
+    guidance of a call are fixed when its rows are built (diffusers' CFG cut-off callbacks ask for
+    them and are refused)."""
+    if callback is None:
+        return
+    if not callable(callback):
+        raise ValueError(f"callback_on_step_end must be callable, got {type(callback).__name__}")
+    asked = getattr(callback, "tensor_inputs", tensor_inputs)   # diffusers' PipelineCallback objects name their own
+    if isinstance(asked, str) or not isinstance(asked, (list, tuple)) or set(asked) - {"latents"}:
+        raise ValueError(f"callback_on_step_end_tensor_inputs: fastdiff.accelerate gives a step-end callback "
+                         f"the latents only, got {asked!r}")
 
 
 def _check_generator(generator, batch: int) -> None:

@@ -205,6 +205,53 @@ def test_prompt_embeds_give_the_images_of_the_prompts_they_encode(txt2img):
                                atol=2e-5)
 
 
+@pytest.mark.parametrize("scheduler", ["ddim", "lcm", "euler"])
+def test_step_end_callback_sees_and_changes_the_latents_as_in_diffusers(scheduler):
+    """Euler's latents are k-diffusion's x0 + σ·ε, the stream's α·x0 + β·ε: the callback sees the pipeline's."""
+    pipe = tiny_sd_pipeline(scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+
+    def recorder(seen, stop_at=None):
+        def callback(p, i, t, kwargs):
+            seen.append((i, float(t), kwargs["latents"].clone(), p.num_timesteps))
+            if stop_at is not None and i == stop_at:
+                p._interrupt = True
+            return {"latents": kwargs["latents"] * 0.9} if i == 1 else {}   # changed once, mid-way
+        return callback
+
+    args = dict(prompt=["a red circle", "a blue fox"], num_inference_steps=4, guidance_scale=6.0)
+    ours, theirs = [], []
+    got = run(fastdiff.accelerate(pipe), callback_on_step_end=recorder(ours), **args)
+    expected = run(pipe, callback_on_step_end=recorder(theirs), **args)
+    assert [(i, t, n) for i, t, _, n in ours] == [(i, t, n) for i, t, _, n in theirs] and len(ours) == 4
+    for (_, _, mine, _), (_, _, want, _) in zip(ours, theirs):
+        torch.testing.assert_close(mine, want, atol=1e-4, rtol=1e-4)   # Euler's σ-scaled latents reach 15
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+    assert np.abs(got - run(fastdiff.accelerate(pipe), **args)).max() > 1e-3   # the change took effect
+    ours, theirs = [], []   # interrupted after the second step: the latents reached are decoded
+    got = run(fastdiff.accelerate(pipe), callback_on_step_end=recorder(ours, stop_at=1), **args)
+    expected = run(pipe, callback_on_step_end=recorder(theirs, stop_at=1), **args)
+    assert len(ours) == len(theirs) == 2
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+def test_bad_step_end_callbacks_are_named(txt2img):
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    fast = fastdiff.accelerate(txt2img)
+    args = dict(prompt="a red circle", num_inference_steps=2)
+    bad = [(dict(callback_on_step_end=5), "callback_on_step_end must be callable"),
+           (dict(callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["prompt_embeds"]),
+            "the latents only"),
+           (dict(callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.5)), "the latents only"),
+           (dict(callback_on_step_end=lambda *a: None), "must return a dict"),
+           (dict(callback_on_step_end=lambda p, i, t, kw: {"latents": kw["latents"][..., :4]}), "latents of shape"),
+           (dict(callback_on_step_end=lambda p, i, t, kw: {"latents": kw["latents"] * float("nan")}), "NaN")]
+    for kwargs, named in bad:
+        with pytest.raises(ValueError, match=named):
+            fast(**args, **kwargs)
+
+
 def test_bad_prompt_embeds_are_named(txt2img):
     fast = fastdiff.accelerate(txt2img)
     cond = txt2img.encode_prompt(["a red circle"], "cpu", 1, False)[0]

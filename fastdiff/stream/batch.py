@@ -363,10 +363,14 @@ class LatentStream:
         """Run the frames in flight to the end (no new input); their groups, oldest first."""
         finished = []
         while self.in_flight:
-            out = self._step(None)
+            out = self.advance()
             if out is not None:
                 finished.append(out)
         return finished
+
+    def advance(self) -> Finished | None:
+        """One call with no new input: the frames in flight one step on; the group that leaves, if any."""
+        return self._step(None)
 
     def _step(self, new: _Slot | None) -> Finished | None:
         occupied = tuple(j for j, slot in enumerate(self.slots) if slot is not None)

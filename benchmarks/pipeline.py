@@ -1,0 +1,113 @@
+"""The drop-in swap timed: a diffusers pipeline call against the same call through
+``fastdiff.accelerate(pipe)``, eager and on engine backends, on the CPU.
+
+Every configuration makes the same images from the same call (prompts, steps, guidance, seed):
+``fastdiff`` runs the pipeline's own steps and full CFG, so its pictures equal the pipeline's (the
+script checks it); ``fastdiff cfg=self`` trades full CFG's 2n rows for residual guidance's n + 1
+(other pictures, by design); ``fastdiff <backend>`` puts the denoiser and VAE on engines (built first,
+untimed). Configurations take turns call by call; each speed-up is the median of same-round ratios
+against the pipeline, so that the host's drift between rounds cancels.
+
+    python benchmarks/pipeline.py [--model shapes|tiny] [--prompts 4] [--steps 25] [--rounds 7]
+                                  [--backends onnxruntime] [--threads N] [--out out/pipeline.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+from machine import environment  # noqa: E402
+
+PROMPTS = ["a large red circle on the left, blue background", "a small yellow triangle at the top right",
+           "a green square and a purple circle, white background", "two blue triangles, black background"]
+
+
+def configurations(pipe, backends):
+    """(label, callable) of each configuration; engines are built here, before any timing."""
+    import fastdiff
+
+    configs = [("diffusers", pipe), ("fastdiff", fastdiff.accelerate(pipe)),
+               ("fastdiff cfg=self", fastdiff.accelerate(pipe, cfg="self"))]
+    for backend in backends:
+        configs.append((f"fastdiff {backend}", fastdiff.accelerate(pipe, backend=backend)))
+    return configs
+
+
+def run(pipe, call, rounds, backends):
+    """{label: seconds per call (median)}, {label: speed-up over diffusers}, and the largest pixel
+    difference of each configuration's images from the pipeline's, for `call` (the pipeline's arguments)."""
+    configs = configurations(pipe, backends)
+    images = {label: fn(**call, generator=torch.Generator().manual_seed(0)).images for label, fn in configs}
+    differs = {label: float(np.abs(images[label] - images["diffusers"]).max()) for label, _ in configs}
+    times = {label: [] for label, _ in configs}
+    for _ in range(rounds):
+        for label, fn in configs:
+            start = time.perf_counter()
+            fn(**call, generator=torch.Generator().manual_seed(0))
+            times[label].append(time.perf_counter() - start)
+    base = times["diffusers"]
+    speedups = {label: statistics.median(b / t for b, t in zip(base, ts)) for label, ts in times.items()}
+    return {label: statistics.median(ts) for label, ts in times.items()}, speedups, differs
+
+
+def load(model: str):
+    """The pipeline and the guidance its model is drawn with."""
+    if model == "shapes":
+        from fastdiff.shapes.model import GUIDANCE_RESCALE, GUIDANCE_SCALE, load_pipeline
+
+        pipe, guidance = load_pipeline(), {"guidance_scale": GUIDANCE_SCALE, "guidance_rescale": GUIDANCE_RESCALE}
+    else:
+        from fastdiff.architectures import tiny_sd_pipeline
+
+        pipe, guidance = tiny_sd_pipeline(scheduler="ddim"), {"guidance_scale": 5.0}
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, guidance
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["shapes", "tiny"], default="shapes")
+    parser.add_argument("--prompts", type=int, default=4, help="prompts per call (one image each)")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--rounds", type=int, default=7, help="timed calls per configuration, taking turns")
+    parser.add_argument("--backends", default="", help="comma-separated engine backends (e.g. onnxruntime)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--out", default="out/pipeline.json")
+    args = parser.parse_args(argv)
+    for name, value, low in (("--prompts", args.prompts, 1), ("--steps", args.steps, 1), ("--rounds", args.rounds, 1)):
+        if value < low:
+            parser.error(f"{name} must be at least {low}, got {value}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe, guidance = load(args.model)
+    call = dict(prompt=(PROMPTS * args.prompts)[:args.prompts], num_inference_steps=args.steps, output_type="np",
+                **guidance)
+    backends = [b for b in args.backends.split(",") if b]
+    seconds, speedups, differs = run(pipe, call, args.rounds, backends)
+    print(f"{args.model}, {args.prompts} prompts × {args.steps} steps, {guidance}, {args.rounds} rounds")
+    print("| configuration | s / call | speed-up over diffusers | max pixel difference from diffusers |")
+    print("|---|---:|---:|---:|")
+    for label in seconds:
+        print(f"| {label} | {seconds[label]:.3f} | {speedups[label]:.2f}× | {differs[label]:.1e} |")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"environment": environment(["benchmarks/pipeline.py", *(argv or sys.argv[1:])]),
+                   "model": args.model, "prompts": args.prompts, "steps": args.steps, "guidance": guidance,
+                   "seconds": seconds, "speedups": speedups, "max_pixel_difference": differs}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,7 +5,7 @@ Every configuration makes the same images from the same call (prompts, steps, gu
 ``fastdiff`` runs the pipeline's own steps and full CFG, so its pictures equal the pipeline's (the
 script checks it); ``fastdiff cfg=self`` trades full CFG's 2n rows for residual guidance's n + 1
 (other pictures, by design); ``fastdiff <backend>`` puts the denoiser and VAE on engines (built first,
-untimed). Configurations take turns call by call; each speed-up is the median of same-round ratios
+untimed), with either guidance. Configurations take turns call by call; each speed-up is the median of same-round ratios
 against the pipeline, so that the host's drift between rounds cancels.
 
     python benchmarks/pipeline.py [--model shapes|tiny] [--prompts 4] [--steps 25] [--rounds 7]
@@ -31,7 +31,7 @@ sys.path.insert(0, HERE)
 from machine import environment  # noqa: E402
 
 PROMPTS = ["a large red circle on the left, blue background", "a small yellow triangle at the top right",
-           "a green square and a purple circle, white background", "two blue triangles, black background"]
+           "a green square and a purple circle, white background", "a blue triangle and a red square, black background"]
 
 
 def configurations(pipe, backends):
@@ -42,6 +42,7 @@ def configurations(pipe, backends):
                ("fastdiff cfg=self", fastdiff.accelerate(pipe, cfg="self"))]
     for backend in backends:
         configs.append((f"fastdiff {backend}", fastdiff.accelerate(pipe, backend=backend)))
+        configs.append((f"fastdiff {backend} cfg=self", fastdiff.accelerate(pipe, backend=backend, cfg="self")))
     return configs
 
 
@@ -63,11 +64,11 @@ def run(pipe, call, rounds, backends):
 
 
 def load(model: str):
-    """The pipeline and the guidance its model is drawn with."""
+    """The pipeline and the guidance its model is drawn with (no rescale: residual CFG takes none)."""
     if model == "shapes":
-        from fastdiff.shapes.model import GUIDANCE_RESCALE, GUIDANCE_SCALE, load_pipeline
+        from fastdiff.shapes.model import GUIDANCE_SCALE, load_pipeline
 
-        pipe, guidance = load_pipeline(), {"guidance_scale": GUIDANCE_SCALE, "guidance_rescale": GUIDANCE_RESCALE}
+        pipe, guidance = load_pipeline(), {"guidance_scale": GUIDANCE_SCALE}
     else:
         from fastdiff.architectures import tiny_sd_pipeline
 

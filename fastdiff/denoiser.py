@@ -124,9 +124,9 @@ def check_prompts(prompts, name: str, tokenizers, allow_empty: bool) -> list[str
 
 def check_embeds(denoiser: "Denoiser", embeds: dict, prompt, negative_prompt) -> dict:
     """The embeddings a call gives instead of prompts, as diffusers' pipelines take them: the given
-    ones of `embeds` ({name: tensor or None}), each finite, of the family's width and of one row
-    count, on the denoiser's device and dtype. A prompt and its embeddings are not both given; the
-    pooled ones (SDXL, SD3) come with the embeddings they pool."""
+    ones of `embeds` ({name: tensor or None}), each finite and of the family's width, on the
+    denoiser's device and dtype (how many rows each side has is the caller's to check). A prompt and
+    its embeddings are not both given; the pooled ones (SDXL, SD3) come with the embeddings they pool."""
     given = {k: v for k, v in embeds.items() if v is not None}
     sizes = denoiser.embed_sizes
     for name, value in given.items():
@@ -146,12 +146,13 @@ def check_embeds(denoiser: "Denoiser", embeds: dict, prompt, negative_prompt) ->
         plain = name.replace("pooled_", "")
         if (plain in given) != (name in given):
             raise ValueError(f"{name} and {plain} come together: give both or neither")
-    rows = {k: v.shape[0] for k, v in given.items()}
-    if len(set(rows.values())) > 1:
-        raise ValueError(f"the embeddings' batches differ: {rows}")
+    for name in [k for k in given if "pooled" in k]:
+        plain = name.replace("pooled_", "")
+        if len(given[name]) != len(given[plain]):
+            raise ValueError(f"{name} has {len(given[name])} rows, {plain} {len(given[plain])}")
     if "prompt_embeds" in given and "negative_prompt_embeds" in given \
-            and given["prompt_embeds"].shape != given["negative_prompt_embeds"].shape:
-        raise ValueError(f"prompt_embeds and negative_prompt_embeds must have one shape, got "
+            and given["prompt_embeds"].shape[1:] != given["negative_prompt_embeds"].shape[1:]:
+        raise ValueError(f"prompt_embeds and negative_prompt_embeds must have one shape per row, got "
                          f"{tuple(given['prompt_embeds'].shape)} and {tuple(given['negative_prompt_embeds'].shape)}")
     return {k: v.to(denoiser.device, denoiser.dtype) for k, v in given.items()}
 

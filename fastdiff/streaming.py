@@ -19,6 +19,9 @@ from .tuning.routers import HoldsRouter
 
 MODES = ("img2img", "txt2img")
 DEFAULT_STEPS = {"img2img": [32, 45], "txt2img": [0, 16, 32, 45]}
+# each side of a prompt, given as text or as the embeddings that stand in for it
+PROMPT_SIDES = (("prompt", ("prompt_embeds", "pooled_prompt_embeds")),
+                ("negative_prompt", ("negative_prompt_embeds", "negative_pooled_prompt_embeds")))
 
 
 class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
@@ -108,6 +111,7 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         self.schedule = step_schedule(self.scheduler, steps, timesteps, num_inference_steps, self.solver)
         self.height, self.width = self.parts.size(height, width)
         self.prompt = self.negative_prompt = None
+        self._embeds = {}   # the prompt embeddings given in place of prompt or negative prompt
         self.latents: LatentStream | None = None
         self.last_skipped = False
         self.last_tag = None
@@ -136,18 +140,40 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         return self.parts.latent_shape(self.height, self.width)
 
     # -- set-up ----------------------------------------------------------------------------------
-    def prepare(self, prompt, negative_prompt=None):
-        """Encode the prompt and start the stream. On a running stream this is a prompt change."""
+    def prepare(self, prompt=None, negative_prompt=None, *, prompt_embeds=None, negative_prompt_embeds=None,
+                pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None):
+        """Encode the prompt and start the stream. On a running stream this is a prompt change.
+        Embeddings made elsewhere (e.g. weighted prompts) may stand in for either prompt, as diffusers'
+        pipelines take them: one row, or one per frame of the buffer."""
+        embeds = dict(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                      pooled_prompt_embeds=pooled_prompt_embeds,
+                      negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
         if self.latents is not None:
-            self.update(prompt=prompt, negative_prompt=negative_prompt)
+            self.update(prompt=prompt, negative_prompt=negative_prompt, **embeds)
             return
-        self._cond = self._encoded(prompt, negative_prompt, (self.height, self.width))
-        self.prompt, self.negative_prompt = prompt, negative_prompt
+        state = self._prompt_state(prompt, negative_prompt, embeds)
+        self._cond = self._encoded(state, (self.height, self.width))
+        self.prompt, self.negative_prompt, self._embeds = state
         self._start()
 
-    def _encoded(self, prompt, negative_prompt, size):
-        """(cond, uncond) of the prompts at `size` (SDXL's conditioning holds the image size), routed."""
-        return self.parts.encode(prompt, negative_prompt, *size, frames=self.frame_buffer, route=self._route())
+    def _prompt_state(self, prompt, negative_prompt, embeds: dict) -> tuple:
+        """(prompt, negative prompt, embeddings) after a change: a side given anew — as text or as
+        embeddings — replaces that side whole; a side not given stays as it was."""
+        texts = {"prompt": prompt, "negative_prompt": negative_prompt}
+        state = {"prompt": self.prompt, "negative_prompt": self.negative_prompt}
+        kept = dict(self._embeds)
+        for side, names in PROMPT_SIDES:
+            if texts[side] is not None or any(embeds.get(n) is not None for n in names):
+                state[side] = texts[side]
+                kept = {k: v for k, v in kept.items() if k not in names}
+                kept.update({n: embeds[n] for n in names if embeds.get(n) is not None})
+        return state["prompt"], state["negative_prompt"], kept
+
+    def _encoded(self, state: tuple, size):
+        """(cond, uncond) of a prompt state at `size` (SDXL's conditioning holds the image size), routed."""
+        prompt, negative_prompt, embeds = state
+        return self.parts.encode(prompt, negative_prompt, *size, frames=self.frame_buffer, route=self._route(),
+                                 embeds=embeds)
 
     def _start(self):
         cond, uncond = self._cond
@@ -174,15 +200,19 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
 
     def update(self, *, prompt=None, negative_prompt=None, guidance_scale=None, delta=None, guidance_rescale=None,
                steps=None, timesteps=None, num_inference_steps=None, height=None, width=None,
-               with_tags: bool = False) -> list:
+               with_tags: bool = False, prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
+               negative_pooled_prompt_embeds=None) -> list:
         """Change settings at run time, without rebuilding anything.
 
-        Prompt, negative prompt, guidance scale, delta and rescale apply from the next call on, to
-        the frames in flight as well. Steps and resolution change the stream's shape: the frames in
+        Prompt, negative prompt (or their embeddings, as :meth:`prepare` takes them), guidance scale,
+        delta and rescale apply from the next call on, to the frames in flight as well. Steps and resolution change the stream's shape: the frames in
         flight are first finished with the old settings and returned (oldest first), so none is lost
         — as (tag, output) pairs with `with_tags`, as :meth:`flush_tagged` gives them.
         """
         self._require_prepared()
+        embeds = dict(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                      pooled_prompt_embeds=pooled_prompt_embeds,
+                      negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
         # Everything is checked, and the prompts encoded, before anything changes: a bad argument
         # leaves the stream as it was, its frames in flight still in it.
         guider = self.guider
@@ -201,12 +231,11 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
             schedule = step_schedule(self.scheduler, steps, timesteps, num_inference_steps, solver)
             size = self.parts.size(self.height if height is None else height, self.width if width is None else width)
         resized = size != (self.height, self.width)
-        prompt = self.prompt if prompt is None else prompt
-        negative_prompt = self.negative_prompt if negative_prompt is None else negative_prompt
+        state = self._prompt_state(prompt, negative_prompt, embeds)
         encoded = None
         # a new size re-encodes too: SDXL's conditioning holds the image size
-        if (prompt, negative_prompt) != (self.prompt, self.negative_prompt) or resized:
-            encoded = self._encoded(prompt, negative_prompt, size)
+        if state[:2] != (self.prompt, self.negative_prompt) or _given_anew(state[2], self._embeds) or resized:
+            encoded = self._encoded(state, size)
         if guider is not self.guider:
             self.guider = guider
             self.latents.set_guider(guider)
@@ -218,7 +247,7 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
             self.num_inference_steps = num_inference_steps
             self.height, self.width = size
         if encoded is not None:
-            self._cond, self.prompt, self.negative_prompt = encoded, prompt, negative_prompt
+            self._cond, (self.prompt, self.negative_prompt, self._embeds) = encoded, state
         if structural:
             self._start()
         elif encoded is not None:
@@ -420,3 +449,8 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         for _, decoded in self.flush_tagged():
             outputs.extend(decoded if self.frame_buffer > 1 else [decoded])
         return outputs
+
+
+def _given_anew(embeds: dict, before: dict) -> bool:
+    """Whether a prompt state's embeddings are not the very tensors it held before."""
+    return embeds.keys() != before.keys() or any(embeds[k] is not before[k] for k in embeds)

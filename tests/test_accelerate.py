@@ -261,8 +261,8 @@ def test_bad_prompt_embeds_are_named(txt2img):
            (dict(prompt_embeds=cond[..., :16]), "prompt_embeds must be a float tensor"),
            (dict(prompt_embeds=cond.tolist()), "got list"),
            (dict(prompt_embeds=cond * float("nan")), "prompt_embeds holds NaN"),
-           (dict(prompt_embeds=cond, negative_prompt_embeds=cond.repeat(2, 1, 1)), "batches differ"),
-           (dict(prompt_embeds=cond, negative_prompt_embeds=cond[:, :40]), "must have one shape"),
+           (dict(prompt_embeds=cond, negative_prompt_embeds=cond.repeat(2, 1, 1)), "negative_prompt_embeds has 2 rows"),
+           (dict(prompt_embeds=cond, negative_prompt_embeds=cond[:, :40]), "must have one shape per row"),
            (dict(prompt=["a", "b"], negative_prompt_embeds=cond), "negative_prompt_embeds has 1 rows but prompt has 2"),
            (dict(prompt_embeds=cond, pooled_prompt_embeds=cond[:, 0]), "the unet denoiser takes no pooled_prompt_embeds")]
     for kwargs, named in bad:

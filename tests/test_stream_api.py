@@ -91,6 +91,52 @@ def test_prompt_change_keeps_frames_in_flight_and_unconditional(pipe):
     assert not torch.allclose(outs[0], blue[0], atol=1e-3)
 
 
+def test_prompt_embeddings_stand_in_for_prompts_each_side_apart(pipe):
+    kwargs = dict(steps=[10, 25, 40], cfg="full", guidance_scale=3.0, output_type="latent", frame_buffer=2)
+    inputs = [frames(2, seed=s) for s in range(5)]
+
+    def latents(prepare, change=None, *, at=2):
+        stream = fastdiff.Stream(pipe, **kwargs)
+        stream.prepare(**prepare)
+        outs = []
+        for i, group in enumerate(inputs):
+            if i == at and change is not None:
+                stream.update(**change)
+            outs += stream(group) or []
+        return outs + stream.flush()   # frame by frame
+
+    def embeds(*prompts):
+        return pipe.encode_prompt(list(prompts), "cpu", 1, False)[0]
+
+    by_text = latents(dict(prompt=["a red circle", "a blue square"], negative_prompt="dark"),
+                      dict(prompt="a green triangle"))
+    # one row a frame, then one row for both frames; the negative side stays text throughout
+    by_embeds = latents(dict(prompt_embeds=embeds("a red circle", "a blue square"), negative_prompt="dark"),
+                        dict(prompt_embeds=embeds("a green triangle")))
+    assert len(by_text) == len(by_embeds) == 10
+    for a, b in zip(by_text, by_embeds):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the negative side as embeddings, changed alone: the prompt is kept
+    mixed = latents(dict(prompt=["a red circle", "a blue square"], negative_prompt_embeds=embeds("bright")),
+                    dict(negative_prompt_embeds=embeds("dark")))
+    by_text = latents(dict(prompt=["a red circle", "a blue square"], negative_prompt="bright"),
+                      dict(negative_prompt="dark"))
+    for a, b in zip(mixed, by_text):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(mixed[-1], by_embeds[-1])
+    stream = fastdiff.Stream(pipe, **kwargs)
+    stream.prepare(prompt_embeds=embeds("a red circle"))
+    assert stream.prompt is None
+    stream.update(prompt="a red circle")   # text again: the embeddings of that side are dropped
+    assert stream.prompt == "a red circle" and stream.latents.cond.embeds.shape[0] == 2
+    for bad, named in [(dict(prompt_embeds=embeds("a", "b", "c")), "1 or frame_buffer=2 rows, got 3"),
+                       (dict(prompt="a fox", prompt_embeds=embeds("a fox")), "prompt and prompt_embeds"),
+                       (dict(prompt_embeds=embeds("a fox")[..., :8]), "prompt_embeds must be a float tensor")]:
+        with pytest.raises(ValueError, match=named):
+            stream.update(**bad)
+        assert stream.prompt == "a red circle"
+
+
 def test_a_refused_update_changes_nothing_and_loses_no_frame(pipe, tmp_path):
     kwargs = dict(steps=[10, 25, 40], cfg="full", guidance_scale=3.0, output_type="latent")
     refused, untouched = fastdiff.Stream(pipe, **kwargs), fastdiff.Stream(pipe, **kwargs)

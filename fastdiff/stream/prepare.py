@@ -72,8 +72,8 @@ class Prepared:
 
         A stream (`frames` F) takes one prompt or F, one row per frame. A pipeline call takes any
         number of prompts, each repeated `per_prompt` times; a negative prompt is one string or one
-        per prompt; or, instead of prompts, `embeds` as diffusers' pipelines take them
-        (``prompt_embeds``..., see :func:`check_embeds`), each row repeated alike. `route`
+        per prompt. Instead of either, `embeds` as diffusers' pipelines take them (``prompt_embeds``...,
+        see :func:`check_embeds`): one row a prompt, each repeated alike. `route`
         (``(prompts, cond) -> int64 [B]``, a router's) gives every row, and its unconditional row
         alike, the sub-network it runs on."""
         tokenizers = self.denoiser.tokenizers
@@ -86,12 +86,9 @@ class Prepared:
             prompts = check_prompts(prompt, "prompt", tokenizers, allow_empty=False)
             count = len(prompts)
         tokens = self._engine_tokens() if embeds and self.backend is not None else None
-        for name, value in embeds.items():   # negative ones beside text prompts: one row a prompt
-            if len(value) != count:
-                raise ValueError(f"{name} has {len(value)} rows but prompt has {count}")
+        for name, value in embeds.items():
             if tokens is not None and value.dim() == 3 and value.shape[1] != tokens:
                 raise ValueError(f"{name} has {value.shape[1]} tokens; the {self.backend} engines take {tokens}")
-        embeds = {k: v.repeat_interleave(per_prompt, 0) for k, v in embeds.items()}
         negatives = None
         if negative_prompt is not None:
             negatives = check_prompts(negative_prompt, "negative_prompt", tokenizers, allow_empty=True)
@@ -100,9 +97,17 @@ class Prepared:
                 if values is not None and len(values) not in (1, frames):
                     raise ValueError(f"{name} must be one string or a list of frame_buffer={frames} strings, "
                                      f"got {len(values)}")
-            prompts = prompts * (frames // len(prompts))
+            for name, value in embeds.items():
+                if len(value) not in (1, frames):
+                    raise ValueError(f"{name} must have 1 or frame_buffer={frames} rows, got {len(value)}")
+            prompts = prompts * (frames // len(prompts)) if prompts is not None else None
             negatives = negatives * (frames // len(negatives)) if negatives is not None else None
+            embeds = {k: v.repeat((frames // len(v),) + (1,) * (v.dim() - 1)) for k, v in embeds.items()}
         else:
+            for name, value in embeds.items():   # negative ones beside text prompts too: one row a prompt
+                if len(value) != count:
+                    raise ValueError(f"{name} has {len(value)} rows but prompt has {count}")
+            embeds = {k: v.repeat_interleave(per_prompt, 0) for k, v in embeds.items()}
             if negatives is not None:
                 negatives = negatives * count if len(negatives) == 1 else negatives
                 if len(negatives) != count:

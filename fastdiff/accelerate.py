@@ -14,6 +14,7 @@ import warnings
 import torch
 
 from .checks import check_int, check_number
+from .denoiser import EMBED_ARGS
 from .images import FiniteWatch, check_finite, check_output_type
 from .sampling.guidance import check_mode
 from .sampling.guiders import make_guider
@@ -32,7 +33,6 @@ SUPPORTED = {
     "StableDiffusion3Pipeline": ("txt2img", "diffusers.pipelines.stable_diffusion_3", "StableDiffusion3PipelineOutput"),
     "StableDiffusion3Img2ImgPipeline": ("img2img", "diffusers.pipelines.stable_diffusion_3", "StableDiffusion3PipelineOutput"),
 }
-EMBED_ARGS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 ACCEPTED_ARGS = ("prompt", "image", "negative_prompt", "height", "width", "num_inference_steps", "timesteps",
                  "strength", "guidance_scale", "guidance_rescale", "eta", "num_images_per_prompt", "generator",
                  "latents", "output_type", "return_dict", "callback_on_step_end",

@@ -122,6 +122,9 @@ def check_prompts(prompts, name: str, tokenizers, allow_empty: bool) -> list[str
     return list(prompts)
 
 
+EMBED_ARGS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+
+
 def check_embeds(denoiser: "Denoiser", embeds: dict, prompt, negative_prompt) -> dict:
     """The embeddings a call gives instead of prompts, as diffusers' pipelines take them: the given
     ones of `embeds` ({name: tensor or None}), each finite and of the family's width, on the
@@ -146,9 +149,7 @@ def check_embeds(denoiser: "Denoiser", embeds: dict, prompt, negative_prompt) ->
         plain = name.replace("pooled_", "")
         if (plain in given) != (name in given):
             raise ValueError(f"{name} and {plain} come together: give both or neither")
-    for name in [k for k in given if "pooled" in k]:
-        plain = name.replace("pooled_", "")
-        if len(given[name]) != len(given[plain]):
+        if name in given and len(given[name]) != len(given[plain]):
             raise ValueError(f"{name} has {len(given[name])} rows, {plain} {len(given[plain])}")
     if "prompt_embeds" in given and "negative_prompt_embeds" in given \
             and given["prompt_embeds"].shape[1:] != given["negative_prompt_embeds"].shape[1:]:

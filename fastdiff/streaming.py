@@ -7,6 +7,7 @@ import os
 import torch
 
 from .checks import check_choice, check_int, check_number, check_seed
+from .denoiser import EMBED_ARGS
 from .images import FiniteWatch, check_output_type, from_model_tensor, signed, to_model_tensor
 from .sampling.guiders import make_guider
 from .sampling.schedule import step_schedule
@@ -145,9 +146,8 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         """Encode the prompt and start the stream. On a running stream this is a prompt change.
         Embeddings made elsewhere (e.g. weighted prompts) may stand in for either prompt, as diffusers'
         pipelines take them: one row, or one per frame of the buffer."""
-        embeds = dict(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                      pooled_prompt_embeds=pooled_prompt_embeds,
-                      negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+        embeds = dict(zip(EMBED_ARGS, (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+                                       negative_pooled_prompt_embeds)))
         if self.latents is not None:
             self.update(prompt=prompt, negative_prompt=negative_prompt, **embeds)
             return
@@ -210,9 +210,8 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         — as (tag, output) pairs with `with_tags`, as :meth:`flush_tagged` gives them.
         """
         self._require_prepared()
-        embeds = dict(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                      pooled_prompt_embeds=pooled_prompt_embeds,
-                      negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+        embeds = dict(zip(EMBED_ARGS, (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+                                       negative_pooled_prompt_embeds)))
         # Everything is checked, and the prompts encoded, before anything changes: a bad argument
         # leaves the stream as it was, its frames in flight still in it.
         guider = self.guider

@@ -117,7 +117,10 @@ def sealed(data: dict) -> dict:
 
 def check_seal(data: dict, what: str, remedy: str) -> None:
     """Raise :class:`StaleArtefactError` unless `data` carries the digest of its own content."""
-    if data.get(SEAL) != _content_digest(data):
+    if SEAL not in data:
+        raise StaleArtefactError(f"{what} carries no digest of its own content ({SEAL}): made by an older "
+                                 f"fastdiff, or edited; {remedy}")
+    if data[SEAL] != _content_digest(data):
         raise StaleArtefactError(f"{what} is damaged or was edited: its content does not match its own digest "
                                  f"({SEAL}); {remedy}")
 

@@ -143,6 +143,10 @@ def test_a_search_writes_a_schedule_that_round_trips_and_refuses_other_models(pi
         Schedule.load(str(tmp_path / "missing.json"))
     data["manifest"]["format"] = 1
     edited = [999.0, 500.0, 1.0] if loaded.timesteps != [999.0, 500.0, 1.0] else [999.0, 400.0, 1.0]
+    unsealed = {k: v for k, v in data.items() if k != "content_sha256"}
+    json.dump(unsealed, open(path, "w"))
+    with pytest.raises(StaleArtefactError, match="carries no digest of its own content"):
+        Schedule.load(path, pipe)
     for damage, error, named in [({"timesteps": edited}, StaleArtefactError, "edited: its content does not match"),
                                  ({"timesteps": None}, StaleArtefactError, "does not match its own digest"),
                                  ({"content_sha256": None}, StaleArtefactError, "does not match its own digest"),

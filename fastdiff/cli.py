@@ -218,6 +218,7 @@ def main():
 @click.option("--router", default=None, metavar="shapes|PATH",
               help="A prompt router (fastdiff tune route): each prompt runs on its pruned sub-network; "
                    "'shapes': the shapes model's shipped one.")
+@click.option("--negative-prompt", default=None, help="What to guide away from (full CFG), for every PROMPT.")
 @click.option("--guidance-scale", type=click.FloatRange(min=0), default=None,
               help="Guidance scale (default: the adapter's, the shapes model's own, else the pipeline's).")
 @click.option("--guidance-rescale", type=click.FloatRange(0, 1), default=None,
@@ -233,8 +234,8 @@ def main():
 @backend_option
 @attention_option
 @device_option
-def generate(prompts, model, steps, schedule, adapter, adapter_scale, router, guidance_scale, guidance_rescale, cfg,
-             seed, num_images, out, height, width, backend, attention, device):
+def generate(prompts, model, steps, schedule, adapter, adapter_scale, router, negative_prompt, guidance_scale,
+             guidance_rescale, cfg, seed, num_images, out, height, width, backend, attention, device):
     """Generate images for each PROMPT with the accelerated pipeline and write them as PNGs."""
     from tqdm import tqdm
 
@@ -279,9 +280,9 @@ def generate(prompts, model, steps, schedule, adapter, adapter_scale, router, gu
         generator = torch.Generator(fast.denoiser.device).manual_seed(seed)
         start = time.perf_counter()
         with usage_errors(prompt="PROMPT"):
-            images = fast(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
-                          num_images_per_prompt=num_images, height=height, width=width, output_type="pil",
-                          **extra).images
+            images = fast(prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
+                          guidance_scale=guidance_scale, generator=generator, num_images_per_prompt=num_images,
+                          height=height, width=width, output_type="pil", **extra).images
         seconds += time.perf_counter() - start
         for k, image in enumerate(images):
             path = out / f"{i:03d}-{slug(prompt)}-{k}.png"

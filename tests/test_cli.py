@@ -69,6 +69,13 @@ def test_generate_uses_the_shapes_models_guidance_unless_told(tmp_path, monkeypa
     assert run("generate", "a red circle", "--steps", 2, "--guidance-scale", 2, "--out", tmp_path).exit_code == 0
     assert run("generate", "a red circle", "--steps", 1, "--out", tmp_path).exit_code == 0
     assert seen == [GUIDANCE_SCALE, 2.0, None]
+    spied = []
+    monkeypatch.setattr(AcceleratedPipeline, "__call__", lambda self, *a, **kw: spied.append(kw) or original(self, *a, **kw))
+    assert run("generate", "a red circle", "--steps", 2, "--negative-prompt", "a blue square", "--out",
+               tmp_path).exit_code == 0
+    assert spied[0]["negative_prompt"] == "a blue square"
+    refused = run("generate", "a red circle", "--steps", 2, "--negative-prompt", "\ud800", "--out", tmp_path)
+    assert refused.exit_code != 0 and "'--negative-prompt'" in refused.output
 
 
 @pytest.mark.parametrize("frame_buffer", [1, 4])  # 6 frames in groups of 4: the last group is padded

@@ -205,9 +205,10 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         """Change settings at run time, without rebuilding anything.
 
         Prompt, negative prompt (or their embeddings, as :meth:`prepare` takes them), guidance scale,
-        delta and rescale apply from the next call on, to the frames in flight as well. Steps and resolution change the stream's shape: the frames in
-        flight are first finished with the old settings and returned (oldest first), so none is lost
-        — as (tag, output) pairs with `with_tags`, as :meth:`flush_tagged` gives them.
+        delta and rescale apply from the next call on, to the frames in flight as well. Steps and
+        resolution change the stream's shape: the frames in flight are first finished with the old
+        settings and returned (oldest first), so none is lost — as (tag, output) pairs with
+        `with_tags`, as :meth:`flush_tagged` gives them.
         """
         self._require_prepared()
         embeds = dict(zip(EMBED_ARGS, (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,

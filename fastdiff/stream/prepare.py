@@ -73,7 +73,8 @@ class Prepared:
         A stream (`frames` F) takes one prompt or F, one row per frame. A pipeline call takes any
         number of prompts, each repeated `per_prompt` times; a negative prompt is one string or one
         per prompt. Instead of either, `embeds` as diffusers' pipelines take them (``prompt_embeds``...,
-        see :func:`check_embeds`): one row a prompt, each repeated alike. `route`
+        see :func:`check_embeds`): in a call one row a prompt, repeated alike; in a stream one row or
+        F for each side. `route`
         (``(prompts, cond) -> int64 [B]``, a router's) gives every row, and its unconditional row
         alike, the sub-network it runs on."""
         tokenizers = self.denoiser.tokenizers

@@ -42,7 +42,7 @@ ACCEPTED_ARGS = ("prompt", "image", "negative_prompt", "height", "width", "num_i
 def accelerate(pipe, *, cfg: str | None = None, delta: float = 1.0, solver: str | None = None,
                backend: str | None = None, engine_options: dict | None = None, schedule=None, adapter=None,
                adapter_scale: float = 1.0, adapter_scheduler: str | None = None, router=None,
-               attention: str = "sdpa") -> "AcceleratedPipeline":
+               attention: str | None = None) -> "AcceleratedPipeline":
     """Wrap a diffusers pipeline; the result is called exactly like `pipe`.
 
     ``schedule``: a searched step schedule (a path, a :class:`fastdiff.tuning.Schedule`, or a list of
@@ -57,7 +57,8 @@ def accelerate(pipe, *, cfg: str | None = None, delta: float = 1.0, solver: str 
     rescales it later.
 
     ``attention``: the attention kernel (``"sdpa"``, ``"sdpa-flash"``, ``"sdpa-math"``..., ``"xformers"``,
-    or a diffusers attention backend; see :mod:`fastdiff.attention`).
+    or a diffusers attention backend; see :mod:`fastdiff.attention`); None keeps the pipeline's own
+    (say xformers, enabled on it before).
 
     ``router``: a prompt router (``fastdiff tune route``): each prompt of a call runs on the pruned
     sub-network of its code, rows grouped by code, one denoiser call per group; outputs come back in
@@ -92,7 +93,7 @@ def supported_base(pipe) -> type:
 
 class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
     def __init__(self, pipe, cfg=None, delta=1.0, solver=None, backend=None, engine_options=None, schedule=None,
-                 router=None, attention="sdpa"):
+                 router=None, attention=None):
         base = supported_base(pipe)
         self.pipe = pipe
         self.task, module, output_class = SUPPORTED[base.__name__]

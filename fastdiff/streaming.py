@@ -63,7 +63,8 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
     or adapter rebuilds the graph at the next full call (see :mod:`fastdiff.stream.whole`).
 
     ``attention`` picks the attention kernel (``"sdpa"``, ``"sdpa-flash"``..., ``"xformers"``, or a
-    diffusers backend: :mod:`fastdiff.attention`).
+    diffusers backend: :mod:`fastdiff.attention`); None keeps the pipeline's own (say xformers,
+    enabled on it before).
 
     ``router`` routes the prompt (each frame's, with F > 1) to a pruned sub-network at
     :meth:`prepare` / :meth:`update`; frames of different codes are grouped, one call per group;
@@ -77,7 +78,7 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
                  height: int | None = None, width: int | None = None, output_type: str = "pt",
                  backend: str | None = None, engine_options: dict | None = None, adapter=None,
                  adapter_scale: float = 1.0, adapter_scheduler: str | None = None, router=None,
-                 attention: str = "sdpa", compile: str | None = None, compile_backend: str = "inductor",
+                 attention: str | None = None, compile: str | None = None, compile_backend: str = "inductor",
                  compile_mode: str | None = None):
         self.mode = check_choice(mode, "mode", MODES)
         self.frame_buffer = check_int(frame_buffer, "frame_buffer", 1)

@@ -262,6 +262,21 @@ def test_the_attention_option_is_honoured_and_checked(pipe):
             fastdiff.Stream(pipe, attention="xformers")
 
 
+def test_the_pipelines_own_attention_processors_are_kept_unless_one_is_asked_for():
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    class XFormersStandIn(AttnProcessor2_0):   # named as xformers' processors are; runs SDPA here
+        pass
+
+    pipe = tiny_sd_pipeline()
+    pipe.unet.set_attn_processor(XFormersStandIn())
+    fastdiff.accelerate(pipe)
+    fastdiff.Stream(pipe, cfg="none")
+    assert {type(p) for p in pipe.unet.attn_processors.values()} == {XFormersStandIn}   # the user's choice stands
+    fastdiff.accelerate(pipe, attention="sdpa")
+    assert {type(p) for p in pipe.unet.attn_processors.values()} == {AttnProcessor2_0}
+
+
 def test_the_quick_finite_test_agrees_with_the_elementwise_one():
     from fastdiff.images import all_finite, check_finite
 

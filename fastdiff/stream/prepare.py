@@ -156,11 +156,14 @@ class Prepared:
         return sum(int(n) * self.row_macs(cond_model, latent_shape, int(r)) for r, n in zip(routes, counts))
 
     # -- attention -----------------------------------------------------------------------------
-    def set_attention(self, name: str) -> None:
-        """The denoiser's attention backend (:mod:`fastdiff.attention`), for every sub-network too."""
+    def set_attention(self, name: str | None) -> None:
+        """The denoiser's attention backend (:mod:`fastdiff.attention`), for every sub-network too;
+        None leaves the pipeline's attention processors as they are."""
         from ..attention import apply_attention
         from ..denoiser import GroupedDenoiser
 
+        if name is None:
+            return
         d = self.denoiser
         modules = list(d.originals.values()) if isinstance(d, GroupedDenoiser) else [d.original]
         for module in modules:

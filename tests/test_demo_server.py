@@ -396,6 +396,30 @@ def test_parse_control_keeps_only_checked_fields():
         parse_control('{"type": "update", "guidance_scale": true}')
 
 
+def test_a_cleared_negative_prompt_leaves_the_stream_and_no_frame_is_lost():
+    import fastdiff
+    from fastdiff.architectures import tiny_sd_pipeline
+    from fastdiff.demo.session import Session, Settings
+
+    pipe = tiny_sd_pipeline(scheduler="lcm", img2img=True)
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(jpeg, format="JPEG")
+
+    def make_stream(settings):
+        stream = fastdiff.Stream(pipe, [20, 40], cfg="full", guidance_scale=2.0, output_type="pil")
+        stream.prepare(settings.prompt, settings.negative_prompt)
+        return stream
+
+    session = Session(make_stream, Settings("img2img", "a red circle", None, 2.0, None, "jpeg"))
+    session.apply(parse_control('{"type": "start", "negative_prompt": "dark"}'))
+    assert session.stream.negative_prompt == "dark"
+    frame = Frame(0, Image.open(io.BytesIO(jpeg.getvalue())), 0.0)
+    assert session.process(frame) == []   # in flight: the stream lags one call
+    outputs, reply = session.apply(parse_control('{"type": "update", "negative_prompt": null}'))
+    assert session.stream.negative_prompt is None and reply["settings"]["negative_prompt"] is None
+    assert [o.index for o in outputs] == [0]   # the frame in flight came back before the new stream
+
+
 def test_inbox_keeps_the_newest_frame_and_every_control_in_order():
     inbox = Inbox()
     old, new = Frame(0, None, 0.0), Frame(1, None, 0.0)

@@ -65,7 +65,9 @@ class Session:
         if control.kind == "update" and self.stream is None:
             raise ClientError('update before start: send {"type": "start"} first', field="type")
         settings = self.settings.merged(control.fields)
-        if control.kind == "start" or settings.mode != self.settings.mode:
+        # a stream keeps a side of its prompt that an update leaves out: a cleared negative prompt is a new stream
+        cleared = settings.negative_prompt is None and self.settings.negative_prompt is not None
+        if control.kind == "start" or settings.mode != self.settings.mode or cleared:
             stream = self._make(settings)  # before finishing the old one: bad settings leave it running
             outputs = self._finish()
             self.stream = stream

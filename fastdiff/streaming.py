@@ -206,7 +206,8 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         """Change settings at run time, without rebuilding anything.
 
         Prompt, negative prompt (or their embeddings, as :meth:`prepare` takes them), guidance scale,
-        delta and rescale apply from the next call on, to the frames in flight as well. Steps and
+        delta and rescale apply from the next call on, to the frames in flight as well; None leaves a
+        setting as it is (a negative prompt is dropped by a new stream, not here). Steps and
         resolution change the stream's shape: the frames in flight are first finished with the old
         settings and returned (oldest first), so none is lost — as (tag, output) pairs with
         `with_tags`, as :meth:`flush_tagged` gives them.

@@ -24,6 +24,7 @@ from .stream.prepare import Prepared, UsesPrepared
 from .tuning.adapters import HoldsAdapter
 from .tuning.routers import HoldsRouter
 
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 # pipeline class → (task, module of its output dataclass, output dataclass)
 SUPPORTED = {
     "StableDiffusionPipeline": ("txt2img", "diffusers.pipelines.stable_diffusion", "StableDiffusionPipelineOutput"),
@@ -36,7 +37,7 @@ SUPPORTED = {
 ACCEPTED_ARGS = ("prompt", "image", "negative_prompt", "height", "width", "num_inference_steps", "timesteps",
                  "strength", "guidance_scale", "guidance_rescale", "eta", "num_images_per_prompt", "generator",
                  "latents", "output_type", "return_dict", "callback_on_step_end",
-                 "callback_on_step_end_tensor_inputs", *EMBED_ARGS)
+                 "callback_on_step_end_tensor_inputs", "cross_attention_kwargs", *EMBED_ARGS)
 
 
 def accelerate(pipe, *, cfg: str | None = None, delta: float = 1.0, solver: str | None = None,
@@ -176,8 +177,41 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
                     "eta": sampling.eta}[name]
         return self.defaults.get(name)
 
+    def __call__(self, *args, cross_attention_kwargs=None, **kwargs):
+        """The pipeline's call. ``cross_attention_kwargs={"scale": s}`` scales the LoRA layers of the
+        denoiser and text encoders for this call, as diffusers does (PyTorch modules only)."""
+        scale = self._lora_scale(cross_attention_kwargs)
+        if scale is None:
+            return self._generate(*args, **kwargs)
+        from diffusers.utils import scale_lora_layers, unscale_lora_layers
+
+        modules = [m for m in (self.denoiser.original, *(getattr(self.pipe, n, None) for n in TEXT_ENCODERS))
+                   if m is not None]
+        for module in modules:
+            scale_lora_layers(module, scale)
+        try:
+            return self._generate(*args, **kwargs)
+        finally:
+            for module in modules:
+                unscale_lora_layers(module, scale)
+
+    def _lora_scale(self, cross_attention_kwargs) -> float | None:
+        """The call's LoRA scale (None: none asked); what else the dict holds, the attention
+        processors would take, and fastdiff's calls don't pass on."""
+        if cross_attention_kwargs is None:
+            return None
+        if not isinstance(cross_attention_kwargs, dict) or set(cross_attention_kwargs) - {"scale"}:
+            raise ValueError(f"cross_attention_kwargs: fastdiff.accelerate takes {{'scale': s}} (the LoRA scale) "
+                             f"only, got {cross_attention_kwargs!r}")
+        scale = check_number(cross_attention_kwargs.get("scale", 1.0), "cross_attention_kwargs['scale']")
+        if scale != 1.0 and (self.parts.backend is not None or self.router is not None):
+            raise ValueError("cross_attention_kwargs: the LoRA scale of a call needs the PyTorch modules; engines "
+                             "and a router's sub-networks hold their weights fixed (set_adapter(scale=...) rebuilds "
+                             "the engines)")
+        return scale
+
     @torch.inference_mode()
-    def __call__(self, prompt=None, image=None, *, negative_prompt=None, height=None, width=None,
+    def _generate(self, prompt=None, image=None, *, negative_prompt=None, height=None, width=None,
                  num_inference_steps=None, timesteps=None, strength=None, guidance_scale=None,
                  guidance_rescale=None, eta=None, num_images_per_prompt=1, generator=None, latents=None,
                  output_type="pil", return_dict=True, prompt_embeds=None, negative_prompt_embeds=None,

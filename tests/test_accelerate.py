@@ -122,8 +122,8 @@ def test_unsupported_pipeline_and_arguments(txt2img):
     with pytest.raises(ValueError, match="pipe: NotAPipeline is not supported.*StableDiffusionPipeline"):
         fastdiff.accelerate(NotAPipeline())
     fast = fastdiff.accelerate(txt2img)
-    with pytest.raises(TypeError, match="cross_attention_kwargs"):
-        fast("a red circle", cross_attention_kwargs={"scale": 0.5})
+    with pytest.raises(TypeError, match="clip_skip"):
+        fast("a red circle", clip_skip=1)
     with pytest.raises(ValueError, match="output_type"):
         fast("a red circle", output_type="gif")
     with pytest.raises(ValueError, match="prompt must not be empty"):
@@ -233,6 +233,32 @@ def test_step_end_callback_sees_and_changes_the_latents_as_in_diffusers(schedule
     expected = run(pipe, callback_on_step_end=recorder(theirs, stop_at=1), **args)
     assert len(ours) == len(theirs) == 2
     np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+def test_a_calls_lora_scale_matches_diffusers():
+    from peft import LoraConfig, inject_adapter_in_model
+
+    pipe = tiny_sd_pipeline(scheduler="ddim")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]), pipe.text_encoder)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in [*pipe.unet.named_parameters(), *pipe.text_encoder.named_parameters()]:
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    args = dict(prompt=["a red circle", "a blue fox"], num_inference_steps=3, guidance_scale=5.0)
+    fast = fastdiff.accelerate(pipe)
+    full = run(fast, **args)
+    for scale in (0.5, 0.0):
+        got = run(fast, cross_attention_kwargs={"scale": scale}, **args)
+        np.testing.assert_allclose(got, run(pipe, cross_attention_kwargs={"scale": scale}, **args), atol=2e-5)
+        assert np.abs(got - full).max() > 1e-3   # the LoRA's share changed
+    np.testing.assert_array_equal(run(fast, **args), full)   # and is back after the call
+    for bad, named in [({"scale": "x"}, r"cross_attention_kwargs\['scale'\]"), ({"ip_adapter_masks": 1}, "only"),
+                       ([0.5], "only")]:
+        with pytest.raises(ValueError, match=named):
+            fast(cross_attention_kwargs=bad, **args)
 
 
 def test_bad_step_end_callbacks_are_named(txt2img):

@@ -212,11 +212,11 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
 
     @torch.inference_mode()
     def _generate(self, prompt=None, image=None, *, negative_prompt=None, height=None, width=None,
-                 num_inference_steps=None, timesteps=None, strength=None, guidance_scale=None,
-                 guidance_rescale=None, eta=None, num_images_per_prompt=1, generator=None, latents=None,
-                 output_type="pil", return_dict=True, prompt_embeds=None, negative_prompt_embeds=None,
-                 pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=("latents",), **unsupported):
+                  num_inference_steps=None, timesteps=None, strength=None, guidance_scale=None,
+                  guidance_rescale=None, eta=None, num_images_per_prompt=1, generator=None, latents=None,
+                  output_type="pil", return_dict=True, prompt_embeds=None, negative_prompt_embeds=None,
+                  pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, callback_on_step_end=None,
+                  callback_on_step_end_tensor_inputs=("latents",), **unsupported):
         if unsupported:
             raise TypeError(f"fastdiff.accelerate does not take {sorted(unsupported)}; it accepts {ACCEPTED_ARGS}")
         _check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)

@@ -320,10 +320,7 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         self._num_timesteps, self._interrupt = len(schedule), False
         finished = stream.push(clean, noise=noise)
         if callback_on_step_end is not None:
-            # Euler-type schedulers hold k-diffusion's x0 + σ·ε (init_noise_sigma > 1), the stream α·x0 + β·ε
-            k_state = float(getattr(scheduler, "init_noise_sigma", 1.0)) > 1
-            scales = 1 / schedule.alpha_next if k_state else torch.ones(len(schedule), dtype=torch.float64)
-            latents = self._steps_with_callback(stream, finished, schedule.timesteps, scales.tolist(),
+            latents = self._steps_with_callback(stream, finished, schedule.timesteps, schedule.held_scale.tolist(),
                                                 callback_on_step_end)
         else:
             latents = (finished if finished is not None else stream.drain()[0]).latents

@@ -45,6 +45,7 @@ class StepSchedule:
     noise_share: torch.Tensor = None   # γ: the share of fresh noise in what each step puts back
     x0_weight: torch.Tensor = None     # DPM-Solver++(2M)'s a and b (None: 1 and 0, every other solver)
     history_weight: torch.Tensor = None
+    held_scale: torch.Tensor = None    # the pipeline's latents per the stream's after each step (1/α' for Euler)
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -207,16 +208,18 @@ def step_schedule(scheduler, steps=None, timesteps=None, num_inference_steps: in
 
     # The pipeline starts from init_noise_sigma·ε. Euler-type schedulers hold k-diffusion's x_k = x0 + σ·ε
     # (init_noise_sigma ≈ σ_max > 1) and feed the model α·x_k; the others (DPM-Solver, UniPC) hold x itself.
-    noise_scale = 1.0
+    noise_scale, k_state = 1.0, False
     if not flow and sigma is not None:
         init = float(scheduler.init_noise_sigma)
-        noise_scale = init * float(alpha[0]) if init > 1 else init
+        k_state = init > 1
+        noise_scale = init * float(alpha[0]) if k_state else init
+    held_scale = 1 / alpha_next if k_state else torch.ones_like(alpha_next)
     prediction_type = "flow" if flow else scheduler.config.get("prediction_type", "epsilon")
     if prediction_type not in ("epsilon", "v_prediction", "flow"):
         raise ValueError(f"scheduler prediction_type {prediction_type!r} is not supported (epsilon, v_prediction, flow)")
     weights = _multistep_weights(scheduler, alpha, beta, alpha_next, beta_next) if solver == "dpmpp2m" else (None, None)
     return StepSchedule(t, alpha, beta, alpha_next, beta_next, c_skip, c_out, prediction_type, solver, noise_scale,
-                        noise_share, *weights)
+                        noise_share, *weights, held_scale)
 
 
 def _multistep_weights(scheduler, alpha, beta, alpha_next, beta_next) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ shares every technique the stream has (residual CFG, engines...).
 from __future__ import annotations
 
 import inspect
+import os
 import warnings
 
 import torch
@@ -18,7 +19,7 @@ from .denoiser import EMBED_ARGS
 from .images import FiniteWatch, check_finite, check_output_type
 from .sampling.guidance import check_mode
 from .sampling.guiders import make_guider
-from .sampling.schedule import own_solver, step_schedule
+from .sampling.schedule import own_solver, set_schedule, step_schedule, validate_steps, validate_timesteps
 from .stream.batch import LatentStream
 from .stream.prepare import Prepared, UsesPrepared
 from .tuning.adapters import HoldsAdapter
@@ -35,16 +36,22 @@ SUPPORTED = {
     "StableDiffusion3Img2ImgPipeline": ("img2img", "diffusers.pipelines.stable_diffusion_3", "StableDiffusion3PipelineOutput"),
 }
 ACCEPTED_ARGS = ("prompt", "image", "negative_prompt", "height", "width", "num_inference_steps", "timesteps",
-                 "strength", "guidance_scale", "guidance_rescale", "eta", "num_images_per_prompt", "generator",
+                 "sigmas", "strength", "guidance_scale", "guidance_rescale", "eta", "num_images_per_prompt", "generator",
                  "latents", "output_type", "return_dict", "callback_on_step_end",
                  "callback_on_step_end_tensor_inputs", "cross_attention_kwargs", *EMBED_ARGS)
 
 
 def accelerate(pipe, *, cfg: str | None = None, delta: float = 1.0, solver: str | None = None,
-               backend: str | None = None, engine_options: dict | None = None, schedule=None, adapter=None,
-               adapter_scale: float = 1.0, adapter_scheduler: str | None = None, router=None,
+               backend: str | None = None, engine_options: dict | None = None, steps=None, schedule=None,
+               adapter=None, adapter_scale: float = 1.0, adapter_scheduler: str | None = None, router=None,
                attention: str | None = None) -> "AcceleratedPipeline":
     """Wrap a diffusers pipeline; the result is called exactly like `pipe`.
+
+    ``steps``: every call runs these indices of its ``num_inference_steps``-step schedule (the
+    pipeline's default, 50, unless the call says), as :class:`fastdiff.Stream` does (StreamDiffusion's
+    t_index_list): ``steps=[32, 45]`` is two denoiser calls, at the 32nd and 45th of 50 timesteps. For
+    img2img the first of them sets how much of the image is kept, so a call gives no ``strength`` (nor
+    ``timesteps``).
 
     ``schedule``: a searched step schedule (a path, a :class:`fastdiff.tuning.Schedule`, or a list of
     them, one per step count) made for this pipeline by ``fastdiff tune steps``; a call that asks for
@@ -76,7 +83,7 @@ def accelerate(pipe, *, cfg: str | None = None, delta: float = 1.0, solver: str 
     (default the model's native size); other options as for :class:`fastdiff.Stream`.
     """
     wrapped = AcceleratedPipeline(pipe, cfg=cfg, delta=delta, solver=solver, backend=backend,
-                                  engine_options=engine_options, schedule=schedule, router=router,
+                                  engine_options=engine_options, steps=steps, schedule=schedule, router=router,
                                   attention=attention)
     if adapter is not None:
         wrapped.set_adapter(adapter, adapter_scale, adapter_scheduler)
@@ -93,8 +100,8 @@ def supported_base(pipe) -> type:
 
 
 class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
-    def __init__(self, pipe, cfg=None, delta=1.0, solver=None, backend=None, engine_options=None, schedule=None,
-                 router=None, attention=None):
+    def __init__(self, pipe, cfg=None, delta=1.0, solver=None, backend=None, engine_options=None, steps=None,
+                 schedule=None, router=None, attention=None):
         base = supported_base(pipe)
         self.pipe = pipe
         self.task, module, output_class = SUPPORTED[base.__name__]
@@ -102,6 +109,11 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         self.cfg = check_mode(cfg) if cfg is not None else None
         self.delta = check_number(delta, "delta", 0.0)
         self.solver = solver
+        if steps is not None and schedule is not None:
+            raise ValueError("steps: give step indices (steps) or a searched schedule (schedule), not both")
+        if isinstance(steps, (str, os.PathLike)):
+            raise ValueError(f"steps: {steps!r} looks like a schedule file; give it as schedule=")
+        self.steps = None if steps is None else validate_steps(steps, None)
         self.schedules = self._load_schedules(schedule)
         # Defaults (steps, guidance, strength) are the wrapped pipeline class's own.
         self.defaults = {k: p.default for k, p in inspect.signature(base.__call__).parameters.items()}
@@ -212,7 +224,7 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
 
     @torch.inference_mode()
     def _generate(self, prompt=None, image=None, *, negative_prompt=None, height=None, width=None,
-                  num_inference_steps=None, timesteps=None, strength=None, guidance_scale=None,
+                  num_inference_steps=None, timesteps=None, sigmas=None, strength=None, guidance_scale=None,
                   guidance_rescale=None, eta=None, num_images_per_prompt=1, generator=None, latents=None,
                   output_type="pil", return_dict=True, prompt_embeds=None, negative_prompt_embeds=None,
                   pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, callback_on_step_end=None,
@@ -239,6 +251,13 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
                                         "num_inference_steps", 1)
         if strength is not None and self.task != "img2img":
             raise ValueError(f"strength applies to img2img; the txt2img {type(self.pipe).__name__} starts from noise")
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("sigmas: give timesteps or sigmas, not both")
+        given = next((name for name, value in (("strength", strength), ("timesteps", timesteps), ("sigmas", sigmas))
+                      if value is not None), None)
+        if self.steps is not None and given:
+            raise ValueError(f"{given}: this pipeline was wrapped with steps={self.steps}, whose first step sets how "
+                             "much of an image is kept; a call gives num_inference_steps at most")
         strength = check_number(self._default("strength", strength), "strength", 0.0, 1.0, low_open=True) \
             if self.task == "img2img" else 1.0
         if latents is not None and not isinstance(latents, torch.Tensor):
@@ -266,27 +285,26 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
 
         solver = self.solver
         searched = self.schedules.get(num_inference_steps)
-        whole = strength == 1.0
+        # a searched schedule or an adapter's timesteps: for whole trajectories whose steps the call leaves open
+        whole = strength == 1.0 and self.steps is None and sigmas is None
         if timesteps is None and searched is not None and whole:
             timesteps, solver = searched.timesteps, self.solver or searched.solver
         sampling = self.adapter.sampling if self.adapter is not None else None
         if timesteps is None and whole and sampling is not None and sampling.timesteps \
                 and num_inference_steps == sampling.steps:
             timesteps = list(sampling.timesteps)
-        if timesteps is not None:
+        if self.steps is not None:
+            steps = self.steps
+        elif timesteps is not None:
+            # img2img runs the last of them that its strength leaves, as diffusers' pipelines do
+            timesteps = validate_timesteps(timesteps, scheduler.config.num_train_timesteps)
+            timesteps = timesteps[len(timesteps) - self._steps_left(len(timesteps), strength):]
             steps = None
-        elif self.task == "img2img":
-            # The pipeline's own rounding of strength to a first step (SD and SD3 round differently).
-            scheduler.set_timesteps(num_inference_steps)
-            if scheduler is self.pipe.scheduler:
-                remaining = len(self.pipe.get_timesteps(num_inference_steps, strength, denoiser.device)[0])
-            else:   # an adapter's own scheduler: SD's rounding
-                remaining = min(int(num_inference_steps * strength), num_inference_steps)
-            steps = list(range(num_inference_steps - remaining, num_inference_steps))
-            if not steps:
-                raise ValueError(f"strength={strength} with num_inference_steps={num_inference_steps} leaves no step to run")
         else:
-            steps = list(range(num_inference_steps))
+            if sigmas is not None:   # the scheduler's rule says how many steps they make
+                num_inference_steps = set_schedule(scheduler, num_inference_steps, sigmas)
+            steps = list(range(num_inference_steps - self._steps_left(num_inference_steps, strength),
+                               num_inference_steps))
         if solver is None:
             solver = own_solver(scheduler)
             if solver == "dpmpp2m" and guider.carries_residual:
@@ -296,7 +314,7 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         # eta reaches the schedulers whose step takes it (DDIM, TCD), as in the pipeline; others ignore it
         eta = check_number(self._default("eta", eta) or 0.0, "eta", 0.0)
         eta = eta if "eta" in inspect.signature(scheduler.step).parameters else 0.0
-        schedule = step_schedule(scheduler, steps, timesteps, num_inference_steps, solver, eta)
+        schedule = step_schedule(scheduler, steps, timesteps, num_inference_steps, solver, eta, sigmas=sigmas)
 
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -325,6 +343,21 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         else:
             latents = (finished if finished is not None else stream.drain()[0]).latents
         return self._output(latents, output_type, return_dict, codec)
+
+    def _steps_left(self, num_inference_steps: int, strength: float) -> int:
+        """How many of `num_inference_steps` steps a call at `strength` runs: all for txt2img, for
+        img2img the pipeline's own rounding of strength to a first step (SD and SD3 round differently)."""
+        if self.task != "img2img":
+            return num_inference_steps
+        scheduler = self.scheduler
+        scheduler.set_timesteps(num_inference_steps)
+        if scheduler is self.pipe.scheduler:
+            left = len(self.pipe.get_timesteps(num_inference_steps, strength, self.denoiser.device)[0])
+        else:   # an adapter's own scheduler: SD's rounding
+            left = min(int(num_inference_steps * strength), num_inference_steps)
+        if not left:
+            raise ValueError(f"strength={strength} with num_inference_steps={num_inference_steps} leaves no step to run")
+        return left
 
     # What a step-end callback may read of the pipeline, as diffusers' pipelines show it
     @property

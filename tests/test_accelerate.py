@@ -186,6 +186,74 @@ def test_sdxl_and_sd3_match_diffusers(family, img2img):
     assert np.isfinite(run(fastdiff.accelerate(pipe, cfg="self"), **args)).all()
 
 
+@pytest.mark.parametrize("family,img2img", [("sd", False), ("sd", True), ("sdxl", True), ("sd3", False),
+                                            ("sd3", True)])
+def test_sigmas_and_img2img_timesteps_match_diffusers(family, img2img):
+    """Custom sigmas as diffusers takes them (Euler's list ends with the terminal σ, flow matching's
+    does not, and SD3's are shifted), and img2img's strength cutting them — and custom timesteps —
+    as the pipelines do."""
+    from fastdiff.architectures import tiny_sd3_pipeline, tiny_sdxl_pipeline
+
+    make = {"sd": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline}.get(family)
+    pipe = make(scheduler="euler", img2img=img2img) if make else tiny_sd3_pipeline(img2img=img2img)
+    pipe.set_progress_bar_config(disable=True)
+    args = dict(prompt="a red circle", guidance_scale=4.0,
+                sigmas=[1.0, 0.8, 0.55, 0.3] if family == "sd3" else [14.6, 6.0, 2.5, 0.9, 0.3, 0.0])
+    if img2img:
+        args.update(image=torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5)), strength=0.5)
+    expected = run(pipe, **args)
+    assert expected.std() > 0.01
+    np.testing.assert_allclose(run(fastdiff.accelerate(pipe), **args), expected, atol=2e-5)
+    if family == "sd":
+        assert np.abs(run(pipe, **{**args, "sigmas": [14.6, 3.0, 0.0]}) - expected).max() > 1e-3   # they matter
+    if img2img and family != "sd3":   # SD3's pipelines take no timesteps
+        args = dict(args, timesteps=[999, 749, 499, 249], sigmas=None)
+        np.testing.assert_allclose(run(fastdiff.accelerate(pipe), **args), run(pipe, **args), atol=2e-5)
+
+
+def test_bad_sigmas_are_named(txt2img):
+    euler = tiny_sd_pipeline(scheduler="euler")
+    fast = fastdiff.accelerate(euler)
+    for sigmas, named in ((5.0, "sigmas must be a list"), (["a"], "sigmas must be numbers"), ([], "at least one"),
+                          ([3.0, -1.0], "non-negative"), ([3.0, float("nan")], "non-negative"),
+                          ([1.0, 2.0], "decreasing"), ([1.0], "no step")):
+        with pytest.raises(ValueError, match=named):
+            fast("a red circle", sigmas=sigmas)
+    with pytest.raises(ValueError, match="give timesteps or sigmas"):
+        fast("a red circle", sigmas=[3.0, 0.0], timesteps=[999])
+    with pytest.raises(ValueError, match="sigmas: DDIMScheduler.set_timesteps takes no custom sigmas"):
+        fastdiff.accelerate(txt2img)("a red circle", sigmas=[3.0, 0.0])
+
+
+def test_steps_index_each_calls_schedule(txt2img):
+    """``steps`` (the stream's t_index_list) for every call: all indices are the pipeline's own call;
+    for img2img, the first one sets the strength, as explicit timesteps at strength 1 do."""
+    args = dict(prompt="a red circle", num_inference_steps=4, guidance_scale=3.0)
+    np.testing.assert_allclose(run(fastdiff.accelerate(txt2img, steps=[0, 1, 2, 3]), **args), run(txt2img, **args),
+                               atol=2e-5)
+    pipe = tiny_sd_pipeline(scheduler="lcm", img2img=True)
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    fast = fastdiff.accelerate(pipe, steps=[32, 45], cfg="self")
+    pipe.scheduler.set_timesteps(50)
+    chosen = [int(pipe.scheduler.timesteps[i]) for i in (32, 45)]
+    got = run(fast, prompt="a red circle", image=image, guidance_scale=1.4)
+    same = run(fastdiff.accelerate(pipe, cfg="self"), prompt="a red circle", image=image, guidance_scale=1.4,
+               timesteps=chosen, strength=1.0)
+    assert got.std() > 0.01
+    np.testing.assert_array_equal(got, same)
+    for kwargs, named in ((dict(strength=0.5), "strength: this pipeline was wrapped with steps"),
+                          (dict(timesteps=chosen), "timesteps: this pipeline"), (dict(sigmas=[3.0, 0.0]), "sigmas: this"),
+                          (dict(num_inference_steps=40), "steps must lie in \\[0, 40\\)")):
+        with pytest.raises(ValueError, match=named):
+            fast("a red circle", image=image, **kwargs)
+    for steps, named in (([45, 32], "increasing"), ([-1, 3], "negative"), ("32", "schedule file"), (32, "list of step indices"),
+                         ([1.5], "integers")):
+        with pytest.raises(ValueError, match=named):
+            fastdiff.accelerate(pipe, steps=steps)
+    with pytest.raises(ValueError, match="not both"):
+        fastdiff.accelerate(txt2img, steps=[0, 2], schedule="x.json")
+
+
 def test_prompt_embeds_give_the_images_of_the_prompts_they_encode(txt2img):
     """Embeddings made elsewhere (e.g. weighted prompts) instead of prompts, as diffusers takes them:
     the same images as the prompts, and as the pipeline given the same embeddings."""

@@ -18,6 +18,7 @@ scheduler's rules say so are first order (a = 1, b = 0).
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -79,9 +80,10 @@ def default_solver(scheduler) -> str:
     return solver if solver in ("lcm", "tcd") else "ddim"
 
 
-def validate_steps(steps, num_inference_steps: int) -> list[int]:
-    """Indices into the scheduler's `num_inference_steps`-step schedule: ints, increasing, in range."""
-    if isinstance(steps, int) or not hasattr(steps, "__iter__"):
+def validate_steps(steps, num_inference_steps: int | None) -> list[int]:
+    """Indices into the scheduler's `num_inference_steps`-step schedule: ints, increasing, in range
+    (None: no upper bound yet, the step count being a later call's)."""
+    if isinstance(steps, (int, str, bytes)) or not hasattr(steps, "__iter__"):
         raise ValueError(f"steps must be a list of step indices, got {steps!r}")
     steps = list(steps)
     if not steps:
@@ -92,7 +94,9 @@ def validate_steps(steps, num_inference_steps: int) -> list[int]:
         raise ValueError(f"steps must not repeat, got {steps!r}")
     if steps != sorted(steps):
         raise ValueError(f"steps must be increasing (noisiest first), got {steps!r}")
-    if steps[0] < 0 or steps[-1] >= num_inference_steps:
+    if steps[0] < 0 and num_inference_steps is None:
+        raise ValueError(f"steps must not be negative, got {steps!r}")
+    if steps[0] < 0 or (num_inference_steps is not None and steps[-1] >= num_inference_steps):
         raise ValueError(f"steps must lie in [0, {num_inference_steps}) for num_inference_steps={num_inference_steps}, got {steps!r}")
     return steps
 
@@ -132,10 +136,46 @@ def validate_timesteps(timesteps, num_train_timesteps: int) -> list[float]:
     return values
 
 
+def validate_sigmas(sigmas) -> list[float]:
+    """Custom sigmas for a scheduler's ``set_timesteps(sigmas=...)``: finite, non-negative, decreasing."""
+    if isinstance(sigmas, (int, float)) or not hasattr(sigmas, "__iter__"):
+        raise ValueError(f"sigmas must be a list of sigmas, got {sigmas!r}")
+    try:
+        values = [float(s) for s in sigmas]
+    except (TypeError, ValueError):
+        raise ValueError(f"sigmas must be numbers, got {list(sigmas)!r}") from None
+    if not values:
+        raise ValueError("sigmas must name at least one sigma")
+    if not all(math.isfinite(s) and s >= 0 for s in values):
+        raise ValueError(f"sigmas must be finite and non-negative, got {values!r}")
+    if any(a <= b for a, b in zip(values, values[1:])):
+        raise ValueError(f"sigmas must be strictly decreasing (noisiest first), got {values!r}")
+    return values
+
+
+def set_schedule(scheduler, num_inference_steps: int, sigmas=None) -> int:
+    """Set `scheduler` to its own schedule of `num_inference_steps`, or to the custom `sigmas` (as
+    diffusers' pipelines pass them; how many steps they make is the scheduler's rule: Euler's list
+    ends with the terminal σ, flow matching's does not). Returns the number of steps."""
+    if sigmas is None:
+        scheduler.set_timesteps(num_inference_steps)
+        return num_inference_steps
+    sigmas = validate_sigmas(sigmas)
+    if "sigmas" not in inspect.signature(scheduler.set_timesteps).parameters:
+        raise ValueError(f"sigmas: {type(scheduler).__name__}.set_timesteps takes no custom sigmas (Euler, "
+                         "flow-matching Euler and UniPC do); give timesteps instead")
+    scheduler.set_timesteps(sigmas=sigmas)
+    steps = len(set(scheduler.timesteps.tolist()))
+    if steps < 1:
+        raise ValueError(f"sigmas: {sigmas!r} leave {type(scheduler).__name__} no step to take")
+    return steps
+
+
 def step_schedule(scheduler, steps=None, timesteps=None, num_inference_steps: int = 50,
-                  solver: str | None = None, eta: float = 0.0) -> StepSchedule:
+                  solver: str | None = None, eta: float = 0.0, sigmas=None) -> StepSchedule:
     """Coefficients for the stream's steps: `steps` index the scheduler's own schedule of
-    `num_inference_steps` (StreamDiffusion's t_index_list), or `timesteps` gives them explicitly.
+    `num_inference_steps` (StreamDiffusion's t_index_list) — or the schedule it makes of custom
+    `sigmas`, whose length then sets the step count — or `timesteps` gives them explicitly.
 
     `eta` is the stochasticity of the "ddim" solver (DDIM's η) and of "tcd" (TCD's gamma), as
     diffusers' pipelines pass it to those schedulers' steps."""
@@ -155,10 +195,14 @@ def step_schedule(scheduler, steps=None, timesteps=None, num_inference_steps: in
         raise ValueError(f"eta applies to the 'ddim' and 'tcd' solvers of variance-preserving schedulers, "
                          f"not solver={solver!r}{' on a flow-matching scheduler' if flow else ''}")
     num_train = scheduler.config.num_train_timesteps
+    if sigmas is not None and steps is None:
+        raise ValueError("sigmas set the scheduler's schedule: give steps (indices into it) with them, not timesteps")
 
     if steps is not None:
+        if sigmas is None:
+            steps = validate_steps(steps, num_inference_steps)
+        num_inference_steps = set_schedule(scheduler, num_inference_steps, sigmas)
         steps = validate_steps(steps, num_inference_steps)
-        scheduler.set_timesteps(num_inference_steps)
         picked = distinct_steps(scheduler, num_inference_steps)[steps]
         t = scheduler.timesteps.double()[picked]
         if flow:

@@ -34,7 +34,17 @@ SUPPORTED = {
     "StableDiffusionXLImg2ImgPipeline": ("img2img", "diffusers.pipelines.stable_diffusion_xl", "StableDiffusionXLPipelineOutput"),
     "StableDiffusion3Pipeline": ("txt2img", "diffusers.pipelines.stable_diffusion_3", "StableDiffusion3PipelineOutput"),
     "StableDiffusion3Img2ImgPipeline": ("img2img", "diffusers.pipelines.stable_diffusion_3", "StableDiffusion3PipelineOutput"),
+    "StableDiffusionControlNetPipeline": ("txt2img", "diffusers.pipelines.stable_diffusion", "StableDiffusionPipelineOutput"),
+    "StableDiffusionControlNetImg2ImgPipeline": ("img2img", "diffusers.pipelines.stable_diffusion", "StableDiffusionPipelineOutput"),
+    "StableDiffusionXLControlNetPipeline": ("txt2img", "diffusers.pipelines.stable_diffusion_xl", "StableDiffusionXLPipelineOutput"),
+    "StableDiffusionXLControlNetImg2ImgPipeline": ("img2img", "diffusers.pipelines.stable_diffusion_xl", "StableDiffusionXLPipelineOutput"),
 }
+# ControlNet pipelines: the argument holding the control images (txt2img ones take them as `image`)
+CONTROL_ARG = {"StableDiffusionControlNetPipeline": "image", "StableDiffusionXLControlNetPipeline": "image",
+               "StableDiffusionControlNetImg2ImgPipeline": "control_image",
+               "StableDiffusionXLControlNetImg2ImgPipeline": "control_image"}
+CONTROL_ARGS = ("control_image", "controlnet_conditioning_scale", "guess_mode", "control_guidance_start",
+                "control_guidance_end")
 ACCEPTED_ARGS = ("prompt", "image", "negative_prompt", "height", "width", "num_inference_steps", "timesteps",
                  "sigmas", "strength", "guidance_scale", "guidance_rescale", "eta", "num_images_per_prompt", "generator",
                  "latents", "output_type", "return_dict", "callback_on_step_end",
@@ -105,6 +115,7 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         base = supported_base(pipe)
         self.pipe = pipe
         self.task, module, output_class = SUPPORTED[base.__name__]
+        self.control_arg = CONTROL_ARG.get(base.__name__)
         self.output_class = getattr(__import__(module, fromlist=[output_class]), output_class)
         self.cfg = check_mode(cfg) if cfg is not None else None
         self.delta = check_number(delta, "delta", 0.0)
@@ -229,8 +240,13 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
                   output_type="pil", return_dict=True, prompt_embeds=None, negative_prompt_embeds=None,
                   pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, callback_on_step_end=None,
                   callback_on_step_end_tensor_inputs=("latents",), **unsupported):
+        control = {k: unsupported.pop(k) for k in CONTROL_ARGS if k in unsupported} if self.control_arg else {}
         if unsupported:
-            raise TypeError(f"fastdiff.accelerate does not take {sorted(unsupported)}; it accepts {ACCEPTED_ARGS}")
+            accepted = ACCEPTED_ARGS + (CONTROL_ARGS if self.control_arg else ())
+            raise TypeError(f"fastdiff.accelerate does not take {sorted(unsupported)} for {type(self.pipe).__name__}; "
+                            f"it accepts {accepted}")
+        if self.control_arg == "image":   # a txt2img ControlNet pipeline's `image` is its control image
+            control["control_image"], image = image, None
         _check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         embeds = dict(zip(EMBED_ARGS, (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
                                        negative_pooled_prompt_embeds)))
@@ -273,15 +289,19 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
             height, width = (int(v) for v in pixels.shape[-2:])
         elif image is not None:
             raise ValueError(f"image is not an argument of the txt2img {type(self.pipe).__name__}")
+        if self.control_arg:
+            control = self._control_inputs(control, height, width)
+            height, width = control.size
         height, width = self.parts.size(height, width)
         cond, uncond = self.parts.encode(prompt, negative_prompt, height, width, per_prompt=num_images_per_prompt,
                                          route=self._route(), embeds=embeds)
         batch = len(cond)
+        if self.control_arg:
+            cond, uncond = self._with_control(control, cond, uncond, num_images_per_prompt)
         _check_generator(generator, batch)
-        if pixels is not None:
-            if pixels.shape[0] not in (1, batch):
-                raise ValueError(f"image has {pixels.shape[0]} images for a batch of {batch} prompts×images")
-            pixels = pixels.expand(batch, -1, -1, -1) if pixels.shape[0] == 1 else pixels
+        if pixels is not None and batch % pixels.shape[0]:
+            raise ValueError(f"image has {pixels.shape[0]} images for a batch of {batch} prompts×images; give "
+                             "one, or a number that divides the batch")
 
         solver = self.solver
         searched = self.schedules.get(num_inference_steps)
@@ -315,13 +335,16 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         eta = check_number(self._default("eta", eta) or 0.0, "eta", 0.0)
         eta = eta if "eta" in inspect.signature(scheduler.step).parameters else 0.0
         schedule = step_schedule(scheduler, steps, timesteps, num_inference_steps, solver, eta, sigmas=sigmas)
+        if self.control_arg:
+            denoiser.set_scales(control.scales, control.keep(schedule.timesteps.tolist()),
+                                control.guess_mode or denoiser.global_pool)
 
         from diffusers.utils.torch_utils import randn_tensor
 
         latent_shape = self.parts.latent_shape(height, width)
         clean = None
         if pixels is not None:
-            clean = codec.encode(pixels.to(denoiser.device), sample=True, generator=generator)
+            clean = self._encode_images(codec, pixels.to(denoiser.device), batch, generator)
         if latents is not None:
             if tuple(latents.shape) != (batch,) + latent_shape:
                 raise ValueError(f"latents must have shape {(batch,) + latent_shape}, got {tuple(latents.shape)}")
@@ -343,6 +366,33 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         else:
             latents = (finished if finished is not None else stream.drain()[0]).latents
         return self._output(latents, output_type, return_dict, codec)
+
+    def _control_inputs(self, given: dict, height, width):
+        """A ControlNet pipeline call's control arguments, checked; defaults the pipeline's own."""
+        from .control_inputs import control_inputs
+
+        value = lambda name: given.get(name) if given.get(name) is not None else self.defaults.get(name)
+        return control_inputs(self.pipe, len(self.denoiser.nets), given.get("control_image"),
+                              value("controlnet_conditioning_scale"), value("control_guidance_start"),
+                              value("control_guidance_end"), given.get("guess_mode", False), height, width,
+                              self.control_arg)
+
+    def _with_control(self, control, cond, uncond, per_prompt: int):
+        """Rows carrying their control images; in guess mode the unconditional rows go without."""
+        d = self.denoiser
+        images = [rows.to(d.device, d.nets[0].dtype) for rows in control.rows(len(cond) // per_prompt, per_prompt)]
+        guess = control.guess_mode or d.global_pool
+        return d.with_images(cond, images, True), d.with_images(uncond, images, not guess)
+
+    @staticmethod
+    def _encode_images(codec, pixels, batch: int, generator):
+        """img2img's latents of `pixels` for a batch of `batch`, as diffusers' pipelines make them:
+        the images encoded (a draw of the posterior) and repeated whole until the batch is full — or,
+        with one generator per image, repeated first and each encoded with its own."""
+        times = batch // pixels.shape[0]
+        if isinstance(generator, (list, tuple)):
+            return codec.encode(pixels.repeat(times, 1, 1, 1), sample=True, generator=list(generator))
+        return codec.encode(pixels, sample=True, generator=generator).repeat(times, 1, 1, 1)
 
     def _steps_left(self, num_inference_steps: int, strength: float) -> int:
         """How many of `num_inference_steps` steps a call at `strength` runs: all for txt2img, for

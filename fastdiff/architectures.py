@@ -169,6 +169,32 @@ def tiny_sdxl_pipeline(seed: int = 0, scheduler: str = "ddim", vae: str = "kl", 
     return StableDiffusionXLPipeline(**components)
 
 
+def tiny_controlnet_pipeline(family: str = "sd", img2img: bool = False, nets: int = 1, seed: int = 0,
+                             scheduler: str = "ddim"):
+    """A tiny SD ("sd") or SDXL ("sdxl") ControlNet pipeline (64×64 images): ControlNets made from
+    the tiny UNet, their zero-initialised output convolutions drawn at random so that the control
+    image changes the picture; `nets` > 1 makes a MultiControlNetModel."""
+    import diffusers
+    from diffusers import ControlNetModel
+
+    base = (tiny_sd_pipeline if family == "sd" else tiny_sdxl_pipeline)(seed=seed, scheduler=scheduler)
+    torch.manual_seed(seed + 1)
+    controlnets = []
+    for _ in range(nets):
+        net = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(8, 8, 16, 16)).eval()
+        with torch.no_grad():
+            for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]:
+                torch.nn.init.normal_(conv.weight, std=0.05)
+        controlnets.append(net)
+    name = ("StableDiffusion" if family == "sd" else "StableDiffusionXL") + "ControlNet" + ("Img2Img" if img2img else "") \
+        + "Pipeline"
+    components = {k: v for k, v in base.components.items() if k not in ("image_encoder",)}
+    extra = {"requires_aesthetics_score": False} if family == "sdxl" and img2img else {}
+    pipe = getattr(diffusers, name)(**components, controlnet=controlnets[0] if nets == 1 else controlnets, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tiny_sd3_pipeline(seed: int = 0, img2img: bool = False, vae: str = "kl"):
     """A Stable-Diffusion-3-shaped pipeline small enough for CPU tests (64×64 images), without T5.
 

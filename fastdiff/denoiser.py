@@ -340,8 +340,9 @@ class UNetDenoiser(Denoiser):
             prompts, self.device, 1, True, negative_prompts, **(embeds or {}))
         return Conditioning(cond), Conditioning(uncond)
 
-    def run(self, module, latents, t, cond):
-        return module(latents, t, encoder_hidden_states=cond.embeds, return_dict=False)[0]
+    def run(self, module, latents, t, cond, **residuals):
+        # residuals: a ControlNet's down_block_additional_residuals / mid_block_additional_residual
+        return module(latents, t, encoder_hidden_states=cond.embeds, return_dict=False, **residuals)[0]
 
     def _unet_inputs(self, module, text_length):
         config = module.config
@@ -391,9 +392,9 @@ class SDXLDenoiser(UNetDenoiser):
         return (Conditioning(cond, {"text_embeds": pooled, "time_ids": to_rows(ids)}),
                 Conditioning(uncond, {"text_embeds": uncond_pooled, "time_ids": to_rows(neg_ids)}))
 
-    def run(self, module, latents, t, cond):
+    def run(self, module, latents, t, cond, **residuals):
         return module(latents, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=cond.extras,
-                      return_dict=False)[0]
+                      return_dict=False, **residuals)[0]
 
     def graph_spec(self, module=None, text_length=None):
         module = module if module is not None else self.original
@@ -491,7 +492,8 @@ class GroupedDenoiser(Denoiser):
 
 
 def denoiser_for(pipe) -> Denoiser:
-    """The adapter for a pipeline's denoiser: SD 1.x/2.x UNet, SDXL UNet, or SD3 transformer."""
+    """The adapter for a pipeline's denoiser: SD 1.x/2.x UNet, SDXL UNet, or SD3 transformer (its
+    ControlNets, if any, are :func:`fastdiff.controlnet.with_controlnet`'s to add)."""
     unet = getattr(pipe, "unet", None)
     if unet is not None:
         if unet.config.get("addition_embed_type") == "text_time":

@@ -80,6 +80,9 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
                  adapter_scale: float = 1.0, adapter_scheduler: str | None = None, router=None,
                  attention: str | None = None, compile: str | None = None, compile_backend: str = "inductor",
                  compile_mode: str | None = None):
+        if getattr(pipe, "controlnet", None) is not None:   # its rows would need each frame's control image
+            raise ValueError(f"pipe: {type(pipe).__name__} has a ControlNet, which fastdiff.Stream does not run yet; "
+                             "fastdiff.accelerate(pipe) does")
         self.mode = check_choice(mode, "mode", MODES)
         self.frame_buffer = check_int(frame_buffer, "frame_buffer", 1)
         check_choice(noise, "noise", NOISE_MODES)

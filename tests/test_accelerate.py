@@ -82,6 +82,26 @@ def test_img2img_matches_diffusers(scheduler):
     np.testing.assert_allclose(run(fastdiff.accelerate(pipe), **args), run(pipe, **args), atol=2e-5)
 
 
+@pytest.mark.parametrize("prompts,images,per_prompt,generators", [(2, 1, 1, False), (1, 1, 2, False), (2, 2, 2, False),
+                                                                   (2, 1, 1, True)])
+def test_img2img_batches_match_diffusers(prompts, images, per_prompt, generators):
+    """Fewer images than the batch: encoded once and repeated whole, as diffusers does (one
+    generator per image: repeated first, each encoded with its own)."""
+    pipe = tiny_sd_pipeline(img2img=True)
+    batch = prompts * per_prompt
+    args = dict(prompt=["a red circle", "a blue fox"][:prompts], num_inference_steps=3, guidance_scale=4.0,
+                image=torch.rand(images, 3, 64, 64, generator=torch.Generator().manual_seed(5)),
+                num_images_per_prompt=per_prompt, output_type="np")
+    gens = lambda: [torch.Generator().manual_seed(s) for s in range(batch)] if generators \
+        else torch.Generator().manual_seed(1)
+    expected = pipe(generator=gens(), **args).images
+    assert expected.shape[0] == batch
+    np.testing.assert_allclose(fastdiff.accelerate(pipe)(generator=gens(), **args).images, expected, atol=2e-5)
+    if prompts == 2 and images == 1:
+        with pytest.raises(ValueError, match="image has 3 images for a batch of 2"):
+            fastdiff.accelerate(pipe)(**dict(args, image=torch.rand(3, 3, 64, 64)))
+
+
 def test_output_types_and_dataclass(txt2img):
     fast = fastdiff.accelerate(txt2img)
     out = fast("a red circle", num_inference_steps=2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..controlnet import with_controlnet
 from ..denoiser import Conditioning, check_embeds, check_prompts, check_size, denoiser_for
 from ..vae import LatentCodec
 
@@ -22,7 +23,7 @@ class Prepared:
 
     def __init__(self, pipe, backend: str | None = None, engine_options: dict | None = None):
         self.pipe = pipe
-        self.denoiser = denoiser_for(pipe)
+        self.denoiser = with_controlnet(denoiser_for(pipe), pipe)
         self._vae = pipe.vae
         self.codec = LatentCodec(pipe.vae)
         self.backend = self.engine_options = None

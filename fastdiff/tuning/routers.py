@@ -232,6 +232,9 @@ class HoldsRouter:
                 self.parts.denoiser = denoiser_for(self.pipe)
             self.router = None
             return
+        if getattr(self.pipe, "controlnet", None) is not None:
+            raise ValueError("router: the pruned sub-networks take no ControlNet's residuals; a ControlNet pipeline "
+                             "runs unrouted")
         if getattr(self, "adapter", None) is not None:
             raise ValueError("router: an adapter is attached, and the router's pruned sub-networks would run "
                              "without it; use one or the other")

@@ -1,0 +1,87 @@
+"""A ControlNet pipeline call's control arguments, checked and laid out as diffusers reads them:
+the control images (one per ControlNet), each net's conditioning scale, the share of the steps
+each acts on (``control_guidance_start`` / ``end``) and guess mode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .checks import check_number
+from .images import check_finite
+
+
+@dataclass
+class ControlInputs:
+    """A call's control, checked: `images` one [n, 3, H, W] per net (n: 1 or one per prompt), in
+    [0, 1] as the pipeline's control image processor makes them."""
+
+    images: list
+    scales: list
+    starts: list
+    ends: list
+    guess_mode: bool
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(int(v) for v in self.images[0].shape[-2:])
+
+    def rows(self, prompts: int, per_prompt: int) -> list[torch.Tensor]:
+        """Each net's images as one row per image of the call (prompts × per_prompt), as diffusers
+        repeats them: one image for all, or one per prompt."""
+        out = []
+        for image in self.images:
+            if image.shape[0] not in (1, prompts):
+                raise ValueError(f"control image: {image.shape[0]} images for {prompts} prompts; give one, or one per "
+                                 "prompt")
+            out.append(image.repeat_interleave(prompts * per_prompt if image.shape[0] == 1 else per_prompt, dim=0))
+        return out
+
+    def keep(self, timesteps) -> dict:
+        """{timestep: [1.0 or 0.0 per net]}: whether each net acts at each of the call's steps, by
+        where the step falls in the call (diffusers' rule)."""
+        n = len(timesteps)
+        return {float(t): [1.0 - float(i / n < s or (i + 1) / n > e) for s, e in zip(self.starts, self.ends)]
+                for i, t in enumerate(timesteps)}
+
+
+def control_inputs(pipe, nets: int, image, scale, start, end, guess_mode, height, width, name: str) -> ControlInputs:
+    """The call's control arguments checked (`name`: the argument holding the control images)."""
+    if image is None:
+        raise ValueError(f"{name} is required by {type(pipe).__name__} (its ControlNet's condition)")
+    many = image if nets > 1 else [image]
+    if nets > 1 and (not isinstance(image, (list, tuple)) or len(image) != nets):
+        raise ValueError(f"{name}: {nets} ControlNets take a list of {nets} control images (one per net)")
+    images = []
+    for one in many:
+        if one is None or isinstance(one, (str, bytes)):
+            raise ValueError(f"{name} must be an image (PIL, array or tensor) or a list of them, got {one!r}")
+        pixels = pipe.control_image_processor.preprocess(one, height=height, width=width).to(dtype=torch.float32)
+        check_finite(pixels, name)
+        images.append(pixels)
+    if len({tuple(p.shape[-2:]) for p in images}) > 1:
+        raise ValueError(f"{name}: the control images differ in size {[tuple(p.shape[-2:]) for p in images]}; give "
+                         "height and width, or images of one size")
+    scales = _per_net(scale, nets, "controlnet_conditioning_scale")
+    for s in scales:
+        check_number(s, "controlnet_conditioning_scale")
+    starts = _per_net(start, nets, "control_guidance_start")
+    ends = _per_net(end, nets, "control_guidance_end")
+    for s, e in zip(starts, ends):
+        check_number(s, "control_guidance_start", 0.0, 1.0)
+        check_number(e, "control_guidance_end", 0.0, 1.0)
+        if s >= e:
+            raise ValueError(f"control_guidance_start ({s}) must be below control_guidance_end ({e})")
+    if not isinstance(guess_mode, bool):
+        raise ValueError(f"guess_mode must be True or False, got {guess_mode!r}")
+    return ControlInputs(images, scales, starts, ends, guess_mode)
+
+
+def _per_net(value, nets: int, name: str) -> list:
+    """One value for every net, or a list of one per net."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != nets:
+            raise ValueError(f"{name}: {len(value)} values for {nets} ControlNet{'s' if nets > 1 else ''}")
+        return list(value)
+    return [value] * nets

@@ -1,0 +1,123 @@
+"""ControlNet under the denoiser protocol: the UNet's call with the residuals of one or more
+ControlNets added, as diffusers' ControlNet pipelines make it.
+
+Each row carries its control images in its conditioning (``Conditioning.extras``: one image per
+ControlNet under ``control_image_<k>``, [B, 3, H, W] in [0, 1], and ``control_live`` [B] bool), so
+they follow the rows wherever the rows go — guidance's unconditional rows, a batch's images. A row
+whose ``control_live`` is False gets no residuals: guess mode's unconditional rows, which diffusers
+runs without the ControlNet. The conditioning scale of a call, and which steps the ControlNets act
+on (``control_guidance_start`` / ``end``), are the adapter's: :meth:`ControlledDenoiser.set_scales`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .denoiser import Conditioning, Denoiser
+
+LIVE = "control_live"
+
+
+def image_key(k: int) -> str:
+    return f"control_image_{k}"
+
+
+def controlnets_of(controlnet) -> list:
+    """The ControlNets a pipeline's ``controlnet`` holds (diffusers' MultiControlNetModel: several)."""
+    nets = getattr(controlnet, "nets", None)
+    return list(nets) if nets is not None else [controlnet]
+
+
+def with_controlnet(base: Denoiser, pipe) -> Denoiser:
+    """`base` with `pipe`'s ControlNet(s) around it, where it has them."""
+    controlnet = getattr(pipe, "controlnet", None)
+    return base if controlnet is None else ControlledDenoiser(base, controlnet)
+
+
+class ControlledDenoiser(Denoiser):
+    """`base` (a UNet adapter) with `controlnet` (a ControlNetModel or a MultiControlNetModel)
+    adding its residuals to every live row."""
+
+    def __init__(self, base: Denoiser, controlnet):
+        if base.family not in ("unet", "sdxl"):
+            raise ValueError(f"pipe: ControlNet is run for UNet pipelines (SD 1.x/2.x, SDXL), not {base.family}")
+        super().__init__(base.pipe, base.original)
+        self.base = base
+        self.family = base.family
+        self.nets = controlnets_of(controlnet)
+        self.guess_mode = False
+        self._scales = [1.0] * len(self.nets)   # each net's conditioning scale
+        self._keep = None                       # {timestep: [0/1 per net]}: the steps each net acts on
+
+    @property
+    def embed_sizes(self):
+        return self.base.embed_sizes
+
+    @property
+    def global_pool(self) -> bool:
+        """Nets trained on pooled conditions (e.g. shuffle) always run in guess mode, as in diffusers."""
+        return bool(self.nets[0].config.get("global_pool_conditions", False))
+
+    def set_scales(self, scales, keep: dict | None = None, guess_mode: bool = False) -> None:
+        """Each net's conditioning scale; `keep` {timestep: [1 or 0 per net]} the steps each acts on
+        (None: all); guess mode as diffusers' (the ControlNets read no prompt's meaning: the
+        residuals are scaled up block by block, and the unconditional rows get none)."""
+        self._scales, self._keep, self.guess_mode = list(scales), keep, bool(guess_mode)
+
+    def encode_prompt(self, prompts, negative_prompts, height, width, embeds=None):
+        return self.base.encode_prompt(prompts, negative_prompts, height, width, embeds)
+
+    def with_images(self, cond: Conditioning, images: list[torch.Tensor], live: bool) -> Conditioning:
+        """`cond`'s rows carrying `images` (one [B, 3, H, W] per net), live or not."""
+        if len(images) != len(self.nets):
+            raise ValueError(f"control images: {len(images)} given for {len(self.nets)} ControlNets")
+        extras = dict(cond.extras)
+        extras.update({image_key(k): image for k, image in enumerate(images)})
+        extras[LIVE] = torch.full((len(cond),), live, dtype=torch.bool, device=cond.embeds.device)
+        return Conditioning(cond.embeds, extras, cond.route)
+
+    def run(self, module, latents, t, cond):
+        if LIVE not in cond.extras:
+            raise ValueError("cond: a ControlNet pipeline's rows need their control images (ControlledDenoiser.with_images)")
+        images = [cond.extras[image_key(k)] for k in range(len(self.nets))]
+        live = cond.extras[LIVE]
+        plain = Conditioning(cond.embeds, {k: v for k, v in cond.extras.items()
+                                           if k != LIVE and not k.startswith("control_image_")}, cond.route)
+        steps = t.unique()
+        if len(steps) > 1:   # the nets act step by step: rows at other timesteps may differ
+            out = None
+            for step in steps:
+                rows = (t == step).nonzero().squeeze(1)
+                part = self.run(module, latents[rows], t[rows], cond.rows(rows))
+                out = part.new_empty((latents.shape[0],) + tuple(part.shape[1:])) if out is None else out
+                out[rows] = part
+            return out
+        # a timestep not in the call's steps (a cost count's probe) has every net acting
+        keep = (self._keep or {}).get(float(steps[0]), [1.0] * len(self.nets))
+        rows = live.nonzero().squeeze(1)
+        if not len(rows) or not any(keep):   # no net acts: the UNet alone (diffusers adds zeros)
+            return self.base.run(module, latents, t, plain)
+        down, mid = None, None
+        for net, image, scale, acts in zip(self.nets, images, self._scales, keep):
+            if not acts:
+                continue
+            d, m = net(latents[rows], t[rows], encoder_hidden_states=plain.embeds[rows], controlnet_cond=image[rows],
+                       conditioning_scale=scale, guess_mode=self.guess_mode or self.global_pool,
+                       added_cond_kwargs={k: v[rows] for k, v in plain.extras.items()} or None, return_dict=False)
+            down = list(d) if down is None else [a + b for a, b in zip(down, d)]
+            mid = m if mid is None else mid + m
+        if len(rows) < len(live):   # the rows without control get zeros
+            down = [_scatter(r, rows, len(live)) for r in down]
+            mid = _scatter(mid, rows, len(live))
+        return self.base.run(module, latents, t, plain, down_block_additional_residuals=down,
+                             mid_block_additional_residual=mid)
+
+    def graph_spec(self, module=None, text_length=None):
+        raise ValueError("backend: a ControlNet pipeline runs on its PyTorch modules; engines are not built for "
+                         "ControlNet pipelines yet")
+
+
+def _scatter(part: torch.Tensor, rows: torch.Tensor, total: int) -> torch.Tensor:
+    full = part.new_zeros((total,) + tuple(part.shape[1:]))
+    full[rows] = part
+    return full

@@ -183,8 +183,12 @@ def tiny_controlnet_pipeline(family: str = "sd", img2img: bool = False, nets: in
     for _ in range(nets):
         net = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(8, 8, 16, 16)).eval()
         with torch.no_grad():
-            for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]:
+            for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
                 torch.nn.init.normal_(conv.weight, std=0.05)
+            # strong enough that the control image's content, not only its presence, shows
+            for conv in net.controlnet_cond_embedding.modules():
+                if isinstance(conv, torch.nn.Conv2d):
+                    torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
         controlnets.append(net)
     name = ("StableDiffusion" if family == "sd" else "StableDiffusionXL") + "ControlNet" + ("Img2Img" if img2img else "") \
         + "Pipeline"

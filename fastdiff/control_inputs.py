@@ -30,13 +30,7 @@ class ControlInputs:
     def rows(self, prompts: int, per_prompt: int) -> list[torch.Tensor]:
         """Each net's images as one row per image of the call (prompts × per_prompt), as diffusers
         repeats them: one image for all, or one per prompt."""
-        out = []
-        for image in self.images:
-            if image.shape[0] not in (1, prompts):
-                raise ValueError(f"control image: {image.shape[0]} images for {prompts} prompts; give one, or one per "
-                                 "prompt")
-            out.append(image.repeat_interleave(prompts * per_prompt if image.shape[0] == 1 else per_prompt, dim=0))
-        return out
+        return control_rows(self.images, prompts, per_prompt, "prompts")
 
     def keep(self, timesteps) -> dict:
         """{timestep: [1.0 or 0.0 per net]}: whether each net acts at each of the call's steps, by
@@ -46,8 +40,45 @@ class ControlInputs:
                 for i, t in enumerate(timesteps)}
 
 
+def control_rows(images: list, count: int, per: int, what: str) -> list[torch.Tensor]:
+    """Each net's images as `count` × `per` rows: one image repeated for all, or one per `what`
+    (prompts, frames) repeated `per` times each."""
+    out = []
+    for image in images:
+        if image.shape[0] not in (1, count):
+            raise ValueError(f"control image: {image.shape[0]} images for {count} {what}; give one, or one per "
+                             f"{what[:-1]}")
+        out.append(image.repeat_interleave(count * per if image.shape[0] == 1 else per, dim=0))
+    return out
+
+
 def control_inputs(pipe, nets: int, image, scale, start, end, guess_mode, height, width, name: str) -> ControlInputs:
     """The call's control arguments checked (`name`: the argument holding the control images)."""
+    images = control_images(pipe, nets, image, height, width, name)
+    scales = check_scales(scale, nets)
+    starts = _per_net(start, nets, "control_guidance_start")
+    ends = _per_net(end, nets, "control_guidance_end")
+    for s, e in zip(starts, ends):
+        check_number(s, "control_guidance_start", 0.0, 1.0)
+        check_number(e, "control_guidance_end", 0.0, 1.0)
+        if s >= e:
+            raise ValueError(f"control_guidance_start ({s}) must be below control_guidance_end ({e})")
+    if not isinstance(guess_mode, bool):
+        raise ValueError(f"guess_mode must be True or False, got {guess_mode!r}")
+    return ControlInputs(images, scales, starts, ends, guess_mode)
+
+
+def check_scales(scale, nets: int) -> list:
+    """Each net's conditioning scale: one number for all, or a list of one per net."""
+    scales = _per_net(scale, nets, "controlnet_conditioning_scale")
+    for s in scales:
+        check_number(s, "controlnet_conditioning_scale")
+    return scales
+
+
+def control_images(pipe, nets: int, image, height, width, name: str) -> list[torch.Tensor]:
+    """One [n, 3, H, W] tensor per net (a list of images with several nets), as the pipeline's
+    control image processor makes them, at `height` × `width` (None: the image's own size)."""
     if image is None:
         raise ValueError(f"{name} is required by {type(pipe).__name__} (its ControlNet's condition)")
     many = image if nets > 1 else [image]
@@ -63,19 +94,7 @@ def control_inputs(pipe, nets: int, image, scale, start, end, guess_mode, height
     if len({tuple(p.shape[-2:]) for p in images}) > 1:
         raise ValueError(f"{name}: the control images differ in size {[tuple(p.shape[-2:]) for p in images]}; give "
                          "height and width, or images of one size")
-    scales = _per_net(scale, nets, "controlnet_conditioning_scale")
-    for s in scales:
-        check_number(s, "controlnet_conditioning_scale")
-    starts = _per_net(start, nets, "control_guidance_start")
-    ends = _per_net(end, nets, "control_guidance_end")
-    for s, e in zip(starts, ends):
-        check_number(s, "control_guidance_start", 0.0, 1.0)
-        check_number(e, "control_guidance_end", 0.0, 1.0)
-        if s >= e:
-            raise ValueError(f"control_guidance_start ({s}) must be below control_guidance_end ({e})")
-    if not isinstance(guess_mode, bool):
-        raise ValueError(f"guess_mode must be True or False, got {guess_mode!r}")
-    return ControlInputs(images, scales, starts, ends, guess_mode)
+    return images
 
 
 def _per_net(value, nets: int, name: str) -> list:

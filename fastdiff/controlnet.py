@@ -67,19 +67,25 @@ class ControlledDenoiser(Denoiser):
     def encode_prompt(self, prompts, negative_prompts, height, width, embeds=None):
         return self.base.encode_prompt(prompts, negative_prompts, height, width, embeds)
 
-    def with_images(self, cond: Conditioning, images: list[torch.Tensor], live: bool) -> Conditioning:
-        """`cond`'s rows carrying `images` (one [B, 3, H, W] per net), live or not."""
-        if len(images) != len(self.nets):
-            raise ValueError(f"control images: {len(images)} given for {len(self.nets)} ControlNets")
+    @property
+    def image_keys(self) -> list[str]:
+        return [image_key(k) for k in range(len(self.nets))]
+
+    def with_images(self, cond: Conditioning, images: list[torch.Tensor] | None, live: bool) -> Conditioning:
+        """`cond`'s rows carrying `images` (one [B, 3, H, W] per net; None: a stream's, which travel
+        with its frames), live or not."""
         extras = dict(cond.extras)
-        extras.update({image_key(k): image for k, image in enumerate(images)})
+        if images is not None:
+            if len(images) != len(self.nets):
+                raise ValueError(f"control images: {len(images)} given for {len(self.nets)} ControlNets")
+            extras.update(zip(self.image_keys, images))
         extras[LIVE] = torch.full((len(cond),), live, dtype=torch.bool, device=cond.embeds.device)
         return Conditioning(cond.embeds, extras, cond.route)
 
     def run(self, module, latents, t, cond):
-        if LIVE not in cond.extras:
+        if LIVE not in cond.extras or any(k not in cond.extras for k in self.image_keys):
             raise ValueError("cond: a ControlNet pipeline's rows need their control images (ControlledDenoiser.with_images)")
-        images = [cond.extras[image_key(k)] for k in range(len(self.nets))]
+        images = [cond.extras[k] for k in self.image_keys]
         live = cond.extras[LIVE]
         plain = Conditioning(cond.embeds, {k: v for k, v in cond.extras.items()
                                            if k != LIVE and not k.startswith("control_image_")}, cond.route)

@@ -7,7 +7,8 @@ import os
 import torch
 
 from .checks import check_choice, check_int, check_number, check_seed
-from .denoiser import EMBED_ARGS
+from .controlnet import ControlledDenoiser
+from .denoiser import EMBED_ARGS, Conditioning
 from .images import FiniteWatch, check_output_type, from_model_tensor, signed, to_model_tensor
 from .sampling.guiders import make_guider
 from .sampling.schedule import step_schedule
@@ -69,6 +70,12 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
     ``router`` routes the prompt (each frame's, with F > 1) to a pruned sub-network at
     :meth:`prepare` / :meth:`update`; frames of different codes are grouped, one call per group;
     :attr:`macs_per_call` counts a full call's MACs.
+
+    A ControlNet pipeline's stream takes a ``control_image`` with each call (one, or F with
+    ``frame_buffer`` F; a list of one per net with a MultiControlNetModel), or keeps the one given to
+    :meth:`prepare` / :meth:`update`. Each frame's control image stays with it through its steps,
+    beside the other frames' own. ``controlnet_conditioning_scale`` (changed by :meth:`update`) and
+    ``guess_mode`` are diffusers'. PyTorch modules only: no engines, no compiled whole step.
     """
 
     def __init__(self, pipe, steps=None, *, timesteps=None, num_inference_steps: int = 50,
@@ -79,10 +86,7 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
                  backend: str | None = None, engine_options: dict | None = None, adapter=None,
                  adapter_scale: float = 1.0, adapter_scheduler: str | None = None, router=None,
                  attention: str | None = None, compile: str | None = None, compile_backend: str = "inductor",
-                 compile_mode: str | None = None):
-        if getattr(pipe, "controlnet", None) is not None:   # its rows would need each frame's control image
-            raise ValueError(f"pipe: {type(pipe).__name__} has a ControlNet, which fastdiff.Stream does not run yet; "
-                             "fastdiff.accelerate(pipe) does")
+                 compile_mode: str | None = None, controlnet_conditioning_scale=1.0, guess_mode: bool = False):
         self.mode = check_choice(mode, "mode", MODES)
         self.frame_buffer = check_int(frame_buffer, "frame_buffer", 1)
         check_choice(noise, "noise", NOISE_MODES)
@@ -105,6 +109,7 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
             raise ValueError(f"compile: 'whole' compiles the PyTorch modules as one graph; backend={backend!r} makes "
                              "each an engine of its own: give one of the two")
         self.compile_mode = compile_mode
+        self._set_control(controlnet_conditioning_scale, guess_mode)
         self._whole = None   # the compiled steady step, made when the stream first fills
         if adapter is not None:
             self._set_adapter(adapter, adapter_scale, adapter_scheduler)
@@ -146,15 +151,18 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
 
     # -- set-up ----------------------------------------------------------------------------------
     def prepare(self, prompt=None, negative_prompt=None, *, prompt_embeds=None, negative_prompt_embeds=None,
-                pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None):
+                pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, control_image=None):
         """Encode the prompt and start the stream. On a running stream this is a prompt change.
         Embeddings made elsewhere (e.g. weighted prompts) may stand in for either prompt, as diffusers'
-        pipelines take them: one row, or one per frame of the buffer."""
+        pipelines take them: one row, or one per frame of the buffer. `control_image`: a ControlNet
+        pipeline's, for the calls that give none."""
         embeds = dict(zip(EMBED_ARGS, (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
                                        negative_pooled_prompt_embeds)))
         if self.latents is not None:
-            self.update(prompt=prompt, negative_prompt=negative_prompt, **embeds)
+            self.update(prompt=prompt, negative_prompt=negative_prompt, control_image=control_image, **embeds)
             return
+        if control_image is not None:
+            self._standing_control, self._standing_source = self._control_rows(control_image), control_image
         state = self._prompt_state(prompt, negative_prompt, embeds)
         self._cond = self._encoded(state, (self.height, self.width))
         self.prompt, self.negative_prompt, self._embeds = state
@@ -176,8 +184,12 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
     def _encoded(self, state: tuple, size):
         """(cond, uncond) of a prompt state at `size` (SDXL's conditioning holds the image size), routed."""
         prompt, negative_prompt, embeds = state
-        return self.parts.encode(prompt, negative_prompt, *size, frames=self.frame_buffer, route=self._route(),
-                                 embeds=embeds)
+        cond, uncond = self.parts.encode(prompt, negative_prompt, *size, frames=self.frame_buffer, route=self._route(),
+                                         embeds=embeds)
+        if self._controlled:   # the rows' control images travel with their frames; guess mode's uncond rows go without
+            d = self.denoiser
+            cond, uncond = d.with_images(cond, None, True), d.with_images(uncond, None, not self._guess_mode)
+        return cond, uncond
 
     def _start(self):
         cond, uncond = self._cond
@@ -205,11 +217,12 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
     def update(self, *, prompt=None, negative_prompt=None, guidance_scale=None, delta=None, guidance_rescale=None,
                steps=None, timesteps=None, num_inference_steps=None, height=None, width=None,
                with_tags: bool = False, prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
-               negative_pooled_prompt_embeds=None) -> list:
+               negative_pooled_prompt_embeds=None, control_image=None, controlnet_conditioning_scale=None) -> list:
         """Change settings at run time, without rebuilding anything.
 
         Prompt, negative prompt (or their embeddings, as :meth:`prepare` takes them), guidance scale,
-        delta and rescale apply from the next call on, to the frames in flight as well; None leaves a
+        delta, rescale and a ControlNet's conditioning scale apply from the next call on, to the
+        frames in flight as well; a control image, to the calls that give none; None leaves a
         setting as it is (a negative prompt is dropped by a new stream, not here). Steps and
         resolution change the stream's shape: the frames in flight are first finished with the old
         settings and returned (oldest first), so none is lost — as (tag, output) pairs with
@@ -236,11 +249,21 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
             schedule = step_schedule(self.scheduler, steps, timesteps, num_inference_steps, solver)
             size = self.parts.size(self.height if height is None else height, self.width if width is None else width)
         resized = size != (self.height, self.width)
+        scales = None
+        if controlnet_conditioning_scale is not None:
+            scales = self._control_scales(controlnet_conditioning_scale)
+        standing = self._control_rows(control_image, size) if control_image is not None else None
         state = self._prompt_state(prompt, negative_prompt, embeds)
         encoded = None
         # a new size re-encodes too: SDXL's conditioning holds the image size
         if state[:2] != (self.prompt, self.negative_prompt) or _given_anew(state[2], self._embeds) or resized:
             encoded = self._encoded(state, size)
+        if scales is not None:
+            self.denoiser.set_scales(scales, None, self._guess_mode)
+        if standing is not None:
+            self._standing_control, self._standing_source = standing, control_image
+        elif resized and self._standing_control is not None:   # the kept image, at the new size
+            self._standing_control = self._control_rows(self._standing_source, size)
         if guider is not self.guider:
             self.guider = guider
             self.latents.set_guider(guider)
@@ -342,6 +365,12 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         cond, uncond = self._cond
         n, F = len(self.schedule), self.frame_buffer
         t = torch.zeros(n * F, device=self.denoiser.device)
+        if self._controlled:   # the rows as a call holds them, with its frames' control images
+            control = self._last_control or self._standing_control
+            if control is None:
+                raise RuntimeError("macs_per_call: a ControlNet stream's cost is counted once it has a control image")
+            cond, uncond = (Conditioning(c.embeds, {**c.extras, **control}, c.route) if c is not None else None
+                            for c in (cond, uncond))
         rows = self.guider.model_conditioning(t, cond.tile(n), uncond.tile(n) if uncond is not None else None, F)[1]
         return self.parts.rows_macs(rows, self.latent_shape)
 
@@ -370,15 +399,68 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         return torch.cat([to_model_tensor(f, self.height, self.width, self.denoiser.device, self.codec.dtype,
                                           name=f"image[{i}]") for i, f in enumerate(image)])
 
+    # -- ControlNet ------------------------------------------------------------------------------
+    @property
+    def _controlled(self) -> bool:
+        return isinstance(self.denoiser, ControlledDenoiser)
+
+    def _set_control(self, scale, guess_mode) -> None:
+        """A ControlNet pipeline's settings (none other takes them)."""
+        self._standing_control = self._standing_source = None
+        self._last_control = None   # the last call's control rows (what macs_per_call counts with)
+        self._guess_mode = False
+        if not self._controlled:
+            if scale != 1.0 or guess_mode:
+                raise ValueError(f"controlnet_conditioning_scale, guess_mode: {type(self.pipe).__name__} has no "
+                                 "ControlNet")
+            return
+        if self.compile is not None:
+            raise ValueError("compile: a ControlNet pipeline's stream runs step by step (its frames' control images "
+                             "travel with them); leave compile None")
+        if not isinstance(guess_mode, bool):
+            raise ValueError(f"guess_mode must be True or False, got {guess_mode!r}")
+        self._guess_mode = guess_mode or self.denoiser.global_pool
+        self.denoiser.set_scales(self._control_scales(scale), None, self._guess_mode)
+
+    def _control_scales(self, scale) -> list:
+        if not self._controlled:
+            raise ValueError(f"controlnet_conditioning_scale: {type(self.pipe).__name__} has no ControlNet")
+        from .control_inputs import check_scales
+
+        return check_scales(scale, len(self.denoiser.nets))
+
+    def _control_rows(self, control_image, size=None) -> dict:
+        """{net's key: [F, 3, H, W]} of a control image (one, or one per frame) at the stream's size."""
+        if not self._controlled:
+            raise ValueError(f"control_image: {type(self.pipe).__name__} has no ControlNet")
+        from .control_inputs import control_images, control_rows
+
+        d = self.denoiser
+        height, width = size or (self.height, self.width)
+        images = control_images(self.pipe, len(d.nets), control_image, height, width, "control_image")
+        rows = control_rows(images, self.frame_buffer, 1, "frames")
+        return {k: r.to(d.device, d.nets[0].dtype) for k, r in zip(d.image_keys, rows)}
+
+    def _call_control(self, control_image) -> dict | None:
+        """The control rows of this call: its own image, else the standing one."""
+        if control_image is None:
+            if self._controlled and self._standing_control is None:
+                raise ValueError(f"control_image is required by {type(self.pipe).__name__}'s stream: give one with each "
+                                 "call, or to prepare() / update() for the calls that give none")
+            return self._standing_control
+        return self._control_rows(control_image)
+
     @torch.inference_mode()
-    def __call__(self, image=None, tag=None):
+    def __call__(self, image=None, tag=None, control_image=None):
         """Process one frame (a list of F frames with frame_buffer F > 1; nothing for txt2img).
 
         Returns the output of the frame that went in n−1 calls ago, or None while the stream fills;
-        :attr:`last_tag` is then the `tag` that frame was given (a skipped call's own tag).
+        :attr:`last_tag` is then the `tag` that frame was given (a skipped call's own tag). A
+        ControlNet pipeline's stream takes the frame's `control_image` (see the class's docstring).
         """
         self._require_prepared()
         pixels = self._inputs(image)
+        control = self._call_control(control_image)
         self.last_skipped = False
         if self.filter is not None and pixels is not None:
             centred = signed(pixels)   # frames compared around mid-grey: the angle between [0, 1] frames says little
@@ -391,11 +473,13 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
             out = self._whole_step(pixels, tag)
             if out is not None:
                 return out
+        self._last_control = control if control is not None else self._last_control
         if pixels is None:
-            finished = self.latents.push(None, tag=tag)
+            finished = self.latents.push(None, tag=tag, extras=control)
         else:   # the VAE's scaling factor is folded into the stream's entry op
             codec = self.codec
-            finished = self.latents.push(codec.encode_unit(pixels, scaled=False), tag=tag, scale=codec.scaling)
+            finished = self.latents.push(codec.encode_unit(pixels, scaled=False), tag=tag, scale=codec.scaling,
+                                         extras=control)
         if finished is None:
             self.last_tag = None
             return None

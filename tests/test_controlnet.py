@@ -16,6 +16,13 @@ def image(seed):
     return torch.rand(1, 3, 64, 64, generator=gen(seed))
 
 
+def bars(k):
+    """A control image unlike another's (noise images all look alike to a ControlNet): a bright band."""
+    out = torch.zeros(1, 3, 64, 64)
+    out[..., 16 * (k % 4):16 * (k % 4) + 16, :] = 1.0
+    return out
+
+
 @pytest.mark.parametrize("family,img2img,nets,guess_mode", [("sd", False, 1, False), ("sd", True, 2, True),
                                                             ("sdxl", False, 2, False), ("sdxl", True, 1, True)])
 def test_controlnet_matches_diffusers(family, img2img, nets, guess_mode):
@@ -63,5 +70,72 @@ def test_controlnet_inputs_are_checked():
         fastdiff.accelerate(pipe, backend="onnxruntime")
     with pytest.raises(ValueError, match="router: the pruned sub-networks take no ControlNet"):
         fastdiff.accelerate(pipe, router="shapes")
-    with pytest.raises(ValueError, match="pipe: StableDiffusionControlNetPipeline has a ControlNet"):
-        fastdiff.Stream(pipe)
+
+
+def stream_outputs(stream, frames, controls):
+    outs = [stream(f, control_image=c) if c is not None else stream(f) for f, c in zip(frames, controls)]
+    return [o for o in outs if o is not None] + stream.flush()
+
+
+@pytest.mark.parametrize("nets,cfg", [(1, "self"), (2, "full")])
+def test_stream_frames_keep_their_control_images(nets, cfg):
+    """Frames at different steps of one call each use their own control image: every output is
+    the one that frame gets alone in a fresh stream; the standing image stands in for a call's."""
+    pipe = tiny_controlnet_pipeline("sd", img2img=True, nets=nets, scheduler="lcm")
+    make = lambda **kw: fastdiff.Stream(pipe, steps=[20, 30, 40], cfg=cfg, guidance_scale=1.5, **kw)
+    frames = [image(10 + k) for k in range(4)]
+    controls = [bars(k) if nets == 1 else [bars(k), bars(k + 1)] for k in range(4)]
+    stream = make()
+    stream.prepare("a red circle")
+    outs = stream_outputs(stream, frames, controls)
+    assert len(outs) == 4
+    for frame, control, out in zip(frames, controls, outs):
+        alone = make()
+        alone.prepare("a red circle")
+        torch.testing.assert_close(stream_outputs(alone, [frame], [control])[0], out, atol=1e-5, rtol=0)
+    standing = make()
+    standing.prepare("a red circle", control_image=controls[0])
+    same = stream_outputs(standing, frames, [None] * 4)
+    torch.testing.assert_close(same[0], outs[0], atol=1e-5, rtol=0)
+    assert (same[-1] - outs[-1]).abs().max() > 1e-3   # the last frame's own control image mattered
+    off = make(controlnet_conditioning_scale=0.0)
+    off.prepare("a red circle", control_image=controls[0])
+    changed = make()
+    changed.prepare("a red circle", control_image=controls[0])
+    changed.update(controlnet_conditioning_scale=0.0)
+    torch.testing.assert_close(stream_outputs(changed, frames, [None] * 4), stream_outputs(off, frames, [None] * 4))
+    assert stream.macs_per_call > 0
+
+
+def test_stream_control_in_txt2img_with_a_frame_buffer():
+    pipe = tiny_controlnet_pipeline("sd", scheduler="lcm")
+    stream = fastdiff.Stream(pipe, mode="txt2img", steps=[0, 25], frame_buffer=2, cfg="none")
+    stream.prepare("a red circle")
+    first = stream(control_image=[bars(0), bars(2)])
+    assert first is None
+    pair = stream(control_image=bars(3))
+    assert len(pair) == 2 and (pair[0] - pair[1]).abs().max() > 1e-3   # each frame its own control image
+    with pytest.raises(ValueError, match="control image: 3 images for 2 frames"):
+        stream(control_image=torch.rand(3, 3, 64, 64))
+
+
+def test_stream_control_inputs_are_checked():
+    pipe = tiny_controlnet_pipeline("sd", img2img=True)
+    stream = fastdiff.Stream(pipe)
+    stream.prepare("a red circle")
+    with pytest.raises(ValueError, match="control_image is required"):
+        stream(image(1))
+    with pytest.raises(ValueError, match="controlnet_conditioning_scale"):
+        stream.update(controlnet_conditioning_scale="high")
+    with pytest.raises(ValueError, match="guess_mode must be True or False"):
+        fastdiff.Stream(pipe, guess_mode=1)
+    with pytest.raises(ValueError, match="compile: a ControlNet pipeline's stream"):
+        fastdiff.Stream(pipe, compile="whole")
+    with pytest.raises(ValueError, match="backend: a ControlNet pipeline"):
+        fastdiff.Stream(pipe, backend="onnxruntime")
+    plain = fastdiff.Stream(tiny_sd_pipeline(img2img=True))
+    with pytest.raises(ValueError, match="has no ControlNet"):
+        fastdiff.Stream(tiny_sd_pipeline(img2img=True), controlnet_conditioning_scale=0.5)
+    plain.prepare("a red circle")
+    with pytest.raises(ValueError, match="control_image: StableDiffusionImg2ImgPipeline has no ControlNet"):
+        plain(image(1), control_image=image(2))

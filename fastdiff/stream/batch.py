@@ -47,6 +47,7 @@ class _Slot:
     latents: torch.Tensor
     residual: torch.Tensor | None
     tag: Any
+    extras: dict | None = None   # conditioning that travels with the group (a ControlNet's images)
 
 
 @dataclass
@@ -212,13 +213,19 @@ class LatentStream:
 
     # -- the call ------------------------------------------------------------------------------
     def push(self, clean: torch.Tensor | None = None, noise: torch.Tensor | None = None, tag: Any = None,
-             scale: float = 1.0):
+             scale: float = 1.0, extras: dict | None = None):
         """Enter one group of F frames at τ_0; returns the :class:`Finished` group, or None.
 
         img2img: x = α_0·scale·clean + β_0·ε_0 (`scale`: a VAE's scaling factor, left to this op).
         txt2img (`clean` None): x = noise_scale·ε_0. ε_0 is the stream's own noise for slot 0 unless
-        `noise` is given. `tag` comes back out with the group's latents.
+        `noise` is given. `tag` comes back out with the group's latents. `extras` ({name: [F, ...]})
+        join the conditioning of the group's rows at every step it takes — each frame's own control
+        images, say, while the groups beside it have theirs (such a stream runs unpacked).
         """
+        if extras is not None:
+            for name, value in extras.items():
+                if value.shape[0] != self.frames:
+                    raise ValueError(f"extras[{name!r}] has {value.shape[0]} rows for {self.frames} frames")
         if clean is not None:
             shape = (self.frames,) + self.latent_shape
             if tuple(clean.shape) != shape:
@@ -227,7 +234,7 @@ class LatentStream:
                 clean = clean.to(self.device, self.dtype)
         if noise is None and self.noise_mode == "fixed":   # the steady case: one op per frame at most
             eps0, start, noise_term, a0 = self._entry()
-            if self._packed is not None or (self.packs and self.full and self._pack()):
+            if extras is None and (self._packed is not None or (self.packs and self.full and self._pack())):
                 return self._push_packed(clean, noise_term, a0 * scale, tag)
             x_new = start if clean is None else torch.add(noise_term, clean, alpha=a0 * scale)
         else:
@@ -240,7 +247,7 @@ class LatentStream:
             else:
                 a0, b0 = float(self.schedule.alpha[0]), float(self.schedule.beta[0])
                 x_new = (a0 * scale) * clean + b0 * eps0
-        return self._step(_Slot(x_new, eps0, tag))
+        return self._step(_Slot(x_new, eps0, tag, extras))
 
     def _entry(self):
         """(ε_0, noise_scale·ε_0, β_0·ε_0, α_0) of the fixed noise: what enters slot 0, computed once
@@ -255,7 +262,7 @@ class LatentStream:
     def _pack(self) -> bool:
         """Move the slots of a full stream into the two buffers; False where the step can't write
         into them (a step that is not folded: guidance rescale)."""
-        if self._call(True, self._all_occupied).rows.folded is None:
+        if self._call(True, self._all_occupied).rows.folded is None or any(g.extras for g in self._slots):
             return False
         F, R = self.frames, self.n * self.frames
         eps0, start = self._entry()[:2]
@@ -382,8 +389,23 @@ class LatentStream:
         residual = None
         if self.carries:
             residual = torch.cat([g.residual for g in groups]) if len(groups) > 1 else groups[0].residual
-        x_next, residual = stream_step(self.denoiser, x, call.rows, residual, self.guider, self._renoise(call))
+        cond = self._travelling(call, groups) if groups[0].extras is not None else None
+        x_next, residual = stream_step(self.denoiser, x, call.rows, residual, self.guider, self._renoise(call), cond)
         return self._shift(call.slots, groups, x_next, residual)
+
+    def _travelling(self, call: _Call, groups: list) -> Conditioning:
+        """The call's model conditioning with each group's own extras in its rows (slot-major)."""
+        if any(g.extras is None or g.extras.keys() != groups[0].extras.keys() for g in groups):
+            raise ValueError("extras: every group in the stream must carry the same extras")
+        rows = {k: torch.cat([g.extras[k] for g in groups]) for k in groups[0].extras}
+        slots = len(call.slots)
+
+        def joined(c):
+            tiled = c.tile(slots)
+            return Conditioning(tiled.embeds, {**tiled.extras, **rows}, tiled.route)
+        uncond = joined(self.uncond) if self.uncond is not None else None
+        # laid out as the guider lays the call's rows out (only its conditioning is taken here)
+        return self.guider.model_conditioning(call.rows.t_model, joined(self.cond), uncond, call.rows.new)[1]
 
     def _shift(self, slots, groups, x_next, residual) -> Finished | None:
         """Slot i's rows move to slot i+1's place; slot n−1's rows leave finished."""
@@ -396,5 +418,5 @@ class LatentStream:
             if slot == n - 1:
                 finished = Finished(xc, group.tag)
             else:
-                self.slots[slot] = _Slot(xc, rc, group.tag)
+                self.slots[slot] = _Slot(xc, rc, group.tag, group.extras)
         return finished

@@ -89,17 +89,15 @@ class ControlledDenoiser(Denoiser):
         live = cond.extras[LIVE]
         plain = Conditioning(cond.embeds, {k: v for k, v in cond.extras.items()
                                            if k != LIVE and not k.startswith("control_image_")}, cond.route)
-        steps = t.unique()
-        if len(steps) > 1:   # the nets act step by step: rows at other timesteps may differ
+        keep = self._keep_of(t)
+        if keep is None:   # the nets act on some of these rows' steps and not others': each step alone
             out = None
-            for step in steps:
+            for step in t.unique():
                 rows = (t == step).nonzero().squeeze(1)
                 part = self.run(module, latents[rows], t[rows], cond.rows(rows))
                 out = part.new_empty((latents.shape[0],) + tuple(part.shape[1:])) if out is None else out
                 out[rows] = part
             return out
-        # a timestep not in the call's steps (a cost count's probe) has every net acting
-        keep = (self._keep or {}).get(float(steps[0]), [1.0] * len(self.nets))
         rows = live.nonzero().squeeze(1)
         if not len(rows) or not any(keep):   # no net acts: the UNet alone (diffusers adds zeros)
             return self.base.run(module, latents, t, plain)
@@ -117,6 +115,16 @@ class ControlledDenoiser(Denoiser):
             mid = _scatter(mid, rows, len(live))
         return self.base.run(module, latents, t, plain, down_block_additional_residuals=down,
                              mid_block_additional_residual=mid)
+
+    def _keep_of(self, t: torch.Tensor) -> list | None:
+        """Which nets act on rows at timesteps `t` (1.0 or 0.0 per net), or None where that differs
+        between the rows' steps. Without a call's step ranges (a stream), every net acts on every row,
+        as at a timestep the ranges don't name (a cost count's probe)."""
+        everywhere = [1.0] * len(self.nets)
+        if self._keep is None:
+            return everywhere
+        keeps = {tuple(self._keep.get(float(step), everywhere)) for step in t.unique().tolist()}
+        return list(keeps.pop()) if len(keeps) == 1 else None
 
     def graph_spec(self, module=None, text_length=None):
         raise ValueError("backend: a ControlNet pipeline runs on its PyTorch modules; engines are not built for "

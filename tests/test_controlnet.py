@@ -139,3 +139,35 @@ def test_stream_control_inputs_are_checked():
     plain.prepare("a red circle")
     with pytest.raises(ValueError, match="control_image: StableDiffusionImg2ImgPipeline has no ControlNet"):
         plain(image(1), control_image=image(2))
+
+
+def test_rows_at_steps_where_the_nets_act_differently_run_apart():
+    """A call whose rows sit at steps inside and outside a net's range: each row as if alone."""
+    pipe = tiny_controlnet_pipeline("sd")
+    d = fastdiff.accelerate(pipe).denoiser
+    cond, uncond = d.encode_prompt(["a red circle"] * 2, [""] * 2, 64, 64)
+    cond = d.with_images(cond, [torch.cat([bars(0), bars(2)])], True)
+    latents, t = torch.randn(2, 4, 8, 8, generator=gen(3)), torch.tensor([900.0, 300.0])
+    d.set_scales([1.0], {900.0: [1.0], 300.0: [0.0]})
+    with torch.inference_mode():
+        both = d(latents, t, cond)
+        alone = [d(latents[i:i + 1], t[i:i + 1], cond.rows(slice(i, i + 1))) for i in range(2)]
+        d.set_scales([1.0], None)
+        acting = d(latents[1:], t[1:], cond.rows(slice(1, 2)))
+    torch.testing.assert_close(both, torch.cat(alone), atol=1e-5, rtol=0)
+    assert (alone[1] - acting).abs().max() > 1e-3   # the row outside the range ran without the net
+
+
+def test_controlnet_benchmark_runs(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "controlnet.json"
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "controlnet.py")
+    subprocess.run([sys.executable, script, "--frames", "1", "--rounds", "1", "--out", str(out)], check=True,
+                   capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert set(result["speedups"]) == {"fastdiff none", "fastdiff self", "diffusers"}
+    assert all(ms > 0 for ms in result["ms_per_frame"].values()) and result["steps"] == [32, 45]

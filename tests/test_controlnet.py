@@ -171,3 +171,30 @@ def test_controlnet_benchmark_runs(tmp_path):
     result = json.loads(out.read_text())
     assert set(result["speedups"]) == {"fastdiff none", "fastdiff self", "diffusers"}
     assert all(ms > 0 for ms in result["ms_per_frame"].values()) and result["steps"] == [32, 45]
+
+
+@pytest.mark.parametrize("frame_buffer", [1, 2])
+def test_runner_hands_each_frame_its_control_image(frame_buffer):
+    """Frames put with their control images come out as the stream called directly makes them."""
+    from fastdiff.stream.runner import StreamRunner
+
+    pipe = tiny_controlnet_pipeline("sd", img2img=True, scheduler="lcm")
+    make = lambda: fastdiff.Stream(pipe, steps=[20, 40], cfg="none", frame_buffer=frame_buffer)
+    frames, controls = [image(10 + k) for k in range(4)], [bars(k) for k in range(4)]
+    direct = make()
+    direct.prepare("a red circle")
+    groups = [(frames[i:i + frame_buffer], controls[i:i + frame_buffer]) for i in range(0, 4, frame_buffer)]
+    expected = []
+    for f, c in groups:
+        out = direct(f[0], control_image=c[0]) if frame_buffer == 1 else direct(f, control_image=c)
+        expected += [] if out is None else ([out] if frame_buffer == 1 else out)
+    expected += direct.flush()
+    stream = make()
+    stream.prepare("a red circle")
+    with StreamRunner(stream, max_queue=8) as runner:
+        for f, c in zip(frames, controls):
+            runner.put(f, control_image=c)
+    got = [r.image for r in runner]
+    assert len(got) == len(expected) == 4
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)

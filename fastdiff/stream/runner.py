@@ -4,6 +4,7 @@ The stream protocol the runner relies on (``fastdiff.Stream`` implements it):
 
     out = stream(frame, tag=t)    # frame_buffer F == 1: an output, or None while the pipeline fills
     outs = stream(frames, tag=t)  # F > 1: a list of F inputs -> a list of F outputs, or None
+    stream(frame(s), tag=t, control_image=c)   # with frames put with their control images (ControlNet)
     stream.last_tag               # the tag of the call whose output(s) the last call returned
     stream.last_skipped           # the last call was skipped: it returned its own input's output
     stream.flush_tagged()         # [(tag, output(s))] of the calls still in flight, oldest first
@@ -84,7 +85,7 @@ class StreamRunner:
 
         # Everything below is guarded by _changed's lock; every change notifies all waiters.
         self._changed = threading.Condition()
-        self._waiting: collections.deque = collections.deque()  # (index, frame, t_put), not yet taken
+        self._waiting: collections.deque = collections.deque()  # (index, (frame, control), t_put), not yet taken
         self._ready: dict[int, FrameResult] = {}  # reorder buffer
         self._next_index = 0  # index the next put() gets
         self._next_out = 0  # index the next get() delivers
@@ -101,8 +102,10 @@ class StreamRunner:
 
     # --- caller side -------------------------------------------------------------------------
 
-    def put(self, frame, timeout: float | None = None) -> int:
-        """Queue `frame`; return its index. Raises queue.Full if "block" waited `timeout` s in vain."""
+    def put(self, frame, timeout: float | None = None, control_image=None) -> int:
+        """Queue `frame`; return its index. Raises queue.Full if "block" waited `timeout` s in vain.
+        A ControlNet stream's frame may come with its `control_image` (else the stream's standing
+        one); with frame_buffer F > 1, a group's frames all come with one or none do."""
         check_number(timeout, "timeout", 0.0, optional=True)
         t_put = time.perf_counter()
         with self._changed:
@@ -127,7 +130,7 @@ class StreamRunner:
             self._next_index += 1
             if self._t_first_put is None:
                 self._t_first_put = t_put
-            self._waiting.append((index, frame, t_put))
+            self._waiting.append((index, (frame, control_image), t_put))
             self._changed.notify_all()
             return index
 
@@ -240,16 +243,23 @@ class StreamRunner:
     def _run_group(self, group: list) -> None:
         """One stream call for a group of queued frames; its tag is their (index, time queued)
         entries (None marks padding)."""
-        frames = [frame for _, frame, _ in group]
+        frames = [frame for _, (frame, _), _ in group]
+        controls = [control for _, (_, control), _ in group]
         entries: list = [(index, t_put) for index, _, t_put in group]
         padding = self._frame_buffer - len(group)
         frames += frames[-1:] * padding
+        controls += controls[-1:] * padding
         entries += [None] * padding
+        given = [c is not None for c in controls]
+        if any(given) and not all(given):
+            raise ValueError("control_image: a group of frame_buffer frames come all with a control image or all "
+                             "without (the stream's standing one)")
+        extra = {} if not any(given) else {"control_image": _per_call(controls, self._frame_buffer)}
         if self._frame_buffer == 1:
-            out = self.stream(frames[0], tag=entries)
+            out = self.stream(frames[0], tag=entries, **extra)
             outs = None if out is None else [out]
         else:
-            outs = self.stream(frames, tag=entries)
+            outs = self.stream(frames, tag=entries, **extra)
         if outs is not None:
             self._deliver(self.stream.last_tag, outs, skipped=self.stream.last_skipped)
 
@@ -275,3 +285,13 @@ class StreamRunner:
         if kind != "dropped" and results:
             self._latencies.extend(result.latency_s for result in results)
             self._t_last_ready = now
+
+
+def _per_call(controls: list, frame_buffer: int):
+    """A call's control image from its frames' own: the one frame's, or with F > 1 the frames'
+    images in order — per ControlNet when each frame holds a list of one per net."""
+    if frame_buffer == 1:
+        return controls[0]
+    if isinstance(controls[0], (list, tuple)):
+        return [list(per_net) for per_net in zip(*controls)]
+    return list(controls)

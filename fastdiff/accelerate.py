@@ -239,8 +239,12 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
                   guidance_rescale=None, eta=None, num_images_per_prompt=1, generator=None, latents=None,
                   output_type="pil", return_dict=True, prompt_embeds=None, negative_prompt_embeds=None,
                   pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, callback_on_step_end=None,
-                  callback_on_step_end_tensor_inputs=("latents",), **unsupported):
+                  callback_on_step_end_tensor_inputs=("latents",), denoising_start=None, denoising_end=None,
+                  **unsupported):
         control = {k: unsupported.pop(k) for k in CONTROL_ARGS if k in unsupported} if self.control_arg else {}
+        for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+            if value is not None and name not in self.defaults:   # SDXL's: the base and refiner's hand-over
+                unsupported[name] = value
         if unsupported:
             accepted = ACCEPTED_ARGS + (CONTROL_ARGS if self.control_arg else ())
             raise TypeError(f"fastdiff.accelerate does not take {sorted(unsupported)} for {type(self.pipe).__name__}; "
@@ -269,8 +273,10 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
             raise ValueError(f"strength applies to img2img; the txt2img {type(self.pipe).__name__} starts from noise")
         if timesteps is not None and sigmas is not None:
             raise ValueError("sigmas: give timesteps or sigmas, not both")
-        given = next((name for name, value in (("strength", strength), ("timesteps", timesteps), ("sigmas", sigmas))
+        given = next((name for name, value in (("strength", strength), ("timesteps", timesteps), ("sigmas", sigmas),
+                                               ("denoising_start", denoising_start), ("denoising_end", denoising_end))
                       if value is not None), None)
+        cutoffs = self._cutoffs(denoising_start, denoising_end)
         if self.steps is not None and given:
             raise ValueError(f"{given}: this pipeline was wrapped with steps={self.steps}, whose first step sets how "
                              "much of an image is kept; a call gives num_inference_steps at most")
@@ -286,7 +292,10 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
                 raise ValueError(f"image is required by {type(self.pipe).__name__}")
             pixels = self.pipe.image_processor.preprocess(image, height=height, width=width)
             check_finite(pixels, "image")
-            height, width = (int(v) for v in pixels.shape[-2:])
+            # latents given as the image (a base pipeline's output_type="latent"), as diffusers takes them
+            given_latents = pixels.shape[1] == denoiser.in_channels and pixels.shape[1] != 3
+            size = codec.scale_factor if given_latents else 1
+            height, width = (int(v) * size for v in pixels.shape[-2:])
         elif image is not None:
             raise ValueError(f"image is not an argument of the txt2img {type(self.pipe).__name__}")
         if self.control_arg:
@@ -306,7 +315,7 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         solver = self.solver
         searched = self.schedules.get(num_inference_steps)
         # a searched schedule or an adapter's timesteps: for whole trajectories whose steps the call leaves open
-        whole = strength == 1.0 and self.steps is None and sigmas is None
+        whole = strength == 1.0 and self.steps is None and sigmas is None and cutoffs == (None, None)
         if timesteps is None and searched is not None and whole:
             timesteps, solver = searched.timesteps, self.solver or searched.solver
         sampling = self.adapter.sampling if self.adapter is not None else None
@@ -316,15 +325,22 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         if self.steps is not None:
             steps = self.steps
         elif timesteps is not None:
-            # img2img runs the last of them that its strength leaves, as diffusers' pipelines do
+            # img2img runs the last of them that its strength (or denoising_start) leaves, as diffusers' pipelines do
             timesteps = validate_timesteps(timesteps, scheduler.config.num_train_timesteps)
-            timesteps = timesteps[len(timesteps) - self._steps_left(len(timesteps), strength):]
+            timesteps = timesteps[self._first_step(timesteps, strength, cutoffs[0]):]
             steps = None
         else:
             if sigmas is not None:   # the scheduler's rule says how many steps they make
                 num_inference_steps = set_schedule(scheduler, num_inference_steps, sigmas)
-            steps = list(range(num_inference_steps - self._steps_left(num_inference_steps, strength),
-                               num_inference_steps))
+            values = self._timesteps_of(num_inference_steps, sigmas)
+            steps = list(range(self._first_step(values, strength, cutoffs[0]), num_inference_steps))
+        stop = None
+        if cutoffs[1] is not None:   # denoising_end: the steps down to it, the last going to the next timestep
+            run = timesteps if steps is None else [values[i] for i in steps]
+            stop = sum(t >= cutoffs[1] for t in run)
+            if not stop:
+                raise ValueError(f"denoising_end={denoising_end} leaves no step to run")
+            steps, timesteps = (steps[:stop + 1], None) if steps is not None else (None, timesteps[:stop + 1])
         if solver is None:
             solver = own_solver(scheduler)
             if solver == "dpmpp2m" and guider.carries_residual:
@@ -335,6 +351,8 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         eta = check_number(self._default("eta", eta) or 0.0, "eta", 0.0)
         eta = eta if "eta" in inspect.signature(scheduler.step).parameters else 0.0
         schedule = step_schedule(scheduler, steps, timesteps, num_inference_steps, solver, eta, sigmas=sigmas)
+        if stop is not None and stop < len(schedule):
+            schedule = schedule.first(stop)
         if self.control_arg:
             denoiser.set_scales(control.scales, control.keep(schedule.timesteps.tolist()),
                                 control.guess_mode or denoiser.global_pool)
@@ -344,8 +362,11 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         latent_shape = self.parts.latent_shape(height, width)
         clean = None
         if pixels is not None:
-            clean = self._encode_images(codec, pixels.to(denoiser.device), batch, generator)
-        if latents is not None:
+            clean = self._encode_images(codec if not given_latents else None, pixels.to(denoiser.device), batch,
+                                        generator)
+        if cutoffs[0] is not None:   # denoising_start: the image's latents are a trajectory's, noised already
+            noise = None
+        elif latents is not None:
             if tuple(latents.shape) != (batch,) + latent_shape:
                 raise ValueError(f"latents must have shape {(batch,) + latent_shape}, got {tuple(latents.shape)}")
             check_finite(latents, "latents")
@@ -359,12 +380,15 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         t_rows = torch.zeros(len(cond), device=denoiser.device)
         self._last_rows = (guider.model_conditioning(t_rows, cond, uncond, len(cond))[1], latent_shape)
         self._num_timesteps, self._interrupt = len(schedule), False
-        finished = stream.push(clean, noise=noise)
+        if cutoffs[0] is not None:   # held as the pipeline holds them (Euler: x0 + σ·ε)
+            finished = stream.push(None, start=clean / schedule.held_scale_in)
+        else:
+            finished = stream.push(clean, noise=noise)
         if callback_on_step_end is not None:
             latents = self._steps_with_callback(stream, finished, schedule.timesteps, schedule.held_scale.tolist(),
                                                 callback_on_step_end)
-        else:
-            latents = (finished if finished is not None else stream.drain()[0]).latents
+        else:   # as the pipeline holds them: only a trajectory stopped part-way differs
+            latents = (finished if finished is not None else stream.drain()[0]).latents * float(schedule.held_scale[-1])
         return self._output(latents, output_type, return_dict, codec)
 
     def _control_inputs(self, given: dict, height, width):
@@ -388,11 +412,43 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
     def _encode_images(codec, pixels, batch: int, generator):
         """img2img's latents of `pixels` for a batch of `batch`, as diffusers' pipelines make them:
         the images encoded (a draw of the posterior) and repeated whole until the batch is full — or,
-        with one generator per image, repeated first and each encoded with its own."""
+        with one generator per image, repeated first and each encoded with its own. No `codec`:
+        `pixels` are latents already."""
         times = batch // pixels.shape[0]
+        if codec is None:
+            return pixels.repeat(times, 1, 1, 1)
         if isinstance(generator, (list, tuple)):
             return codec.encode(pixels.repeat(times, 1, 1, 1), sample=True, generator=list(generator))
         return codec.encode(pixels, sample=True, generator=generator).repeat(times, 1, 1, 1)
+
+    def _cutoffs(self, denoising_start, denoising_end) -> tuple:
+        """SDXL's hand-over between a base and a refiner pipeline, as timesteps: the refiner runs the
+        steps below ``denoising_start``'s (whatever the strength), the base those down to
+        ``denoising_end``'s, diffusers' rounding."""
+        train = self.scheduler.config.num_train_timesteps
+        cut = lambda v, name: None if v is None else \
+            int(round(train - check_number(v, name, 0.0, 1.0, low_open=True, high_open=True) * train))
+        start, end = cut(denoising_start, "denoising_start"), cut(denoising_end, "denoising_end")
+        if start is not None and end is not None and denoising_start >= denoising_end:
+            raise ValueError(f"denoising_start ({denoising_start}) must be below denoising_end ({denoising_end})")
+        return start, end
+
+    def _timesteps_of(self, num_inference_steps: int, sigmas) -> list[float]:
+        """The timestep of each step of the scheduler's schedule (of `sigmas` when given)."""
+        from .sampling.schedule import distinct_steps
+
+        set_schedule(self.scheduler, num_inference_steps, sigmas)
+        return self.scheduler.timesteps[distinct_steps(self.scheduler, num_inference_steps)].tolist()
+
+    def _first_step(self, values: list, strength: float, start_cutoff) -> int:
+        """Where a call's run starts in a schedule of timesteps `values`: the first below the
+        hand-over's cut-off, else where img2img's strength leaves (0 for txt2img)."""
+        if start_cutoff is None:
+            return len(values) - self._steps_left(len(values), strength)
+        first = next((i for i, t in enumerate(values) if t < start_cutoff), len(values))
+        if first == len(values):
+            raise ValueError("denoising_start leaves no step to run")
+        return first
 
     def _steps_left(self, num_inference_steps: int, strength: float) -> int:
         """How many of `num_inference_steps` steps a call at `strength` runs: all for txt2img, for
@@ -441,8 +497,8 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
                 latents = changed.to(latents.device, latents.dtype)
                 group.latents = latents / scales[i] if scales[i] != 1 else latents
             if self._interrupt:
-                return latents
-        return group.latents
+                break
+        return latents
 
     def _warn_step(self, scheduler) -> None:
         """Once per scheduler class: fastdiff does not run its own step here, so the images are not

@@ -231,6 +231,41 @@ def test_sigmas_and_img2img_timesteps_match_diffusers(family, img2img):
         np.testing.assert_allclose(run(fastdiff.accelerate(pipe), **args), run(pipe, **args), atol=2e-5)
 
 
+@pytest.mark.parametrize("scheduler", ["euler", "lcm"])
+def test_sdxl_base_and_refiner_hand_over_as_diffusers(scheduler):
+    """SDXL's ensemble of experts: the base stops at denoising_end and returns noisy latents (Euler's
+    σ-scaled, as the pipeline holds them); the refiner takes them as its image and goes on from
+    denoising_start without new noise. Each equals diffusers' own, and latents as an img2img image
+    work without the hand-over too."""
+    from fastdiff.architectures import tiny_sdxl_pipeline
+
+    base, refiner = tiny_sdxl_pipeline(scheduler=scheduler), tiny_sdxl_pipeline(scheduler=scheduler, img2img=True, seed=1)
+    for pipe in (base, refiner):
+        pipe.set_progress_bar_config(disable=True)
+    args = dict(prompt="a red circle", num_inference_steps=10, guidance_scale=4.0)
+    latent = lambda pipe: pipe(generator=torch.Generator().manual_seed(1), denoising_end=0.7, output_type="latent",
+                               **args).images
+    handed = latent(base)
+    torch.testing.assert_close(latent(fastdiff.accelerate(base)), handed, atol=1e-4, rtol=1e-5)
+    assert handed.std() > 1.0   # still noisy: the base stopped part-way
+    for kwargs in (dict(denoising_start=0.7), dict(strength=0.5)):
+        expected = run(refiner, image=handed, **kwargs, **args)
+        assert expected.std() > 0.01
+        np.testing.assert_allclose(run(fastdiff.accelerate(refiner), image=handed, **kwargs, **args), expected, atol=2e-5)
+    fast = fastdiff.accelerate(refiner)
+    for kwargs, error, named in ((dict(denoising_start=1.5), ValueError, "denoising_start"),
+                                 (dict(denoising_start=0.8, denoising_end=0.6), ValueError, "must be below"),
+                                 (dict(denoising_start=0.9999), ValueError, "denoising_start leaves no step")):
+        with pytest.raises(error, match=named):
+            fast(image=handed, **kwargs, **args)
+    with pytest.raises(TypeError, match="denoising_start"):   # SDXL img2img's only
+        fastdiff.accelerate(base)(denoising_start=0.5, **args)
+    with pytest.raises(TypeError, match="denoising_end"):
+        fastdiff.accelerate(tiny_sd_pipeline())(denoising_end=0.5, **args)
+    with pytest.raises(ValueError, match="denoising_end: this pipeline was wrapped with steps"):
+        fastdiff.accelerate(base, steps=[0, 5])(denoising_end=0.5, **args)
+
+
 def test_bad_sigmas_are_named(txt2img):
     euler = tiny_sd_pipeline(scheduler="euler")
     fast = fastdiff.accelerate(euler)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -47,9 +47,18 @@ class StepSchedule:
     x0_weight: torch.Tensor = None     # DPM-Solver++(2M)'s a and b (None: 1 and 0, every other solver)
     history_weight: torch.Tensor = None
     held_scale: torch.Tensor = None    # the pipeline's latents per the stream's after each step (1/α' for Euler)
+    held_scale_in: float = 1.0         # the same before the first step (1/α for Euler)
 
     def __len__(self) -> int:
         return len(self.timesteps)
+
+    def first(self, k: int) -> "StepSchedule":
+        """The first `k` steps alone, the last of them going where it went here (to step k's
+        timestep, not the schedule's end): a trajectory stopped part-way (SDXL's denoising_end)."""
+        if not 1 <= k <= len(self):
+            raise ValueError(f"k must lie in [1, {len(self)}], got {k}")
+        return replace(self, **{f.name: getattr(self, f.name)[:k] for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
 def is_flow_scheduler(scheduler) -> bool:
@@ -263,7 +272,7 @@ def step_schedule(scheduler, steps=None, timesteps=None, num_inference_steps: in
         raise ValueError(f"scheduler prediction_type {prediction_type!r} is not supported (epsilon, v_prediction, flow)")
     weights = _multistep_weights(scheduler, alpha, beta, alpha_next, beta_next) if solver == "dpmpp2m" else (None, None)
     return StepSchedule(t, alpha, beta, alpha_next, beta_next, c_skip, c_out, prediction_type, solver, noise_scale,
-                        noise_share, *weights, held_scale)
+                        noise_share, *weights, held_scale, 1 / float(alpha[0]) if k_state else 1.0)
 
 
 def _multistep_weights(scheduler, alpha, beta, alpha_next, beta_next) -> tuple[torch.Tensor, torch.Tensor]:

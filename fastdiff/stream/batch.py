@@ -213,14 +213,16 @@ class LatentStream:
 
     # -- the call ------------------------------------------------------------------------------
     def push(self, clean: torch.Tensor | None = None, noise: torch.Tensor | None = None, tag: Any = None,
-             scale: float = 1.0, extras: dict | None = None):
+             scale: float = 1.0, extras: dict | None = None, start: torch.Tensor | None = None):
         """Enter one group of F frames at τ_0; returns the :class:`Finished` group, or None.
 
         img2img: x = α_0·scale·clean + β_0·ε_0 (`scale`: a VAE's scaling factor, left to this op).
         txt2img (`clean` None): x = noise_scale·ε_0. ε_0 is the stream's own noise for slot 0 unless
-        `noise` is given. `tag` comes back out with the group's latents. `extras` ({name: [F, ...]})
-        join the conditioning of the group's rows at every step it takes — each frame's own control
-        images, say, while the groups beside it have theirs (such a stream runs unpacked).
+        `noise` is given. `start`: latents already at τ_0's noise level, entering as they are (a
+        trajectory continued; `noise`, if given, is ε_0). `tag` comes back out with the group's
+        latents. `extras` ({name: [F, ...]}) join the conditioning of the group's rows at every step
+        it takes — each frame's own control images, say, while the groups beside it have theirs
+        (such a stream runs unpacked).
         """
         if extras is not None:
             for name, value in extras.items():
@@ -232,6 +234,11 @@ class LatentStream:
                 raise ValueError(f"latents must have shape {shape}, got {tuple(clean.shape)}")
             if clean.dtype != self.dtype or clean.device != self.device:
                 clean = clean.to(self.device, self.dtype)
+        if start is not None:
+            if tuple(start.shape) != (self.frames,) + self.latent_shape:
+                raise ValueError(f"start must have shape {(self.frames,) + self.latent_shape}, got {tuple(start.shape)}")
+            eps0 = torch.zeros_like(start) if noise is None else noise.to(self.device, self.dtype)
+            return self._step(_Slot(start.to(self.device, self.dtype), eps0, tag, extras))
         if noise is None and self.noise_mode == "fixed":   # the steady case: one op per frame at most
             eps0, start, noise_term, a0 = self._entry()
             if extras is None and (self._packed is not None or (self.packs and self.full and self._pack())):

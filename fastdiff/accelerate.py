@@ -43,6 +43,12 @@ SUPPORTED = {
 CONTROL_ARG = {"StableDiffusionControlNetPipeline": "image", "StableDiffusionXLControlNetPipeline": "image",
                "StableDiffusionControlNetImg2ImgPipeline": "control_image",
                "StableDiffusionXLControlNetImg2ImgPipeline": "control_image"}
+# SDXL's and SD3's prompts for their other text encoders, and SDXL's size conditioning: taken where
+# the wrapped pipeline class takes them
+TEXT_OPTIONS = ("prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3")
+SIZE_CONDITIONS = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+                   "negative_crops_coords_top_left", "negative_target_size", "aesthetic_score",
+                   "negative_aesthetic_score")
 CONTROL_ARGS = ("control_image", "controlnet_conditioning_scale", "guess_mode", "control_guidance_start",
                 "control_guidance_end")
 ACCEPTED_ARGS = ("prompt", "image", "negative_prompt", "height", "width", "num_inference_steps", "timesteps",
@@ -245,8 +251,11 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
             if value is not None and name not in self.defaults:   # SDXL's: the base and refiner's hand-over
                 unsupported[name] = value
+        options = {k: unsupported.pop(k) for k in (*TEXT_OPTIONS, *SIZE_CONDITIONS)
+                   if k in unsupported and k in self.defaults and unsupported[k] is not None}
         if unsupported:
-            accepted = ACCEPTED_ARGS + (CONTROL_ARGS if self.control_arg else ())
+            accepted = ACCEPTED_ARGS + tuple(k for k in (*TEXT_OPTIONS, *SIZE_CONDITIONS) if k in self.defaults) \
+                + (CONTROL_ARGS if self.control_arg else ())
             raise TypeError(f"fastdiff.accelerate does not take {sorted(unsupported)} for {type(self.pipe).__name__}; "
                             f"it accepts {accepted}")
         if self.control_arg == "image":   # a txt2img ControlNet pipeline's `image` is its control image
@@ -302,8 +311,11 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
             control = self._control_inputs(control, height, width)
             height, width = control.size
         height, width = self.parts.size(height, width)
+        texts = {k: v for k, v in options.items() if k in TEXT_OPTIONS}
+        conditions = {k: v for k, v in options.items() if k in SIZE_CONDITIONS}
         cond, uncond = self.parts.encode(prompt, negative_prompt, height, width, per_prompt=num_images_per_prompt,
-                                         route=self._route(), embeds=embeds)
+                                         route=self._route(), embeds=embeds,
+                                         options={**texts, **self._time_ids(conditions, height, width)})
         batch = len(cond)
         if self.control_arg:
             cond, uncond = self._with_control(control, cond, uncond, num_images_per_prompt)
@@ -420,6 +432,31 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         if isinstance(generator, (list, tuple)):
             return codec.encode(pixels.repeat(times, 1, 1, 1), sample=True, generator=list(generator))
         return codec.encode(pixels, sample=True, generator=generator).repeat(times, 1, 1, 1)
+
+    def _time_ids(self, given: dict, height: int, width: int) -> dict:
+        """SDXL's size conditioning of a call that sets some of it, as its pipeline class lays it
+        out ({} when none is set: the denoiser's defaults, the image size)."""
+        if not given:
+            return {}
+        value = lambda name: given.get(name, self.defaults.get(name))
+        pair = lambda name, low: None if value(name) is None else _check_pair(value(name), name, low)
+        original = pair("original_size", 1) or (height, width)
+        crops = pair("crops_coords_top_left", 0)
+        target = pair("target_size", 1) or (height, width)
+        neg_original, neg_crops, neg_target = (pair("negative_original_size", 1), pair("negative_crops_coords_top_left", 0),
+                                               pair("negative_target_size", 1))
+        if self.task == "img2img":
+            neg_original, neg_target = neg_original or original, neg_target or target
+            if self.pipe.config.get("requires_aesthetics_score", False):
+                score = check_number(value("aesthetic_score"), "aesthetic_score")
+                neg_score = check_number(value("negative_aesthetic_score"), "negative_aesthetic_score")
+                return {"time_ids": [*original, *crops, score], "negative_time_ids": [*neg_original, *neg_crops, neg_score]}
+            # diffusers' img2img pairs the negative sizes with the positive crops
+            return {"time_ids": [*original, *crops, *target], "negative_time_ids": [*neg_original, *crops, *neg_target]}
+        ids = [*original, *crops, *target]
+        if given.get("negative_original_size") is None or given.get("negative_target_size") is None:
+            return {"time_ids": ids, "negative_time_ids": ids}   # the negative sizes count only as a pair
+        return {"time_ids": ids, "negative_time_ids": [*neg_original, *neg_crops, *neg_target]}
 
     def _cutoffs(self, denoising_start, denoising_end) -> tuple:
         """SDXL's hand-over between a base and a refiner pipeline, as timesteps: the refiner runs the
@@ -539,6 +576,14 @@ def _check_callback(callback, tensor_inputs) -> None:
     if isinstance(asked, str) or not isinstance(asked, (list, tuple)) or set(asked) - {"latents"}:
         raise ValueError(f"callback_on_step_end_tensor_inputs: fastdiff.accelerate gives a step-end callback "
                          f"the latents only, got {asked!r}")
+
+
+def _check_pair(value, name: str, low: int) -> tuple[int, int]:
+    """A (height, width) or (top, left) pair of whole numbers ≥ `low`."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2 \
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in value):
+        raise ValueError(f"{name} must be a pair of whole numbers ≥ {low}, got {value!r}")
+    return tuple(value)
 
 
 def _check_generator(generator, batch: int) -> None:

@@ -130,11 +130,14 @@ def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim", vae: str = "kl", im
     return pipe
 
 
-def tiny_sdxl_pipeline(seed: int = 0, scheduler: str = "ddim", vae: str = "kl", img2img: bool = False):
+def tiny_sdxl_pipeline(seed: int = 0, scheduler: str = "ddim", vae: str = "kl", img2img: bool = False,
+                       refiner: bool = False):
     """A Stable-Diffusion-XL-shaped pipeline small enough for CPU tests (64×64 images).
 
     Two text encoders (hidden 32 each, the second with a 32-wide projection), so the UNet sees
-    64-wide cross-attention and 6 × 8 time-id features + 32 pooled ones.
+    64-wide cross-attention and 6 × 8 time-id features + 32 pooled ones. ``refiner``: shaped as
+    SDXL's refiner (img2img, the second text encoder alone, an aesthetic score in place of the
+    target size: 5 × 8 time-id features).
     """
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
@@ -154,16 +157,19 @@ def tiny_sdxl_pipeline(seed: int = 0, scheduler: str = "ddim", vae: str = "kl", 
         transformer_layers_per_block=(1, 2),
         attention_head_dim=(2, 4),
         use_linear_projection=True,
-        cross_attention_dim=32 + 32,
+        cross_attention_dim=32 if refiner else 32 + 32,
         addition_embed_type="text_time",
         addition_time_embed_dim=time_embed_dim,
-        projection_class_embeddings_input_dim=6 * time_embed_dim + 32,
+        projection_class_embeddings_input_dim=(5 if refiner else 6) * time_embed_dim + 32,
         norm_num_groups=8,
     ).eval()
     components = dict(
         vae=tiny_vae(vae), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
         tokenizer_2=tokenizer_2, unet=unet, scheduler=_sd_scheduler(scheduler), add_watermarker=False,
     )
+    if refiner:
+        components.update(text_encoder=None, tokenizer=None)
+        return StableDiffusionXLImg2ImgPipeline(**components, requires_aesthetics_score=True)
     if img2img:
         return StableDiffusionXLImg2ImgPipeline(**components, requires_aesthetics_score=False)
     return StableDiffusionXLPipeline(**components)

@@ -64,8 +64,12 @@ class ControlledDenoiser(Denoiser):
         residuals are scaled up block by block, and the unconditional rows get none)."""
         self._scales, self._keep, self.guess_mode = list(scales), keep, bool(guess_mode)
 
-    def encode_prompt(self, prompts, negative_prompts, height, width, embeds=None):
-        return self.base.encode_prompt(prompts, negative_prompts, height, width, embeds)
+    @property
+    def text_options(self):
+        return self.base.text_options
+
+    def encode_prompt(self, prompts, negative_prompts, height, width, embeds=None, options=None):
+        return self.base.encode_prompt(prompts, negative_prompts, height, width, embeds, options)
 
     @property
     def image_keys(self) -> list[str]:

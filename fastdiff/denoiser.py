@@ -266,11 +266,16 @@ class Denoiser(abc.ABC):
         width = self.original.config.cross_attention_dim
         return {"prompt_embeds": width, "negative_prompt_embeds": width}
 
+    text_options: tuple = ()   # the family's prompts for its other text encoders (diffusers' names)
+
     @abc.abstractmethod
     def encode_prompt(self, prompts: list[str] | None, negative_prompts: list[str] | None,
-                      height: int, width: int, embeds: dict | None = None) -> tuple[Conditioning, Conditioning]:
+                      height: int, width: int, embeds: dict | None = None,
+                      options: dict | None = None) -> tuple[Conditioning, Conditioning]:
         """(conditional, unconditional) conditioning, one row per prompt; `embeds` (checked by
-        :func:`check_embeds`) stand in for the prompts' or the negative prompts' encoding."""
+        :func:`check_embeds`) stand in for the prompts' or the negative prompts' encoding;
+        `options` hold the family's :attr:`text_options` (one per prompt) and, for SDXL, the
+        ``time_ids`` / ``negative_time_ids`` of its size conditioning."""
 
     def __call__(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The model's raw output for each row (ε, v or flow velocity, as its scheduler says)."""
@@ -335,7 +340,9 @@ class UNetDenoiser(Denoiser):
 
     family = "unet"
 
-    def encode_prompt(self, prompts, negative_prompts, height, width, embeds=None):
+    def encode_prompt(self, prompts, negative_prompts, height, width, embeds=None, options=None):
+        if options:
+            raise ValueError(f"{sorted(options)}: the {self.family} denoiser's pipelines take none of these")
         cond, uncond = self.pipe.encode_prompt(
             prompts, self.device, 1, True, negative_prompts, **(embeds or {}))
         return Conditioning(cond), Conditioning(uncond)
@@ -374,17 +381,29 @@ class SDXLDenoiser(UNetDenoiser):
     family = "sdxl"
 
     @property
+    def time_ids(self) -> int:
+        """Size-conditioning numbers per row: original size, crop, then the target size — or, in
+        a refiner (``requires_aesthetics_score``), one aesthetic score."""
+        return 5 if self.pipe.config.get("requires_aesthetics_score", False) else 6
+
+    @property
     def embed_sizes(self):
         config = self.original.config
-        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        pooled = config.projection_class_embeddings_input_dim - self.time_ids * config.addition_time_embed_dim
         return {**super().embed_sizes, "pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": pooled}
 
-    def encode_prompt(self, prompts, negative_prompts, height, width, embeds=None):
+    text_options = ("prompt_2", "negative_prompt_2")
+
+    def encode_prompt(self, prompts, negative_prompts, height, width, embeds=None, options=None):
+        options = dict(options or {})
+        ids, neg_ids = options.pop("time_ids", None), options.pop("negative_time_ids", None)
         cond, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(
             prompt=prompts, device=self.device, num_images_per_prompt=1,
-            do_classifier_free_guidance=True, negative_prompt=negative_prompts, **(embeds or {}))
+            do_classifier_free_guidance=True, negative_prompt=negative_prompts, **options, **(embeds or {}))
         n = len(cond)
-        if self.pipe.config.get("requires_aesthetics_score", False):
+        if ids is not None:
+            neg_ids = ids if neg_ids is None else neg_ids
+        elif self.pipe.config.get("requires_aesthetics_score", False):
             ids, neg_ids = [height, width, 0, 0, 6.0], [height, width, 0, 0, 2.5]
         else:
             ids = neg_ids = [height, width, 0, 0, height, width]
@@ -399,9 +418,9 @@ class SDXLDenoiser(UNetDenoiser):
     def graph_spec(self, module=None, text_length=None):
         module = module if module is not None else self.original
         config = module.config
-        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        pooled = config.projection_class_embeddings_input_dim - self.time_ids * config.addition_time_embed_dim
         inputs = self._unet_inputs(module, text_length) + [
-            ModelInput("text_embeds", ("B", pooled)), ModelInput("time_ids", ("B", 6))]
+            ModelInput("text_embeds", ("B", pooled)), ModelInput("time_ids", ("B", self.time_ids))]
         return GraphSpec("sdxl-unet", _SDXLUNetGraph(module), inputs,
                          self._unet_feeds(module, ("text_embeds", "time_ids")))
 
@@ -418,10 +437,13 @@ class SD3Denoiser(Denoiser):
         return {"prompt_embeds": width, "negative_prompt_embeds": width,
                 "pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": pooled}
 
-    def encode_prompt(self, prompts, negative_prompts, height, width, embeds=None):
+    text_options = ("prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3")
+
+    def encode_prompt(self, prompts, negative_prompts, height, width, embeds=None, options=None):
+        options = {"prompt_2": None, "prompt_3": None, **(options or {})}
         cond, uncond, pooled, uncond_pooled = self.pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
-            do_classifier_free_guidance=True, negative_prompt=negative_prompts, **(embeds or {}))
+            prompt=prompts, device=self.device, num_images_per_prompt=1,
+            do_classifier_free_guidance=True, negative_prompt=negative_prompts, **options, **(embeds or {}))
         return (Conditioning(cond, {"pooled_projections": pooled}),
                 Conditioning(uncond, {"pooled_projections": uncond_pooled}))
 
@@ -467,8 +489,12 @@ class GroupedDenoiser(Denoiser):
     def embed_sizes(self):
         return self.base.embed_sizes
 
-    def encode_prompt(self, prompts, negative_prompts, height, width, embeds=None):
-        return self.base.encode_prompt(prompts, negative_prompts, height, width, embeds)
+    @property
+    def text_options(self):
+        return self.base.text_options
+
+    def encode_prompt(self, prompts, negative_prompts, height, width, embeds=None, options=None):
+        return self.base.encode_prompt(prompts, negative_prompts, height, width, embeds, options)
 
     def run(self, module, latents, t, cond):
         return self.base.run(module, latents, t, cond)

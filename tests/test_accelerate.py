@@ -266,6 +266,53 @@ def test_sdxl_base_and_refiner_hand_over_as_diffusers(scheduler):
         fastdiff.accelerate(base, steps=[0, 5])(denoising_end=0.5, **args)
 
 
+@pytest.mark.parametrize("kind", ["sdxl", "sdxl-img2img", "sdxl-refiner", "sd3"])
+def test_other_prompts_and_size_conditioning_match_diffusers(kind):
+    """SDXL's and SD3's prompts for their other text encoders, SDXL's size and crop conditioning
+    (each pipeline class's own rules for the negative side) and the refiner's aesthetic scores."""
+    from fastdiff.architectures import tiny_sd3_pipeline, tiny_sdxl_pipeline
+
+    pipe = {"sdxl": lambda: tiny_sdxl_pipeline(), "sdxl-img2img": lambda: tiny_sdxl_pipeline(img2img=True),
+            "sdxl-refiner": lambda: tiny_sdxl_pipeline(refiner=True), "sd3": tiny_sd3_pipeline}[kind]()
+    pipe.set_progress_bar_config(disable=True)
+    base = dict(prompt=["a red circle", "a blue fox"], num_inference_steps=3, guidance_scale=4.0)
+    if kind != "sdxl" and kind != "sd3":
+        base.update(image=torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(8)), strength=0.7)
+    if kind == "sd3":
+        variants = [dict(prompt_2=["a green square", "x"], prompt_3=["y", "z"], negative_prompt_2=["dark", "light"])]
+    else:   # (the refiner's one text encoder reads `prompt`: diffusers passes it no prompt_2)
+        variants = [] if kind == "sdxl-refiner" else [dict(prompt_2=["a green square", "x"],
+                                                           negative_prompt_2=["dark", "light"])]
+        variants += [
+                    dict(original_size=(128, 96), crops_coords_top_left=(4, 8), negative_original_size=(32, 32),
+                         negative_crops_coords_top_left=(2, 2),
+                         **({"aesthetic_score": 3.0} if kind == "sdxl-refiner" else {"negative_target_size": (48, 64)}))]
+    for extra in variants:
+        # one prompt with negative sizes: SDXL's txt2img pipeline gives a batch's rows its negative
+        # and positive size ids in turn, not by side (fastdiff gives each side its own)
+        call = dict(base, prompt="a red circle") if "negative_original_size" in extra else base
+        expected = run(pipe, **call, **extra)
+        assert np.abs(expected - run(pipe, **call)).max() > 1e-3   # they change the picture
+        np.testing.assert_allclose(run(fastdiff.accelerate(pipe), **call, **extra), expected, atol=2e-5)
+    fast = fastdiff.accelerate(pipe)
+    with pytest.raises(ValueError, match="prompt_2 must be one string or 2"):
+        fast(**base, prompt_2=["a", "b", "c"])
+    if kind != "sd3":
+        for bad, named in ((dict(original_size=(0, 64)), "original_size must be a pair"),
+                           (dict(crops_coords_top_left="0,0"), "crops_coords_top_left must be a pair")):
+            with pytest.raises(ValueError, match=named):
+                fast(**base, **bad)
+
+
+def test_other_prompts_belong_to_their_families(txt2img):
+    with pytest.raises(TypeError, match="prompt_2"):   # SD 1.x has one text encoder
+        fastdiff.accelerate(txt2img)("a red circle", prompt_2="a blue fox")
+    from fastdiff.architectures import tiny_sdxl_pipeline
+
+    with pytest.raises(TypeError, match="aesthetic_score"):   # the img2img (refiner) pipeline's
+        fastdiff.accelerate(tiny_sdxl_pipeline())("a red circle", aesthetic_score=6.0)
+
+
 def test_bad_sigmas_are_named(txt2img):
     euler = tiny_sd_pipeline(scheduler="euler")
     fast = fastdiff.accelerate(euler)

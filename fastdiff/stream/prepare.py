@@ -71,14 +71,16 @@ class Prepared:
 
     # -- prompts -------------------------------------------------------------------------------
     def encode(self, prompt, negative_prompt, height: int, width: int, *, frames: int | None = None,
-               per_prompt: int = 1, route=None, embeds: dict | None = None) -> tuple[Conditioning, Conditioning]:
+               per_prompt: int = 1, route=None, embeds: dict | None = None,
+               options: dict | None = None) -> tuple[Conditioning, Conditioning]:
         """(conditional, unconditional) rows for `prompt` and `negative_prompt` (a string or a list).
 
         A stream (`frames` F) takes one prompt or F, one row per frame. A pipeline call takes any
         number of prompts, each repeated `per_prompt` times; a negative prompt is one string or one
         per prompt. Instead of either, `embeds` as diffusers' pipelines take them (``prompt_embeds``...,
         see :func:`check_embeds`): in a call one row a prompt, repeated alike; in a stream one row or
-        F for each side. `route`
+        F for each side. `options`: the denoiser's other prompts (SDXL's ``prompt_2``..., one string
+        or one per prompt, repeated alike) and its size conditioning, passed on. `route`
         (``(prompts, cond) -> int64 [B]``, a router's) gives every row, and its unconditional row
         alike, the sub-network it runs on."""
         tokenizers = self.denoiser.tokenizers
@@ -120,8 +122,9 @@ class Prepared:
                 negatives = [n for n in negatives for _ in range(per_prompt)]
             if prompts is not None:
                 prompts = [p for p in prompts for _ in range(per_prompt)]
+        options = self._text_options(options or {}, count if frames is None else frames, per_prompt)
         with torch.inference_mode():
-            cond, uncond = self.denoiser.encode_prompt(prompts, negatives, height, width, embeds)
+            cond, uncond = self.denoiser.encode_prompt(prompts, negatives, height, width, embeds, options)
             if cond.embeds.shape[1] != uncond.embeds.shape[1]:   # given embeddings of another length
                 raise ValueError(f"prompt_embeds has {cond.embeds.shape[1]} tokens and the unconditional rows "
                                  f"{uncond.embeds.shape[1]}; give negative_prompt_embeds of the same shape")
@@ -129,6 +132,21 @@ class Prepared:
                 routes = route(prompts, cond)
                 cond, uncond = cond.with_route(routes), uncond.with_route(routes)
         return cond, uncond
+
+    def _text_options(self, options: dict, count: int, per_prompt: int) -> dict:
+        """`options` with each of the denoiser's other prompts checked (against its own tokenizer)
+        and laid out as the prompts are: `count` strings, each repeated `per_prompt` times."""
+        d = self.denoiser
+        out = dict(options)
+        for name, value in options.items():
+            if name not in d.text_options:
+                continue
+            tokenizer = d.tokenizers[int(name[-1]) - 1]
+            texts = check_prompts(value, name, [tokenizer], allow_empty=True)
+            if len(texts) not in (1, count):
+                raise ValueError(f"{name} must be one string or {count} (one per prompt), got {len(texts)}")
+            out[name] = [t for t in texts * (count // len(texts)) for _ in range(per_prompt)]
+        return out
 
     def _engine_tokens(self) -> int:
         """The text length the denoiser's engines are built for (its encoders' own)."""

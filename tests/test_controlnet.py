@@ -198,3 +198,19 @@ def test_runner_hands_each_frame_its_control_image(frame_buffer):
     assert len(got) == len(expected) == 4
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
+
+
+def test_stream_standing_control_image_changes_and_follows_a_resize():
+    pipe = tiny_controlnet_pipeline("sd", img2img=True, scheduler="lcm")
+    make = lambda: fastdiff.Stream(pipe, steps=[20, 40], cfg="none")
+    frames = [image(10 + k) for k in range(3)]
+    given = make()
+    given.prepare("a red circle")
+    expected = stream_outputs(given, frames, [bars(1)] * 3)
+    changed = make()
+    changed.prepare("a red circle", control_image=bars(0))
+    changed.update(control_image=bars(1))   # for the calls that give none, from now on
+    torch.testing.assert_close(stream_outputs(changed, frames, [None] * 3), expected)
+    changed.update(height=32, width=32)   # the standing image follows the new size
+    out = stream_outputs(changed, [image(1)[..., :32, :32]] * 2, [None] * 2)
+    assert out[0].shape[-2:] == (32, 32)

@@ -33,3 +33,27 @@ def test_accelerate_on_cuda_half():
     expected = pipe("a red circle", num_inference_steps=4, generator=gen(), output_type="pt").images
     got = fastdiff.accelerate(pipe)("a red circle", num_inference_steps=4, generator=gen(), output_type="pt").images
     torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=0)
+
+
+def test_controlnet_on_cuda_half():
+    """A ControlNet pipeline through accelerate (against diffusers) and as a stream (against the
+    same stream on the CPU in float32), in half precision."""
+    from fastdiff.architectures import tiny_controlnet_pipeline
+
+    pipe = tiny_controlnet_pipeline("sd").to("cuda", torch.float16)
+    control = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    gen = lambda: torch.Generator("cuda").manual_seed(0)
+    args = dict(prompt="a red circle", image=control, num_inference_steps=4, output_type="pt")
+    expected = pipe(generator=gen(), **args).images
+    got = fastdiff.accelerate(pipe)(generator=gen(), **args).images
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=0)
+    outputs = {}
+    for name, device, dtype in (("cpu", "cpu", torch.float32), ("gpu", "cuda", torch.float16)):
+        p = tiny_controlnet_pipeline("sd", img2img=True, scheduler="lcm").to(device, dtype)
+        stream = fastdiff.Stream(p, steps=[20, 40], cfg="none")
+        stream.prepare("a red circle")
+        frames = [torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+        outs = [stream(f.to(device), control_image=control.to(device)) for f in frames]
+        outputs[name] = [o for o in outs if o is not None] + stream.flush()
+    for a, b in zip(outputs["cpu"], outputs["gpu"]):
+        torch.testing.assert_close(b.float().cpu(), a, atol=0.05, rtol=0)

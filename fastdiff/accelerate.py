@@ -251,8 +251,8 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
             if value is not None and name not in self.defaults:   # SDXL's: the base and refiner's hand-over
                 unsupported[name] = value
-        options = {k: unsupported.pop(k) for k in (*TEXT_OPTIONS, *SIZE_CONDITIONS)
-                   if k in unsupported and k in self.defaults and unsupported[k] is not None}
+        options = {k: unsupported.pop(k) for k in (*TEXT_OPTIONS, *SIZE_CONDITIONS) if k in unsupported and k in self.defaults}
+        options = {k: v for k, v in options.items() if v is not None}   # None: the pipeline's default
         if unsupported:
             accepted = ACCEPTED_ARGS + tuple(k for k in (*TEXT_OPTIONS, *SIZE_CONDITIONS) if k in self.defaults) \
                 + (CONTROL_ARGS if self.control_arg else ())

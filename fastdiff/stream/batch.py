@@ -240,10 +240,10 @@ class LatentStream:
             eps0 = torch.zeros_like(start) if noise is None else noise.to(self.device, self.dtype)
             return self._step(_Slot(start.to(self.device, self.dtype), eps0, tag, extras))
         if noise is None and self.noise_mode == "fixed":   # the steady case: one op per frame at most
-            eps0, start, noise_term, a0 = self._entry()
+            eps0, fixed_start, noise_term, a0 = self._entry()
             if extras is None and (self._packed is not None or (self.packs and self.full and self._pack())):
                 return self._push_packed(clean, noise_term, a0 * scale, tag)
-            x_new = start if clean is None else torch.add(noise_term, clean, alpha=a0 * scale)
+            x_new = fixed_start if clean is None else torch.add(noise_term, clean, alpha=a0 * scale)
         else:
             eps0 = self._draw(self.frames) if noise is None else noise.to(self.device, self.dtype)
             shape = (self.frames,) + self.latent_shape

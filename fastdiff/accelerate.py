@@ -43,9 +43,9 @@ SUPPORTED = {
 CONTROL_ARG = {"StableDiffusionControlNetPipeline": "image", "StableDiffusionXLControlNetPipeline": "image",
                "StableDiffusionControlNetImg2ImgPipeline": "control_image",
                "StableDiffusionXLControlNetImg2ImgPipeline": "control_image"}
-# SDXL's and SD3's prompts for their other text encoders, and SDXL's size conditioning: taken where
-# the wrapped pipeline class takes them
-TEXT_OPTIONS = ("prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3")
+# SDXL's and SD3's prompts for their other text encoders, the text encoders' layer to read
+# (clip_skip), and SDXL's size conditioning: taken where the wrapped pipeline class takes them
+TEXT_OPTIONS = ("prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3", "clip_skip")
 SIZE_CONDITIONS = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
                    "negative_crops_coords_top_left", "negative_target_size", "aesthetic_score",
                    "negative_aesthetic_score")
@@ -312,6 +312,10 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
             height, width = control.size
         height, width = self.parts.size(height, width)
         texts = {k: v for k, v in options.items() if k in TEXT_OPTIONS}
+        if "clip_skip" in texts:   # layers skipped from the end (SDXL and SD3 read the penultimate already)
+            encoders = [getattr(self.pipe, n, None) for n in ("text_encoder", "text_encoder_2")]
+            layers = min(e.config.num_hidden_layers for e in encoders if e is not None)
+            check_int(texts["clip_skip"], "clip_skip", 0, layers - (denoiser.family != "unet"))
         conditions = {k: v for k, v in options.items() if k in SIZE_CONDITIONS}
         cond, uncond = self.parts.encode(prompt, negative_prompt, height, width, per_prompt=num_images_per_prompt,
                                          route=self._route(), embeds=embeds,

@@ -18,6 +18,7 @@ any module of the family (a pruned sub-network, say) can become an engine.
 from __future__ import annotations
 
 import abc
+import contextlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Callable
@@ -341,10 +342,13 @@ class UNetDenoiser(Denoiser):
     family = "unet"
 
     def encode_prompt(self, prompts, negative_prompts, height, width, embeds=None, options=None):
+        options = dict(options or {})
+        clip_skip = options.pop("clip_skip", None)
         if options:
             raise ValueError(f"{sorted(options)}: the {self.family} denoiser's pipelines take none of these")
-        cond, uncond = self.pipe.encode_prompt(
-            prompts, self.device, 1, True, negative_prompts, **(embeds or {}))
+        with _text_model_alias(self.pipe.text_encoder if clip_skip else None):
+            cond, uncond = self.pipe.encode_prompt(
+                prompts, self.device, 1, True, negative_prompts, clip_skip=clip_skip, **(embeds or {}))
         return Conditioning(cond), Conditioning(uncond)
 
     def run(self, module, latents, t, cond, **residuals):
@@ -373,6 +377,21 @@ class UNetDenoiser(Denoiser):
     def graph_spec(self, module=None, text_length=None):
         module = module if module is not None else self.original
         return GraphSpec("unet", _UNetGraph(module), self._unet_inputs(module, text_length), self._unet_feeds(module))
+
+
+@contextlib.contextmanager
+def _text_model_alias(encoder):
+    """SD's prompt encoding with ``clip_skip`` reads ``text_encoder.text_model.final_layer_norm``,
+    which transformers 5 moved up onto the CLIPTextModel itself: while it runs, `encoder` answers
+    to ``text_model`` (an attribute, not a submodule: its weights are not listed twice)."""
+    aliased = encoder is not None and not hasattr(encoder, "text_model")
+    if aliased:
+        encoder.__dict__["text_model"] = encoder
+    try:
+        yield
+    finally:
+        if aliased:
+            del encoder.__dict__["text_model"]
 
 
 class SDXLDenoiser(UNetDenoiser):

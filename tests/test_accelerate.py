@@ -142,8 +142,8 @@ def test_unsupported_pipeline_and_arguments(txt2img):
     with pytest.raises(ValueError, match="pipe: NotAPipeline is not supported.*StableDiffusionPipeline"):
         fastdiff.accelerate(NotAPipeline())
     fast = fastdiff.accelerate(txt2img)
-    with pytest.raises(TypeError, match="clip_skip"):
-        fast("a red circle", clip_skip=1)
+    with pytest.raises(TypeError, match="ip_adapter_image"):
+        fast("a red circle", ip_adapter_image=torch.rand(1, 3, 64, 64))
     with pytest.raises(ValueError, match="output_type"):
         fast("a red circle", output_type="gif")
     with pytest.raises(ValueError, match="prompt must not be empty"):
@@ -311,6 +311,31 @@ def test_other_prompts_belong_to_their_families(txt2img):
 
     with pytest.raises(TypeError, match="aesthetic_score"):   # the img2img (refiner) pipeline's
         fastdiff.accelerate(tiny_sdxl_pipeline())("a red circle", aesthetic_score=6.0)
+
+
+def test_clip_skip_reads_an_earlier_text_layer(txt2img):
+    """SD's prompt from the text encoder's layer before the last (its final norm applied; the
+    negative prompt's as usual), as diffusers computes it — whose own SD path can't run with
+    transformers 5's CLIPTextModel; SDXL's against diffusers' own call."""
+    from fastdiff.architectures import tiny_sdxl_pipeline
+
+    te, args = txt2img.text_encoder, dict(num_inference_steps=3, guidance_scale=4.0)
+    ids = txt2img.tokenizer(["a red circle"], padding="max_length", max_length=txt2img.tokenizer.model_max_length,
+                            return_tensors="pt").input_ids
+    with torch.no_grad():
+        skipped = te.final_layer_norm(te(ids, output_hidden_states=True).hidden_states[-2])
+        negative = txt2img.encode_prompt("", "cpu", 1, False)[0]
+    expected = run(txt2img, prompt_embeds=skipped, negative_prompt_embeds=negative, **args)
+    got = run(fastdiff.accelerate(txt2img), prompt="a red circle", clip_skip=1, **args)
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+    assert np.abs(got - run(txt2img, prompt="a red circle", **args)).max() > 1e-3
+    assert not hasattr(te, "text_model") and not any("text_model" in k for k in te.state_dict())   # left as it was
+    sdxl = tiny_sdxl_pipeline()
+    np.testing.assert_allclose(run(fastdiff.accelerate(sdxl), prompt="a red circle", clip_skip=1, **args),
+                               run(sdxl, prompt="a red circle", clip_skip=1, **args), atol=2e-5)
+    for bad in (-1, 3, 1.5):   # the tiny encoder has 2 layers
+        with pytest.raises(ValueError, match="clip_skip must be an integer"):
+            fastdiff.accelerate(txt2img)("a red circle", clip_skip=bad, **args)
 
 
 def test_bad_sigmas_are_named(txt2img):

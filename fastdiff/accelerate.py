@@ -16,7 +16,7 @@ import torch
 
 from .checks import check_int, check_number
 from .denoiser import EMBED_ARGS
-from .images import FiniteWatch, check_finite, check_output_type
+from .images import FiniteWatch, check_finite, check_output_type, preprocessed
 from .sampling.guidance import check_mode
 from .sampling.guiders import make_guider
 from .sampling.schedule import own_solver, set_schedule, step_schedule, validate_steps, validate_timesteps
@@ -299,8 +299,7 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         if self.task == "img2img":
             if image is None:
                 raise ValueError(f"image is required by {type(self.pipe).__name__}")
-            pixels = self.pipe.image_processor.preprocess(image, height=height, width=width)
-            check_finite(pixels, "image")
+            pixels = preprocessed(self.pipe.image_processor, image, "image", height, width)
             # latents given as the image (a base pipeline's output_type="latent"), as diffusers takes them
             given_latents = pixels.shape[1] == denoiser.in_channels and pixels.shape[1] != 3
             size = codec.scale_factor if given_latents else 1

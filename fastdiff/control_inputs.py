@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .checks import check_number
-from .images import check_finite
+from .images import preprocessed
 
 
 @dataclass
@@ -88,9 +88,7 @@ def control_images(pipe, nets: int, image, height, width, name: str) -> list[tor
     for one in many:
         if one is None or isinstance(one, (str, bytes)):
             raise ValueError(f"{name} must be an image (PIL, array or tensor) or a list of them, got {one!r}")
-        pixels = pipe.control_image_processor.preprocess(one, height=height, width=width).to(dtype=torch.float32)
-        check_finite(pixels, name)
-        images.append(pixels)
+        images.append(preprocessed(pipe.control_image_processor, one, name, height, width).to(dtype=torch.float32))
     if len({tuple(p.shape[-2:]) for p in images}) > 1:
         raise ValueError(f"{name}: the control images differ in size {[tuple(p.shape[-2:]) for p in images]}; give "
                          "height and width, or images of one size")

@@ -43,6 +43,17 @@ def check_finite(values, name: str) -> None:
         raise ValueError(f"{name} holds NaN or infinite values")
 
 
+def preprocessed(processor, image, name: str, height=None, width=None) -> torch.Tensor:
+    """`image` as a diffusers image processor makes it (PIL, arrays, tensors, or lists of them), its
+    values checked finite; what the processor can't read is a ValueError naming `name`."""
+    try:
+        pixels = processor.preprocess(image, height=height, width=width)
+    except (ValueError, TypeError, IndexError, AttributeError) as error:
+        raise ValueError(f"{name} must be an image (PIL, array or tensor) or a list of them: {error}") from None
+    check_finite(pixels, name)
+    return pixels
+
+
 def check_unit_range(values, name: str) -> None:
     """ValueError naming `name` unless a float frame's values are finite and in [0, 1] (a hair of
     slack for a resampler's overshoot): one min-max reduction, which NaN and ±Inf fail as well."""

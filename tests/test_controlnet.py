@@ -54,6 +54,7 @@ def test_controlnet_inputs_are_checked():
     bad = [(dict(), "image is required by StableDiffusionControlNetPipeline"),
            (dict(image=image(1)), "image: 2 ControlNets take a list of 2"),
            (dict(image=[image(1), "x.png"]), "image must be an image"),
+           (dict(image=[image(1), torch.rand(3, 64)]), "image must be an image"),
            (dict(image=pair, controlnet_conditioning_scale=[1.0]), "controlnet_conditioning_scale: 1 values for 2"),
            (dict(image=pair, controlnet_conditioning_scale="1"), "controlnet_conditioning_scale"),
            (dict(image=pair, control_guidance_start=0.5, control_guidance_end=0.4), "must be below"),

@@ -49,6 +49,7 @@ TEXT_OPTIONS = ("prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3"
 SIZE_CONDITIONS = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
                    "negative_crops_coords_top_left", "negative_target_size", "aesthetic_score",
                    "negative_aesthetic_score")
+IMAGE_PROMPT_ARGS = ("ip_adapter_image", "ip_adapter_image_embeds")   # an IP-Adapter's image prompt
 CONTROL_ARGS = ("control_image", "controlnet_conditioning_scale", "guess_mode", "control_guidance_start",
                 "control_guidance_end")
 ACCEPTED_ARGS = ("prompt", "image", "negative_prompt", "height", "width", "num_inference_steps", "timesteps",
@@ -251,10 +252,12 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
             if value is not None and name not in self.defaults:   # SDXL's: the base and refiner's hand-over
                 unsupported[name] = value
-        options = {k: unsupported.pop(k) for k in (*TEXT_OPTIONS, *SIZE_CONDITIONS) if k in unsupported and k in self.defaults}
+        options = {k: unsupported.pop(k) for k in (*TEXT_OPTIONS, *SIZE_CONDITIONS, *IMAGE_PROMPT_ARGS)
+                   if k in unsupported and k in self.defaults}
         options = {k: v for k, v in options.items() if v is not None}   # None: the pipeline's default
         if unsupported:
-            accepted = ACCEPTED_ARGS + tuple(k for k in (*TEXT_OPTIONS, *SIZE_CONDITIONS) if k in self.defaults) \
+            accepted = ACCEPTED_ARGS + tuple(k for k in (*TEXT_OPTIONS, *SIZE_CONDITIONS, *IMAGE_PROMPT_ARGS)
+                                             if k in self.defaults) \
                 + (CONTROL_ARGS if self.control_arg else ())
             raise TypeError(f"fastdiff.accelerate does not take {sorted(unsupported)} for {type(self.pipe).__name__}; "
                             f"it accepts {accepted}")
@@ -320,6 +323,8 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
                                          route=self._route(), embeds=embeds,
                                          options={**texts, **self._time_ids(conditions, height, width)})
         batch = len(cond)
+        cond, uncond = self.parts.image_prompt(cond, uncond, options.get("ip_adapter_image"),
+                                               options.get("ip_adapter_image_embeds"), guidance_scale > 1)
         if self.control_arg:
             cond, uncond = self._with_control(control, cond, uncond, num_images_per_prompt)
         _check_generator(generator, batch)

@@ -205,6 +205,35 @@ def tiny_controlnet_pipeline(family: str = "sd", img2img: bool = False, nets: in
     return pipe
 
 
+def tiny_ip_adapter(pipe, seed: int = 0, tokens: int = 4):
+    """Load a tiny random IP-Adapter into an SD or SDXL `pipe` (a small CLIP image encoder and its
+    feature extractor registered on it, the adapter's image projection and its key/value
+    projections for every cross-attention layer), through diffusers' own ``load_ip_adapter``."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, projection_dim=32, image_size=32, patch_size=8, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37)).eval()
+    pipe.register_modules(image_encoder=encoder, feature_extractor=CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}))
+    unet = pipe.unet
+    cross = unet.config.cross_attention_dim
+    state = {"image_proj": {"proj.weight": torch.randn(tokens * cross, 32) * 0.1, "proj.bias": torch.zeros(tokens * cross),
+                            "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)},
+             "ip_adapter": {}}
+    key = 1   # the adapter's numbering: every attention layer counts, the cross-attention ones hold weights
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        hidden = unet.get_submodule(name.rsplit(".", 1)[0]).to_k.out_features
+        for kind in ("to_k_ip", "to_v_ip"):
+            state["ip_adapter"][f"{key}.{kind}.weight"] = torch.randn(hidden, cross) * 0.2
+        key += 2
+    pipe.load_ip_adapter(state, subfolder="", weight_name="", image_encoder_folder=None)
+    return pipe
+
+
 def tiny_sd3_pipeline(seed: int = 0, img2img: bool = False, vae: str = "kl"):
     """A Stable-Diffusion-3-shaped pipeline small enough for CPU tests (64×64 images), without T5.
 

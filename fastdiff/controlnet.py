@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .denoiser import Conditioning, Denoiser
+from .denoiser import IMAGE_PROMPT, Conditioning, Denoiser
 
 LIVE = "control_live"
 
@@ -111,7 +111,8 @@ class ControlledDenoiser(Denoiser):
                 continue
             d, m = net(latents[rows], t[rows], encoder_hidden_states=plain.embeds[rows], controlnet_cond=image[rows],
                        conditioning_scale=scale, guess_mode=self.guess_mode or self.global_pool,
-                       added_cond_kwargs={k: v[rows] for k, v in plain.extras.items()} or None, return_dict=False)
+                       added_cond_kwargs={k: v[rows] for k, v in plain.extras.items() if not k.startswith(IMAGE_PROMPT)}
+                       or None, return_dict=False)
             down = list(d) if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
         if len(rows) < len(live):   # the rows without control get zeros

@@ -124,6 +124,24 @@ def check_prompts(prompts, name: str, tokenizers, allow_empty: bool) -> list[str
 
 
 EMBED_ARGS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+IMAGE_PROMPT = "ip_image_embeds_"   # an IP-Adapter's image embeddings in a row's extras, one key per adapter
+
+
+def with_image_prompt(cond: Conditioning, embeds: list[torch.Tensor]) -> Conditioning:
+    """`cond`'s rows carrying the IP-Adapters' image embeddings (one [B, images, D] per adapter)."""
+    extras = {k: v for k, v in cond.extras.items() if not k.startswith(IMAGE_PROMPT)}
+    extras.update({f"{IMAGE_PROMPT}{k}": e for k, e in enumerate(embeds)})
+    return Conditioning(cond.embeds, extras, cond.route)
+
+
+def added_conditions(extras: dict) -> dict | None:
+    """A UNet's ``added_cond_kwargs`` from a row's extras: SDXL's pooled text and time ids as they
+    are, the IP-Adapters' image embeddings as the list diffusers takes; None when there are none."""
+    added = {k: v for k, v in extras.items() if not k.startswith(IMAGE_PROMPT)}
+    images = sorted((k for k in extras if k.startswith(IMAGE_PROMPT)), key=lambda k: int(k[len(IMAGE_PROMPT):]))
+    if images:
+        added["image_embeds"] = [extras[k] for k in images]
+    return added or None
 
 
 def check_embeds(denoiser: "Denoiser", embeds: dict, prompt, negative_prompt) -> dict:
@@ -353,7 +371,8 @@ class UNetDenoiser(Denoiser):
 
     def run(self, module, latents, t, cond, **residuals):
         # residuals: a ControlNet's down_block_additional_residuals / mid_block_additional_residual
-        return module(latents, t, encoder_hidden_states=cond.embeds, return_dict=False, **residuals)[0]
+        return module(latents, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=added_conditions(cond.extras),
+                      return_dict=False, **residuals)[0]
 
     def _unet_inputs(self, module, text_length):
         config = module.config
@@ -431,7 +450,7 @@ class SDXLDenoiser(UNetDenoiser):
                 Conditioning(uncond, {"text_embeds": uncond_pooled, "time_ids": to_rows(neg_ids)}))
 
     def run(self, module, latents, t, cond, **residuals):
-        return module(latents, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=cond.extras,
+        return module(latents, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=added_conditions(cond.extras),
                       return_dict=False, **residuals)[0]
 
     def graph_spec(self, module=None, text_length=None):

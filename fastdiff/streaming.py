@@ -110,6 +110,7 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
                              "each an engine of its own: give one of the two")
         self.compile_mode = compile_mode
         self._set_control(controlnet_conditioning_scale, guess_mode)
+        self._image_prompt = (None, None)   # an IP-Adapter's image prompt: (image, embeddings)
         self._whole = None   # the compiled steady step, made when the stream first fills
         if adapter is not None:
             self._set_adapter(adapter, adapter_scale, adapter_scheduler)
@@ -151,21 +152,26 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
 
     # -- set-up ----------------------------------------------------------------------------------
     def prepare(self, prompt=None, negative_prompt=None, *, prompt_embeds=None, negative_prompt_embeds=None,
-                pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, control_image=None):
+                pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, control_image=None,
+                ip_adapter_image=None, ip_adapter_image_embeds=None):
         """Encode the prompt and start the stream. On a running stream this is a prompt change.
         Embeddings made elsewhere (e.g. weighted prompts) may stand in for either prompt, as diffusers'
         pipelines take them: one row, or one per frame of the buffer. `control_image`: a ControlNet
-        pipeline's, for the calls that give none."""
+        pipeline's, for the calls that give none. `ip_adapter_image` (or its embeddings, the negative
+        ones first with cfg "full" or "initialize"): an image prompt, with an IP-Adapter loaded."""
         embeds = dict(zip(EMBED_ARGS, (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
                                        negative_pooled_prompt_embeds)))
         if self.latents is not None:
-            self.update(prompt=prompt, negative_prompt=negative_prompt, control_image=control_image, **embeds)
+            self.update(prompt=prompt, negative_prompt=negative_prompt, control_image=control_image,
+                        ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds, **embeds)
             return
         if control_image is not None:
             self._standing_control, self._standing_source = self._control_rows(control_image), control_image
         state = self._prompt_state(prompt, negative_prompt, embeds)
-        self._cond = self._encoded(state, (self.height, self.width))
+        image_prompt = self._image_prompt_after(ip_adapter_image, ip_adapter_image_embeds)
+        self._cond = self._encoded(state, (self.height, self.width), image_prompt)
         self.prompt, self.negative_prompt, self._embeds = state
+        self._image_prompt = image_prompt
         self._start()
 
     def _prompt_state(self, prompt, negative_prompt, embeds: dict) -> tuple:
@@ -181,11 +187,18 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
                 kept.update({n: embeds[n] for n in names if embeds.get(n) is not None})
         return state["prompt"], state["negative_prompt"], kept
 
-    def _encoded(self, state: tuple, size):
-        """(cond, uncond) of a prompt state at `size` (SDXL's conditioning holds the image size), routed."""
+    def _image_prompt_after(self, image, embeds) -> tuple:
+        """The image prompt after a change: the one given (image or embeddings), else the stream's."""
+        return (image, embeds) if image is not None or embeds is not None else self._image_prompt
+
+    def _encoded(self, state: tuple, size, image_prompt=None):
+        """(cond, uncond) of a prompt state at `size` (SDXL's conditioning holds the image size), routed,
+        with the image prompt (default the stream's)."""
         prompt, negative_prompt, embeds = state
         cond, uncond = self.parts.encode(prompt, negative_prompt, *size, frames=self.frame_buffer, route=self._route(),
                                          embeds=embeds)
+        guided = self.guider.mode in ("full", "initialize")   # the modes with unconditional rows
+        cond, uncond = self.parts.image_prompt(cond, uncond, *(image_prompt or self._image_prompt), guided)
         if self._controlled:   # the rows' control images travel with their frames; guess mode's uncond rows go without
             d = self.denoiser
             cond, uncond = d.with_images(cond, None, True), d.with_images(uncond, None, not self._guess_mode)
@@ -217,12 +230,14 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
     def update(self, *, prompt=None, negative_prompt=None, guidance_scale=None, delta=None, guidance_rescale=None,
                steps=None, timesteps=None, num_inference_steps=None, height=None, width=None,
                with_tags: bool = False, prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
-               negative_pooled_prompt_embeds=None, control_image=None, controlnet_conditioning_scale=None) -> list:
+               negative_pooled_prompt_embeds=None, control_image=None, controlnet_conditioning_scale=None,
+               ip_adapter_image=None, ip_adapter_image_embeds=None) -> list:
         """Change settings at run time, without rebuilding anything.
 
         Prompt, negative prompt (or their embeddings, as :meth:`prepare` takes them), guidance scale,
         delta, rescale and a ControlNet's conditioning scale apply from the next call on, to the
-        frames in flight as well; a control image, to the calls that give none; None leaves a
+        frames in flight as well; a control image, to the calls that give none; an image prompt (as
+        :meth:`prepare` takes it), to every frame from the next call on; None leaves a
         setting as it is (a negative prompt is dropped by a new stream, not here). Steps and
         resolution change the stream's shape: the frames in flight are first finished with the old
         settings and returned (oldest first), so none is lost — as (tag, output) pairs with
@@ -254,10 +269,12 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
             scales = self._control_scales(controlnet_conditioning_scale)
         standing = self._control_rows(control_image, size) if control_image is not None else None
         state = self._prompt_state(prompt, negative_prompt, embeds)
+        image_prompt = self._image_prompt_after(ip_adapter_image, ip_adapter_image_embeds)
         encoded = None
         # a new size re-encodes too: SDXL's conditioning holds the image size
-        if state[:2] != (self.prompt, self.negative_prompt) or _given_anew(state[2], self._embeds) or resized:
-            encoded = self._encoded(state, size)
+        if state[:2] != (self.prompt, self.negative_prompt) or _given_anew(state[2], self._embeds) or resized \
+                or image_prompt is not self._image_prompt:
+            encoded = self._encoded(state, size, image_prompt)
         if scales is not None:
             self.denoiser.set_scales(scales, None, self._guess_mode)
         if standing is not None:
@@ -276,6 +293,7 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
             self.height, self.width = size
         if encoded is not None:
             self._cond, (self.prompt, self.negative_prompt, self._embeds) = encoded, state
+            self._image_prompt = image_prompt
         if structural:
             self._start()
         elif encoded is not None:

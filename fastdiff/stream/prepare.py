@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from ..controlnet import ControlledDenoiser, with_controlnet
-from ..denoiser import Conditioning, check_embeds, check_prompts, check_size, denoiser_for
+from ..denoiser import Conditioning, check_embeds, check_prompts, check_size, denoiser_for, with_image_prompt
+from ..images import check_finite
 from ..vae import LatentCodec
 
 __all__ = ["Prepared", "UsesPrepared"]
@@ -132,6 +133,48 @@ class Prepared:
                 routes = route(prompts, cond)
                 cond, uncond = cond.with_route(routes), uncond.with_route(routes)
         return cond, uncond
+
+    @property
+    def needs_image_prompt(self) -> bool:
+        """Whether the denoiser has an IP-Adapter loaded: its every call then needs an image prompt."""
+        # diffusers sets it as the config's attribute, not its entry
+        return getattr(self.denoiser.original.config, "encoder_hid_dim_type", None) == "ip_image_proj"
+
+    def image_prompt(self, cond: Conditioning, uncond: Conditioning, image, embeds, guided: bool):
+        """(cond, uncond) carrying an IP-Adapter's image prompt — `image`, or its `embeds` as diffusers
+        takes them (the negative ones first when `guided`) — made by the pipeline's own
+        ``prepare_ip_adapter_image_embeds``: the image's embeddings on the conditional rows, the
+        negative ones (zeros, or a blank image's) on the unconditional rows."""
+        name = "ip_adapter_image" if embeds is None else "ip_adapter_image_embeds"
+        if image is None and embeds is None:
+            if self.needs_image_prompt:
+                raise ValueError("ip_adapter_image is required: the pipeline has an IP-Adapter loaded "
+                                 "(pipe.unload_ip_adapter() runs it without)")
+            return cond, uncond
+        if not self.needs_image_prompt:
+            raise ValueError(f"{name}: the pipeline has no IP-Adapter loaded (pipe.load_ip_adapter(...))")
+        if self.backend is not None:
+            raise ValueError(f"{name}: engines take no image prompt yet; an IP-Adapter runs on the PyTorch modules")
+        if cond.route is not None:
+            raise ValueError(f"{name}: a router's pruned sub-networks have no IP-Adapter")
+        if embeds is not None and (not isinstance(embeds, (list, tuple)) or
+                                   not all(isinstance(e, torch.Tensor) and e.dim() == 3 for e in embeds)):
+            raise ValueError("ip_adapter_image_embeds must be a list of 3-d tensors, one per IP-Adapter")
+        rows = len(cond)
+        with torch.inference_mode():
+            try:
+                made = self.pipe.prepare_ip_adapter_image_embeds(image, embeds, self.denoiser.device, rows, guided)
+            except (ValueError, TypeError, IndexError, AttributeError) as error:
+                raise ValueError(f"{name}: {error}") from None
+        made = [e.to(self.denoiser.device, self.denoiser.dtype) for e in made]
+        for e in made:
+            check_finite(e, name)
+            if e.shape[0] != (2 * rows if guided else rows):
+                raise ValueError(f"{name}: embeddings of {e.shape[0]} rows for {rows} images"
+                                 f"{' (the negative ones first)' if guided else ''}")
+        positive = [e[-rows:] for e in made]
+        negative = [e[:rows] if guided else torch.zeros_like(e) for e in made]
+        return with_image_prompt(cond, positive), with_image_prompt(uncond, negative)
 
     def _text_options(self, options: dict, count: int, per_prompt: int) -> dict:
         """`options` with each of the denoiser's other prompts checked (against its own tokenizer)

@@ -1,0 +1,72 @@
+"""An IP-Adapter's image prompt through fastdiff.accelerate (against diffusers) and fastdiff.Stream."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fastdiff
+from fastdiff.architectures import tiny_controlnet_pipeline, tiny_ip_adapter, tiny_sd_pipeline, tiny_sdxl_pipeline
+
+
+def picture(seed):
+    return Image.fromarray((np.random.RandomState(seed).rand(64, 64, 3) * 255).astype("uint8"))
+
+
+def gen():
+    return torch.Generator().manual_seed(1)
+
+
+@pytest.mark.parametrize("kind,guidance_scale", [("sd", 4.0), ("sd", 1.0), ("sdxl", 4.0), ("controlnet", 4.0)])
+def test_image_prompt_matches_diffusers(kind, guidance_scale):
+    """The image's embeddings on the conditional rows, the negative ones on the unconditional rows,
+    for every image of the call; given as embeddings too (the negative ones first under guidance)."""
+    pipe = tiny_ip_adapter({"sd": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline,
+                            "controlnet": lambda: tiny_controlnet_pipeline("sd")}[kind]())
+    args = dict(prompt=["a red circle", "a blue fox"], num_images_per_prompt=2, num_inference_steps=3,
+                guidance_scale=guidance_scale, output_type="np")
+    if kind == "controlnet":
+        args["image"] = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    expected = pipe(generator=gen(), ip_adapter_image=picture(0), **args).images
+    fast = fastdiff.accelerate(pipe)
+    np.testing.assert_allclose(fast(generator=gen(), ip_adapter_image=picture(0), **args).images, expected, atol=2e-5)
+    assert np.abs(fast(generator=gen(), ip_adapter_image=picture(1), **args).images - expected).max() > 1e-3
+    embeds = pipe.prepare_ip_adapter_image_embeds(picture(0), None, "cpu", 1, guidance_scale > 1)
+    np.testing.assert_allclose(fast(generator=gen(), ip_adapter_image_embeds=embeds, **args).images, expected, atol=2e-5)
+
+
+def test_stream_image_prompt():
+    pipe = tiny_ip_adapter(tiny_sd_pipeline(scheduler="lcm", img2img=True))
+    frames = [torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+    def outputs(cfg="self", change=None, **prompt):
+        stream = fastdiff.Stream(pipe, steps=[20, 40], cfg=cfg, guidance_scale=1.5)
+        stream.prepare("a red circle", **prompt)
+        if change:
+            stream.update(**change)
+        outs = [stream(f) for f in frames]
+        return torch.stack([o for o in outs if o is not None] + stream.flush())
+
+    own = outputs(ip_adapter_image=picture(0))
+    assert (outputs(ip_adapter_image=picture(1)) - own).abs().max() > 1e-3
+    torch.testing.assert_close(outputs(ip_adapter_image=picture(1), change={"ip_adapter_image": picture(0)}), own)
+    positive = pipe.prepare_ip_adapter_image_embeds(picture(0), None, "cpu", 1, False)
+    torch.testing.assert_close(outputs(ip_adapter_image_embeds=positive), own)
+    both = pipe.prepare_ip_adapter_image_embeds(picture(0), None, "cpu", 1, True)   # cfg "full": negatives first
+    torch.testing.assert_close(outputs("full", ip_adapter_image_embeds=both), outputs("full", ip_adapter_image=picture(0)))
+
+
+def test_image_prompt_inputs_are_checked():
+    plain = tiny_sd_pipeline()
+    with pytest.raises(ValueError, match="ip_adapter_image: the pipeline has no IP-Adapter loaded"):
+        fastdiff.accelerate(plain)("a red circle", ip_adapter_image=picture(0), num_inference_steps=2)
+    pipe = tiny_ip_adapter(tiny_sd_pipeline())
+    fast = fastdiff.accelerate(pipe)
+    for kwargs, named in ((dict(), "ip_adapter_image is required"),
+                          (dict(ip_adapter_image_embeds=torch.zeros(2, 1, 32)), "list of 3-d tensors"),
+                          (dict(ip_adapter_image_embeds=[torch.zeros(3, 1, 32)]), "ip_adapter_image_embeds: embeddings of"),
+                          (dict(ip_adapter_image="face.png"), "ip_adapter_image")):
+        with pytest.raises(ValueError, match=named):
+            fast("a red circle", num_inference_steps=2, guidance_scale=4.0, **kwargs)
+    with pytest.raises(ValueError, match="engines take no image prompt"):
+        fastdiff.Stream(pipe, backend="onnxruntime").prepare("a red circle", ip_adapter_image=picture(0))

@@ -17,7 +17,6 @@ median over sweeps of the ratio of frame times in the same sweep, so that the ho
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from machine import environment  # noqa: E402
+from machine import save_report  # noqa: E402
 
 STEPS = [32, 45]
 PROMPT = "a red circle"
@@ -107,10 +106,8 @@ def main(argv=None) -> int:
     print("|---|---:|---:|---:|")
     for label in times:
         print(f"| {label} | {ms[label]:.2f} | {1000 / ms[label]:.1f} | {speedups[label]:.2f}× |")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"environment": environment(["benchmarks/controlnet.py", *(argv or sys.argv[1:])]),
-                   "steps": STEPS, "ms_per_frame": ms, "speedups": speedups}, f, indent=2)
+    save_report(args.out, "benchmarks/controlnet.py", argv or sys.argv[1:], steps=STEPS, ms_per_frame=ms,
+                speedups=speedups)
     return 0
 
 

@@ -38,3 +38,12 @@ def environment(argv, packages=("torch", "diffusers", "transformers")) -> dict:
         "python": platform.python_version(),
         **{name: version(name) for name in packages},
     }
+
+
+def save_report(path: str, script: str, argv, **fields) -> None:
+    """Write `fields` to the JSON file `path`, under the environment of ``python script argv``."""
+    import json
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"environment": environment([script, *argv]), **fields}, f, indent=2)

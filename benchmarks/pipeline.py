@@ -16,7 +16,6 @@ drift between rounds cancels.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from machine import environment  # noqa: E402
+from machine import save_report  # noqa: E402
 
 PROMPTS = ["a large red circle on the left, blue background", "a small yellow triangle at the top right",
            "a green square and a purple circle, white background", "a blue triangle and a red square, black background"]
@@ -99,11 +98,8 @@ def main(argv=None) -> int:
     print("|---|---:|---:|---:|")
     for label in seconds:
         print(f"| {label} | {seconds[label]:.3f} | {speedups[label]:.2f}× | {differs[label]:.1e} |")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"environment": environment(["benchmarks/pipeline.py", *(argv or sys.argv[1:])]),
-                   "model": args.model, "prompts": args.prompts, "steps": args.steps, "guidance": guidance,
-                   "seconds": seconds, "speedups": speedups, "max_pixel_difference": differs}, f, indent=2)
+    save_report(args.out, "benchmarks/pipeline.py", argv or sys.argv[1:], model=args.model, prompts=args.prompts,
+                steps=args.steps, guidance=guidance, seconds=seconds, speedups=speedups, max_pixel_difference=differs)
     return 0
 
 

@@ -124,14 +124,19 @@ def distinct_steps(scheduler, num_inference_steps: int) -> torch.Tensor:
     return torch.tensor(first)
 
 
+def _numbers(values, name: str) -> list[float]:
+    """`values` (a list, tuple, array or 1-d tensor) as floats; a ValueError naming `name` else."""
+    if isinstance(values, (int, float, str)) or not hasattr(values, "__iter__"):
+        raise ValueError(f"{name} must be a list of {name}, got {values!r}")
+    try:
+        return [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be numbers, got {list(values)!r}") from None
+
+
 def validate_timesteps(timesteps, num_train_timesteps: int) -> list[float]:
     """Explicit timesteps: numbers, strictly decreasing, within the model's training range."""
-    if isinstance(timesteps, (int, float)) or not hasattr(timesteps, "__iter__"):
-        raise ValueError(f"timesteps must be a list of timesteps, got {timesteps!r}")
-    try:
-        values = [float(t) for t in timesteps]
-    except (TypeError, ValueError):
-        raise ValueError(f"timesteps must be numbers, got {list(timesteps)!r}") from None
+    values = _numbers(timesteps, "timesteps")
     if not all(math.isfinite(t) and t == int(t) for t in values):   # they index the training schedule
         raise ValueError(f"timesteps must be whole numbers, got {list(timesteps)!r}")
     if not values:
@@ -147,12 +152,7 @@ def validate_timesteps(timesteps, num_train_timesteps: int) -> list[float]:
 
 def validate_sigmas(sigmas) -> list[float]:
     """Custom sigmas for a scheduler's ``set_timesteps(sigmas=...)``: finite, non-negative, decreasing."""
-    if isinstance(sigmas, (int, float)) or not hasattr(sigmas, "__iter__"):
-        raise ValueError(f"sigmas must be a list of sigmas, got {sigmas!r}")
-    try:
-        values = [float(s) for s in sigmas]
-    except (TypeError, ValueError):
-        raise ValueError(f"sigmas must be numbers, got {list(sigmas)!r}") from None
+    values = _numbers(sigmas, "sigmas")
     if not values:
         raise ValueError("sigmas must name at least one sigma")
     if not all(math.isfinite(s) and s >= 0 for s in values):

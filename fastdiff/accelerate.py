@@ -248,19 +248,10 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
                   pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, callback_on_step_end=None,
                   callback_on_step_end_tensor_inputs=("latents",), denoising_start=None, denoising_end=None,
                   **unsupported):
-        control = {k: unsupported.pop(k) for k in CONTROL_ARGS if k in unsupported} if self.control_arg else {}
         for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
             if value is not None and name not in self.defaults:   # SDXL's: the base and refiner's hand-over
                 unsupported[name] = value
-        options = {k: unsupported.pop(k) for k in (*TEXT_OPTIONS, *SIZE_CONDITIONS, *IMAGE_PROMPT_ARGS)
-                   if k in unsupported and k in self.defaults}
-        options = {k: v for k, v in options.items() if v is not None}   # None: the pipeline's default
-        if unsupported:
-            accepted = ACCEPTED_ARGS + tuple(k for k in (*TEXT_OPTIONS, *SIZE_CONDITIONS, *IMAGE_PROMPT_ARGS)
-                                             if k in self.defaults) \
-                + (CONTROL_ARGS if self.control_arg else ())
-            raise TypeError(f"fastdiff.accelerate does not take {sorted(unsupported)} for {type(self.pipe).__name__}; "
-                            f"it accepts {accepted}")
+        control, options = self._family_arguments(unsupported)
         if self.control_arg == "image":   # a txt2img ControlNet pipeline's `image` is its control image
             control["control_image"], image = image, None
         _check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
@@ -314,10 +305,8 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
             height, width = control.size
         height, width = self.parts.size(height, width)
         texts = {k: v for k, v in options.items() if k in TEXT_OPTIONS}
-        if "clip_skip" in texts:   # layers skipped from the end (SDXL and SD3 read the penultimate already)
-            encoders = [getattr(self.pipe, n, None) for n in ("text_encoder", "text_encoder_2")]
-            layers = min(e.config.num_hidden_layers for e in encoders if e is not None)
-            check_int(texts["clip_skip"], "clip_skip", 0, layers - (denoiser.family != "unet"))
+        if "clip_skip" in texts:
+            self._check_clip_skip(texts["clip_skip"])
         conditions = {k: v for k, v in options.items() if k in SIZE_CONDITIONS}
         cond, uncond = self.parts.encode(prompt, negative_prompt, height, width, per_prompt=num_images_per_prompt,
                                          route=self._route(), embeds=embeds,
@@ -411,6 +400,21 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
             latents = (finished if finished is not None else stream.drain()[0]).latents * float(schedule.held_scale[-1])
         return self._output(latents, output_type, return_dict, codec)
 
+    def _family_arguments(self, extra: dict) -> tuple[dict, dict]:
+        """(ControlNet arguments, other arguments) of a call's keywords beyond the common ones, where
+        the wrapped pipeline class takes them: a ControlNet pipeline's, SDXL's and SD3's other
+        prompts and size conditions, an IP-Adapter's image prompt (None: the pipeline's default).
+        Any other keyword is a TypeError listing what the call takes."""
+        extra = dict(extra)
+        control = {k: extra.pop(k) for k in CONTROL_ARGS if k in extra} if self.control_arg else {}
+        family = tuple(k for k in (*TEXT_OPTIONS, *SIZE_CONDITIONS, *IMAGE_PROMPT_ARGS) if k in self.defaults)
+        options = {k: extra.pop(k) for k in family if k in extra}
+        if extra:
+            accepted = ACCEPTED_ARGS + family + (CONTROL_ARGS if self.control_arg else ())
+            raise TypeError(f"fastdiff.accelerate does not take {sorted(extra)} for {type(self.pipe).__name__}; "
+                            f"it accepts {accepted}")
+        return control, {k: v for k, v in options.items() if v is not None}
+
     def _control_inputs(self, given: dict, height, width):
         """A ControlNet pipeline call's control arguments, checked; defaults the pipeline's own."""
         from .control_inputs import control_inputs
@@ -440,6 +444,13 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         if isinstance(generator, (list, tuple)):
             return codec.encode(pixels.repeat(times, 1, 1, 1), sample=True, generator=list(generator))
         return codec.encode(pixels, sample=True, generator=generator).repeat(times, 1, 1, 1)
+
+    def _check_clip_skip(self, clip_skip) -> None:
+        """Layers skipped from the text encoders' end: as many as the shallowest has (SDXL and SD3
+        read the penultimate layer already, so one fewer)."""
+        encoders = [getattr(self.pipe, n, None) for n in ("text_encoder", "text_encoder_2")]
+        layers = min(e.config.num_hidden_layers for e in encoders if e is not None)
+        check_int(clip_skip, "clip_skip", 0, layers - (self.denoiser.family != "unet"))
 
     def _time_ids(self, given: dict, height: int, width: int) -> dict:
         """SDXL's size conditioning of a call that sets some of it, as its pipeline class lays it

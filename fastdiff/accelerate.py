@@ -45,7 +45,7 @@ CONTROL_ARG = {"StableDiffusionControlNetPipeline": "image", "StableDiffusionXLC
                "StableDiffusionXLControlNetImg2ImgPipeline": "control_image"}
 # SDXL's and SD3's prompts for their other text encoders, the text encoders' layer to read
 # (clip_skip), and SDXL's size conditioning: taken where the wrapped pipeline class takes them
-TEXT_OPTIONS = ("prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3", "clip_skip")
+TEXT_OPTIONS = ("prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3", "clip_skip", "max_sequence_length")
 SIZE_CONDITIONS = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
                    "negative_crops_coords_top_left", "negative_target_size", "aesthetic_score",
                    "negative_aesthetic_score")
@@ -307,6 +307,8 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         texts = {k: v for k, v in options.items() if k in TEXT_OPTIONS}
         if "clip_skip" in texts:
             self._check_clip_skip(texts["clip_skip"])
+        if "max_sequence_length" in texts:
+            self._check_sequence_length(texts["max_sequence_length"])
         conditions = {k: v for k, v in options.items() if k in SIZE_CONDITIONS}
         cond, uncond = self.parts.encode(prompt, negative_prompt, height, width, per_prompt=num_images_per_prompt,
                                          route=self._route(), embeds=embeds,
@@ -451,6 +453,13 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         encoders = [getattr(self.pipe, n, None) for n in ("text_encoder", "text_encoder_2")]
         layers = min(e.config.num_hidden_layers for e in encoders if e is not None)
         check_int(clip_skip, "clip_skip", 0, layers - (self.denoiser.family != "unet"))
+
+    def _check_sequence_length(self, length) -> None:
+        """SD3's T5 tokens (diffusers' bound, 512); engines are built for the default 256."""
+        length = check_int(length, "max_sequence_length", 1, 512)
+        if length != self.defaults["max_sequence_length"] and self.parts.backend is not None:
+            raise ValueError(f"max_sequence_length: the {self.parts.backend} engines take the prompt at "
+                             f"{self.defaults['max_sequence_length']} T5 tokens; {length} needs the PyTorch modules")
 
     def _time_ids(self, given: dict, height: int, width: int) -> dict:
         """SDXL's size conditioning of a call that sets some of it, as its pipeline class lays it

@@ -279,7 +279,8 @@ def test_other_prompts_and_size_conditioning_match_diffusers(kind):
     if kind != "sdxl" and kind != "sd3":
         base.update(image=torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(8)), strength=0.7)
     if kind == "sd3":
-        variants = [dict(prompt_2=["a green square", "x"], prompt_3=["y", "z"], negative_prompt_2=["dark", "light"])]
+        variants = [dict(prompt_2=["a green square", "x"], prompt_3=["y", "z"], negative_prompt_2=["dark", "light"]),
+                    dict(max_sequence_length=64)]
     else:   # (the refiner's one text encoder reads `prompt`: diffusers passes it no prompt_2)
         variants = [] if kind == "sdxl-refiner" else [dict(prompt_2=["a green square", "x"],
                                                            negative_prompt_2=["dark", "light"])]
@@ -297,6 +298,9 @@ def test_other_prompts_and_size_conditioning_match_diffusers(kind):
     fast = fastdiff.accelerate(pipe)
     with pytest.raises(ValueError, match="prompt_2 must be one string or 2"):
         fast(**base, prompt_2=["a", "b", "c"])
+    if kind == "sd3":
+        with pytest.raises(ValueError, match="max_sequence_length must be an integer in"):
+            fast(**base, max_sequence_length=600)
     if kind != "sd3":
         for bad, named in ((dict(original_size=(0, 64)), "original_size must be a pair"),
                            (dict(crops_coords_top_left="0,0"), "crops_coords_top_left must be a pair")):

@@ -3,10 +3,11 @@
     output = denoiser(latents[B], t[B], cond[B])
 
 `cond` is a :class:`Conditioning`: the text embeddings plus whatever extra per-row inputs the
-family needs (SDXL's pooled text embeddings and size/crop time ids, SD3's pooled projections).
-Each family adapter also knows how to encode prompts with its pipeline's text encoders. Everything
-above this module (sampling, stream, engines) talks to :class:`Denoiser`, never to a model class;
-:func:`denoiser_for` is the one place that looks at what a pipeline holds.
+family needs (SDXL's pooled text embeddings and size/crop time ids, SD3's pooled projections, an
+IP-Adapter's image embeddings). Each family adapter also knows how to encode prompts with its
+pipeline's text encoders. Everything above this module (sampling, stream, engines) talks to
+:class:`Denoiser`, never to a model class; :func:`denoiser_for` is the one place that looks at
+what a pipeline's denoiser is (:mod:`fastdiff.controlnet` adds its ControlNets).
 
 The adapters call the module held in ``.module``; an engine replaces that module with a compiled
 one taking the same arguments. What an exporter needs to know of a family — the graph's named

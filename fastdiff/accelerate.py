@@ -341,9 +341,8 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
             timesteps = timesteps[self._first_step(timesteps, strength, cutoffs[0]):]
             steps = None
         else:
-            if sigmas is not None:   # the scheduler's rule says how many steps they make
-                num_inference_steps = set_schedule(scheduler, num_inference_steps, sigmas)
             values = self._timesteps_of(num_inference_steps, sigmas)
+            num_inference_steps = len(values)   # sigmas make as many steps as the scheduler's rule says
             steps = list(range(self._first_step(values, strength, cutoffs[0]), num_inference_steps))
         stop = None
         if cutoffs[1] is not None:   # denoising_end: the steps down to it, the last going to the next timestep
@@ -502,8 +501,8 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         """The timestep of each step of the scheduler's schedule (of `sigmas` when given)."""
         from .sampling.schedule import distinct_steps
 
-        set_schedule(self.scheduler, num_inference_steps, sigmas)
-        return self.scheduler.timesteps[distinct_steps(self.scheduler, num_inference_steps)].tolist()
+        steps = set_schedule(self.scheduler, num_inference_steps, sigmas)
+        return self.scheduler.timesteps[distinct_steps(self.scheduler, steps)].tolist()
 
     def _first_step(self, values: list, strength: float, start_cutoff) -> int:
         """Where a call's run starts in a schedule of timesteps `values`: the first below the

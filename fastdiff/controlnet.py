@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import torch
 
-from .denoiser import IMAGE_PROMPT, Conditioning, Denoiser
+from .denoiser import IMAGE_PROMPT, Conditioning, Denoiser, DenoiserAround
 
 LIVE = "control_live"
+IMAGES = "control_image_"
 
 
 def image_key(k: int) -> str:
-    return f"control_image_{k}"
+    return f"{IMAGES}{k}"
 
 
 def controlnets_of(controlnet) -> list:
@@ -34,24 +35,18 @@ def with_controlnet(base: Denoiser, pipe) -> Denoiser:
     return base if controlnet is None else ControlledDenoiser(base, controlnet)
 
 
-class ControlledDenoiser(Denoiser):
+class ControlledDenoiser(DenoiserAround):
     """`base` (a UNet adapter) with `controlnet` (a ControlNetModel or a MultiControlNetModel)
     adding its residuals to every live row."""
 
     def __init__(self, base: Denoiser, controlnet):
         if base.family not in ("unet", "sdxl"):
             raise ValueError(f"pipe: ControlNet is run for UNet pipelines (SD 1.x/2.x, SDXL), not {base.family}")
-        super().__init__(base.pipe, base.original)
-        self.base = base
-        self.family = base.family
+        super().__init__(base)
         self.nets = controlnets_of(controlnet)
         self.guess_mode = False
         self._scales = [1.0] * len(self.nets)   # each net's conditioning scale
         self._keep = None                       # {timestep: [0/1 per net]}: the steps each net acts on
-
-    @property
-    def embed_sizes(self):
-        return self.base.embed_sizes
 
     @property
     def global_pool(self) -> bool:
@@ -63,13 +58,6 @@ class ControlledDenoiser(Denoiser):
         (None: all); guess mode as diffusers' (the ControlNets read no prompt's meaning: the
         residuals are scaled up block by block, and the unconditional rows get none)."""
         self._scales, self._keep, self.guess_mode = list(scales), keep, bool(guess_mode)
-
-    @property
-    def text_options(self):
-        return self.base.text_options
-
-    def encode_prompt(self, prompts, negative_prompts, height, width, embeds=None, options=None):
-        return self.base.encode_prompt(prompts, negative_prompts, height, width, embeds, options)
 
     @property
     def image_keys(self) -> list[str]:
@@ -92,7 +80,7 @@ class ControlledDenoiser(Denoiser):
         images = [cond.extras[k] for k in self.image_keys]
         live = cond.extras[LIVE]
         plain = Conditioning(cond.embeds, {k: v for k, v in cond.extras.items()
-                                           if k != LIVE and not k.startswith("control_image_")}, cond.route)
+                                           if k != LIVE and not k.startswith(IMAGES)}, cond.route)
         keep = self._keep_of(t)
         if keep is None:   # the nets act on some of these rows' steps and not others': each step alone
             out = None
@@ -102,20 +90,23 @@ class ControlledDenoiser(Denoiser):
                 out = part.new_empty((latents.shape[0],) + tuple(part.shape[1:])) if out is None else out
                 out[rows] = part
             return out
-        rows = live.nonzero().squeeze(1)
-        if not len(rows) or not any(keep):   # no net acts: the UNet alone (diffusers adds zeros)
+        # only guess mode leaves rows without the nets (its unconditional ones): else every row is
+        # live, and no row is picked out (a gather of every input, and on a GPU a sync, per call)
+        rows = live.nonzero().squeeze(1) if self.guess_mode else None
+        if not any(keep) or (rows is not None and not len(rows)):   # the UNet alone (diffusers adds zeros)
             return self.base.run(module, latents, t, plain)
+        pick = (lambda v: v) if rows is None else (lambda v: v[rows])
+        added = {k: pick(v) for k, v in plain.extras.items() if not k.startswith(IMAGE_PROMPT)} or None
         down, mid = None, None
         for net, image, scale, acts in zip(self.nets, images, self._scales, keep):
             if not acts:
                 continue
-            d, m = net(latents[rows], t[rows], encoder_hidden_states=plain.embeds[rows], controlnet_cond=image[rows],
+            d, m = net(pick(latents), pick(t), encoder_hidden_states=pick(plain.embeds), controlnet_cond=pick(image),
                        conditioning_scale=scale, guess_mode=self.guess_mode or self.global_pool,
-                       added_cond_kwargs={k: v[rows] for k, v in plain.extras.items() if not k.startswith(IMAGE_PROMPT)}
-                       or None, return_dict=False)
+                       added_cond_kwargs=added, return_dict=False)
             down = list(d) if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
-        if len(rows) < len(live):   # the rows without control get zeros
+        if rows is not None and len(rows) < len(live):   # the rows without control get zeros
             down = [_scatter(r, rows, len(live)) for r in down]
             mid = _scatter(mid, rows, len(live))
         return self.base.run(module, latents, t, plain, down_block_additional_residuals=down,

@@ -510,19 +510,14 @@ class SD3Denoiser(Denoiser):
         return GraphSpec("sd3", _SD3Graph(module), inputs, feeds)
 
 
-class GroupedDenoiser(Denoiser):
-    """The protocol over several sub-networks of one family (prompt-routed pruning): rows are
-    grouped by ``cond.route``, each group is one call of its route's module, and the outputs come
-    back in the rows' order. Engines replace the modules in :attr:`modules`, one per route."""
+class DenoiserAround(Denoiser):
+    """A denoiser that changes how `base` (a family adapter) is called and is otherwise `base`:
+    its family, prompts, embedding sizes, call and graph."""
 
-    def __init__(self, base: Denoiser, modules: dict):
-        if not modules:
-            raise ValueError("modules must map at least one route to a module")
+    def __init__(self, base: Denoiser):
         super().__init__(base.pipe, base.original)
         self.base = base
         self.family = base.family
-        self.originals = {int(k): m for k, m in modules.items()}   # the PyTorch sub-networks
-        self.modules = dict(self.originals)                        # what runs; engines may replace them
 
     @property
     def embed_sizes(self):
@@ -540,6 +535,19 @@ class GroupedDenoiser(Denoiser):
 
     def graph_spec(self, module=None, text_length=None):
         return self.base.graph_spec(module, text_length)
+
+
+class GroupedDenoiser(DenoiserAround):
+    """The protocol over several sub-networks of one family (prompt-routed pruning): rows are
+    grouped by ``cond.route``, each group is one call of its route's module, and the outputs come
+    back in the rows' order. Engines replace the modules in :attr:`modules`, one per route."""
+
+    def __init__(self, base: Denoiser, modules: dict):
+        if not modules:
+            raise ValueError("modules must map at least one route to a module")
+        super().__init__(base)
+        self.originals = {int(k): m for k, m in modules.items()}   # the PyTorch sub-networks
+        self.modules = dict(self.originals)                        # what runs; engines may replace them
 
     def __call__(self, latents, t, cond):
         if cond.route is None:

@@ -425,7 +425,7 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
     def _set_control(self, scale, guess_mode) -> None:
         """A ControlNet pipeline's settings (none other takes them)."""
         self._standing_control = self._standing_source = None
-        self._last_control = None   # the last call's control rows (what macs_per_call counts with)
+        self._last_control = None   # the last control rows a call gave (what macs_per_call counts with)
         self._guess_mode = False
         if not self._controlled:
             if scale != 1.0 or guess_mode:
@@ -466,7 +466,8 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
                 raise ValueError(f"control_image is required by {type(self.pipe).__name__}'s stream: give one with each "
                                  "call, or to prepare() / update() for the calls that give none")
             return self._standing_control
-        return self._control_rows(control_image)
+        self._last_control = self._control_rows(control_image)
+        return self._last_control
 
     @torch.inference_mode()
     def __call__(self, image=None, tag=None, control_image=None):
@@ -491,7 +492,6 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
             out = self._whole_step(pixels, tag)
             if out is not None:
                 return out
-        self._last_control = control if control is not None else self._last_control
         if pixels is None:
             finished = self.latents.push(None, tag=tag, extras=control)
         else:   # the VAE's scaling factor is folded into the stream's entry op

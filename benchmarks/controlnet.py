@@ -8,10 +8,13 @@ state, ``stream(frame, control_image=control)`` — one UNet and one ControlNet 
 frame. diffusers: the same pipeline called per frame for two steps at strength 1.0 (its ControlNet
 img2img pipeline takes no custom timesteps: LCM's own two, which cost what the stream's would),
 guidance 1, precomputed ``prompt_embeds``, ``output_type="pt"`` — two UNet and two ControlNet calls
-on one row. The configurations take turns frame by frame; each speed-up is the
-median over sweeps of the ratio of frame times in the same sweep, so that the host's drift cancels.
+on one row. ``--backends onnxruntime`` adds the streams on engines (the UNet taking the residuals,
+the ControlNet and the VAE each an ONNX Runtime session). The configurations take turns frame by
+frame; each speed-up is the median over sweeps of the ratio of frame times in the same sweep, so
+that the host's drift cancels.
 
-    python benchmarks/controlnet.py [--frames 20] [--rounds 5] [--threads N] [--out out/controlnet.json]
+    python benchmarks/controlnet.py [--frames 20] [--rounds 5] [--threads N] [--backends onnxruntime]
+                                    [--out out/controlnet.json]
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ STEPS = [32, 45]
 PROMPT = "a red circle"
 
 
-def configurations(pipe, frames, controls):
+def configurations(pipe, frames, controls, backends=(), cache_dir=None):
     """{label: a callable making one frame's output}, each cycling through the same inputs."""
     import fastdiff
 
@@ -49,10 +52,13 @@ def configurations(pipe, frames, controls):
         return stream(frame, control_image=control)
 
     calls = {}
-    for cfg in ("none", "self"):
-        stream = fastdiff.Stream(pipe, steps=STEPS, cfg=cfg, guidance_scale=1.2)
-        stream.prepare(PROMPT)
-        calls[f"fastdiff {cfg}"] = lambda s=stream: streamed(s)
+    for backend in (None, *backends):
+        for cfg in ("none", "self"):
+            options = {"cache_dir": cache_dir} if backend else None
+            stream = fastdiff.Stream(pipe, steps=STEPS, cfg=cfg, guidance_scale=1.2, backend=backend,
+                                     engine_options=options)
+            stream.prepare(PROMPT)
+            calls[f"fastdiff {cfg}" + (f" {backend}" if backend else "")] = lambda s=stream: streamed(s)
     with torch.inference_mode():
         embeds = pipe.encode_prompt(PROMPT, "cpu", 1, False)[0]
 
@@ -84,6 +90,7 @@ def main(argv=None) -> int:
     parser.add_argument("--frames", type=int, default=20, help="timed frames per configuration per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--backends", default="", help="engine backends to add, comma-separated (onnxruntime)")
     parser.add_argument("--out", default="out/controlnet.json")
     args = parser.parse_args(argv)
     for name, value in (("--frames", args.frames), ("--rounds", args.rounds)):
@@ -97,7 +104,9 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(0)
     frames = [torch.rand(1, 3, 64, 64, generator=gen) for _ in range(4)]
     controls = [torch.rand(1, 3, 64, 64, generator=gen) for _ in range(4)]
-    times = measure(configurations(pipe, frames, controls), args.frames, args.rounds)
+    backends = [b for b in args.backends.split(",") if b]
+    cache_dir = os.path.join(os.path.dirname(os.path.abspath(args.out)), "controlnet-engines")
+    times = measure(configurations(pipe, frames, controls, backends, cache_dir), args.frames, args.rounds)
     base = times["diffusers"]
     speedups = {label: statistics.median(b / t for b, t in zip(base, ts)) for label, ts in times.items()}
     ms = {label: 1000 * statistics.median(ts) for label, ts in times.items()}

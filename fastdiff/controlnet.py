@@ -7,13 +7,17 @@ they follow the rows wherever the rows go — guidance's unconditional rows, a b
 whose ``control_live`` is False gets no residuals: guess mode's unconditional rows, which diffusers
 runs without the ControlNet. The conditioning scale of a call, and which steps the ControlNets act
 on (``control_guidance_start`` / ``end``), are the adapter's: :meth:`ControlledDenoiser.set_scales`.
+
+Engines: the UNet's graph takes the residuals as inputs after its own (zeros where no net acts),
+and each ControlNet is a side network of its own graph, exported unscaled; the scale and guess
+mode's block-by-block factors are applied to its outputs, as diffusers applies them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .denoiser import IMAGE_PROMPT, Conditioning, Denoiser, DenoiserAround
+from .denoiser import IMAGE_PROMPT, Conditioning, Denoiser, DenoiserAround, GraphSpec, ModelInput, _binder
 
 LIVE = "control_live"
 IMAGES = "control_image_"
@@ -27,6 +31,48 @@ def controlnets_of(controlnet) -> list:
     """The ControlNets a pipeline's ``controlnet`` holds (diffusers' MultiControlNetModel: several)."""
     nets = getattr(controlnet, "nets", None)
     return list(nets) if nets is not None else [controlnet]
+
+
+def residual_shapes(config) -> list[tuple[int, int]]:
+    """(channels, downsampling) of each residual a ControlNet adds to a UNet of `config`: the input
+    convolution's, each down block's layers' and its downsampler's, then the mid block's."""
+    channels = list(config.block_out_channels)
+    layers = config.layers_per_block
+    layers = [layers] * len(channels) if isinstance(layers, int) else list(layers)
+    shapes = [(channels[0], 1)]
+    for level, (width, count) in enumerate(zip(channels, layers)):
+        shapes += [(width, 2 ** level)] * count
+        if level < len(channels) - 1:
+            shapes.append((width, 2 ** (level + 1)))
+    return shapes + [(channels[-1], 2 ** (len(channels) - 1))]
+
+
+def residual_names(count: int) -> list[str]:
+    """The graph names of `count` residuals: the down blocks', then the mid block's."""
+    return [f"down_residual_{i}" for i in range(count - 1)] + ["mid_residual"]
+
+
+def scaled_residuals(down, mid, scale: float, guess_mode: bool, global_pool: bool):
+    """A ControlNet's raw residuals scaled as diffusers' ControlNetModel scales them: by `scale`,
+    and in guess mode by factors from 0.1 (the first block) up to 1 (the mid block)."""
+    if guess_mode and not global_pool:
+        scales = torch.logspace(-1, 0, len(down) + 1, device=mid.device) * scale
+        return [r * s for r, s in zip(down, scales)], mid * scales[-1]
+    return [r * scale for r in down], mid * scale
+
+
+class _ControlNetGraph(torch.nn.Module):
+    """A ControlNet with positional inputs (SDXL's added conditions last), its residuals unscaled."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, *added):
+        extra = {"added_cond_kwargs": {"text_embeds": added[0], "time_ids": added[1]}} if added else {}
+        down, mid = self.net(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                             controlnet_cond=controlnet_cond, return_dict=False, **extra)
+        return (*down, mid)
 
 
 def with_controlnet(base: Denoiser, pipe) -> Denoiser:
@@ -44,6 +90,7 @@ class ControlledDenoiser(DenoiserAround):
             raise ValueError(f"pipe: ControlNet is run for UNet pipelines (SD 1.x/2.x, SDXL), not {base.family}")
         super().__init__(base)
         self.nets = controlnets_of(controlnet)
+        self.net_names = [f"controlnet/{k}" for k in range(len(self.nets))]
         self.guess_mode = False
         self._scales = [1.0] * len(self.nets)   # each net's conditioning scale
         self._keep = None                       # {timestep: [0/1 per net]}: the steps each net acts on
@@ -97,8 +144,11 @@ class ControlledDenoiser(DenoiserAround):
             return self.base.run(module, latents, t, plain)
         pick = (lambda v: v) if rows is None else (lambda v: v[rows])
         added = {k: pick(v) for k, v in plain.extras.items() if not k.startswith(IMAGE_PROMPT)} or None
+        # the PyTorch nets beside the PyTorch UNet (a cost count), their engines beside its engine
+        nets = self.nets if module is self.original else \
+            [self.side_runners.get(name, net) for name, net in zip(self.net_names, self.nets)]
         down, mid = None, None
-        for net, image, scale, acts in zip(self.nets, images, self._scales, keep):
+        for net, image, scale, acts in zip(nets, images, self._scales, keep):
             if not acts:
                 continue
             d, m = net(pick(latents), pick(t), encoder_hidden_states=pick(plain.embeds), controlnet_cond=pick(image),
@@ -123,8 +173,50 @@ class ControlledDenoiser(DenoiserAround):
         return list(keeps.pop()) if len(keeps) == 1 else None
 
     def graph_spec(self, module=None, text_length=None):
-        raise ValueError("backend: a ControlNet pipeline runs on its PyTorch modules; engines are not built for "
-                         "ControlNet pipelines yet")
+        """The UNet's graph with the residuals as inputs after its own; a call without them (no net
+        acting) feeds zeros."""
+        module = module if module is not None else self.original
+        spec = self.base.graph_spec(module, text_length)
+        shapes = residual_shapes(module.config)
+        names = residual_names(len(shapes))
+        inputs = [ModelInput(name, ("B", width, f"H/{f}", f"W/{f}")) for name, (width, f) in zip(names, shapes)]
+        bind, first = _binder(module), spec.inputs[0].name
+
+        def feeds(args, kwargs):
+            named = spec.feeds(args, kwargs)
+            a = bind(args, kwargs)
+            down, mid = a.get("down_block_additional_residuals"), a.get("mid_block_additional_residual")
+            batch, _, height, width = named[first].shape
+            for name, (channels, f), given in zip(names, shapes, [*(down or [None] * len(names[:-1])), mid]):
+                shape = (batch, channels, -(-height // f), -(-width // f))
+                # a global-pool net's residuals are [B, C, 1, 1]: the graph takes them spread out
+                named[name] = named[first].new_zeros(shape) if given is None else given.expand(shape)
+            return named
+        return GraphSpec(spec.kind + "+controlnet", spec.graph, spec.inputs + inputs, feeds)
+
+    def side_networks(self) -> dict:
+        return dict(zip(self.net_names, self.nets))
+
+    def side_graph_spec(self, name):
+        net = self.side_networks().get(name)
+        if net is None:
+            return super().side_graph_spec(name)
+        unet_like = self.base.graph_spec(net)   # a ControlNet takes the UNet's inputs, and its control image
+        factor = self.pipe.vae_scale_factor   # control images are in pixels, the UNet's inputs in latents
+        image = ModelInput("controlnet_cond", ("B", 3, f"H*{factor}", f"W*{factor}"))
+        inputs = unet_like.inputs[:3] + [image] + unet_like.inputs[3:]
+        bind, global_pool = _binder(net), bool(net.config.get("global_pool_conditions", False))
+
+        def feeds(args, kwargs):
+            return {**unet_like.feeds(args, kwargs), "controlnet_cond": bind(args, kwargs)["controlnet_cond"]}
+
+        def returns(outputs, args, kwargs):
+            a = bind(args, kwargs)
+            return scaled_residuals(outputs[:-1], outputs[-1], a.get("conditioning_scale", 1.0),
+                                    a.get("guess_mode", False), global_pool)
+        count = len(residual_shapes(net.config))
+        return GraphSpec(unet_like.kind.replace("unet", "controlnet"), _ControlNetGraph(net), inputs, feeds,
+                         residual_names(count), returns)
 
 
 def _scatter(part: torch.Tensor, rows: torch.Tensor, total: int) -> torch.Tensor:

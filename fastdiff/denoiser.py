@@ -194,7 +194,9 @@ def check_size(denoiser: "Denoiser", codec, height, width) -> tuple[int, int]:
 @dataclass(frozen=True)
 class ModelInput:
     """One named input of an exported graph. ``shape`` uses "B" for the batch and "H"/"W" for the
-    image size divided by the component's size divisor; ``dtype`` None means the model's dtype."""
+    image size divided by the component's size divisor ("H/4": a quarter of it, rounded up, as a
+    UNet's deeper levels are; "H*8": eight times it, as a ControlNet's control image is to its
+    latents); ``dtype`` None means the model's dtype."""
 
     name: str
     shape: tuple
@@ -204,12 +206,16 @@ class ModelInput:
 @dataclass
 class GraphSpec:
     """A denoiser module as exporters see it: its kind, a module taking the named inputs
-    positionally, those inputs, and `feeds` mapping the module's own call (args, kwargs) to them."""
+    positionally, those inputs, and `feeds` mapping the module's own call (args, kwargs) to them;
+    its named outputs, and `returns` (outputs, args, kwargs) → what the module's own call returns
+    (None: the first output alone, as ``(out,)``)."""
 
     kind: str
     graph: torch.nn.Module
     inputs: list[ModelInput]
     feeds: Callable
+    outputs: list[str] = field(default_factory=lambda: ["out"])
+    returns: Callable | None = None
 
 
 def _binder(module):
@@ -224,19 +230,29 @@ def _timestep_rows(t, batch: int) -> torch.Tensor:
     return t.reshape(1).expand(batch) if t.dim() == 0 else t.to(torch.float32)
 
 
+def _residuals(residuals: tuple) -> dict:
+    """A ControlNet's residuals given to a UNet graph after its own inputs (the down blocks', then
+    the mid block's) as the UNet's keywords."""
+    if not residuals:
+        return {}
+    return {"down_block_additional_residuals": list(residuals[:-1]), "mid_block_additional_residual": residuals[-1]}
+
+
 class _UNetGraph(torch.nn.Module):
     def __init__(self, unet):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample, timestep, encoder_hidden_states, *residuals):
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False,
+                         **_residuals(residuals))[0]
 
 
 class _SDXLUNetGraph(_UNetGraph):
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, *residuals):
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False,
-                         added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})[0]
+                         added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
+                         **_residuals(residuals))[0]
 
 
 class _SD3Graph(torch.nn.Module):
@@ -261,6 +277,7 @@ class Denoiser(abc.ABC):
         self.module = module     # what runs; an engine may replace it
         self.attention = "sdpa"  # the attention backend (fastdiff.attention); sdpa kernels apply per call
         self.workers = 1         # calls run side by side (engines that release the GIL; see run_calls)
+        self.side_runners = {}   # name → an engine standing in for that side network (see side_networks)
         self._pool = None
         self._first = FirstParameter()   # of `original`
 
@@ -353,6 +370,15 @@ class Denoiser(abc.ABC):
     def graph_spec(self, module: torch.nn.Module | None = None, text_length: int | None = None) -> GraphSpec:
         """How exporters see `module` (default the pipeline's own); `text_length` overrides the
         prompt length the family's text encoders give."""
+
+    def side_networks(self) -> dict:
+        """{name: module} of the networks the adapter calls beside its own module (a ControlNet's).
+        Engines may stand in for them in :attr:`side_runners`, as :attr:`module` does for :attr:`original`."""
+        return {}
+
+    def side_graph_spec(self, name: str) -> GraphSpec:
+        """How exporters see the side network `name`."""
+        raise ValueError(f"name: {type(self).__name__} has no side network {name!r} (has {sorted(self.side_networks())})")
 
 
 class UNetDenoiser(Denoiser):

@@ -67,8 +67,6 @@ def test_controlnet_inputs_are_checked():
             fast(**{"prompt": "a red circle", "num_inference_steps": 2, **kwargs})
     with pytest.raises(TypeError, match="control_image"):   # not a ControlNet pipeline's argument
         fastdiff.accelerate(tiny_sd_pipeline())("a red circle", control_image=image(1))
-    with pytest.raises(ValueError, match="backend: a ControlNet pipeline runs on its PyTorch modules"):
-        fastdiff.accelerate(pipe, backend="onnxruntime")
     with pytest.raises(ValueError, match="router: the pruned sub-networks take no ControlNet"):
         fastdiff.accelerate(pipe, router="shapes")
 
@@ -132,8 +130,6 @@ def test_stream_control_inputs_are_checked():
         fastdiff.Stream(pipe, guess_mode=1)
     with pytest.raises(ValueError, match="compile: a ControlNet pipeline's stream"):
         fastdiff.Stream(pipe, compile="whole")
-    with pytest.raises(ValueError, match="backend: a ControlNet pipeline"):
-        fastdiff.Stream(pipe, backend="onnxruntime")
     plain = fastdiff.Stream(tiny_sd_pipeline(img2img=True))
     with pytest.raises(ValueError, match="has no ControlNet"):
         fastdiff.Stream(tiny_sd_pipeline(img2img=True), controlnet_conditioning_scale=0.5)
@@ -215,3 +211,62 @@ def test_stream_standing_control_image_changes_and_follows_a_resize():
     changed.update(height=32, width=32)   # the standing image follows the new size
     out = stream_outputs(changed, [image(1)[..., :32, :32]] * 2, [None] * 2)
     assert out[0].shape[-2:] == (32, 32)
+
+
+def test_residual_shapes_are_what_the_nets_give():
+    from fastdiff.controlnet import residual_shapes
+
+    for family in ("sd", "sdxl"):
+        pipe = tiny_controlnet_pipeline(family)
+        added = {} if family == "sd" else {"added_cond_kwargs": {
+            "text_embeds": torch.randn(1, pipe.text_encoder_2.config.projection_dim), "time_ids": torch.zeros(1, 6)}}
+        with torch.no_grad():
+            down, mid = pipe.controlnet(torch.randn(1, 4, 8, 16), torch.tensor([10.0]), return_dict=False,
+                                        encoder_hidden_states=torch.randn(1, 77, pipe.unet.config.cross_attention_dim),
+                                        controlnet_cond=torch.rand(1, 3, 64, 128), **added)
+        got = [(r.shape[1], 8 // r.shape[2], 16 // r.shape[3]) for r in [*down, mid]]
+        assert got == [(c, f, f) for c, f in residual_shapes(pipe.unet.config)]
+
+
+def test_controlnet_runs_on_onnxruntime_engines(tmp_path):
+    """The UNet's engine takes the residuals, each ControlNet is an engine of its own: diffusers'
+    images at two sizes (the residual inputs' sizes follow the image's), with guess mode, two nets
+    each with its scale and steps, one of them a global-pool net (residuals of 1×1, spread out: it acts
+    alone on the first step)."""
+    pytest.importorskip("onnxruntime")
+    pipe = tiny_controlnet_pipeline("sd", nets=2)
+    pipe.controlnet.nets[1].register_to_config(global_pool_conditions=True)
+    fast = fastdiff.accelerate(pipe, backend="onnxruntime", engine_options={
+        "cache_dir": str(tmp_path), "threads": 1, "max_batch": 2, "resolutions": [(64, 64), (128, 128)]})
+    assert {"denoiser", "controlnet/0", "controlnet/1"} <= set(fast.engines.profiles)
+    assert type(fast.denoiser.side_runners["controlnet/1"]).__name__ == "EngineModule"
+    for size, guess_mode in ((64, True), (128, False)):
+        control = [bars(1), bars(2)] if size == 64 else [torch.rand(1, 3, 128, 128, generator=gen(k)) for k in (3, 4)]
+        args = dict(prompt=["a red circle", "a blue fox"], image=control, num_inference_steps=3, guidance_scale=4.0,
+                    guess_mode=guess_mode, controlnet_conditioning_scale=[0.7, 1.3], control_guidance_start=[0.4, 0.0],
+                    height=size, width=size, output_type="np")
+        expected = pipe(generator=gen(), **args).images
+        np.testing.assert_allclose(fast(generator=gen(), **args).images, expected, atol=1e-4)
+    eager = fastdiff.accelerate(pipe)
+    eager(generator=gen(), **args)
+    assert fast.last_call_macs == eager.last_call_macs > 0   # counted on the PyTorch nets, the ControlNets' too
+    off = dict(args, controlnet_conditioning_scale=0.0)   # zeros reach the UNet's residual inputs
+    np.testing.assert_allclose(fast(generator=gen(), **off).images, pipe(generator=gen(), **off).images, atol=1e-4)
+
+
+def test_controlnet_stream_on_onnxruntime_engines(tmp_path):
+    """An SDXL ControlNet img2img stream on engines gives the PyTorch stream's frames, each frame
+    with its own control image."""
+    pytest.importorskip("onnxruntime")
+    pipe = tiny_controlnet_pipeline("sdxl", img2img=True, scheduler="lcm")
+    frames, controls = [image(10 + k) for k in range(3)], [bars(k) for k in range(3)]
+    outs = []
+    for backend in (None, "onnxruntime"):
+        options = {"cache_dir": str(tmp_path), "threads": 1} if backend else None
+        stream = fastdiff.Stream(pipe, steps=[20, 40], cfg="self", guidance_scale=1.5, backend=backend,
+                                 engine_options=options)
+        stream.prepare("a red circle")
+        outs.append(stream_outputs(stream, frames, controls))
+    assert len(outs[1]) == 3
+    for want, got in zip(*outs):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)

@@ -15,7 +15,7 @@ from ..checks import check_int
 from ..denoiser import Denoiser, GroupedDenoiser
 from ..vae import LatentCodec
 from .backends import PRECISIONS, engine, resolve_backend
-from .components import denoiser_component, vae_component
+from .components import denoiser_component, side_component, vae_component
 from .modules import EngineModule, EngineVAE
 from .profiles import ShapeProfile, stream_profile
 
@@ -95,8 +95,9 @@ def attach_engines(denoiser: Denoiser, codec: LatentCodec, backend: str, *, rows
         if "threads" not in build:
             side_by_side = {"threads": max(1, torch.get_num_threads() // workers)}
 
-    def make(component, profile: ShapeProfile, key: str | None = None, vae=None, **own) -> EngineModule:
-        precision = precision_of(options, component.name, vae, backend)
+    def make(component, profile: ShapeProfile, key: str | None = None, vae=None, like: str | None = None,
+             **own) -> EngineModule:
+        precision = precision_of(options, like or component.name, vae, backend)
         runner = engine(component, backend, profile=profile, precision=precision, **build, **own)
         attached.profiles[key or component.name] = profile
         attached.folders[key or component.name] = getattr(runner, "folder", None)
@@ -111,6 +112,10 @@ def attach_engines(denoiser: Denoiser, codec: LatentCodec, backend: str, *, rows
                                                **side_by_side)
         else:
             denoiser.module = make(denoiser_component(denoiser), profile, **side_by_side)
+        # the networks the denoiser calls beside its own (ControlNets): engines at its precision
+        for name in denoiser.side_networks():
+            denoiser.side_runners[name] = make(side_component(denoiser, name), profile, name, like="denoiser",
+                                               **side_by_side)
         denoiser.set_workers(workers)
     vae = codec.vae.vae if isinstance(codec.vae, EngineVAE) else codec.vae
     halves = {}

@@ -31,14 +31,24 @@ class Component:
     outputs: list[str]
     size_divisor: int         # image pixels per unit of "H"/"W" (the VAE factor for latents; 1 for images)
     feeds: Callable           # (args, kwargs of the module's own call) -> {input name: tensor}
+    returns: Callable | None = None   # (outputs, args, kwargs) -> the module's own return; None: (first,)
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.module.parameters()).dtype
 
     def input_shape(self, spec: Input, batch: int, height: int, width: int) -> tuple[int, ...]:
-        sizes = {"B": batch, "H": height // self.size_divisor, "W": width // self.size_divisor}
-        return tuple(sizes.get(d, d) for d in spec.shape)
+        sizes = {"H": height // self.size_divisor, "W": width // self.size_divisor}
+
+        def size(symbol):
+            if symbol == "B":
+                return batch
+            axis = size_axis(symbol)
+            if axis is None:
+                return symbol
+            name, times, over = axis
+            return -(-sizes[name] * times // over)   # rounded up, as a UNet's strided levels are
+        return tuple(size(d) for d in spec.shape)
 
     def sample_inputs(self, batch: int, height: int, width: int, dtype: torch.dtype | None = None,
                       device=None) -> tuple[torch.Tensor, ...]:
@@ -58,7 +68,19 @@ class Component:
         return tuple(tensors)
 
     def uses_size(self) -> bool:
-        return any("H" in spec.shape for spec in self.inputs)
+        return any(size_axis(d) is not None for spec in self.inputs for d in spec.shape)
+
+
+def size_axis(symbol) -> tuple[str, int, int] | None:
+    """("H" or "W", times, over) of a size symbol ("H", "H/4", "W*8"), None for anything else."""
+    if not isinstance(symbol, str) or symbol[:1] not in ("H", "W"):
+        return None
+    if len(symbol) == 1:
+        return symbol, 1, 1
+    if symbol[1] not in "/*" or not symbol[2:].isdigit():
+        raise ValueError(f"size symbol {symbol!r}: write H, H/k or H*k (W alike)")
+    k = int(symbol[2:])
+    return (symbol[0], 1, k) if symbol[1] == "/" else (symbol[0], k, 1)
 
 
 # -- graphs: positional in, tensors out (the denoisers' are their families', in fastdiff.denoiser) ---------
@@ -118,8 +140,15 @@ def denoiser_component(adapter: Denoiser, module: torch.nn.Module | None = None,
     any module of the family, a pruned sub-network too, can become an engine."""
     spec = adapter.graph_spec(module, text_length)
     module = module if module is not None else adapter.original
-    return Component("denoiser", spec.kind, module, spec.graph, spec.inputs, ["out"],
-                     _vae_factor(adapter.pipe.vae), spec.feeds)
+    return Component("denoiser", spec.kind, module, spec.graph, spec.inputs, spec.outputs,
+                     _vae_factor(adapter.pipe.vae), spec.feeds, spec.returns)
+
+
+def side_component(adapter: Denoiser, name: str) -> Component:
+    """The description of `adapter`'s side network `name` (a ControlNet; see Denoiser.side_networks)."""
+    spec = adapter.side_graph_spec(name)
+    return Component(name.split("/")[0], spec.kind, adapter.side_networks()[name], spec.graph, spec.inputs,
+                     spec.outputs, _vae_factor(adapter.pipe.vae), spec.feeds, spec.returns)
 
 
 def component(pipe, name: str, text_length: int | None = None) -> Component:

@@ -50,10 +50,11 @@ class EngineModule:
         return [out.to(device=self.device, dtype=self.out_dtype) for out in self.runner(cast)]
 
     def __call__(self, *args, return_dict: bool = True, **kwargs):
-        out = self.run(self.component.feeds(args, kwargs))[0]
         if return_dict:
             raise ValueError("return_dict must be False for an engine (fastdiff's adapters pass False)")
-        return (out,)
+        outputs = self.run(self.component.feeds(args, kwargs))
+        returns = self.component.returns
+        return (outputs[0],) if returns is None else returns(outputs, args, kwargs)
 
     def __getattr__(self, name):
         # config, parameters(), dtype-revealing attributes: the original module's

@@ -15,7 +15,7 @@ import warnings
 import torch
 
 from ..checks import check_int
-from .components import Component
+from .components import Component, size_axis
 from .profiles import ShapeProfile
 
 logger = logging.getLogger("fastdiff.engines")
@@ -32,19 +32,25 @@ def _dims(component: Component, profile: ShapeProfile):
     # diffusers' UNet takes another path at 64 rows or more (upsampling in chunks): stay below it.
     batch = None if profile.static_batch else Dim("batch", min=profile.batch[0], max=max(profile.batch[2], 2))
     divisor = component.size_divisor
-    size = {}
+    base = {}
     if not profile.static_size and component.uses_size():
         # sizes in units of the component's spatial grid; 8 keeps every UNet level's division exact
-        size = {"H": Dim("height", min=profile.height[0] // divisor // 8, max=profile.height[2] // divisor // 8) * 8,
-                "W": Dim("width", min=profile.width[0] // divisor // 8, max=profile.width[2] // divisor // 8) * 8}
+        base = {"H": Dim("height", min=profile.height[0] // divisor // 8, max=profile.height[2] // divisor // 8),
+                "W": Dim("width", min=profile.width[0] // divisor // 8, max=profile.width[2] // divisor // 8)}
     dynamo, names = {}, {}
     for spec in component.inputs:
         axes, axis_names = {}, {}
         for axis, symbol in enumerate(spec.shape):
+            size = size_axis(symbol)
             if symbol == "B" and batch is not None:
                 axes[axis], axis_names[axis] = batch, "batch"
-            elif symbol in size:
-                axes[axis], axis_names[axis] = size[symbol], {"H": "height", "W": "width"}[symbol]
+            elif size is not None and base:
+                name, times, over = size
+                if (8 * times) % over:
+                    raise ValueError(f"{spec.name}: a size of {symbol} can't follow the dynamic size (multiples of 8)")
+                factor = 8 * times // over
+                axes[axis] = base[name] if factor == 1 else base[name] * factor
+                axis_names[axis] = {"H": "height", "W": "width"}[name] + (symbol[1:] if len(symbol) > 1 else "")
         dynamo[spec.name] = axes or None
         names[spec.name] = axis_names
     return dynamo, names

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..controlnet import ControlledDenoiser, with_controlnet
+from ..controlnet import with_controlnet
 from ..denoiser import Conditioning, check_embeds, check_prompts, check_size, denoiser_for, with_image_prompt
 from ..images import check_finite
 from ..vae import LatentCodec
@@ -34,9 +34,6 @@ class Prepared:
             from ..engines.attach import check_options
             from ..engines.backends import resolve_backend
 
-            if isinstance(self.denoiser, ControlledDenoiser):
-                raise ValueError("backend: a ControlNet pipeline runs on its PyTorch modules; engines are not built for "
-                                 "ControlNet pipelines yet")
             self.engine_options = check_options(engine_options)
             self.backend = resolve_backend(backend, self.denoiser.device)
         elif engine_options is not None:

@@ -135,6 +135,29 @@ def with_image_prompt(cond: Conditioning, embeds: list[torch.Tensor]) -> Conditi
     return Conditioning(cond.embeds, extras, cond.route)
 
 
+IMAGE_EMBEDS = "image_embeds_"   # an engine's inputs of the IP-Adapters' image embeddings, one per adapter
+ONE_EMBEDDING = ("ImageProjection", "IPAdapterFullImageProjection")   # projections reading [B, images, D]
+
+
+def image_prompt_widths(module) -> list[int]:
+    """The image-embedding width of each IP-Adapter loaded into a UNet `module` ([] without one),
+    for an engine's inputs: adapters whose projection reads one embedding per image."""
+    if getattr(module.config, "encoder_hid_dim_type", None) != "ip_image_proj":
+        return []
+    widths = []
+    for layer in module.encoder_hid_proj.image_projection_layers:
+        if type(layer).__name__ not in ONE_EMBEDDING:
+            raise ValueError(f"backend: engines take IP-Adapters with one embedding per image ({', '.join(ONE_EMBEDDING)}), "
+                             f"not {type(layer).__name__}; run this one on the PyTorch modules (backend=None)")
+        widths.append(next(m for m in layer.modules() if isinstance(m, torch.nn.Linear)).in_features)
+    return widths
+
+
+def image_prompt_scales(module) -> list:
+    """The scale of each IP-Adapter attention layer of `module` (``pipe.set_ip_adapter_scale``)."""
+    return [list(p.scale) for p in module.attn_processors.values() if hasattr(p, "to_k_ip")]
+
+
 def added_conditions(extras: dict) -> dict | None:
     """A UNet's ``added_cond_kwargs`` from a row's extras: SDXL's pooled text and time ids as they
     are, the IP-Adapters' image embeddings as the list diffusers takes; None when there are none."""
@@ -239,20 +262,29 @@ def _residuals(residuals: tuple) -> dict:
 
 
 class _UNetGraph(torch.nn.Module):
-    def __init__(self, unet):
+    """A UNet with positional inputs: its own, SDXL's added conditions, then `images` IP-Adapter
+    image embeddings, then a ControlNet's residuals (see :func:`_residuals`)."""
+
+    def __init__(self, unet, images: int = 0):
         super().__init__()
         self.unet = unet
+        self.images = images
 
-    def forward(self, sample, timestep, encoder_hidden_states, *residuals):
+    def _call(self, sample, timestep, encoder_hidden_states, added: dict, rest: tuple):
+        images, residuals = rest[:self.images], rest[self.images:]
+        if images:
+            added = {**added, "image_embeds": list(images)}
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False,
-                         **_residuals(residuals))[0]
+                         added_cond_kwargs=added or None, **_residuals(residuals))[0]
+
+    def forward(self, sample, timestep, encoder_hidden_states, *rest):
+        return self._call(sample, timestep, encoder_hidden_states, {}, rest)
 
 
 class _SDXLUNetGraph(_UNetGraph):
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, *residuals):
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False,
-                         added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
-                         **_residuals(residuals))[0]
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, *rest):
+        return self._call(sample, timestep, encoder_hidden_states, {"text_embeds": text_embeds, "time_ids": time_ids},
+                          rest)
 
 
 class _SD3Graph(torch.nn.Module):
@@ -371,6 +403,11 @@ class Denoiser(abc.ABC):
         """How exporters see `module` (default the pipeline's own); `text_length` overrides the
         prompt length the family's text encoders give."""
 
+    def engine_state(self, module: torch.nn.Module | None = None) -> dict:
+        """What an engine of `module` (default the pipeline's own) holds as constants besides its
+        weights (an IP-Adapter's scales): engines are built again when it changes."""
+        return {}
+
     def side_networks(self) -> dict:
         """{name: module} of the networks the adapter calls beside its own module (a ControlNet's).
         Engines may stand in for them in :attr:`side_runners`, as :attr:`module` does for :attr:`original`."""
@@ -408,7 +445,11 @@ class UNetDenoiser(Denoiser):
                 ModelInput("timestep", ("B",), torch.float32),
                 ModelInput("encoder_hidden_states", ("B", text_length, config.cross_attention_dim))]
 
-    def _unet_feeds(self, module, added: tuple = ()):
+    def _image_inputs(self, module) -> list[ModelInput]:
+        """An IP-Adapter's image embeddings, one image per adapter and row."""
+        return [ModelInput(f"{IMAGE_EMBEDS}{k}", ("B", 1, width)) for k, width in enumerate(image_prompt_widths(module))]
+
+    def _unet_feeds(self, module, added: tuple = (), images: int = 0):
         bind = _binder(module)
 
         def feeds(args, kwargs):
@@ -417,12 +458,28 @@ class UNetDenoiser(Denoiser):
             named = {"sample": sample, "timestep": _timestep_rows(a["timestep"], sample.shape[0]).to(sample.device),
                      "encoder_hidden_states": a["encoder_hidden_states"]}
             named.update({k: a["added_cond_kwargs"][k] for k in added})
+            embeds = (a.get("added_cond_kwargs") or {}).get("image_embeds")
+            if (embeds is None) != (images == 0):   # never an image prompt dropped, nor one missing
+                raise ValueError("ip_adapter_image: the engine was built " + ("without" if embeds else "with") +
+                                 " an IP-Adapter; build the engines again (refresh_engines())")
+            for k, e in enumerate(embeds or []):
+                if e.dim() != 3 or e.shape[1] != 1:
+                    raise ValueError(f"ip_adapter_image: engines take one image per IP-Adapter, got embeddings "
+                                     f"of shape {tuple(e.shape)}")
+                named[f"{IMAGE_EMBEDS}{k}"] = e
             return named
         return feeds
 
+    def engine_state(self, module=None):
+        module = module if module is not None else self.original
+        scales = image_prompt_scales(module) if image_prompt_widths(module) else []
+        return {"ip_adapter_scales": scales} if scales else {}
+
     def graph_spec(self, module=None, text_length=None):
         module = module if module is not None else self.original
-        return GraphSpec("unet", _UNetGraph(module), self._unet_inputs(module, text_length), self._unet_feeds(module))
+        images = self._image_inputs(module)
+        return GraphSpec("unet", _UNetGraph(module, len(images)), self._unet_inputs(module, text_length) + images,
+                         self._unet_feeds(module, images=len(images)))
 
 
 @contextlib.contextmanager
@@ -484,10 +541,11 @@ class SDXLDenoiser(UNetDenoiser):
         module = module if module is not None else self.original
         config = module.config
         pooled = config.projection_class_embeddings_input_dim - self.time_ids * config.addition_time_embed_dim
+        images = self._image_inputs(module)
         inputs = self._unet_inputs(module, text_length) + [
-            ModelInput("text_embeds", ("B", pooled)), ModelInput("time_ids", ("B", self.time_ids))]
-        return GraphSpec("sdxl-unet", _SDXLUNetGraph(module), inputs,
-                         self._unet_feeds(module, ("text_embeds", "time_ids")))
+            ModelInput("text_embeds", ("B", pooled)), ModelInput("time_ids", ("B", self.time_ids))] + images
+        return GraphSpec("sdxl-unet", _SDXLUNetGraph(module, len(images)), inputs,
+                         self._unet_feeds(module, ("text_embeds", "time_ids"), len(images)))
 
 
 class SD3Denoiser(Denoiser):
@@ -561,6 +619,9 @@ class DenoiserAround(Denoiser):
 
     def graph_spec(self, module=None, text_length=None):
         return self.base.graph_spec(module, text_length)
+
+    def engine_state(self, module=None):
+        return self.base.engine_state(module)
 
 
 class GroupedDenoiser(DenoiserAround):

@@ -68,5 +68,41 @@ def test_image_prompt_inputs_are_checked():
                           (dict(ip_adapter_image="face.png"), "ip_adapter_image")):
         with pytest.raises(ValueError, match=named):
             fast("a red circle", num_inference_steps=2, guidance_scale=4.0, **kwargs)
-    with pytest.raises(ValueError, match="engines take no image prompt"):
-        fastdiff.Stream(pipe, backend="onnxruntime").prepare("a red circle", ip_adapter_image=picture(0))
+
+
+
+def test_image_prompt_on_onnxruntime_engines(tmp_path):
+    """The UNet's engine takes the image embeddings as inputs: diffusers' images; another
+    ``set_ip_adapter_scale`` or an unloaded adapter builds the engines again (an engine holds the
+    scales as constants); more than one image per adapter is refused, not dropped."""
+    pytest.importorskip("onnxruntime")
+    pipe = tiny_ip_adapter(tiny_sd_pipeline())
+    args = dict(prompt=["a red circle", "a blue fox"], num_inference_steps=3, guidance_scale=4.0, output_type="np")
+    fast = fastdiff.accelerate(pipe, backend="onnxruntime",
+                               engine_options={"cache_dir": str(tmp_path), "threads": 1, "max_batch": 2})
+    assert [i.name for i in fast.denoiser.module.component.inputs][-1] == "image_embeds_0"
+    for scale in (1.0, 0.3):
+        pipe.set_ip_adapter_scale(scale)
+        expected = pipe(generator=gen(), ip_adapter_image=picture(0), **args).images
+        np.testing.assert_allclose(fast(generator=gen(), ip_adapter_image=picture(0), **args).images, expected,
+                                   atol=1e-4)
+    assert fast.denoiser.module.component.state == {"ip_adapter_scales": [[0.3]] * 4}
+    with pytest.raises(ValueError, match="the engines take one image per IP-Adapter, got \\[2\\]"):
+        fast(ip_adapter_image=[[picture(0), picture(1)]], **args)
+    pipe.unload_ip_adapter()
+    np.testing.assert_allclose(fast(generator=gen(), **args).images, pipe(generator=gen(), **args).images, atol=1e-4)
+
+
+def test_stream_image_prompt_on_onnxruntime_engines(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pipe = tiny_ip_adapter(tiny_sd_pipeline(scheduler="lcm", img2img=True))
+    frames = [torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    outs = []
+    for backend in (None, "onnxruntime"):
+        options = {"cache_dir": str(tmp_path), "threads": 1} if backend else None
+        stream = fastdiff.Stream(pipe, steps=[20, 40], cfg="self", guidance_scale=1.5, backend=backend,
+                                 engine_options=options)
+        stream.prepare("a red circle", ip_adapter_image=picture(0))
+        got = [stream(f) for f in frames]
+        outs.append(torch.stack([o for o in got if o is not None] + stream.flush()))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=0)

@@ -165,6 +165,7 @@ def engine_fields(component: Component, backend: str, precision: str, profile: S
         "component": component.name, "kind": component.kind,
         "module": type(component.module).__name__,
         "weights": cache.weights_hash(component.module), "lora": cache.lora_scales(component.module),
+        "state": component.state,
         "backend": backend, "precision": precision, "profile": profile.to_dict(),
         "opset": opset if REGISTRY[backend].onnx else None,
         "inputs": [spec.name for spec in component.inputs], "outputs": component.outputs,

@@ -81,7 +81,7 @@ def engine_key(fields: dict) -> str:
 
 # What the user asks for picks the slot; the rest (library and device versions, the graph's I/O names)
 # is what an artefact in that slot must still match, or it is stale.
-ASKED = ("component", "kind", "module", "weights", "lora", "backend", "precision", "profile", "opset", "options")
+ASKED = ("component", "kind", "module", "weights", "lora", "state", "backend", "precision", "profile", "opset", "options")
 
 
 def slot_name(fields: dict) -> str:

@@ -8,7 +8,7 @@ generic; everything family-specific is here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -32,6 +32,7 @@ class Component:
     size_divisor: int         # image pixels per unit of "H"/"W" (the VAE factor for latents; 1 for images)
     feeds: Callable           # (args, kwargs of the module's own call) -> {input name: tensor}
     returns: Callable | None = None   # (outputs, args, kwargs) -> the module's own return; None: (first,)
+    state: dict = field(default_factory=dict)   # constants the graph holds besides weights (IP-Adapter scales)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -141,14 +142,14 @@ def denoiser_component(adapter: Denoiser, module: torch.nn.Module | None = None,
     spec = adapter.graph_spec(module, text_length)
     module = module if module is not None else adapter.original
     return Component("denoiser", spec.kind, module, spec.graph, spec.inputs, spec.outputs,
-                     _vae_factor(adapter.pipe.vae), spec.feeds, spec.returns)
+                     _vae_factor(adapter.pipe.vae), spec.feeds, spec.returns, adapter.engine_state(module))
 
 
 def side_component(adapter: Denoiser, name: str) -> Component:
     """The description of `adapter`'s side network `name` (a ControlNet; see Denoiser.side_networks)."""
-    spec = adapter.side_graph_spec(name)
-    return Component(name.split("/")[0], spec.kind, adapter.side_networks()[name], spec.graph, spec.inputs,
-                     spec.outputs, _vae_factor(adapter.pipe.vae), spec.feeds, spec.returns)
+    spec, module = adapter.side_graph_spec(name), adapter.side_networks()[name]
+    return Component(name.split("/")[0], spec.kind, module, spec.graph, spec.inputs, spec.outputs,
+                     _vae_factor(adapter.pipe.vae), spec.feeds, spec.returns, adapter.engine_state(module))
 
 
 def component(pipe, name: str, text_length: int | None = None) -> Component:

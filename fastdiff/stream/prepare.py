@@ -29,7 +29,7 @@ class Prepared:
         self.codec = LatentCodec(pipe.vae)
         self.backend = self.engine_options = None
         self.engines = None        # what attach_engines swapped in
-        self._engine_shape = None
+        self._engine_shape = self._engine_state = None
         if backend is not None:
             from ..engines.attach import check_options
             from ..engines.backends import resolve_backend
@@ -143,6 +143,7 @@ class Prepared:
         ``prepare_ip_adapter_image_embeds``: the image's embeddings on the conditional rows, the
         negative ones (zeros, or a blank image's) on the unconditional rows."""
         name = "ip_adapter_image" if embeds is None else "ip_adapter_image_embeds"
+        self.follow_engine_state()
         if image is None and embeds is None:
             if self.needs_image_prompt:
                 raise ValueError("ip_adapter_image is required: the pipeline has an IP-Adapter loaded "
@@ -150,8 +151,6 @@ class Prepared:
             return cond, uncond
         if not self.needs_image_prompt:
             raise ValueError(f"{name}: the pipeline has no IP-Adapter loaded (pipe.load_ip_adapter(...))")
-        if self.backend is not None:
-            raise ValueError(f"{name}: engines take no image prompt yet; an IP-Adapter runs on the PyTorch modules")
         if cond.route is not None:
             raise ValueError(f"{name}: a router's pruned sub-networks have no IP-Adapter")
         if embeds is not None and (not isinstance(embeds, (list, tuple)) or
@@ -169,6 +168,9 @@ class Prepared:
             if e.shape[0] != (2 * rows if guided else rows):
                 raise ValueError(f"{name}: embeddings of {e.shape[0]} rows for {rows} images"
                                  f"{' (the negative ones first)' if guided else ''}")
+        if self.backend is not None and any(e.shape[1] != 1 for e in made):
+            raise ValueError(f"{name}: the engines take one image per IP-Adapter, got "
+                             f"{[e.shape[1] for e in made]}")
         positive = [e[-rows:] for e in made]
         negative = [e[:rows] if guided else torch.zeros_like(e) for e in made]
         return with_image_prompt(cond, positive), with_image_prompt(uncond, negative)
@@ -240,15 +242,23 @@ class Prepared:
         if self.backend is None:
             return None
         shape = (rows, frames, tuple(map(tuple, resolutions)), best_rows, best_frames)
-        if not force and self.engines is not None and self._engine_shape == shape:
+        state = self.denoiser.engine_state()
+        if not force and self.engines is not None and self._engine_shape == shape and self._engine_state == state:
             return self.engines
         from ..engines.attach import attach_engines
 
         self.engines = attach_engines(self.denoiser, self.codec, self.backend, rows=rows, frames=frames,
                                       resolutions=resolutions, options=self.engine_options,
                                       best_rows=best_rows, best_frames=best_frames)
-        self._engine_shape = shape
+        self._engine_shape, self._engine_state = shape, state
         return self.engines
+
+    def follow_engine_state(self):
+        """Engines again, for the shapes they were attached for, where what they hold besides the
+        weights changed since (an IP-Adapter loaded, unloaded or given other scales)."""
+        if self.engines is not None and self._engine_state != self.denoiser.engine_state():
+            rows, frames, resolutions, best_rows, best_frames = self._engine_shape
+            self.attach_engines(rows, frames, resolutions, best_rows=best_rows, best_frames=best_frames)
 
 
 class UsesPrepared:

@@ -106,3 +106,14 @@ def test_stream_image_prompt_on_onnxruntime_engines(tmp_path):
         got = [stream(f) for f in frames]
         outs.append(torch.stack([o for o in got if o is not None] + stream.flush()))
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=0)
+
+
+def test_engines_refuse_an_image_projection_of_many_tokens():
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+    pipe = tiny_ip_adapter(tiny_sd_pipeline())
+    pipe.unet.encoder_hid_proj.image_projection_layers[0] = IPAdapterPlusImageProjection(
+        embed_dims=32, output_dims=32, hidden_dims=32, depth=1, dim_head=8, heads=2, num_queries=4)
+    with pytest.raises(ValueError, match="backend: engines take IP-Adapters with one embedding per image.*"
+                                         "not IPAdapterPlusImageProjection"):
+        fastdiff.accelerate(pipe, backend="onnxruntime")

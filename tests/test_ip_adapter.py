@@ -111,6 +111,7 @@ def test_stream_image_prompt_on_onnxruntime_engines(tmp_path):
 def test_engines_refuse_an_image_projection_of_many_tokens():
     from diffusers.models.embeddings import IPAdapterPlusImageProjection
 
+    pytest.importorskip("onnxruntime")
     pipe = tiny_ip_adapter(tiny_sd_pipeline())
     pipe.unet.encoder_hid_proj.image_projection_layers[0] = IPAdapterPlusImageProjection(
         embed_dims=32, output_dims=32, hidden_dims=32, depth=1, dim_head=8, heads=2, num_queries=4)

@@ -101,6 +101,46 @@ def test_tensorrt_options_are_checked(pipe, tmp_path):
         engine(part, "onnxruntime", profile=profile, options={"refit": True}, cache_dir=str(tmp_path))
 
 
+def test_controlnet_profiles_follow_each_level_of_the_unet():
+    """A ControlNet pipeline's UNet takes each residual at its level's size, its ControlNet the
+    control image at the pixels' size: every input's range follows the profile's."""
+    from fastdiff.architectures import tiny_controlnet_pipeline
+    from fastdiff.controlnet import with_controlnet
+    from fastdiff.denoiser import denoiser_for
+    from fastdiff.engines.components import denoiser_component, side_component
+
+    pipe = tiny_controlnet_pipeline("sd")
+    adapter = with_controlnet(denoiser_for(pipe), pipe)
+    profile = stream_profile(2, [(64, 64), (128, 192)])
+    unet = profile_shapes(denoiser_component(adapter), profile)
+    assert unet["down_residual_0"] == ((1, 32, 8, 8), (2, 32, 8, 8), (2, 32, 16, 24))
+    assert unet["down_residual_3"] == ((1, 64, 4, 4), (2, 64, 4, 4), (2, 64, 8, 12))   # after the downsampler
+    assert unet["mid_residual"] == ((1, 64, 4, 4), (2, 64, 4, 4), (2, 64, 8, 12))
+    net = side_component(adapter, "controlnet/0")
+    assert profile_shapes(net, profile)["controlnet_cond"] == ((1, 3, 64, 64), (2, 3, 64, 64), (2, 3, 128, 192))
+    assert net.outputs == ["down_residual_0", "down_residual_1", "down_residual_2", "down_residual_3", "mid_residual"]
+
+
+@needs_tensorrt
+@pytest.mark.gpu
+def test_controlnet_stream_on_tensorrt_matches_pytorch(tmp_path):
+    from fastdiff.architectures import tiny_controlnet_pipeline
+    import fastdiff
+
+    pipe = tiny_controlnet_pipeline("sd", img2img=True, scheduler="lcm").to("cuda")
+    frames = [torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(i)).cuda() for i in range(3)]
+    controls = [torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(9 + i)).cuda() for i in range(3)]
+    outs = []
+    for backend in (None, "tensorrt"):
+        stream = fastdiff.Stream(pipe, steps=[20, 40], cfg="self", guidance_scale=1.5, backend=backend,
+                                 engine_options={"cache_dir": str(tmp_path)} if backend else None)
+        stream.prepare("a red circle")
+        got = [stream(f, control_image=c) for f, c in zip(frames, controls)]
+        outs.append([o for o in got if o is not None] + stream.flush())
+    for want, got in zip(*outs):
+        torch.testing.assert_close(got, want, atol=1e-2, rtol=0)
+
+
 @needs_tensorrt
 @pytest.mark.gpu
 def test_tensorrt_engine_matches_pytorch_and_refits(tmp_path):

@@ -22,6 +22,7 @@ from .sampling.guiders import make_guider
 from .sampling.schedule import own_solver, set_schedule, step_schedule, validate_steps, validate_timesteps
 from .stream.batch import LatentStream
 from .stream.prepare import Prepared, UsesPrepared
+from .text_inputs import SIZE_CONDITIONS, TEXT_OPTIONS, call_defaults, prompt_options
 from .tuning.adapters import HoldsAdapter
 from .tuning.routers import HoldsRouter
 
@@ -43,12 +44,6 @@ SUPPORTED = {
 CONTROL_ARG = {"StableDiffusionControlNetPipeline": "image", "StableDiffusionXLControlNetPipeline": "image",
                "StableDiffusionControlNetImg2ImgPipeline": "control_image",
                "StableDiffusionXLControlNetImg2ImgPipeline": "control_image"}
-# SDXL's and SD3's prompts for their other text encoders, the text encoders' layer to read
-# (clip_skip), and SDXL's size conditioning: taken where the wrapped pipeline class takes them
-TEXT_OPTIONS = ("prompt_2", "negative_prompt_2", "prompt_3", "negative_prompt_3", "clip_skip", "max_sequence_length")
-SIZE_CONDITIONS = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
-                   "negative_crops_coords_top_left", "negative_target_size", "aesthetic_score",
-                   "negative_aesthetic_score")
 IMAGE_PROMPT_ARGS = ("ip_adapter_image", "ip_adapter_image_embeds")   # an IP-Adapter's image prompt
 CONTROL_ARGS = ("control_image", "controlnet_conditioning_scale", "guess_mode", "control_guidance_start",
                 "control_guidance_end")
@@ -134,7 +129,7 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         self.steps = None if steps is None else validate_steps(steps, None)
         self.schedules = self._load_schedules(schedule)
         # Defaults (steps, guidance, strength) are the wrapped pipeline class's own.
-        self.defaults = {k: p.default for k, p in inspect.signature(base.__call__).parameters.items()}
+        self.defaults = call_defaults(base)
         options = dict(engine_options) if isinstance(engine_options, dict) else engine_options
         # accelerate's own engine options: the largest batch and the sizes the engines must take
         max_batch = options.pop("max_batch", 4) if isinstance(options, dict) else 4
@@ -304,15 +299,10 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
             control = self._control_inputs(control, height, width)
             height, width = control.size
         height, width = self.parts.size(height, width)
-        texts = {k: v for k, v in options.items() if k in TEXT_OPTIONS}
-        if "clip_skip" in texts:
-            self._check_clip_skip(texts["clip_skip"])
-        if "max_sequence_length" in texts:
-            self._check_sequence_length(texts["max_sequence_length"])
-        conditions = {k: v for k, v in options.items() if k in SIZE_CONDITIONS}
+        texts = prompt_options(self.pipe, denoiser.family, self.defaults, options, height, width, self.parts.backend,
+                               self.task)
         cond, uncond = self.parts.encode(prompt, negative_prompt, height, width, per_prompt=num_images_per_prompt,
-                                         route=self._route(), embeds=embeds,
-                                         options={**texts, **self._time_ids(conditions, height, width)})
+                                         route=self._route(), embeds=embeds, options=texts)
         batch = len(cond)
         cond, uncond = self.parts.image_prompt(cond, uncond, options.get("ip_adapter_image"),
                                                options.get("ip_adapter_image_embeds"), guidance_scale > 1)
@@ -446,45 +436,6 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
             return codec.encode(pixels.repeat(times, 1, 1, 1), sample=True, generator=list(generator))
         return codec.encode(pixels, sample=True, generator=generator).repeat(times, 1, 1, 1)
 
-    def _check_clip_skip(self, clip_skip) -> None:
-        """Layers skipped from the text encoders' end: as many as the shallowest has (SDXL and SD3
-        read the penultimate layer already, so one fewer)."""
-        encoders = [getattr(self.pipe, n, None) for n in ("text_encoder", "text_encoder_2")]
-        layers = min(e.config.num_hidden_layers for e in encoders if e is not None)
-        check_int(clip_skip, "clip_skip", 0, layers - (self.denoiser.family != "unet"))
-
-    def _check_sequence_length(self, length) -> None:
-        """SD3's T5 tokens (diffusers' bound, 512); engines are built for the default 256."""
-        length = check_int(length, "max_sequence_length", 1, 512)
-        if length != self.defaults["max_sequence_length"] and self.parts.backend is not None:
-            raise ValueError(f"max_sequence_length: the {self.parts.backend} engines take the prompt at "
-                             f"{self.defaults['max_sequence_length']} T5 tokens; {length} needs the PyTorch modules")
-
-    def _time_ids(self, given: dict, height: int, width: int) -> dict:
-        """SDXL's size conditioning of a call that sets some of it, as its pipeline class lays it
-        out ({} when none is set: the denoiser's defaults, the image size)."""
-        if not given:
-            return {}
-        value = lambda name: given.get(name, self.defaults.get(name))
-        pair = lambda name, low: None if value(name) is None else _check_pair(value(name), name, low)
-        original = pair("original_size", 1) or (height, width)
-        crops = pair("crops_coords_top_left", 0)
-        target = pair("target_size", 1) or (height, width)
-        neg_original, neg_crops, neg_target = (pair("negative_original_size", 1), pair("negative_crops_coords_top_left", 0),
-                                               pair("negative_target_size", 1))
-        if self.task == "img2img":
-            neg_original, neg_target = neg_original or original, neg_target or target
-            if self.pipe.config.get("requires_aesthetics_score", False):
-                score = check_number(value("aesthetic_score"), "aesthetic_score")
-                neg_score = check_number(value("negative_aesthetic_score"), "negative_aesthetic_score")
-                return {"time_ids": [*original, *crops, score], "negative_time_ids": [*neg_original, *neg_crops, neg_score]}
-            # diffusers' img2img pairs the negative sizes with the positive crops
-            return {"time_ids": [*original, *crops, *target], "negative_time_ids": [*neg_original, *crops, *neg_target]}
-        ids = [*original, *crops, *target]
-        if given.get("negative_original_size") is None or given.get("negative_target_size") is None:
-            return {"time_ids": ids, "negative_time_ids": ids}   # the negative sizes count only as a pair
-        return {"time_ids": ids, "negative_time_ids": [*neg_original, *neg_crops, *neg_target]}
-
     def _cutoffs(self, denoising_start, denoising_end) -> tuple:
         """SDXL's hand-over between a base and a refiner pipeline, as timesteps: the refiner runs the
         steps below ``denoising_start``'s (whatever the strength), the base those down to
@@ -603,14 +554,6 @@ def _check_callback(callback, tensor_inputs) -> None:
     if isinstance(asked, str) or not isinstance(asked, (list, tuple)) or set(asked) - {"latents"}:
         raise ValueError(f"callback_on_step_end_tensor_inputs: fastdiff.accelerate gives a step-end callback "
                          f"the latents only, got {asked!r}")
-
-
-def _check_pair(value, name: str, low: int) -> tuple[int, int]:
-    """A (height, width) or (top, left) pair of whole numbers ≥ `low`."""
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2 \
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in value):
-        raise ValueError(f"{name} must be a pair of whole numbers ≥ {low}, got {value!r}")
-    return tuple(value)
 
 
 def _check_generator(generator, batch: int) -> None:

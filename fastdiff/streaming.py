@@ -9,6 +9,7 @@ import torch
 from .checks import check_choice, check_int, check_number, check_seed
 from .controlnet import ControlledDenoiser
 from .denoiser import EMBED_ARGS, Conditioning
+from .text_inputs import SIZE_CONDITIONS, TEXT_OPTIONS, call_defaults, prompt_options
 from .images import FiniteWatch, check_output_type, from_model_tensor, signed, to_model_tensor
 from .sampling.guiders import make_guider
 from .sampling.schedule import step_schedule
@@ -123,6 +124,8 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         self.height, self.width = self.parts.size(height, width)
         self.prompt = self.negative_prompt = None
         self._embeds = {}   # the prompt embeddings given in place of prompt or negative prompt
+        self._text = {}     # the other prompts and size conditioning given (text_inputs)
+        self._defaults = call_defaults(pipe)
         self.latents: LatentStream | None = None
         self.last_skipped = False
         self.last_tag = None
@@ -153,26 +156,42 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
     # -- set-up ----------------------------------------------------------------------------------
     def prepare(self, prompt=None, negative_prompt=None, *, prompt_embeds=None, negative_prompt_embeds=None,
                 pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, control_image=None,
-                ip_adapter_image=None, ip_adapter_image_embeds=None):
+                ip_adapter_image=None, ip_adapter_image_embeds=None, **text_options):
         """Encode the prompt and start the stream. On a running stream this is a prompt change.
         Embeddings made elsewhere (e.g. weighted prompts) may stand in for either prompt, as diffusers'
         pipelines take them: one row, or one per frame of the buffer. `control_image`: a ControlNet
         pipeline's, for the calls that give none. `ip_adapter_image` (or its embeddings, the negative
-        ones first with cfg "full" or "initialize"): an image prompt, with an IP-Adapter loaded."""
+        ones first with cfg "full" or "initialize"): an image prompt, with an IP-Adapter loaded.
+        `text_options`: what the pipeline class's call takes of ``prompt_2``, ``negative_prompt_2``,
+        ``prompt_3``, ``negative_prompt_3``, ``clip_skip``, ``max_sequence_length`` and SDXL's size
+        conditioning (``original_size``, ``target_size``, ``crops_coords_top_left``, their negative
+        pairs, a refiner's aesthetic scores), as diffusers takes them."""
         embeds = dict(zip(EMBED_ARGS, (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
                                        negative_pooled_prompt_embeds)))
         if self.latents is not None:
             self.update(prompt=prompt, negative_prompt=negative_prompt, control_image=control_image,
-                        ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds, **embeds)
+                        ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds, **embeds,
+                        **text_options)
             return
+        text = self._text_after(text_options, "prepare")
         if control_image is not None:
             self._standing_control, self._standing_source = self._control_rows(control_image), control_image
         state = self._prompt_state(prompt, negative_prompt, embeds)
         image_prompt = self._image_prompt_after(ip_adapter_image, ip_adapter_image_embeds)
-        self._cond = self._encoded(state, (self.height, self.width), image_prompt)
+        self._cond = self._encoded(state, (self.height, self.width), image_prompt, text)
         self.prompt, self.negative_prompt, self._embeds = state
-        self._image_prompt = image_prompt
+        self._image_prompt, self._text = image_prompt, text
         self._start()
+
+    def _text_after(self, given: dict, method: str) -> dict:
+        """The stream's other prompts and size conditioning after a change: each one given (not None)
+        replaces the stream's; a name the pipeline class's call doesn't take is a TypeError."""
+        accepted = tuple(k for k in (*TEXT_OPTIONS, *SIZE_CONDITIONS) if k in self._defaults)
+        unknown = sorted(set(given) - set(accepted))
+        if unknown:
+            raise TypeError(f"Stream.{method}() got {unknown}, which {type(self.pipe).__name__} does not take; "
+                            f"of the pipeline's prompt options it takes {accepted}")
+        return {**self._text, **{k: v for k, v in given.items() if v is not None}}
 
     def _prompt_state(self, prompt, negative_prompt, embeds: dict) -> tuple:
         """(prompt, negative prompt, embeddings) after a change: a side given anew — as text or as
@@ -191,12 +210,14 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         """The image prompt after a change: the one given (image or embeddings), else the stream's."""
         return (image, embeds) if image is not None or embeds is not None else self._image_prompt
 
-    def _encoded(self, state: tuple, size, image_prompt=None):
+    def _encoded(self, state: tuple, size, image_prompt=None, text: dict | None = None):
         """(cond, uncond) of a prompt state at `size` (SDXL's conditioning holds the image size), routed,
-        with the image prompt (default the stream's)."""
+        with the image prompt and other prompts (default the stream's)."""
         prompt, negative_prompt, embeds = state
+        options = prompt_options(self.pipe, self.denoiser.family, self._defaults,
+                                 self._text if text is None else text, *size, self.backend)
         cond, uncond = self.parts.encode(prompt, negative_prompt, *size, frames=self.frame_buffer, route=self._route(),
-                                         embeds=embeds)
+                                         embeds=embeds, options=options)
         guided = self.guider.mode in ("full", "initialize")   # the modes with unconditional rows
         cond, uncond = self.parts.image_prompt(cond, uncond, *(image_prompt or self._image_prompt), guided)
         if self._controlled:   # the rows' control images travel with their frames; guess mode's uncond rows go without
@@ -231,13 +252,14 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
                steps=None, timesteps=None, num_inference_steps=None, height=None, width=None,
                with_tags: bool = False, prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
                negative_pooled_prompt_embeds=None, control_image=None, controlnet_conditioning_scale=None,
-               ip_adapter_image=None, ip_adapter_image_embeds=None) -> list:
+               ip_adapter_image=None, ip_adapter_image_embeds=None, **text_options) -> list:
         """Change settings at run time, without rebuilding anything.
 
         Prompt, negative prompt (or their embeddings, as :meth:`prepare` takes them), guidance scale,
         delta, rescale and a ControlNet's conditioning scale apply from the next call on, to the
         frames in flight as well; a control image, to the calls that give none; an image prompt (as
-        :meth:`prepare` takes it), to every frame from the next call on; None leaves a
+        :meth:`prepare` takes it) and the other prompts and size conditioning (`text_options`, as
+        :meth:`prepare` takes them), to every frame from the next call on; None leaves a
         setting as it is (a negative prompt is dropped by a new stream, not here). Steps and
         resolution change the stream's shape: the frames in flight are first finished with the old
         settings and returned (oldest first), so none is lost — as (tag, output) pairs with
@@ -270,11 +292,12 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         standing = self._control_rows(control_image, size) if control_image is not None else None
         state = self._prompt_state(prompt, negative_prompt, embeds)
         image_prompt = self._image_prompt_after(ip_adapter_image, ip_adapter_image_embeds)
+        text = self._text_after(text_options, "update")
         encoded = None
         # a new size re-encodes too: SDXL's conditioning holds the image size
         if state[:2] != (self.prompt, self.negative_prompt) or _given_anew(state[2], self._embeds) or resized \
-                or image_prompt is not self._image_prompt:
-            encoded = self._encoded(state, size, image_prompt)
+                or image_prompt is not self._image_prompt or text != self._text:
+            encoded = self._encoded(state, size, image_prompt, text)
         if scales is not None:
             self.denoiser.set_scales(scales, None, self._guess_mode)
         if standing is not None:
@@ -293,7 +316,7 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
             self.height, self.width = size
         if encoded is not None:
             self._cond, (self.prompt, self.negative_prompt, self._embeds) = encoded, state
-            self._image_prompt = image_prompt
+            self._image_prompt, self._text = image_prompt, text
         if structural:
             self._start()
         elif encoded is not None:

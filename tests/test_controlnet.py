@@ -270,3 +270,25 @@ def test_controlnet_stream_on_onnxruntime_engines(tmp_path):
     assert len(outs[1]) == 3
     for want, got in zip(*outs):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_build_script_builds_what_a_controlnet_pipeline_loads(tmp_path):
+    """`fastdiff build` of a ControlNet pipeline builds its UNet with the residual inputs and each
+    net; accelerate then loads them rather than building."""
+    pytest.importorskip("onnxruntime")
+    from fastdiff.engines.build import build_engines
+    from fastdiff.engines.components import available_components
+
+    pipe = tiny_controlnet_pipeline("sd", nets=2)
+    assert available_components(pipe)[-2:] == ["controlnet/0", "controlnet/1"]
+    built = build_engines(pipe, components=["denoiser", "controlnet/0", "controlnet/1"], backend="onnxruntime",
+                          resolutions=[(64, 64)], batch=(1, 2, 4), out_dir=str(tmp_path), progress=False)
+    assert [b.status for b in built] == ["built"] * 3
+    fast = fastdiff.accelerate(pipe, backend="onnxruntime", engine_options={
+        "cache_dir": str(tmp_path), "threads": 1, "max_batch": 2, "components": ["denoiser"]})
+    runners = [fast.denoiser.module.runner] + [r.runner for r in fast.denoiser.side_runners.values()]
+    assert [r.built_now for r in runners] == [False] * 3
+    assert sorted(r.folder for r in runners) == sorted(b.folder for b in built)
+    with pytest.raises(ValueError, match="components: .controlnet/0. is not one of this pipeline.s"):
+        build_engines(tiny_sd_pipeline(), components=["controlnet/0"], backend="onnxruntime", out_dir=str(tmp_path),
+                      resolutions=[(64, 64)], progress=False)

@@ -13,9 +13,11 @@ from typing import Callable
 
 import torch
 
+from ..controlnet import controlnets_of, with_controlnet
 from ..denoiser import Denoiser, ModelInput, denoiser_for
 
 COMPONENTS = ("denoiser", "vae_encoder", "vae_decoder", "text_encoder", "text_encoder_2")
+CONTROLNET = "controlnet"   # a ControlNet pipeline's nets are components "controlnet/0", "controlnet/1"...
 
 
 Input = ModelInput   # one named graph input; the denoiser families describe theirs
@@ -155,10 +157,13 @@ def side_component(adapter: Denoiser, name: str) -> Component:
 def component(pipe, name: str, text_length: int | None = None) -> Component:
     """The description of `pipe`'s component `name` (one of :data:`COMPONENTS`); `text_length` (from a
     family profile, e.g. SD3's CLIP + T5 tokens) sets the denoiser's text rows."""
+    if name.startswith(CONTROLNET + "/") and name in available_components(pipe):
+        return side_component(with_controlnet(denoiser_for(pipe), pipe), name)
     if name not in COMPONENTS:
-        raise ValueError(f"component must be one of {COMPONENTS}, got {name!r}")
-    if name == "denoiser":
-        return denoiser_component(denoiser_for(pipe), text_length=text_length)
+        raise ValueError(f"component must be one of {COMPONENTS} (a ControlNet pipeline's nets: controlnet/0, "
+                         f"controlnet/1...), got {name!r}")
+    if name == "denoiser":   # a ControlNet pipeline's UNet takes the nets' residuals
+        return denoiser_component(with_controlnet(denoiser_for(pipe), pipe), text_length=text_length)
     if name.startswith("vae"):
         vae = getattr(pipe, "vae", None)
         if vae is None:
@@ -190,7 +195,10 @@ def vae_component(vae, name: str) -> Component:
 
 
 def available_components(pipe) -> list[str]:
-    """The names of :data:`COMPONENTS` that `pipe` holds."""
+    """The names of :data:`COMPONENTS` that `pipe` holds, and its ControlNets' (controlnet/k)."""
     names = ["denoiser", "vae_encoder", "vae_decoder"]
     names += [n for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None]
+    controlnet = getattr(pipe, "controlnet", None)
+    if controlnet is not None:
+        names += [f"{CONTROLNET}/{k}" for k in range(len(controlnets_of(controlnet)))]
     return names

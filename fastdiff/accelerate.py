@@ -39,7 +39,12 @@ SUPPORTED = {
     "StableDiffusionControlNetImg2ImgPipeline": ("img2img", "diffusers.pipelines.stable_diffusion", "StableDiffusionPipelineOutput"),
     "StableDiffusionXLControlNetPipeline": ("txt2img", "diffusers.pipelines.stable_diffusion_xl", "StableDiffusionXLPipelineOutput"),
     "StableDiffusionXLControlNetImg2ImgPipeline": ("img2img", "diffusers.pipelines.stable_diffusion_xl", "StableDiffusionXLPipelineOutput"),
+    "StableDiffusionInpaintPipeline": ("img2img", "diffusers.pipelines.stable_diffusion", "StableDiffusionPipelineOutput"),
+    "StableDiffusionXLInpaintPipeline": ("img2img", "diffusers.pipelines.stable_diffusion_xl", "StableDiffusionXLPipelineOutput"),
 }
+# inpainting pipelines: img2img with a mask (and, for their own UNets, the masked picture's latents)
+INPAINT = ("StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline")
+INPAINT_ARGS = ("mask_image", "masked_image_latents", "padding_mask_crop")
 # ControlNet pipelines: the argument holding the control images (txt2img ones take them as `image`)
 CONTROL_ARG = {"StableDiffusionControlNetPipeline": "image", "StableDiffusionXLControlNetPipeline": "image",
                "StableDiffusionControlNetImg2ImgPipeline": "control_image",
@@ -118,6 +123,7 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         self.pipe = pipe
         self.task, module, output_class = SUPPORTED[base.__name__]
         self.control_arg = CONTROL_ARG.get(base.__name__)
+        self.inpaint = base.__name__ in INPAINT
         self.output_class = getattr(__import__(module, fromlist=[output_class]), output_class)
         self.cfg = check_mode(cfg) if cfg is not None else None
         self.delta = check_number(delta, "delta", 0.0)
@@ -288,11 +294,16 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         if self.task == "img2img":
             if image is None:
                 raise ValueError(f"image is required by {type(self.pipe).__name__}")
+            if self.inpaint:   # the model's native size unless given: the image is resized to it
+                height, width = self.parts.size(height, width)
             pixels = preprocessed(self.pipe.image_processor, image, "image", height, width)
             # latents given as the image (a base pipeline's output_type="latent"), as diffusers takes them
             given_latents = pixels.shape[1] == denoiser.in_channels and pixels.shape[1] != 3
             size = codec.scale_factor if given_latents else 1
             height, width = (int(v) * size for v in pixels.shape[-2:])
+            if self.inpaint:
+                masking = self._mask_inputs(options, pixels, given_latents, height, width, strength, latents,
+                                            cutoffs)
         elif image is not None:
             raise ValueError(f"image is not an argument of the txt2img {type(self.pipe).__name__}")
         if self.control_arg:
@@ -312,6 +323,9 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         if pixels is not None and batch % pixels.shape[0]:
             raise ValueError(f"image has {pixels.shape[0]} images for a batch of {batch} prompts×images; give "
                              "one, or a number that divides the batch")
+        if self.inpaint and batch % masking.mask.shape[0]:
+            raise ValueError(f"mask_image has {masking.mask.shape[0]} masks for a batch of {batch} prompts×images; "
+                             "give one, or a number that divides the batch")
 
         solver = self.solver
         searched = self.schedules.get(num_inference_steps)
@@ -361,7 +375,10 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
 
         latent_shape = self.parts.latent_shape(height, width)
         clean = None
-        if pixels is not None:
+        if self.inpaint:   # as diffusers' inpainting pipelines: the image only where it is needed
+            if not masking.reads_mask or strength < 1.0:
+                clean = masking.encode(codec, pixels.to(denoiser.device), batch, generator)
+        elif pixels is not None:
             clean = self._encode_images(codec if not given_latents else None, pixels.to(denoiser.device), batch,
                                         generator)
         if cutoffs[0] is not None:   # denoising_start: the image's latents are a trajectory's, noised already
@@ -374,6 +391,14 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         else:
             noise = randn_tensor((batch,) + latent_shape, generator=generator, device=denoiser.device,
                                  dtype=denoiser.dtype)
+        start = clean
+        if self.inpaint:
+            cond, uncond = masking.rows(codec, cond, uncond, batch, latent_shape, generator)
+            if strength == 1.0:
+                start = None   # pure noise at the first timestep, as the pipeline starts
+            if not masking.reads_mask:   # the known region blended back after each step
+                callback_on_step_end = masking.blend_after_steps(scheduler, clean, noise, schedule.timesteps,
+                                                                 callback_on_step_end)
         # One slot per step, the whole batch as its frames; noise drawn as the pipeline draws it.
         stream = LatentStream(denoiser, schedule, cond, uncond, latent_shape, guider=guider, noise="fresh",
                               generator=generator)
@@ -383,7 +408,7 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         if cutoffs[0] is not None:   # held as the pipeline holds them (Euler: x0 + σ·ε)
             finished = stream.push(None, start=clean / schedule.held_scale_in)
         else:
-            finished = stream.push(clean, noise=noise)
+            finished = stream.push(start, noise=noise)
         if callback_on_step_end is not None:
             latents = self._steps_with_callback(stream, finished, schedule.timesteps, schedule.held_scale.tolist(),
                                                 callback_on_step_end)
@@ -398,13 +423,30 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         Any other keyword is a TypeError listing what the call takes."""
         extra = dict(extra)
         control = {k: extra.pop(k) for k in CONTROL_ARGS if k in extra} if self.control_arg else {}
-        family = tuple(k for k in (*TEXT_OPTIONS, *SIZE_CONDITIONS, *IMAGE_PROMPT_ARGS) if k in self.defaults)
+        family = tuple(k for k in (*TEXT_OPTIONS, *SIZE_CONDITIONS, *IMAGE_PROMPT_ARGS, *INPAINT_ARGS)
+                       if k in self.defaults)
         options = {k: extra.pop(k) for k in family if k in extra}
         if extra:
             accepted = ACCEPTED_ARGS + family + (CONTROL_ARGS if self.control_arg else ())
             raise TypeError(f"fastdiff.accelerate does not take {sorted(extra)} for {type(self.pipe).__name__}; "
                             f"it accepts {accepted}")
         return control, {k: v for k, v in options.items() if v is not None}
+
+    def _mask_inputs(self, options: dict, pixels, given_latents: bool, height: int, width: int, strength: float,
+                     latents, cutoffs):
+        """An inpainting call's mask and masked picture, checked (see :mod:`fastdiff.inpaint_inputs`)."""
+        from .inpaint_inputs import mask_inputs
+
+        for name, value in (("denoising_start", cutoffs[0]), ("denoising_end", cutoffs[1])):
+            if value is not None:
+                raise ValueError(f"{name}: fastdiff.accelerate runs an inpainting call's whole trajectory")
+        if latents is not None and strength < 1.0:
+            raise ValueError("latents: an inpainting call given its latents starts from them as pure noise (as "
+                             "diffusers' does); give strength=1 with them")
+        if given_latents:
+            raise ValueError("image: an inpainting call takes pictures, not latents")
+        return mask_inputs(self.pipe, options.get("mask_image"), options.get("masked_image_latents"),
+                           options.get("padding_mask_crop"), pixels, height, width)
 
     def _control_inputs(self, given: dict, height, width):
         """A ControlNet pipeline call's control arguments, checked; defaults the pipeline's own."""

@@ -7,6 +7,8 @@ time as trained ones, so the real architectures' configs serve the speed benchma
 
 from __future__ import annotations
 
+import inspect
+
 import os
 import tempfile
 from typing import Callable, NamedTuple
@@ -201,6 +203,27 @@ def tiny_controlnet_pipeline(family: str = "sd", img2img: bool = False, nets: in
     components = {k: v for k, v in base.components.items() if k not in ("image_encoder",)}
     extra = {"requires_aesthetics_score": False} if family == "sdxl" and img2img else {}
     pipe = getattr(diffusers, name)(**components, controlnet=controlnets[0] if nets == 1 else controlnets, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_inpaint_pipeline(family: str = "sd", reads_mask: bool = True, seed: int = 0, scheduler: str = "ddim"):
+    """A tiny SD ("sd") or SDXL ("sdxl") inpainting pipeline (64×64 images): with a UNet of its own
+    that reads the mask and the masked latents (9 input channels, random weights) when `reads_mask`,
+    else the plain tiny UNet, whose known region the pipeline blends back after each step."""
+    import diffusers
+    from diffusers import UNet2DConditionModel
+
+    base = (tiny_sd_pipeline if family == "sd" else tiny_sdxl_pipeline)(seed=seed, scheduler=scheduler)
+    components = dict(base.components)
+    if reads_mask:
+        torch.manual_seed(seed + 1)
+        channels = base.vae.config.latent_channels
+        components["unet"] = UNet2DConditionModel.from_config(base.unet.config, in_channels=2 * channels + 1).eval()
+    name = "StableDiffusionInpaintPipeline" if family == "sd" else "StableDiffusionXLInpaintPipeline"
+    cls = getattr(diffusers, name)
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    pipe = cls(**{k: v for k, v in components.items() if k in accepted})
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

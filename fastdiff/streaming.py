@@ -9,6 +9,7 @@ import torch
 from .checks import check_choice, check_int, check_number, check_seed
 from .controlnet import ControlledDenoiser
 from .denoiser import EMBED_ARGS, Conditioning
+from .inpainting import InpaintingDenoiser
 from .text_inputs import SIZE_CONDITIONS, TEXT_OPTIONS, call_defaults, prompt_options
 from .images import FiniteWatch, check_output_type, from_model_tensor, signed, to_model_tensor
 from .sampling.guiders import make_guider
@@ -98,6 +99,9 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         check_number(similarity_filter, "similarity_filter", 0.0, 1.0, low_open=True, high_open=True, optional=True)
         self.pipe = pipe
         self.parts = Prepared(pipe, backend, engine_options)
+        if isinstance(self.denoiser, InpaintingDenoiser):
+            raise ValueError(f"pipe: {type(pipe).__name__}'s UNet reads a mask and a masked picture with every row; "
+                             "a Stream does not run an inpainting UNet yet (fastdiff.accelerate does)")
         self.generator = torch.Generator(self.denoiser.device).manual_seed(check_seed(seed))
         self.filter = (SimilarityFilter(float(similarity_filter), max_skip_frames, seed)
                        if similarity_filter is not None else None)

@@ -23,8 +23,9 @@ def call_defaults(pipe) -> dict:
 
 
 def pipeline_task(pipe) -> str:
-    """"img2img" for a pipeline class that starts from an image, else "txt2img"."""
-    return "img2img" if "Img2Img" in type(pipe).__name__ else "txt2img"
+    """"img2img" for a pipeline class that starts from an image (inpainting too), else "txt2img"."""
+    name = type(pipe).__name__
+    return "img2img" if "Img2Img" in name or "Inpaint" in name else "txt2img"
 
 
 def prompt_options(pipe, family: str, defaults: dict, given: dict, height: int, width: int,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..controlnet import with_controlnet
+from ..inpainting import with_inpainting
 from ..denoiser import Conditioning, check_embeds, check_prompts, check_size, denoiser_for, with_image_prompt
 from ..images import check_finite
 from ..vae import LatentCodec
@@ -24,7 +25,7 @@ class Prepared:
 
     def __init__(self, pipe, backend: str | None = None, engine_options: dict | None = None):
         self.pipe = pipe
-        self.denoiser = with_controlnet(denoiser_for(pipe), pipe)
+        self.denoiser = with_controlnet(with_inpainting(denoiser_for(pipe), pipe), pipe)
         self._vae = pipe.vae
         self.codec = LatentCodec(pipe.vae)
         self.backend = self.engine_options = None

@@ -1,0 +1,88 @@
+"""An inpainting call's mask and masked picture, checked and made as diffusers' inpainting pipelines
+make them: the mask binarised at the image's size and shrunk to the latents' (nearest), the masked
+picture (the image where the mask is below 0.5) encoded — or given as latents — and both repeated
+for the batch. A UNet trained for inpainting reads them with every row (:mod:`fastdiff.inpainting`);
+a plain UNet has the known region blended back after each step (:meth:`MaskInputs.blend_after_steps`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .images import check_finite, preprocessed
+from .inpainting import reads_mask, with_mask
+
+
+@dataclass
+class MaskInputs:
+    mask: torch.Tensor                 # [n, 1, H, W] in {0, 1}: 1 where the picture is made anew
+    masked: torch.Tensor               # the masked pictures [n, 3, H, W], or their latents as given
+    masked_are_latents: bool
+    reads_mask: bool                   # the UNet reads the mask (else the known region is blended back)
+    mask_rows: torch.Tensor | None = None   # the mask at the latents' size, one row per image of the call
+
+    @staticmethod
+    def encode(codec, pixels: torch.Tensor, batch: int, generator) -> torch.Tensor:
+        """Latents of `pixels` (a draw of the posterior) repeated for a batch of `batch`, as the
+        inpainting pipelines encode: one generator per picture given, when a list is."""
+        if isinstance(generator, (list, tuple)):
+            latents = torch.cat([codec.encode(pixels[i:i + 1], sample=True, generator=generator[i])
+                                 for i in range(pixels.shape[0])])
+        else:
+            latents = codec.encode(pixels, sample=True, generator=generator)
+        return latents.repeat(batch // latents.shape[0], 1, 1, 1)
+
+    def rows(self, codec, cond, uncond, batch: int, latent_shape: tuple, generator):
+        """(cond, uncond), carrying the mask and masked latents where the UNet reads them. The masked
+        picture is encoded whether or not (the pipelines draw from the generator for it either way)."""
+        device, dtype = cond.embeds.device, cond.embeds.dtype
+        mask = torch.nn.functional.interpolate(self.mask, size=tuple(latent_shape[-2:])).to(device, dtype)
+        if self.masked_are_latents:
+            masked = self.masked.to(device, dtype)
+            masked = masked.repeat(batch // masked.shape[0], 1, 1, 1)
+        else:
+            masked = self.encode(codec, self.masked.to(device), batch, generator)
+        self.mask_rows = mask.repeat(batch // mask.shape[0], 1, 1, 1)
+        if not self.reads_mask:
+            return cond, uncond
+        return with_mask(cond, self.mask_rows, masked), with_mask(uncond, self.mask_rows, masked)
+
+    def blend_after_steps(self, scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps, callback=None):
+        """A step-end callback keeping the known region: after step i the latents outside the mask are
+        the image's, noised to the next timestep (clean after the last), then `callback`'s."""
+        mask, timesteps = self.mask_rows, [float(t) for t in timesteps]
+        kind = scheduler.timesteps.dtype   # DDIM's index its table; Euler's are looked up by value
+
+        def blend(pipe, i, t, tensors):
+            known = clean
+            if i < len(timesteps) - 1:
+                known = scheduler.add_noise(clean, noise, torch.tensor([timesteps[i + 1]], dtype=kind))
+            out = {"latents": (1 - mask) * known + mask * tensors["latents"]}
+            if callback is None:
+                return out
+            given = callback(pipe, i, t, out)
+            return {**out, **given} if isinstance(given, dict) else given
+        return blend
+
+
+def mask_inputs(pipe, mask_image, masked_image_latents, padding_mask_crop, pixels: torch.Tensor, height: int,
+                width: int) -> MaskInputs:
+    """The call's mask (required) and masked picture at `height` × `width`, checked."""
+    name = type(pipe).__name__
+    if mask_image is None:
+        raise ValueError(f"mask_image is required by {name}")
+    if padding_mask_crop is not None:
+        raise ValueError("padding_mask_crop: fastdiff.accelerate inpaints the whole picture; it does not crop "
+                         "around the mask (the pipeline itself does)")
+    mask = preprocessed(pipe.mask_processor, mask_image, "mask_image", height, width)
+    if masked_image_latents is None:
+        return MaskInputs(mask, pixels * (mask < 0.5), False, reads_mask(pipe))
+    factor, channels = pipe.vae_scale_factor, pipe.vae.config.latent_channels
+    want = (channels, height // factor, width // factor)
+    if not isinstance(masked_image_latents, torch.Tensor) or masked_image_latents.dim() != 4 \
+            or tuple(masked_image_latents.shape[1:]) != want:
+        raise ValueError(f"masked_image_latents must be a tensor of shape [n, {want[0]}, {want[1]}, {want[2]}], got "
+                         f"{tuple(getattr(masked_image_latents, 'shape', ())) or type(masked_image_latents).__name__}")
+    check_finite(masked_image_latents, "masked_image_latents")
+    return MaskInputs(mask, masked_image_latents, True, reads_mask(pipe))

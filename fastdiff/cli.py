@@ -233,16 +233,33 @@ def main():
 @width_option
 @backend_option
 @attention_option
+@click.option("--image", "image_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Start from this picture (img2img), resized to the model's size with --mask.")
+@click.option("--strength", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="How much of --image is made anew (default: the pipeline's; 1 with --mask).")
+@click.option("--mask", "mask_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Inpaint: white where --image is made anew, black where it is kept.")
 @device_option
 def generate(prompts, model, steps, schedule, adapter, adapter_scale, router, negative_prompt, guidance_scale,
-             guidance_rescale, cfg, seed, num_images, out, height, width, backend, attention, device):
+             guidance_rescale, cfg, seed, num_images, out, height, width, backend, attention, image_path, strength,
+             mask_path, device):
     """Generate images for each PROMPT with the accelerated pipeline and write them as PNGs."""
     from tqdm import tqdm
 
     from .accelerate import accelerate
+    from .text_inputs import call_defaults
 
     if any(not p.strip() for p in prompts):   # checked before anything loads
         raise click.BadParameter("a prompt must not be empty", param_hint="PROMPT")
+    if image_path is None and (mask_path is not None or strength is not None):
+        raise click.UsageError("--mask and --strength apply to a picture: give --image too")
+    pictures = {}
+    if image_path is not None:
+        pictures["image"] = read_picture(image_path, "--image", "RGB")
+        if mask_path is not None:
+            pictures["mask_image"] = read_picture(mask_path, "--mask", "L")
+        if strength is not None:
+            pictures["strength"] = strength
     router = pick_router(router, model)
     # a router's sub-networks don't carry an adapter: with --router, 'auto' picks none
     adapter = pick_adapter("none" if router is not None and adapter == "auto" else adapter, model, steps)
@@ -253,11 +270,14 @@ def generate(prompts, model, steps, schedule, adapter, adapter_scale, router, ne
         raise click.BadParameter("it rescales full CFG (--cfg full, --guidance-scale > 1)",
                                  param_hint="'--guidance-rescale'")
     pipe = load_pipeline(model, device)
+    if pictures:   # the same model's img2img or inpainting pipeline, sharing its modules
+        pipe = picture_pipeline(pipe, inpaint="mask_image" in pictures)
     if model == "shapes" and adapter is None:   # the settings its quality figures were measured at
         from .shapes.model import GUIDANCE_RESCALE, GUIDANCE_SCALE
 
         guidance_scale = GUIDANCE_SCALE if guidance_scale is None else guidance_scale
-        guidance_rescale = GUIDANCE_RESCALE if guidance_rescale is None else guidance_rescale
+        if guidance_rescale is None and "guidance_rescale" in call_defaults(pipe):   # img2img's takes none
+            guidance_rescale = GUIDANCE_RESCALE
     extra = {"guidance_rescale": guidance_rescale} if guidance_rescale and (guidance_scale or 0) > 1 \
         and cfg in (None, "full") else {}   # the shapes model's own rescale where it applies
     with usage_errors(prompt="PROMPT"):
@@ -282,7 +302,7 @@ def generate(prompts, model, steps, schedule, adapter, adapter_scale, router, ne
         with usage_errors(prompt="PROMPT"):
             images = fast(prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
                           guidance_scale=guidance_scale, generator=generator, num_images_per_prompt=num_images,
-                          height=height, width=width, output_type="pil", **extra).images
+                          height=height, width=width, output_type="pil", **extra, **pictures).images
         seconds += time.perf_counter() - start
         for k, image in enumerate(images):
             path = out / f"{i:03d}-{slug(prompt)}-{k}.png"
@@ -295,6 +315,29 @@ def generate(prompts, model, steps, schedule, adapter, adapter_scale, router, ne
         click.echo(f"routed: {fast.last_call_macs / 1e6:.1f} M MACs in the last denoiser call"
                    + (f" (the full model: {full * 2 * num_images / 1e6:.1f} M per prompt's rows)" if full else ""))
     click.echo(f"{seconds / n:.3f} s/image, {n / seconds:.2f} images/s (generation only, first call included)")
+
+
+def read_picture(path: Path, hint: str, mode: str) -> Image.Image:
+    """A picture file in `mode` ("RGB", or "L" for a mask), or a usage error naming the option."""
+    try:
+        with Image.open(path) as picture:
+            return ImageOps.exif_transpose(picture).convert(mode)
+    except OSError as error:
+        raise click.BadParameter(f"{path} is not a picture ({error})", param_hint=f"'{hint}'") from None
+
+
+def picture_pipeline(pipe, inpaint: bool):
+    """`pipe`'s img2img (or inpainting) pipeline over the same modules."""
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+    kind = AutoPipelineForInpainting if inpaint else AutoPipelineForImage2Image
+    try:
+        made = kind.from_pipe(pipe)
+    except ValueError as error:   # a family with no such pipeline (SD3 inpainting...)
+        raise click.UsageError(f"--{'mask' if inpaint else 'image'}: {type(pipe).__name__} has no "
+                               f"{'inpainting' if inpaint else 'img2img'} pipeline in diffusers ({error})") from None
+    made.set_progress_bar_config(disable=True)
+    return made
 
 
 def read_frames(input_dir, clip, frames, seed):

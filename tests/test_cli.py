@@ -52,6 +52,36 @@ def test_generate_writes_images_and_a_summary(tmp_path):
     assert re.search(r"s/image, [\d.]+ images/s", result.output)
 
 
+def test_generate_from_a_picture_and_a_mask(tmp_path):
+    """--image runs the model's img2img pipeline, --mask its inpainting one: the kept region of the
+    picture stays (what the mask leaves black), the rest is drawn anew."""
+    scene = np.zeros((64, 64, 3), dtype=np.uint8)
+    scene[:, :32] = (200, 30, 30)
+    Image.fromarray(scene).save(tmp_path / "scene.png")
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[:, 32:] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    moved = run("generate", "a blue square", "--steps", 4, "--image", tmp_path / "scene.png", "--strength", 0.5,
+                "--out", tmp_path / "img2img")
+    assert moved.exit_code == 0, moved.output
+    assert len(pngs(tmp_path / "img2img")) == 1
+    inpainted = run("generate", "a blue square", "--steps", 4, "--image", tmp_path / "scene.png", "--mask",
+                    tmp_path / "mask.png", "--out", tmp_path / "inpaint")
+    assert inpainted.exit_code == 0, inpainted.output
+    picture = np.asarray(Image.open(pngs(tmp_path / "inpaint")[0]), dtype=float)
+    kept, made = picture[8:56, 4:24], picture[8:56, 40:60]   # away from the mask's edge
+    assert np.abs(kept - scene[8:56, 4:24]).mean() < 40 and np.abs(made - scene[8:56, 40:60]).mean() > 40
+    for args, hint in ((("--mask", tmp_path / "mask.png"), "give --image too"),
+                       (("--strength", 0.5), "give --image too"),
+                       (("--image", tmp_path / "mask.png", "--strength", 0), "--strength"),
+                       (("--image", tmp_path / "nothing.png"), "--image")):
+        refused = run("generate", "a blue square", *args, "--out", tmp_path)
+        assert refused.exit_code != 0 and hint in refused.output, refused.output
+    (tmp_path / "text.png").write_text("not a picture")
+    refused = run("generate", "a blue square", "--image", tmp_path / "text.png", "--out", tmp_path)
+    assert refused.exit_code != 0 and "is not a picture" in refused.output
+
+
 def test_generate_uses_the_shapes_models_guidance_unless_told(tmp_path, monkeypatch):
     from fastdiff.accelerate import AcceleratedPipeline
     from fastdiff.shapes.model import GUIDANCE_SCALE

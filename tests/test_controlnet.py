@@ -237,7 +237,8 @@ def test_controlnet_runs_on_onnxruntime_engines(tmp_path):
     pipe = tiny_controlnet_pipeline("sd", nets=2)
     pipe.controlnet.nets[1].register_to_config(global_pool_conditions=True)
     fast = fastdiff.accelerate(pipe, backend="onnxruntime", engine_options={
-        "cache_dir": str(tmp_path), "threads": 1, "max_batch": 2, "resolutions": [(64, 64), (128, 128)]})
+        "cache_dir": str(tmp_path), "threads": 1, "max_batch": 2, "resolutions": [(64, 64), (128, 128)],
+        "components": ["denoiser"]})
     assert {"denoiser", "controlnet/0", "controlnet/1"} <= set(fast.engines.profiles)
     assert type(fast.denoiser.side_runners["controlnet/1"]).__name__ == "EngineModule"
     for size, guess_mode in ((64, True), (128, False)):
@@ -262,7 +263,7 @@ def test_controlnet_stream_on_onnxruntime_engines(tmp_path):
     frames, controls = [image(10 + k) for k in range(3)], [bars(k) for k in range(3)]
     outs = []
     for backend in (None, "onnxruntime"):
-        options = {"cache_dir": str(tmp_path), "threads": 1} if backend else None
+        options = {"cache_dir": str(tmp_path), "threads": 1, "components": ["denoiser"]} if backend else None
         stream = fastdiff.Stream(pipe, steps=[20, 40], cfg="self", guidance_scale=1.5, backend=backend,
                                  engine_options=options)
         stream.prepare("a red circle")

@@ -83,7 +83,8 @@ def test_inpainting_unet_on_onnxruntime_engines(tmp_path):
     pytest.importorskip("onnxruntime")
     pipe = tiny_inpaint_pipeline("sd")
     fast = fastdiff.accelerate(pipe, backend="onnxruntime",
-                               engine_options={"cache_dir": str(tmp_path), "threads": 1, "max_batch": 2})
+                               engine_options={"cache_dir": str(tmp_path), "threads": 1, "max_batch": 2,
+                                               "components": ["denoiser"]})
     assert fast.denoiser.module.component.inputs[0].shape[1] == 9
     args = dict(prompt=["a red circle", "a blue fox"], image=IMAGE, mask_image=box(16, 8), num_inference_steps=3,
                 guidance_scale=4.0, output_type="np")

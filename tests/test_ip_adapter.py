@@ -79,7 +79,8 @@ def test_image_prompt_on_onnxruntime_engines(tmp_path):
     pipe = tiny_ip_adapter(tiny_sd_pipeline())
     args = dict(prompt=["a red circle", "a blue fox"], num_inference_steps=3, guidance_scale=4.0, output_type="np")
     fast = fastdiff.accelerate(pipe, backend="onnxruntime",
-                               engine_options={"cache_dir": str(tmp_path), "threads": 1, "max_batch": 2})
+                               engine_options={"cache_dir": str(tmp_path), "threads": 1, "max_batch": 2,
+                                               "components": ["denoiser"]})
     assert [i.name for i in fast.denoiser.module.component.inputs][-1] == "image_embeds_0"
     for scale in (1.0, 0.3):
         pipe.set_ip_adapter_scale(scale)
@@ -99,7 +100,7 @@ def test_stream_image_prompt_on_onnxruntime_engines(tmp_path):
     frames = [torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     outs = []
     for backend in (None, "onnxruntime"):
-        options = {"cache_dir": str(tmp_path), "threads": 1} if backend else None
+        options = {"cache_dir": str(tmp_path), "threads": 1, "components": ["denoiser"]} if backend else None
         stream = fastdiff.Stream(pipe, steps=[20, 40], cfg="self", guidance_scale=1.5, backend=backend,
                                  engine_options=options)
         stream.prepare("a red circle", ip_adapter_image=picture(0))

@@ -77,7 +77,8 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
     ``frame_buffer`` F; a list of one per net with a MultiControlNetModel), or keeps the one given to
     :meth:`prepare` / :meth:`update`. Each frame's control image stays with it through its steps,
     beside the other frames' own. ``controlnet_conditioning_scale`` (changed by :meth:`update`) and
-    ``guess_mode`` are diffusers'. PyTorch modules only: no engines, no compiled whole step.
+    ``guess_mode`` are diffusers'. On engines the UNet takes the nets' residuals as inputs and each
+    net is an engine of its own; the compiled whole step is not made for a ControlNet stream.
     """
 
     def __init__(self, pipe, steps=None, *, timesteps=None, num_inference_steps: int = 50,

@@ -41,9 +41,10 @@ SUPPORTED = {
     "StableDiffusionXLControlNetImg2ImgPipeline": ("img2img", "diffusers.pipelines.stable_diffusion_xl", "StableDiffusionXLPipelineOutput"),
     "StableDiffusionInpaintPipeline": ("img2img", "diffusers.pipelines.stable_diffusion", "StableDiffusionPipelineOutput"),
     "StableDiffusionXLInpaintPipeline": ("img2img", "diffusers.pipelines.stable_diffusion_xl", "StableDiffusionXLPipelineOutput"),
+    "StableDiffusion3InpaintPipeline": ("img2img", "diffusers.pipelines.stable_diffusion_3", "StableDiffusion3PipelineOutput"),
 }
-# inpainting pipelines: img2img with a mask (and, for their own UNets, the masked picture's latents)
-INPAINT = ("StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline")
+# inpainting pipelines: img2img with a mask (and, for their own denoisers, the masked picture's latents)
+INPAINT = ("StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline", "StableDiffusion3InpaintPipeline")
 INPAINT_ARGS = ("mask_image", "masked_image_latents", "padding_mask_crop")
 # ControlNet pipelines: the argument holding the control images (txt2img ones take them as `image`)
 CONTROL_ARG = {"StableDiffusionControlNetPipeline": "image", "StableDiffusionXLControlNetPipeline": "image",

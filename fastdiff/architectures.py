@@ -208,19 +208,24 @@ def tiny_controlnet_pipeline(family: str = "sd", img2img: bool = False, nets: in
 
 
 def tiny_inpaint_pipeline(family: str = "sd", reads_mask: bool = True, seed: int = 0, scheduler: str = "ddim"):
-    """A tiny SD ("sd") or SDXL ("sdxl") inpainting pipeline (64×64 images): with a UNet of its own
-    that reads the mask and the masked latents (9 input channels, random weights) when `reads_mask`,
-    else the plain tiny UNet, whose known region the pipeline blends back after each step."""
+    """A tiny SD ("sd"), SDXL ("sdxl") or SD3 ("sd3") inpainting pipeline (64×64 images): with a
+    denoiser of its own that reads the mask and the masked latents (9 input channels, SD3's 33;
+    random weights) when `reads_mask`, else the plain tiny one, whose known region the pipeline
+    blends back after each step. `scheduler` is SD's and SDXL's."""
     import diffusers
-    from diffusers import UNet2DConditionModel
 
-    base = (tiny_sd_pipeline if family == "sd" else tiny_sdxl_pipeline)(seed=seed, scheduler=scheduler)
+    if family == "sd3":
+        base = tiny_sd3_pipeline(seed=seed)
+    else:
+        base = (tiny_sd_pipeline if family == "sd" else tiny_sdxl_pipeline)(seed=seed, scheduler=scheduler)
     components = dict(base.components)
     if reads_mask:
         torch.manual_seed(seed + 1)
-        channels = base.vae.config.latent_channels
-        components["unet"] = UNet2DConditionModel.from_config(base.unet.config, in_channels=2 * channels + 1).eval()
-    name = "StableDiffusionInpaintPipeline" if family == "sd" else "StableDiffusionXLInpaintPipeline"
+        name = "transformer" if family == "sd3" else "unet"
+        module, channels = components[name], base.vae.config.latent_channels
+        components[name] = type(module).from_config(module.config, in_channels=2 * channels + 1).eval()
+    name = {"sd": "StableDiffusionInpaintPipeline", "sdxl": "StableDiffusionXLInpaintPipeline",
+            "sd3": "StableDiffusion3InpaintPipeline"}[family]
     cls = getattr(diffusers, name)
     accepted = set(inspect.signature(cls.__init__).parameters)
     pipe = cls(**{k: v for k, v in components.items() if k in accepted})

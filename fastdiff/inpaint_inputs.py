@@ -53,11 +53,13 @@ class MaskInputs:
         the image's, noised to the next timestep (clean after the last), then `callback`'s."""
         mask, timesteps = self.mask_rows, [float(t) for t in timesteps]
         kind = scheduler.timesteps.dtype   # DDIM's index its table; Euler's are looked up by value
+        flow = hasattr(scheduler, "scale_noise")   # flow matching (SD3) noises by interpolation
 
         def blend(pipe, i, t, tensors):
             known = clean
             if i < len(timesteps) - 1:
-                known = scheduler.add_noise(clean, noise, torch.tensor([timesteps[i + 1]], dtype=kind))
+                at = torch.tensor([timesteps[i + 1]], dtype=kind)
+                known = scheduler.scale_noise(clean, at, noise) if flow else scheduler.add_noise(clean, noise, at)
             out = {"latents": (1 - mask) * known + mask * tensors["latents"]}
             if callback is None:
                 return out

@@ -1,5 +1,5 @@
-"""Inpainting UNets under the denoiser protocol: a UNet trained for inpainting (SD's 9-channel one)
-reads, beside the noisy latents, the mask and the masked picture's latents, as diffusers' inpainting
+"""Inpainting denoisers under the denoiser protocol: a UNet trained for inpainting (SD's 9-channel
+one; SD3's 33-channel transformer alike) reads, beside the noisy latents, the mask and the masked picture's latents, as diffusers' inpainting
 pipelines give them at every step.
 
 Each row carries them in its conditioning (``Conditioning.extras``: ``inpaint_mask`` [B, 1, h, w],
@@ -19,11 +19,13 @@ MASKED = "inpaint_masked"
 
 
 def reads_mask(pipe) -> bool:
-    """Whether `pipe`'s UNet reads the mask and masked latents beside the latents (9 channels for 4)."""
-    unet, vae = getattr(pipe, "unet", None), getattr(pipe, "vae", None)
-    if unet is None or vae is None:
+    """Whether `pipe`'s denoiser reads the mask and masked latents beside the latents (SD's 9
+    channels for 4, SD3's 33 for 16)."""
+    module = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    vae = getattr(pipe, "vae", None)
+    if module is None or vae is None:
         return False
-    return unet.config.in_channels == 2 * vae.config.latent_channels + 1
+    return module.config.in_channels == 2 * vae.config.latent_channels + 1
 
 
 def with_inpainting(base: Denoiser, pipe) -> Denoiser:
@@ -37,7 +39,7 @@ def with_mask(cond: Conditioning, mask: torch.Tensor, masked: torch.Tensor) -> C
 
 
 class InpaintingDenoiser(DenoiserAround):
-    """An inpainting UNet: each row's latents, then its mask and masked latents, on the channels."""
+    """An inpainting denoiser: each row's latents, then its mask and masked latents, on the channels."""
 
     @property
     def in_channels(self) -> int:   # the latents' own: the rest of the UNet's input is the rows'

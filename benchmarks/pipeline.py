@@ -7,10 +7,12 @@ script checks it); ``fastdiff <backend>`` puts the denoiser and VAE on engines (
 untimed). Residual CFG (``cfg="self"``) is left out: it is the stream's guidance for a few steps at
 low guidance, and over a pipeline's 25 steps it spoils the pictures. Configurations take turns call
 by call; each speed-up is the median of same-round ratios against the pipeline, so that the host's
-drift between rounds cancels.
+drift between rounds cancels. ``--task inpaint`` times the model's inpainting pipeline instead
+(diffusers' ``AutoPipelineForInpainting`` over the same modules; a picture and a mask over its right
+half, strength 1).
 
-    python benchmarks/pipeline.py [--model shapes|tiny] [--prompts 4] [--steps 25] [--rounds 7]
-                                  [--backends onnxruntime] [--threads N] [--out out/pipeline.json]
+    python benchmarks/pipeline.py [--model shapes|tiny] [--task txt2img|inpaint] [--prompts 4] [--steps 25]
+                                  [--rounds 7] [--backends onnxruntime] [--threads N] [--out out/pipeline.json]
 """
 
 from __future__ import annotations
@@ -73,9 +75,22 @@ def load(model: str):
     return pipe, guidance
 
 
+def inpainting(pipe):
+    """`pipe`'s inpainting pipeline over the same modules, and a call's picture and mask."""
+    from diffusers import AutoPipelineForInpainting
+
+    inpaint = AutoPipelineForInpainting.from_pipe(pipe)
+    inpaint.set_progress_bar_config(disable=True)
+    picture = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 32:] = 1.0
+    return inpaint, {"image": picture, "mask_image": mask}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["shapes", "tiny"], default="shapes")
+    parser.add_argument("--task", choices=["txt2img", "inpaint"], default="txt2img")
     parser.add_argument("--prompts", type=int, default=4, help="prompts per call (one image each)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--rounds", type=int, default=7, help="timed calls per configuration, taking turns")
@@ -89,16 +104,20 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe, guidance = load(args.model)
+    pictures = {}
+    if args.task == "inpaint":
+        pipe, pictures = inpainting(pipe)
     call = dict(prompt=(PROMPTS * args.prompts)[:args.prompts], num_inference_steps=args.steps, output_type="np",
-                **guidance)
+                **guidance, **pictures)
     backends = [b for b in args.backends.split(",") if b]
     seconds, speedups, differs = run(pipe, call, args.rounds, backends)
-    print(f"{args.model}, {args.prompts} prompts × {args.steps} steps, {guidance}, {args.rounds} rounds")
+    print(f"{args.model} {args.task}, {args.prompts} prompts × {args.steps} steps, {guidance}, {args.rounds} rounds")
     print("| configuration | s / call | speed-up over diffusers | max pixel difference from diffusers |")
     print("|---|---:|---:|---:|")
     for label in seconds:
         print(f"| {label} | {seconds[label]:.3f} | {speedups[label]:.2f}× | {differs[label]:.1e} |")
-    save_report(args.out, "benchmarks/pipeline.py", argv or sys.argv[1:], model=args.model, prompts=args.prompts,
+    save_report(args.out, "benchmarks/pipeline.py", argv or sys.argv[1:], model=args.model, task=args.task,
+                prompts=args.prompts,
                 steps=args.steps, guidance=guidance, seconds=seconds, speedups=speedups, max_pixel_difference=differs)
     return 0
 

@@ -579,15 +579,18 @@ def test_a_step_it_does_not_run_is_taken_first_order_and_said(kind):
     assert not [w for w in caught if "own step" in str(w.message)]
 
 
-def test_the_swap_benchmark_runs_and_fastdiff_gives_the_pipelines_images(tmp_path):
+@pytest.mark.parametrize("task", ["txt2img", "inpaint"])
+def test_the_swap_benchmark_runs_and_fastdiff_gives_the_pipelines_images(tmp_path, task):
     import json
     import subprocess
     import sys
 
     out = tmp_path / "pipeline.json"
     subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "pipeline.py"), "--model", "tiny", "--prompts", "2",
-                    "--steps", "2", "--rounds", "1", "--out", str(out)], check=True, capture_output=True, timeout=300)
+                    "--steps", "2", "--rounds", "1", "--task", task, "--out", str(out)], check=True,
+                   capture_output=True, timeout=300)
     result = json.loads(out.read_text())
+    assert result["task"] == task
     assert set(result["speedups"]) == {"diffusers", "fastdiff"}
     assert result["max_pixel_difference"]["fastdiff"] < 1e-4   # the same images as the pipeline it swaps
     assert all(s > 0 for s in result["seconds"].values()) and result["environment"]["command"].startswith("python")

@@ -95,8 +95,8 @@ def accelerate(pipe, *, cfg: str | None = None, delta: float = 1.0, solver: str 
     ``solver``: None takes the scheduler's own step (DDIM / Euler, LCM, TCD, DPM-Solver++ 2M as
     ``"dpmpp2m"``); for any other scheduler its timesteps with the DDIM / Euler step, and a warning.
     ``backend`` ("onnxruntime", "tensorrt", "aoti", "inductor" or "auto"; None: PyTorch) runs the
-    denoiser (with a ControlNet pipeline's nets) and VAE as engines, built now or loaded from the engine cache, for up to
-    ``engine_options["max_batch"]`` images per call (default 4: 8 denoiser rows with full CFG, what
+    denoiser (with a ControlNet pipeline's nets) and VAE as engines, built now or loaded from the
+    engine cache, for up to ``engine_options["max_batch"]`` images per call (default 4: 8 denoiser rows with full CFG, what
     ``fastdiff build`` builds by default) at ``engine_options["resolutions"]``
     (default the model's native size); other options as for :class:`fastdiff.Stream`.
     """

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from .denoiser import IMAGE_PROMPT, Conditioning, Denoiser, DenoiserAround, GraphSpec, ModelInput, _binder
+from .denoiser import (IMAGE_PROMPT, Conditioning, Denoiser, DenoiserAround, GraphSpec, ModelInput,
+                       call_binder)
 
 LIVE = "control_live"
 IMAGES = "control_image_"
@@ -180,14 +181,15 @@ class ControlledDenoiser(DenoiserAround):
         shapes = residual_shapes(module.config)
         names = residual_names(len(shapes))
         inputs = [ModelInput(name, ("B", width, f"H/{f}", f"W/{f}")) for name, (width, f) in zip(names, shapes)]
-        bind, first = _binder(module), spec.inputs[0].name
+        bind, first = call_binder(module), spec.inputs[0].name
 
         def feeds(args, kwargs):
             named = spec.feeds(args, kwargs)
             a = bind(args, kwargs)
             down, mid = a.get("down_block_additional_residuals"), a.get("mid_block_additional_residual")
             batch, _, height, width = named[first].shape
-            for name, (channels, f), given in zip(names, shapes, [*(down or [None] * len(names[:-1])), mid]):
+            given_all = [*(down or [None] * (len(names) - 1)), mid]
+            for name, (channels, f), given in zip(names, shapes, given_all):
                 shape = (batch, channels, -(-height // f), -(-width // f))
                 # a global-pool net's residuals are [B, C, 1, 1]: the graph takes them spread out
                 named[name] = named[first].new_zeros(shape) if given is None else given.expand(shape)
@@ -205,7 +207,7 @@ class ControlledDenoiser(DenoiserAround):
         factor = self.pipe.vae_scale_factor   # control images are in pixels, the UNet's inputs in latents
         image = ModelInput("controlnet_cond", ("B", 3, f"H*{factor}", f"W*{factor}"))
         inputs = unet_like.inputs[:3] + [image] + unet_like.inputs[3:]
-        bind, global_pool = _binder(net), bool(net.config.get("global_pool_conditions", False))
+        bind, global_pool = call_binder(net), bool(net.config.get("global_pool_conditions", False))
 
         def feeds(args, kwargs):
             return {**unet_like.feeds(args, kwargs), "controlnet_cond": bind(args, kwargs)["controlnet_cond"]}

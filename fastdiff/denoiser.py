@@ -241,7 +241,7 @@ class GraphSpec:
     returns: Callable | None = None
 
 
-def _binder(module):
+def call_binder(module):
     """(args, kwargs) of a call of `module` → {parameter name: value} (the signature is read once)."""
     signature = inspect.signature(module.forward)
     return lambda args, kwargs: signature.bind(*args, **kwargs).arguments
@@ -450,7 +450,7 @@ class UNetDenoiser(Denoiser):
         return [ModelInput(f"{IMAGE_EMBEDS}{k}", ("B", 1, width)) for k, width in enumerate(image_prompt_widths(module))]
 
     def _unet_feeds(self, module, added: tuple = (), images: int = 0):
-        bind = _binder(module)
+        bind = call_binder(module)
 
         def feeds(args, kwargs):
             a = bind(args, kwargs)
@@ -583,7 +583,7 @@ class SD3Denoiser(Denoiser):
                   ModelInput("timestep", ("B",), torch.float32),
                   ModelInput("encoder_hidden_states", ("B", text_length, config.joint_attention_dim)),
                   ModelInput("pooled_projections", ("B", config.pooled_projection_dim))]
-        bind = _binder(module)
+        bind = call_binder(module)
 
         def feeds(args, kwargs):
             a = bind(args, kwargs)

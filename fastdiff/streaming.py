@@ -9,15 +9,15 @@ import torch
 from .checks import check_choice, check_int, check_number, check_seed
 from .controlnet import ControlledDenoiser
 from .denoiser import EMBED_ARGS, Conditioning
-from .inpainting import InpaintingDenoiser
-from .text_inputs import SIZE_CONDITIONS, TEXT_OPTIONS, call_defaults, prompt_options
 from .images import FiniteWatch, check_output_type, from_model_tensor, signed, to_model_tensor
+from .inpainting import InpaintingDenoiser
 from .sampling.guiders import make_guider
 from .sampling.schedule import step_schedule
 from .stream.batch import NOISE_MODES, LatentStream
 from .stream.prepare import Prepared, UsesPrepared
 from .stream.similarity import SimilarityFilter
 from .stream.whole import WHOLE_BACKENDS, WholeStep
+from .text_inputs import SIZE_CONDITIONS, TEXT_OPTIONS, call_defaults, prompt_options
 from .tuning.adapters import HoldsAdapter
 from .tuning.routers import HoldsRouter
 

@@ -101,8 +101,8 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         self.pipe = pipe
         self.parts = Prepared(pipe, backend, engine_options)
         if isinstance(self.denoiser, InpaintingDenoiser):
-            raise ValueError(f"pipe: {type(pipe).__name__}'s UNet reads a mask and a masked picture with every row; "
-                             "a Stream does not run an inpainting UNet yet (fastdiff.accelerate does)")
+            raise ValueError(f"pipe: {type(pipe).__name__}'s denoiser reads a mask and a masked picture with every "
+                             "row; a Stream does not run an inpainting denoiser yet (fastdiff.accelerate does)")
         self.generator = torch.Generator(self.denoiser.device).manual_seed(check_seed(seed))
         self.filter = (SimilarityFilter(float(similarity_filter), max_skip_frames, seed)
                        if similarity_filter is not None else None)

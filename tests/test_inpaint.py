@@ -74,7 +74,7 @@ def test_inpainting_inputs_are_checked():
     for kwargs, named in bad:
         with pytest.raises(ValueError, match=named):
             fast(**{**base, **kwargs})
-    with pytest.raises(ValueError, match="a Stream does not run an inpainting UNet yet"):
+    with pytest.raises(ValueError, match="a Stream does not run an inpainting denoiser yet"):
         fastdiff.Stream(pipe)
 
 

@@ -43,7 +43,7 @@ def test_tokenizer_keeps_words_whole_and_fits_the_longest_caption(tokenizer):
 
 def _vae_run(workdir, steps):
     T.main(["vae", "--workdir", str(workdir), "--steps", str(steps), "--batch", "2", "--threads", "1",
-            "--minutes", "5"])
+            "--minutes", "5", "--psnr-images", "8"])
     return torch.load(os.path.join(workdir, "vae.pt"), weights_only=False)
 
 
@@ -101,7 +101,7 @@ def test_a_pretrained_text_encoder_learns_and_stays_frozen_under_the_unet(tmp_pa
 
     from fastdiff.shapes.render import batch_tensors
 
-    T.main(["vae", "--workdir", str(tmp_path), "--steps", "1", "--batch", "2", "--threads", "1"])
+    T.main(["vae", "--workdir", str(tmp_path), "--steps", "1", "--batch", "2", "--threads", "1", "--psnr-images", "8"])
     T.main(["text", "--workdir", str(tmp_path), "--steps", "1", "--batch", "16", "--threads", "1"])
     first = torch.load(tmp_path / "text.pt", weights_only=False)
     T.main(["text", "--workdir", str(tmp_path), "--steps", "40", "--batch", "16", "--threads", "1", "--lr", "2e-3"])

@@ -200,7 +200,8 @@ def train_vae(args) -> None:
         return loss + KL_WEIGHT * posterior.kl().mean()
 
     loop.run(step)
-    print(f"vae: reconstruction PSNR of the EMA weights {vae_psnr(loop.ema['vae'].eval()):.2f} dB")
+    psnr = vae_psnr(loop.ema["vae"].eval(), getattr(args, "psnr_images", 512))
+    print(f"vae: reconstruction PSNR of the EMA weights {psnr:.2f} dB")
 
 
 def _load_vae(workdir: str):
@@ -560,6 +561,8 @@ def main(argv=None) -> None:
     parser.add_argument("--bf16", type=int, default=None, help="bf16 autocast (1) or float32 (0)")
     parser.add_argument("--save-minutes", type=float, default=5.0, help="checkpoint every so often")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--psnr-images", type=int, default=512,
+                        help="vae: rendered scenes its closing reconstruction PSNR is read on")
     parser.add_argument("--weights", default=None, help="init: the pipeline folder to seed from (default: the committed one)")
     # eval
     parser.add_argument("--source", choices=["workdir", "weights"], default="workdir")
@@ -571,6 +574,8 @@ def main(argv=None) -> None:
                         help="guidance_rescale values to evaluate")
     parser.add_argument("--inference-steps", type=int, default=25)
     args = parser.parse_args(argv)
+    if args.psnr_images < 1:
+        parser.error(f"--psnr-images must be at least 1, got {args.psnr_images}")
     for key, value in DEFAULTS.get(args.stage, {}).items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -285,6 +285,7 @@ def test_build_script_builds_what_a_controlnet_pipeline_loads(tmp_path):
     built = build_engines(pipe, components=["denoiser", "controlnet/0", "controlnet/1"], backend="onnxruntime",
                           resolutions=[(64, 64)], batch=(1, 2, 4), out_dir=str(tmp_path), progress=False)
     assert [b.status for b in built] == ["built"] * 3
+    assert [b.exporter for b in built] == ["dynamo"] * 3   # the graphs' *rest inputs bound, not a fallback
     fast = fastdiff.accelerate(pipe, backend="onnxruntime", engine_options={
         "cache_dir": str(tmp_path), "threads": 1, "max_batch": 2, "components": ["denoiser"]})
     runners = [fast.denoiser.module.runner] + [r.runner for r in fast.denoiser.side_runners.values()]

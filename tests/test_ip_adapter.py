@@ -82,6 +82,7 @@ def test_image_prompt_on_onnxruntime_engines(tmp_path):
                                engine_options={"cache_dir": str(tmp_path), "threads": 1, "max_batch": 2,
                                                "components": ["denoiser"]})
     assert [i.name for i in fast.denoiser.module.component.inputs][-1] == "image_embeds_0"
+    assert fast.denoiser.module.runner.manifest["details"]["exporter"] == "dynamo"
     for scale in (1.0, 0.3):
         pipe.set_ip_adapter_scale(scale)
         expected = pipe(generator=gen(), ip_adapter_image=picture(0), **args).images

@@ -17,7 +17,7 @@ import warnings
 import torch
 
 from .components import Component
-from .onnx_export import _dims
+from .onnx_export import _dims, dynamic_shapes
 from .profiles import ShapeProfile
 
 ARTEFACT = "model.pt2"
@@ -29,10 +29,10 @@ def build_aoti(component: Component, folder: str, profile: ShapeProfile, dtype: 
     device = next(component.module.parameters()).device
     batch = profile.batch[1] if profile.static_batch else max(profile.batch[1], 2)
     sample = component.sample_inputs(batch, profile.height[1], profile.width[1], dtype=dtype, device=device)
-    dynamic, _ = _dims(component, profile)
+    dims, _ = _dims(component, profile)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.export.export(graph, sample, dynamic_shapes=dynamic, strict=False)
+        program = torch.export.export(graph, sample, dynamic_shapes=dynamic_shapes(component, dims), strict=False)
         progress and progress("export")
         torch._inductor.aoti_compile_and_package(program, package_path=os.path.join(folder, ARTEFACT))
         progress and progress("build")

@@ -8,6 +8,7 @@ protobuf limit) keep their weights in an external data file beside the graph.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import warnings
@@ -56,6 +57,25 @@ def _dims(component: Component, profile: ShapeProfile):
     return dynamo, names
 
 
+def dynamic_shapes(component: Component, dims: dict):
+    """torch.export's dynamic shapes of `component`'s graph from {input: axes}: keyed as the graph's
+    forward binds its inputs, a ``*rest`` parameter taking those beyond its named ones as a tuple
+    (the UNet's graph takes image embeddings and ControlNet residuals so); None when all are static."""
+    if not any(dims.values()):
+        return None
+    names = [spec.name for spec in component.inputs]
+    shapes, taken = {}, 0
+    for parameter in inspect.signature(component.graph.forward).parameters.values():
+        if parameter.kind == parameter.VAR_POSITIONAL:
+            if taken < len(names):   # (torch.export binds no key for an empty *rest)
+                shapes[parameter.name] = tuple(dims[name] for name in names[taken:])
+            break
+        if taken < len(names):
+            shapes[parameter.name] = dims[names[taken]]
+            taken += 1
+    return shapes
+
+
 def _weights_bytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
     """The weights' size once exported in `dtype` (floating tensors take its size, the rest theirs)."""
     size = torch.empty((), dtype=dtype).element_size()
@@ -90,11 +110,10 @@ def export_onnx(component: Component, path: str, profile: ShapeProfile, *, opset
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 if name == "dynamo":
-                    dynamic = {k: v for k, v in dynamo_dims.items() if v}
                     program = torch.onnx.export(
                         graph, sample, None, dynamo=True, opset_version=opset, input_names=names,
-                        output_names=component.outputs, dynamic_shapes=dynamic or None, optimize=True,
-                        verbose=False)
+                        output_names=component.outputs, dynamic_shapes=dynamic_shapes(component, dynamo_dims),
+                        optimize=True, verbose=False)
                     program.save(path, external_data=external)
                 else:
                     torch.onnx.export(

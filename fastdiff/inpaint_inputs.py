@@ -40,6 +40,9 @@ class MaskInputs:
         mask = torch.nn.functional.interpolate(self.mask, size=tuple(latent_shape[-2:])).to(device, dtype)
         if self.masked_are_latents:
             masked = self.masked.to(device, dtype)
+            config = codec.vae.config
+            if config.get("shift_factor") is not None:   # SD3's pipeline shifts and scales given latents too
+                masked = (masked - config.shift_factor) * config.scaling_factor
             masked = masked.repeat(batch // masked.shape[0], 1, 1, 1)
         else:
             masked = self.encode(codec, self.masked.to(device), batch, generator)

@@ -295,16 +295,18 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         if self.task == "img2img":
             if image is None:
                 raise ValueError(f"image is required by {type(self.pipe).__name__}")
+            crop = {}
             if self.inpaint:   # the model's native size unless given: the image is resized to it
                 height, width = self.parts.size(height, width)
-            pixels = preprocessed(self.pipe.image_processor, image, "image", height, width)
+                crop = self._mask_crop(options, image, height, width, output_type)
+            pixels = preprocessed(self.pipe.image_processor, image, "image", height, width, **crop)
             # latents given as the image (a base pipeline's output_type="latent"), as diffusers takes them
             given_latents = pixels.shape[1] == denoiser.in_channels and pixels.shape[1] != 3
             size = codec.scale_factor if given_latents else 1
             height, width = (int(v) * size for v in pixels.shape[-2:])
             if self.inpaint:
-                masking = self._mask_inputs(options, pixels, given_latents, height, width, strength, latents,
-                                            cutoffs)
+                masking = self._mask_inputs(options, image, pixels, given_latents, height, width, strength, latents,
+                                            cutoffs, crop)
         elif image is not None:
             raise ValueError(f"image is not an argument of the txt2img {type(self.pipe).__name__}")
         if self.control_arg:
@@ -415,7 +417,8 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
                                                 callback_on_step_end)
         else:   # as the pipeline holds them: only a trajectory stopped part-way differs
             latents = (finished if finished is not None else stream.drain()[0]).latents * float(schedule.held_scale[-1])
-        return self._output(latents, output_type, return_dict, codec)
+        overlay = masking.overlay if self.inpaint else None
+        return self._output(latents, output_type, return_dict, codec, overlay)
 
     def _family_arguments(self, extra: dict) -> tuple[dict, dict]:
         """(ControlNet arguments, other arguments) of a call's keywords beyond the common ones, where
@@ -433,8 +436,16 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
                             f"it accepts {accepted}")
         return control, {k: v for k, v in options.items() if v is not None}
 
-    def _mask_inputs(self, options: dict, pixels, given_latents: bool, height: int, width: int, strength: float,
-                     latents, cutoffs):
+    def _mask_crop(self, options: dict, image, height: int, width: int, output_type) -> dict:
+        """An inpainting call's ``padding_mask_crop`` as the image processors' crop (see
+        :func:`fastdiff.inpaint_inputs.mask_crop`); {} without one."""
+        from .inpaint_inputs import mask_crop
+
+        return mask_crop(self.pipe, options.get("padding_mask_crop"), image, options.get("mask_image"), height,
+                         width, output_type)
+
+    def _mask_inputs(self, options: dict, image, pixels, given_latents: bool, height: int, width: int,
+                     strength: float, latents, cutoffs, crop: dict):
         """An inpainting call's mask and masked picture, checked (see :mod:`fastdiff.inpaint_inputs`)."""
         from .inpaint_inputs import mask_inputs
 
@@ -446,8 +457,8 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
                              "diffusers' does); give strength=1 with them")
         if given_latents:
             raise ValueError("image: an inpainting call takes pictures, not latents")
-        return mask_inputs(self.pipe, options.get("mask_image"), options.get("masked_image_latents"),
-                           options.get("padding_mask_crop"), pixels, height, width)
+        return mask_inputs(self.pipe, options.get("mask_image"), options.get("masked_image_latents"), pixels, height,
+                           width, crop, image)
 
     def _control_inputs(self, given: dict, height, width):
         """A ControlNet pipeline call's control arguments, checked; defaults the pipeline's own."""
@@ -570,13 +581,17 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
                       "the pipeline's images, give it a DDIM, Euler, LCM, TCD or DPM-Solver++ 2M scheduler (the "
                       "last with cfg 'full' or 'none'); pass solver='ddim' to take this step knowingly.", stacklevel=3)
 
-    def _output(self, latents, output_type, return_dict, codec):
+    def _output(self, latents, output_type, return_dict, codec, overlay=None):
+        """The call's output; `overlay` (an inpainting call's with ``padding_mask_crop``) pastes the
+        pictures made into the given picture's crop, as the pipeline does."""
         if output_type == "latent":
             images = latents
         else:
             decoded = codec.decode(latents)
             self._finite.check(latents, decoded)
             images = self.pipe.image_processor.postprocess(decoded, output_type=output_type)
+            if overlay is not None:
+                images = [overlay(image) for image in images]
         fields = {"images": images}
         if "nsfw_content_detected" in self.output_class.__dataclass_fields__:
             fields["nsfw_content_detected"] = None

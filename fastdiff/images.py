@@ -43,11 +43,12 @@ def check_finite(values, name: str) -> None:
         raise ValueError(f"{name} holds NaN or infinite values")
 
 
-def preprocessed(processor, image, name: str, height=None, width=None) -> torch.Tensor:
+def preprocessed(processor, image, name: str, height=None, width=None, **crop) -> torch.Tensor:
     """`image` as a diffusers image processor makes it (PIL, arrays, tensors, or lists of them), its
-    values checked finite; what the processor can't read is a ValueError naming `name`."""
+    values checked finite; what the processor can't read is a ValueError naming `name`. `crop`: the
+    processor's ``resize_mode`` and ``crops_coords``."""
     try:
-        pixels = processor.preprocess(image, height=height, width=width)
+        pixels = processor.preprocess(image, height=height, width=width, **crop)
     except (ValueError, TypeError, IndexError, AttributeError) as error:
         raise ValueError(f"{name} must be an image (PIL, array or tensor) or a list of them: {error}") from None
     check_finite(pixels, name)

@@ -1,15 +1,18 @@
 """An inpainting call's mask and masked picture, checked and made as diffusers' inpainting pipelines
 make them: the mask binarised at the image's size and shrunk to the latents' (nearest), the masked
 picture (the image where the mask is below 0.5) encoded — or given as latents — and both repeated
-for the batch. A UNet trained for inpainting reads them with every row (:mod:`fastdiff.inpainting`);
+for the batch; with ``padding_mask_crop``, the region around the mask cut out first and the
+pictures made pasted back into the given one. A UNet trained for inpainting reads them with every row (:mod:`fastdiff.inpainting`);
 a plain UNet has the known region blended back after each step (:meth:`MaskInputs.blend_after_steps`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
+from .checks import check_int
 from .images import check_finite, preprocessed
 from .inpainting import reads_mask, with_mask
 
@@ -21,6 +24,7 @@ class MaskInputs:
     masked_are_latents: bool
     reads_mask: bool                   # the UNet reads the mask (else the known region is blended back)
     mask_rows: torch.Tensor | None = None   # the mask at the latents' size, one row per image of the call
+    overlay: Callable | None = None    # a picture made → pasted into the given one (padding_mask_crop)
 
     @staticmethod
     def encode(codec, pixels: torch.Tensor, batch: int, generator) -> torch.Tensor:
@@ -71,18 +75,40 @@ class MaskInputs:
         return blend
 
 
-def mask_inputs(pipe, mask_image, masked_image_latents, padding_mask_crop, pixels: torch.Tensor, height: int,
-                width: int) -> MaskInputs:
-    """The call's mask (required) and masked picture at `height` × `width`, checked."""
+def mask_crop(pipe, padding_mask_crop, image, mask_image, height: int, width: int, output_type) -> dict:
+    """``padding_mask_crop`` as the image processors take it: the region around the mask, widened by
+    that many pixels, cut out and resized to `height` × `width` ({} without one); the pipeline's
+    conditions (PIL pictures in, PIL pictures out) checked."""
+    if padding_mask_crop is None or mask_image is None:
+        return {}
+    from PIL import Image
+
+    check_int(padding_mask_crop, "padding_mask_crop", 0)
+    for name, value in (("image", image), ("mask_image", mask_image)):
+        if not isinstance(value, Image.Image):
+            raise ValueError(f"padding_mask_crop: {name} must be a PIL image to crop around the mask, got "
+                             f"{type(value).__name__}")
+    if output_type != "pil":
+        raise ValueError(f"padding_mask_crop: output_type must be 'pil' (the pictures are pasted into the given "
+                         f"one), got {output_type!r}")
+    return {"resize_mode": "fill",
+            "crops_coords": pipe.mask_processor.get_crop_region(mask_image, width, height, pad=padding_mask_crop)}
+
+
+def mask_inputs(pipe, mask_image, masked_image_latents, pixels: torch.Tensor, height: int, width: int,
+                crop: dict, image) -> MaskInputs:
+    """The call's mask (required) and masked picture at `height` × `width` (cut as `crop` says,
+    from :func:`mask_crop`), checked; `image` the picture the call was given."""
     name = type(pipe).__name__
     if mask_image is None:
         raise ValueError(f"mask_image is required by {name}")
-    if padding_mask_crop is not None:
-        raise ValueError("padding_mask_crop: fastdiff.accelerate inpaints the whole picture; it does not crop "
-                         "around the mask (the pipeline itself does)")
-    mask = preprocessed(pipe.mask_processor, mask_image, "mask_image", height, width)
+    mask = preprocessed(pipe.mask_processor, mask_image, "mask_image", height, width, **crop)
+    overlay = None
+    if crop:   # the pictures made go back into the given one, where its crop was cut
+        coords = crop["crops_coords"]
+        overlay = lambda made: pipe.image_processor.apply_overlay(mask_image, image, made, coords)  # noqa: E731
     if masked_image_latents is None:
-        return MaskInputs(mask, pixels * (mask < 0.5), False, reads_mask(pipe))
+        return MaskInputs(mask, pixels * (mask < 0.5), False, reads_mask(pipe), overlay=overlay)
     factor, channels = pipe.vae_scale_factor, pipe.vae.config.latent_channels
     want = (channels, height // factor, width // factor)
     if not isinstance(masked_image_latents, torch.Tensor) or masked_image_latents.dim() != 4 \
@@ -90,4 +116,4 @@ def mask_inputs(pipe, mask_image, masked_image_latents, padding_mask_crop, pixel
         raise ValueError(f"masked_image_latents must be a tensor of shape [n, {want[0]}, {want[1]}, {want[2]}], got "
                          f"{tuple(getattr(masked_image_latents, 'shape', ())) or type(masked_image_latents).__name__}")
     check_finite(masked_image_latents, "masked_image_latents")
-    return MaskInputs(mask, masked_image_latents, True, reads_mask(pipe))
+    return MaskInputs(mask, masked_image_latents, True, reads_mask(pipe), overlay=overlay)

@@ -66,7 +66,7 @@ def test_inpainting_inputs_are_checked():
     base = dict(prompt="a red circle", image=IMAGE, mask_image=box(0, 0), num_inference_steps=2)
     bad = [(dict(mask_image=None), "mask_image is required by StableDiffusionInpaintPipeline"),
            (dict(mask_image="mask.png"), "mask_image must be an image"),
-           (dict(padding_mask_crop=8), "padding_mask_crop: fastdiff.accelerate inpaints the whole picture"),
+           (dict(padding_mask_crop=8), "padding_mask_crop: image must be a PIL image"),
            (dict(masked_image_latents=torch.zeros(1, 4, 4, 4)), r"masked_image_latents must be a tensor of shape \[n, 4, 8, 8\]"),
            (dict(mask_image=torch.zeros(3, 1, 64, 64), prompt=["a", "b"]), "mask_image has 3 masks for a batch of 2"),
            (dict(latents=torch.zeros(1, 4, 8, 8), strength=0.5), "latents: an inpainting call given its latents"),
@@ -111,3 +111,29 @@ def test_sd3_inpainting_matches_diffusers_latents(reads_mask, strength):
         decoded = pipe.vae.decode(expected / config.scaling_factor + config.shift_factor, return_dict=False)[0]
     pictures = pipe.image_processor.postprocess(decoded, output_type="np")
     np.testing.assert_allclose(fast(generator=gen(), **dict(args, output_type="np")).images, pictures, atol=2e-5)
+
+
+def test_inpainting_crops_around_the_mask_and_pastes_back():
+    """``padding_mask_crop``: the region around the mask (widened by the padding) is cut out, drawn at
+    the model's size and pasted back into the picture given: diffusers' pictures, pixel for pixel."""
+    from PIL import Image
+
+    picture = Image.fromarray((np.random.RandomState(3).rand(96, 80, 3) * 255).astype("uint8"))
+    cover = np.zeros((96, 80), dtype=np.uint8)
+    cover[30:60, 20:44] = 255
+    mask = Image.fromarray(cover)
+    pipe = tiny_inpaint_pipeline("sd", reads_mask=False)
+    args = dict(prompt=["a red circle", "a blue fox"], image=picture, mask_image=mask, num_inference_steps=3,
+                guidance_scale=4.0, padding_mask_crop=4)
+    expected = pipe(generator=gen(), **args).images
+    got = fastdiff.accelerate(pipe)(generator=gen(), **args).images
+    assert [g.size for g in got] == [(80, 96)] * 2
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(got[0])[:20], np.asarray(picture)[:20])   # far from the mask: kept
+    fast = fastdiff.accelerate(pipe)
+    for kwargs, named in ((dict(output_type="np"), "padding_mask_crop: output_type must be 'pil'"),
+                          (dict(padding_mask_crop=-1), "padding_mask_crop"),
+                          (dict(mask_image=torch.zeros(1, 1, 96, 80)), "padding_mask_crop: mask_image must be a PIL")):
+        with pytest.raises(ValueError, match=named):
+            fast(**{**args, **kwargs})

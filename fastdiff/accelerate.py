@@ -291,7 +291,7 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
             raise ValueError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
         scheduler = self.scheduler
 
-        pixels = None
+        pixels = masking = None
         if self.task == "img2img":
             if image is None:
                 raise ValueError(f"image is required by {type(self.pipe).__name__}")
@@ -318,6 +318,7 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         cond, uncond = self.parts.encode(prompt, negative_prompt, height, width, per_prompt=num_images_per_prompt,
                                          route=self._route(), embeds=embeds, options=texts)
         batch = len(cond)
+        self.parts.follow_engine_state()   # engines hold an IP-Adapter's scales: they follow them here
         cond, uncond = self.parts.image_prompt(cond, uncond, options.get("ip_adapter_image"),
                                                options.get("ip_adapter_image_embeds"), guidance_scale > 1)
         if self.control_arg:
@@ -417,8 +418,7 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
                                                 callback_on_step_end)
         else:   # as the pipeline holds them: only a trajectory stopped part-way differs
             latents = (finished if finished is not None else stream.drain()[0]).latents * float(schedule.held_scale[-1])
-        overlay = masking.overlay if self.inpaint else None
-        return self._output(latents, output_type, return_dict, codec, overlay)
+        return self._output(latents, output_type, return_dict, codec, masking and masking.overlay)
 
     def _family_arguments(self, extra: dict) -> tuple[dict, dict]:
         """(ControlNet arguments, other arguments) of a call's keywords beyond the common ones, where

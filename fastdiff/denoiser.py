@@ -139,10 +139,15 @@ IMAGE_EMBEDS = "image_embeds_"   # an engine's inputs of the IP-Adapters' image 
 ONE_EMBEDDING = ("ImageProjection", "IPAdapterFullImageProjection")   # projections reading [B, images, D]
 
 
+def has_image_prompt(module) -> bool:
+    """Whether an IP-Adapter is loaded into `module` (diffusers sets it as the config's attribute)."""
+    return getattr(module.config, "encoder_hid_dim_type", None) == "ip_image_proj"
+
+
 def image_prompt_widths(module) -> list[int]:
     """The image-embedding width of each IP-Adapter loaded into a UNet `module` ([] without one),
     for an engine's inputs: adapters whose projection reads one embedding per image."""
-    if getattr(module.config, "encoder_hid_dim_type", None) != "ip_image_proj":
+    if not has_image_prompt(module):
         return []
     widths = []
     for layer in module.encoder_hid_proj.image_projection_layers:

@@ -215,16 +215,16 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         """The image prompt after a change: the one given (image or embeddings), else the stream's."""
         return (image, embeds) if image is not None or embeds is not None else self._image_prompt
 
-    def _encoded(self, state: tuple, size, image_prompt=None, text: dict | None = None):
+    def _encoded(self, state: tuple, size, image_prompt: tuple, text: dict):
         """(cond, uncond) of a prompt state at `size` (SDXL's conditioning holds the image size), routed,
-        with the image prompt and other prompts (default the stream's)."""
+        with the image prompt and other prompts."""
         prompt, negative_prompt, embeds = state
-        options = prompt_options(self.pipe, self.denoiser.family, self._defaults,
-                                 self._text if text is None else text, *size, self.backend)
+        self.parts.follow_engine_state()   # engines hold an IP-Adapter's scales: they follow them here
+        options = prompt_options(self.pipe, self.denoiser.family, self._defaults, text, *size, self.backend)
         cond, uncond = self.parts.encode(prompt, negative_prompt, *size, frames=self.frame_buffer, route=self._route(),
                                          embeds=embeds, options=options)
         guided = self.guider.mode in ("full", "initialize")   # the modes with unconditional rows
-        cond, uncond = self.parts.image_prompt(cond, uncond, *(image_prompt or self._image_prompt), guided)
+        cond, uncond = self.parts.image_prompt(cond, uncond, *image_prompt, guided)
         if self._controlled:   # the rows' control images travel with their frames; guess mode's uncond rows go without
             d = self.denoiser
             cond, uncond = d.with_images(cond, None, True), d.with_images(uncond, None, not self._guess_mode)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 
 from ..controlnet import with_controlnet
-from ..inpainting import with_inpainting
-from ..denoiser import Conditioning, check_embeds, check_prompts, check_size, denoiser_for, with_image_prompt
+from ..denoiser import (Conditioning, check_embeds, check_prompts, check_size, denoiser_for, has_image_prompt,
+                        with_image_prompt)
 from ..images import check_finite
+from ..inpainting import with_inpainting
 from ..vae import LatentCodec
 
 __all__ = ["Prepared", "UsesPrepared"]
@@ -132,25 +133,19 @@ class Prepared:
                 cond, uncond = cond.with_route(routes), uncond.with_route(routes)
         return cond, uncond
 
-    @property
-    def needs_image_prompt(self) -> bool:
-        """Whether the denoiser has an IP-Adapter loaded: its every call then needs an image prompt."""
-        # diffusers sets it as the config's attribute, not its entry
-        return getattr(self.denoiser.original.config, "encoder_hid_dim_type", None) == "ip_image_proj"
-
     def image_prompt(self, cond: Conditioning, uncond: Conditioning, image, embeds, guided: bool):
         """(cond, uncond) carrying an IP-Adapter's image prompt — `image`, or its `embeds` as diffusers
         takes them (the negative ones first when `guided`) — made by the pipeline's own
         ``prepare_ip_adapter_image_embeds``: the image's embeddings on the conditional rows, the
         negative ones (zeros, or a blank image's) on the unconditional rows."""
         name = "ip_adapter_image" if embeds is None else "ip_adapter_image_embeds"
-        self.follow_engine_state()
+        loaded = has_image_prompt(self.denoiser.original)   # its every call then needs an image prompt
         if image is None and embeds is None:
-            if self.needs_image_prompt:
+            if loaded:
                 raise ValueError("ip_adapter_image is required: the pipeline has an IP-Adapter loaded "
                                  "(pipe.unload_ip_adapter() runs it without)")
             return cond, uncond
-        if not self.needs_image_prompt:
+        if not loaded:
             raise ValueError(f"{name}: the pipeline has no IP-Adapter loaded (pipe.load_ip_adapter(...))")
         if cond.route is not None:
             raise ValueError(f"{name}: a router's pruned sub-networks have no IP-Adapter")

@@ -19,7 +19,8 @@ from .denoiser import EMBED_ARGS
 from .images import FiniteWatch, check_finite, check_output_type, preprocessed
 from .sampling.guidance import check_mode
 from .sampling.guiders import make_guider
-from .sampling.schedule import own_solver, set_schedule, step_schedule, validate_steps, validate_timesteps
+from .sampling.schedule import (is_flow_scheduler, own_solver, set_schedule, step_schedule, validate_steps,
+                                validate_timesteps)
 from .stream.batch import LatentStream
 from .stream.prepare import Prepared, UsesPrepared
 from .text_inputs import SIZE_CONDITIONS, TEXT_OPTIONS, call_defaults, prompt_options
@@ -42,6 +43,8 @@ SUPPORTED = {
     "StableDiffusionInpaintPipeline": ("img2img", "diffusers.pipelines.stable_diffusion", "StableDiffusionPipelineOutput"),
     "StableDiffusionXLInpaintPipeline": ("img2img", "diffusers.pipelines.stable_diffusion_xl", "StableDiffusionXLPipelineOutput"),
     "StableDiffusion3InpaintPipeline": ("img2img", "diffusers.pipelines.stable_diffusion_3", "StableDiffusion3PipelineOutput"),
+    "FluxPipeline": ("txt2img", "diffusers.pipelines.flux", "FluxPipelineOutput"),
+    "FluxImg2ImgPipeline": ("img2img", "diffusers.pipelines.flux", "FluxPipelineOutput"),
 }
 # inpainting pipelines: img2img with a mask (and, for their own denoisers, the masked picture's latents)
 INPAINT = ("StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline", "StableDiffusion3InpaintPipeline")
@@ -51,12 +54,16 @@ CONTROL_ARG = {"StableDiffusionControlNetPipeline": "image", "StableDiffusionXLC
                "StableDiffusionControlNetImg2ImgPipeline": "control_image",
                "StableDiffusionXLControlNetImg2ImgPipeline": "control_image"}
 IMAGE_PROMPT_ARGS = ("ip_adapter_image", "ip_adapter_image_embeds")   # an IP-Adapter's image prompt
+# Flux's classifier-free guidance over a negative prompt (its guidance_scale is the model's input)
+TRUE_CFG_ARG = "true_cfg_scale"
 CONTROL_ARGS = ("control_image", "controlnet_conditioning_scale", "guess_mode", "control_guidance_start",
                 "control_guidance_end")
 ACCEPTED_ARGS = ("prompt", "image", "negative_prompt", "height", "width", "num_inference_steps", "timesteps",
                  "sigmas", "strength", "guidance_scale", "guidance_rescale", "eta", "num_images_per_prompt", "generator",
                  "latents", "output_type", "return_dict", "callback_on_step_end",
-                 "callback_on_step_end_tensor_inputs", "cross_attention_kwargs", *EMBED_ARGS)
+                 "callback_on_step_end_tensor_inputs", *EMBED_ARGS)
+# the LoRA scale's argument: {"scale": s}, as the pipeline class names it (UNet pipelines, then DiT ones)
+LORA_SCALE_ARGS = ("cross_attention_kwargs", "joint_attention_kwargs")
 
 
 def accelerate(pipe, *, cfg: str | None = None, delta: float = 1.0, solver: str | None = None,
@@ -209,10 +216,12 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
                     "eta": sampling.eta}[name]
         return self.defaults.get(name)
 
-    def __call__(self, *args, cross_attention_kwargs=None, **kwargs):
-        """The pipeline's call. ``cross_attention_kwargs={"scale": s}`` scales the LoRA layers of the
-        denoiser and text encoders for this call, as diffusers does (PyTorch modules only)."""
-        scale = self._lora_scale(cross_attention_kwargs)
+    def __call__(self, *args, **kwargs):
+        """The pipeline's call. ``cross_attention_kwargs={"scale": s}`` (SD, SDXL; SD3's and Flux's
+        ``joint_attention_kwargs``) scales the LoRA layers of the denoiser and text encoders for this
+        call, as diffusers does (PyTorch modules only)."""
+        name = self._lora_scale_arg
+        scale = self._lora_scale(kwargs.pop(name, None), name)
         if scale is None:
             return self._generate(*args, **kwargs)
         from diffusers.utils import scale_lora_layers, unscale_lora_layers
@@ -227,17 +236,21 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
             for module in modules:
                 unscale_lora_layers(module, scale)
 
-    def _lora_scale(self, cross_attention_kwargs) -> float | None:
-        """The call's LoRA scale (None: none asked); what else the dict holds, the attention
-        processors would take, and fastdiff's calls don't pass on."""
-        if cross_attention_kwargs is None:
+    @property
+    def _lora_scale_arg(self) -> str:
+        """The wrapped pipeline class's name for its LoRA scale's argument."""
+        return next((k for k in LORA_SCALE_ARGS if k in self.defaults), LORA_SCALE_ARGS[0])
+
+    def _lora_scale(self, given, name: str) -> float | None:
+        """The call's LoRA scale (None: none asked) from its ``name`` argument; what else the dict
+        holds, the attention processors would take, and fastdiff's calls don't pass on."""
+        if given is None:
             return None
-        if not isinstance(cross_attention_kwargs, dict) or set(cross_attention_kwargs) - {"scale"}:
-            raise ValueError(f"cross_attention_kwargs: fastdiff.accelerate takes {{'scale': s}} (the LoRA scale) "
-                             f"only, got {cross_attention_kwargs!r}")
-        scale = check_number(cross_attention_kwargs.get("scale", 1.0), "cross_attention_kwargs['scale']")
+        if not isinstance(given, dict) or set(given) - {"scale"}:
+            raise ValueError(f"{name}: fastdiff.accelerate takes {{'scale': s}} (the LoRA scale) only, got {given!r}")
+        scale = check_number(given.get("scale", 1.0), f"{name}['scale']")
         if scale != 1.0 and (self.parts.backend is not None or self.router is not None):
-            raise ValueError("cross_attention_kwargs: the LoRA scale of a call needs the PyTorch modules; engines "
+            raise ValueError(f"{name}: the LoRA scale of a call needs the PyTorch modules; engines "
                              "and a router's sub-networks hold their weights fixed (set_adapter(scale=...) rebuilds "
                              "the engines)")
         return scale
@@ -266,6 +279,12 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         denoiser, codec = self.denoiser, self.parts.current_codec()
 
         guidance_scale = check_number(self._default("guidance_scale", guidance_scale), "guidance_scale")
+        embedded = None
+        if TRUE_CFG_ARG in self.defaults:   # Flux: guidance_scale is the model's input, true_cfg_scale guides
+            embedded = guidance_scale
+            true_cfg = check_number(options.get(TRUE_CFG_ARG, self.defaults[TRUE_CFG_ARG]), TRUE_CFG_ARG)
+            negative = negative_prompt is not None or negative_prompt_embeds is not None
+            guidance_scale = true_cfg if negative else 1.0   # as the pipeline: no negative prompt, no guidance
         guidance_rescale = check_number(self._default("guidance_rescale", guidance_rescale) or 0.0, "guidance_rescale")
         cfg = self.cfg or ("full" if guidance_scale > 1 else "none")
         guider = make_guider(cfg, guidance_scale, self.delta, guidance_rescale if cfg == "full" else 0.0)
@@ -315,6 +334,8 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         height, width = self.parts.size(height, width)
         texts = prompt_options(self.pipe, denoiser.family, self.defaults, options, height, width, self.parts.backend,
                                self.task)
+        if denoiser.embeds_guidance:
+            texts["guidance"] = embedded
         cond, uncond = self.parts.encode(prompt, negative_prompt, height, width, per_prompt=num_images_per_prompt,
                                          route=self._route(), embeds=embeds, options=texts)
         batch = len(cond)
@@ -341,17 +362,21 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         if timesteps is None and whole and sampling is not None and sampling.timesteps \
                 and num_inference_steps == sampling.steps:
             timesteps = list(sampling.timesteps)
+        latent_shape = self.parts.latent_shape(height, width)
+        # the family's own sigmas and shift by the image's size (Flux's), where the call leaves them open
+        own_sigmas, mu = denoiser.schedule_arguments(scheduler, num_inference_steps, sigmas, latent_shape)
+        sigmas = own_sigmas if timesteps is None else sigmas
         if self.steps is not None:
             steps = self.steps
         elif timesteps is not None:
             # img2img runs the last of them that its strength (or denoising_start) leaves, as diffusers' pipelines do
-            timesteps = validate_timesteps(timesteps, scheduler.config.num_train_timesteps)
-            timesteps = timesteps[self._first_step(timesteps, strength, cutoffs[0]):]
+            timesteps = validate_timesteps(timesteps, scheduler.config.num_train_timesteps, is_flow_scheduler(scheduler))
+            timesteps = timesteps[self._first_step(timesteps, strength, cutoffs[0], mu):]
             steps = None
         else:
-            values = self._timesteps_of(num_inference_steps, sigmas)
+            values = self._timesteps_of(num_inference_steps, sigmas, mu)
             num_inference_steps = len(values)   # sigmas make as many steps as the scheduler's rule says
-            steps = list(range(self._first_step(values, strength, cutoffs[0]), num_inference_steps))
+            steps = list(range(self._first_step(values, strength, cutoffs[0], mu), num_inference_steps))
         stop = None
         if cutoffs[1] is not None:   # denoising_end: the steps down to it, the last going to the next timestep
             run = timesteps if steps is None else [values[i] for i in steps]
@@ -368,7 +393,7 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         # eta reaches the schedulers whose step takes it (DDIM, TCD), as in the pipeline; others ignore it
         eta = check_number(self._default("eta", eta) or 0.0, "eta", 0.0)
         eta = eta if "eta" in inspect.signature(scheduler.step).parameters else 0.0
-        schedule = step_schedule(scheduler, steps, timesteps, num_inference_steps, solver, eta, sigmas=sigmas)
+        schedule = step_schedule(scheduler, steps, timesteps, num_inference_steps, solver, eta, sigmas=sigmas, mu=mu)
         if stop is not None and stop < len(schedule):
             schedule = schedule.first(stop)
         if self.control_arg:
@@ -377,21 +402,29 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
 
         from diffusers.utils.torch_utils import randn_tensor
 
-        latent_shape = self.parts.latent_shape(height, width)
+        if latents is not None:
+            if "latents" not in self.defaults:
+                raise ValueError(f"latents: {type(self.pipe).__name__} takes no latents")
+            latents = denoiser.unpack(latents, latent_shape)   # as the pipeline shows them (Flux's packed)
+            if tuple(latents.shape) != (batch,) + latent_shape:
+                raise ValueError(f"latents must have shape {(batch,) + latent_shape}, got {tuple(latents.shape)}")
+            check_finite(latents, "latents")
+            latents = latents.to(denoiser.device, denoiser.dtype)
+        # img2img given latents starts from them, noised already, as the pipelines do (the image unread)
+        noised = latents if latents is not None and self.task == "img2img" and not self.inpaint else None
         clean = None
         if self.inpaint:   # as diffusers' inpainting pipelines: the image only where it is needed
             if not masking.reads_mask or strength < 1.0:
                 clean = masking.encode(codec, pixels.to(denoiser.device), batch, generator)
-        elif pixels is not None:
+        elif pixels is not None and noised is None:
             clean = self._encode_images(codec if not given_latents else None, pixels.to(denoiser.device), batch,
                                         generator)
-        if cutoffs[0] is not None:   # denoising_start: the image's latents are a trajectory's, noised already
+        if cutoffs[0] is not None and noised is None:   # denoising_start: the image's latents, noised already
+            noised = clean
+        if noised is not None:
             noise = None
         elif latents is not None:
-            if tuple(latents.shape) != (batch,) + latent_shape:
-                raise ValueError(f"latents must have shape {(batch,) + latent_shape}, got {tuple(latents.shape)}")
-            check_finite(latents, "latents")
-            noise = latents.to(denoiser.device, denoiser.dtype)
+            noise = latents
         else:
             noise = randn_tensor((batch,) + latent_shape, generator=generator, device=denoiser.device,
                                  dtype=denoiser.dtype)
@@ -409,8 +442,8 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         t_rows = torch.zeros(len(cond), device=denoiser.device)
         self._last_rows = (guider.model_conditioning(t_rows, cond, uncond, len(cond))[1], latent_shape)
         self._num_timesteps, self._interrupt = len(schedule), False
-        if cutoffs[0] is not None:   # held as the pipeline holds them (Euler: x0 + σ·ε)
-            finished = stream.push(None, start=clean / schedule.held_scale_in)
+        if noised is not None:   # held as the pipeline holds them (Euler: x0 + σ·ε)
+            finished = stream.push(None, start=noised / schedule.held_scale_in)
         else:
             finished = stream.push(start, noise=noise)
         if callback_on_step_end is not None:
@@ -427,11 +460,11 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         Any other keyword is a TypeError listing what the call takes."""
         extra = dict(extra)
         control = {k: extra.pop(k) for k in CONTROL_ARGS if k in extra} if self.control_arg else {}
-        family = tuple(k for k in (*TEXT_OPTIONS, *SIZE_CONDITIONS, *IMAGE_PROMPT_ARGS, *INPAINT_ARGS)
+        family = tuple(k for k in (*TEXT_OPTIONS, *SIZE_CONDITIONS, *IMAGE_PROMPT_ARGS, *INPAINT_ARGS, TRUE_CFG_ARG)
                        if k in self.defaults)
         options = {k: extra.pop(k) for k in family if k in extra}
         if extra:
-            accepted = ACCEPTED_ARGS + family + (CONTROL_ARGS if self.control_arg else ())
+            accepted = ACCEPTED_ARGS + (self._lora_scale_arg,) + family + (CONTROL_ARGS if self.control_arg else ())
             raise TypeError(f"fastdiff.accelerate does not take {sorted(extra)} for {type(self.pipe).__name__}; "
                             f"it accepts {accepted}")
         return control, {k: v for k, v in options.items() if v is not None}
@@ -502,30 +535,30 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
             raise ValueError(f"denoising_start ({denoising_start}) must be below denoising_end ({denoising_end})")
         return start, end
 
-    def _timesteps_of(self, num_inference_steps: int, sigmas) -> list[float]:
-        """The timestep of each step of the scheduler's schedule (of `sigmas` when given)."""
+    def _timesteps_of(self, num_inference_steps: int, sigmas, mu) -> list[float]:
+        """The timestep of each step of the scheduler's schedule (of `sigmas` when given, shifted by `mu`)."""
         from .sampling.schedule import distinct_steps
 
-        steps = set_schedule(self.scheduler, num_inference_steps, sigmas)
+        steps = set_schedule(self.scheduler, num_inference_steps, sigmas, mu)
         return self.scheduler.timesteps[distinct_steps(self.scheduler, steps)].tolist()
 
-    def _first_step(self, values: list, strength: float, start_cutoff) -> int:
+    def _first_step(self, values: list, strength: float, start_cutoff, mu=None) -> int:
         """Where a call's run starts in a schedule of timesteps `values`: the first below the
         hand-over's cut-off, else where img2img's strength leaves (0 for txt2img)."""
         if start_cutoff is None:
-            return len(values) - self._steps_left(len(values), strength)
+            return len(values) - self._steps_left(len(values), strength, mu)
         first = next((i for i, t in enumerate(values) if t < start_cutoff), len(values))
         if first == len(values):
             raise ValueError("denoising_start leaves no step to run")
         return first
 
-    def _steps_left(self, num_inference_steps: int, strength: float) -> int:
+    def _steps_left(self, num_inference_steps: int, strength: float, mu=None) -> int:
         """How many of `num_inference_steps` steps a call at `strength` runs: all for txt2img, for
         img2img the pipeline's own rounding of strength to a first step (SD and SD3 round differently)."""
         if self.task != "img2img":
             return num_inference_steps
         scheduler = self.scheduler
-        scheduler.set_timesteps(num_inference_steps)
+        set_schedule(scheduler, num_inference_steps, mu=mu)
         if scheduler is self.pipe.scheduler:
             left = len(self.pipe.get_timesteps(num_inference_steps, strength, self.denoiser.device)[0])
         else:   # an adapter's own scheduler: SD's rounding
@@ -552,7 +585,8 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
             if i:
                 finished = stream.advance()
             group = finished if finished is not None else next(slot for slot in stream.slots if slot is not None)
-            latents = group.latents * scales[i] if scales[i] != 1 else group.latents
+            held = group.latents * scales[i] if scales[i] != 1 else group.latents
+            latents = self.denoiser.pack(held)   # as the pipeline shows them (Flux's packed)
             out = callback(self, i, t, {"latents": latents})
             if not isinstance(out, dict):
                 raise ValueError(f"callback_on_step_end must return a dict (of the tensors it changes), "
@@ -564,10 +598,11 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
                                      f"{tuple(getattr(changed, 'shape', ()))}; the step's are {tuple(latents.shape)}")
                 check_finite(changed, "the latents callback_on_step_end returned")
                 latents = changed.to(latents.device, latents.dtype)
-                group.latents = latents / scales[i] if scales[i] != 1 else latents
+                held = self.denoiser.unpack(latents, tuple(held.shape[1:]))
+                group.latents = held / scales[i] if scales[i] != 1 else held
             if self._interrupt:
                 break
-        return latents
+        return held
 
     def _warn_step(self, scheduler) -> None:
         """Once per scheduler class: fastdiff does not run its own step here, so the images are not
@@ -585,7 +620,7 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         """The call's output; `overlay` (an inpainting call's with ``padding_mask_crop``) pastes the
         pictures made into the given picture's crop, as the pipeline does."""
         if output_type == "latent":
-            images = latents
+            images = self.denoiser.pack(latents)
         else:
             decoded = codec.decode(latents)
             self._finite.check(latents, decoded)

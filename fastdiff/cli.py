@@ -82,7 +82,7 @@ def load_pipeline(model: str, device: torch.device):
 
     with usage_errors():
         pipe = load_model(model, device=device)
-    if model in ("tiny", "tiny-sdxl", "tiny-sd3") or model in ("sd15", "sd-turbo", "sdxl", "sd3"):
+    if model in ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux") or model in ("sd15", "sd-turbo", "sdxl", "sd3"):
         click.echo(f"note: --model {model} has random weights, so its images are noise; pass a pipeline "
                    "folder or a hub id for real ones", err=True)
     return pipe
@@ -177,9 +177,9 @@ def slug(text: str, length: int = 40) -> str:
 
 
 model_option = click.option("--model", default="shapes", show_default=True,
-                            help="'shapes' (the embedded model, offline), 'tiny', 'tiny-sdxl', 'tiny-sd3' (random "
-                                 "weights), an architecture with random weights ('sd15', 'sd-turbo', 'sdxl', 'sd3'), "
-                                 "a local pipeline folder or a hub id.")
+                            help="'shapes' (the embedded model, offline), 'tiny', 'tiny-sdxl', 'tiny-sd3', "
+                                 "'tiny-flux' (random weights), an architecture with random weights ('sd15', "
+                                 "'sd-turbo', 'sdxl', 'sd3'), a local pipeline folder or a hub id.")
 attention_option = click.option("--attention", default="sdpa", show_default=True, metavar="NAME",
                                 help="Attention kernel: sdpa, sdpa-flash, sdpa-efficient, sdpa-math, sdpa-cudnn, "
                                      "xformers, or a diffusers attention backend (flash, flex, sage, ...).")
@@ -491,8 +491,8 @@ def parse_resolutions(ctx, param, values):
 
 @main.command(short_help="Build engines (ONNX Runtime, TensorRT, AOTInductor) for a pipeline.")
 @click.option("--model", default="shapes", show_default=True,
-              help="'shapes' (the embedded model), 'tiny', 'tiny-sdxl', 'tiny-sd3', an architecture with random "
-                   "weights ('sd15', 'sd-turbo', 'sdxl', 'sd3'), a local pipeline folder or a hub id.")
+              help="'shapes' (the embedded model), 'tiny', 'tiny-sdxl', 'tiny-sd3', 'tiny-flux', an architecture "
+                   "with random weights ('sd15', 'sd-turbo', 'sdxl', 'sd3'), a local pipeline folder or a hub id.")
 @click.option("--components", default=None, metavar="NAME,...",
               help="Of denoiser, vae_encoder, vae_decoder, text_encoder, text_encoder_2 (default: the profile's).")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "aoti"]), default="auto",

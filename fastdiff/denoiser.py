@@ -3,8 +3,8 @@
     output = denoiser(latents[B], t[B], cond[B])
 
 `cond` is a :class:`Conditioning`: the text embeddings plus whatever extra per-row inputs the
-family needs (SDXL's pooled text embeddings and size/crop time ids, SD3's pooled projections, an
-IP-Adapter's image embeddings). Each family adapter also knows how to encode prompts with its
+family needs (SDXL's pooled text embeddings and size/crop time ids, SD3's and Flux's pooled
+projections, a guidance-distilled Flux's guidance scale, an IP-Adapter's image embeddings). Each family adapter also knows how to encode prompts with its
 pipeline's text encoders. Everything above this module (sampling, stream, engines) talks to
 :class:`Denoiser`, never to a model class; :func:`denoiser_for` is the one place that looks at
 what a pipeline's denoiser is (:mod:`fastdiff.controlnet` adds its ControlNets).
@@ -26,9 +26,11 @@ from typing import Callable
 
 import torch
 
+from . import flux
 from .attention import attention_context
 from .images import check_finite
 from .parameters import FirstParameter
+from .text_inputs import call_defaults
 
 
 @dataclass
@@ -209,9 +211,8 @@ def check_embeds(denoiser: "Denoiser", embeds: dict, prompt, negative_prompt) ->
 def check_size(denoiser: "Denoiser", codec, height, width) -> tuple[int, int]:
     """Image size in pixels: the model's native size by default, else a multiple of what it can take
     (the VAE's factor, times the transformer's patch size)."""
-    config = denoiser.original.config
-    multiple = codec.scale_factor * (config.get("patch_size", 1) or 1)
-    default = config.sample_size * codec.scale_factor
+    multiple = codec.scale_factor * denoiser.size_multiple
+    default = denoiser.native_latent_size * codec.scale_factor
     height, width = default if height is None else height, default if width is None else width
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
@@ -331,6 +332,35 @@ class Denoiser(abc.ABC):
         return self.original.config.in_channels
 
     @property
+    def size_multiple(self) -> int:
+        """What the latents' height and width must be a multiple of (a transformer's patch size)."""
+        return self.original.config.get("patch_size", 1) or 1
+
+    @property
+    def native_latent_size(self) -> int:
+        """The latents' side at the model's native image size."""
+        return self.original.config.sample_size
+
+    @property
+    def embeds_guidance(self) -> bool:
+        """Whether the model takes the guidance scale as an input (a guidance-distilled model's
+        ``guidance`` encoding option, see :meth:`encode_prompt`)."""
+        return False
+
+    def schedule_arguments(self, scheduler, num_inference_steps: int, sigmas, latent_shape: tuple) -> tuple:
+        """(sigmas, mu): what the family's pipelines set their scheduler's schedule with besides the step
+        count — the sigmas a call gives (None: the scheduler's own), no shift by the image's size."""
+        return sigmas, None
+
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [B, C, H, W] as the family's pipelines show them to a user (the same here)."""
+        return latents
+
+    def unpack(self, latents: torch.Tensor, latent_shape: tuple) -> torch.Tensor:
+        """:meth:`pack`'s inverse for latents of `latent_shape` (C, H, W)."""
+        return latents
+
+    @property
     def tokenizers(self):
         return [getattr(self.pipe, name, None) for name in ("tokenizer", "tokenizer_2", "tokenizer_3")]
 
@@ -341,6 +371,7 @@ class Denoiser(abc.ABC):
         return {"prompt_embeds": width, "negative_prompt_embeds": width}
 
     text_options: tuple = ()   # the family's prompts for its other text encoders (diffusers' names)
+    stream_cfg = "self"        # a stream's guidance when none is asked: StreamDiffusion's residual one
 
     @abc.abstractmethod
     def encode_prompt(self, prompts: list[str] | None, negative_prompts: list[str] | None,
@@ -348,8 +379,9 @@ class Denoiser(abc.ABC):
                       options: dict | None = None) -> tuple[Conditioning, Conditioning]:
         """(conditional, unconditional) conditioning, one row per prompt; `embeds` (checked by
         :func:`check_embeds`) stand in for the prompts' or the negative prompts' encoding;
-        `options` hold the family's :attr:`text_options` (one per prompt) and, for SDXL, the
-        ``time_ids`` / ``negative_time_ids`` of its size conditioning."""
+        `options` hold the family's :attr:`text_options` (one per prompt), for SDXL the
+        ``time_ids`` / ``negative_time_ids`` of its size conditioning, and for a model that
+        :attr:`embeds_guidance` the ``guidance`` scale its rows carry."""
 
     def __call__(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The model's raw output for each row (ε, v or flow velocity, as its scheduler says)."""
@@ -599,6 +631,128 @@ class SD3Denoiser(Denoiser):
         return GraphSpec("sd3", _SD3Graph(module), inputs, feeds)
 
 
+class FluxDenoiser(Denoiser):
+    """FluxTransformer2DModel of FLUX.1 pipelines (dev, schnell), a flow-matching model."""
+
+    family = "flux"
+    text_options = ("prompt_2", "negative_prompt_2")
+    stream_cfg = "none"   # FLUX.1 draws without guidance rows (dev takes the scale as an input instead)
+
+    def __init__(self, pipe, module):
+        super().__init__(pipe, module)
+        self._ids = {}   # (height, width, device, dtype) → image ids
+
+    @property
+    def in_channels(self) -> int:
+        """The latents' channels (the transformer's input is four of them per token)."""
+        return self.original.config.in_channels // 4
+
+    @property
+    def size_multiple(self) -> int:
+        return 2   # a token is a 2×2 patch of latents
+
+    @property
+    def native_latent_size(self) -> int:
+        return self.pipe.default_sample_size
+
+    @property
+    def embeds_guidance(self) -> bool:
+        return bool(self.original.config.guidance_embeds)
+
+    @property
+    def embed_sizes(self):
+        config = self.original.config
+        width, pooled = config.joint_attention_dim, config.pooled_projection_dim
+        return {"prompt_embeds": width, "negative_prompt_embeds": width,
+                "pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": pooled}
+
+    def schedule_arguments(self, scheduler, num_inference_steps, sigmas, latent_shape):
+        return flux.schedule_arguments(scheduler, num_inference_steps, sigmas, *latent_shape[-2:])
+
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        return flux.pack(latents)
+
+    def unpack(self, latents: torch.Tensor, latent_shape: tuple) -> torch.Tensor:
+        channels, height, width = latent_shape
+        want = (latents.shape[0], (height // 2) * (width // 2), 4 * channels)
+        if latents.dim() != 3 or tuple(latents.shape) != want:
+            raise ValueError(f"latents must be packed as the Flux pipeline packs them, of shape {want}, got "
+                             f"{tuple(latents.shape)}")
+        return flux.unpack(latents, height, width)
+
+    def encode_prompt(self, prompts, negative_prompts, height, width, embeds=None, options=None):
+        options = dict(options or {})
+        guidance = options.pop("guidance", None)
+        second, negative_second = options.pop("prompt_2", None), options.pop("negative_prompt_2", None)
+        length = options.pop("max_sequence_length", 512)
+        if options:
+            raise ValueError(f"{sorted(options)}: the flux denoiser's pipelines take none of these")
+        embeds = embeds or {}
+        encode = lambda texts, texts_2, prefix: self.pipe.encode_prompt(
+            prompt=texts, prompt_2=texts_2, device=self.device, num_images_per_prompt=1, max_sequence_length=length,
+            prompt_embeds=embeds.get(f"{prefix}prompt_embeds"),
+            pooled_prompt_embeds=embeds.get(f"{prefix}pooled_prompt_embeds"))[:2]
+        rows = lambda texts, pooled: Conditioning(
+            texts, {"pooled_projections": pooled, **self._guidance(guidance, len(texts), texts)})
+        cond = rows(*encode(prompts, second, ""))
+        if negative_prompts is None and "negative_prompt_embeds" not in embeds:
+            return cond, cond   # no negative prompt: the pipeline guides without one (true_cfg_scale needs it)
+        return cond, rows(*encode(negative_prompts, negative_second, "negative_"))
+
+    def _guidance(self, guidance, count: int, like: torch.Tensor) -> dict:
+        """A guidance-distilled model's guidance input, one per row ({} for a model without one)."""
+        if not self.embeds_guidance:
+            return {}
+        if guidance is None:   # the pipeline class's default, where a caller sets none
+            guidance = call_defaults(self.pipe)["guidance_scale"]
+        return {"guidance": torch.full((count,), float(guidance), device=like.device, dtype=like.dtype)}
+
+    def _image_ids(self, height: int, width: int, latents: torch.Tensor) -> torch.Tensor:
+        key = (height, width, latents.device, latents.dtype)
+        if key not in self._ids:
+            self._ids[key] = flux.image_ids(height // 2, width // 2, latents.device, latents.dtype)
+        return self._ids[key]
+
+    def run(self, module, latents, t, cond):
+        if any(k.startswith(IMAGE_PROMPT) for k in cond.extras):   # never an image prompt dropped
+            raise ValueError("ip_adapter_image: fastdiff runs no IP-Adapter of a Flux transformer yet")
+        _, _, height, width = latents.shape
+        guidance = cond.extras.get("guidance")
+        text_ids = latents.new_zeros(cond.embeds.shape[1], 3)
+        out = module(hidden_states=flux.pack(latents), timestep=t.to(latents.dtype) / 1000,
+                     guidance=None if guidance is None else guidance.float(),
+                     pooled_projections=cond.extras["pooled_projections"], encoder_hidden_states=cond.embeds,
+                     txt_ids=text_ids, img_ids=self._image_ids(height, width, latents), return_dict=False)[0]
+        return flux.unpack(out, height, width)
+
+    def graph_spec(self, module=None, text_length=None):
+        module = module if module is not None else self.original
+        config = module.config
+        text_length = text_length or call_defaults(self.pipe)["max_sequence_length"]   # T5's tokens
+        guided = bool(config.guidance_embeds)
+        # the tokens as a grid of 2×2 patches: the engine's size follows the image's height and width
+        inputs = [ModelInput("patches", ("B", config.in_channels // 4, "H/2", 2, "W/2", 2)),
+                  ModelInput("timestep", ("B",), torch.float32),
+                  ModelInput("encoder_hidden_states", ("B", text_length, config.joint_attention_dim)),
+                  ModelInput("pooled_projections", ("B", config.pooled_projection_dim))]
+        inputs += [ModelInput("guidance", ("B",), torch.float32)] if guided else []
+        bind = call_binder(module)
+
+        def feeds(args, kwargs):
+            a = bind(args, kwargs)
+            tokens, ids = a["hidden_states"], a["img_ids"]
+            rows = int(ids[-1, 1]) + 1   # the ids the adapter made: the last token's row (one scalar read)
+            named = {"patches": flux.tokens_to_patches(tokens, rows, tokens.shape[1] // rows),
+                     "timestep": _timestep_rows(a["timestep"], tokens.shape[0]).to(tokens.device),
+                     "encoder_hidden_states": a["encoder_hidden_states"],
+                     "pooled_projections": a["pooled_projections"]}
+            if guided:
+                named["guidance"] = a["guidance"].float()
+            return named
+        return GraphSpec("flux", flux.FluxGraph(module, guided), inputs, feeds,
+                         returns=lambda outputs, args, kwargs: (flux.patches_to_tokens(outputs[0]),))
+
+
 class DenoiserAround(Denoiser):
     """A denoiser that changes how `base` (a family adapter) is called and is otherwise `base`:
     its family, prompts, embedding sizes, call and graph."""
@@ -615,6 +769,35 @@ class DenoiserAround(Denoiser):
     @property
     def text_options(self):
         return self.base.text_options
+
+    @property
+    def stream_cfg(self):
+        return self.base.stream_cfg
+
+    @property
+    def in_channels(self) -> int:
+        return self.base.in_channels
+
+    @property
+    def size_multiple(self) -> int:
+        return self.base.size_multiple
+
+    @property
+    def native_latent_size(self) -> int:
+        return self.base.native_latent_size
+
+    @property
+    def embeds_guidance(self) -> bool:
+        return self.base.embeds_guidance
+
+    def schedule_arguments(self, scheduler, num_inference_steps, sigmas, latent_shape):
+        return self.base.schedule_arguments(scheduler, num_inference_steps, sigmas, latent_shape)
+
+    def pack(self, latents):
+        return self.base.pack(latents)
+
+    def unpack(self, latents, latent_shape):
+        return self.base.unpack(latents, latent_shape)
 
     def encode_prompt(self, prompts, negative_prompts, height, width, embeds=None, options=None):
         return self.base.encode_prompt(prompts, negative_prompts, height, width, embeds, options)
@@ -657,7 +840,7 @@ class GroupedDenoiser(DenoiserAround):
 
 
 def denoiser_for(pipe) -> Denoiser:
-    """The adapter for a pipeline's denoiser: SD 1.x/2.x UNet, SDXL UNet, or SD3 transformer (its
+    """The adapter for a pipeline's denoiser: SD 1.x/2.x UNet, SDXL UNet, SD3 or Flux transformer (its
     ControlNets, if any, are :func:`fastdiff.controlnet.with_controlnet`'s to add)."""
     unet = getattr(pipe, "unet", None)
     if unet is not None:
@@ -668,5 +851,8 @@ def denoiser_for(pipe) -> Denoiser:
     transformer = getattr(pipe, "transformer", None)
     if transformer is not None and type(transformer).__name__ == "SD3Transformer2DModel":
         return SD3Denoiser(pipe, transformer)
+    if transformer is not None and type(transformer).__name__ == "FluxTransformer2DModel":
+        return FluxDenoiser(pipe, transformer)
     raise ValueError(f"pipe: {type(pipe).__name__} has no supported denoiser; supported are "
-                     "UNet2DConditionModel (SD 1.x/2.x, SDXL) and SD3Transformer2DModel (SD3)")
+                     "UNet2DConditionModel (SD 1.x/2.x, SDXL), SD3Transformer2DModel (SD3) and "
+                     "FluxTransformer2DModel (FLUX.1)")

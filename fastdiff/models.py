@@ -8,7 +8,7 @@ import torch
 
 # models the build can make offline: the embedded model, the tiny test pipelines, and the real
 # architectures with random weights (for timing builds and engines without downloading weights)
-OFFLINE_MODELS = ("shapes", "tiny", "tiny-sdxl", "tiny-sd3", "sd15", "sd-turbo", "sdxl", "sd3")
+OFFLINE_MODELS = ("shapes", "tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "sd15", "sd-turbo", "sdxl", "sd3")
 
 
 def load_model(model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
@@ -21,7 +21,8 @@ def load_model(model: str, device: str | torch.device = "cpu", dtype: torch.dtyp
         from .shapes.model import load_pipeline
         return load_pipeline(torch_dtype=dtype, device=device)
     makers = {"tiny": lambda: architectures.tiny_sd_pipeline(scheduler="lcm"),   # streams take LCM's step
-              "tiny-sdxl": architectures.tiny_sdxl_pipeline, "tiny-sd3": architectures.tiny_sd3_pipeline}
+              "tiny-sdxl": architectures.tiny_sdxl_pipeline, "tiny-sd3": architectures.tiny_sd3_pipeline,
+              "tiny-flux": architectures.tiny_flux_pipeline}
     if model in makers:
         return makers[model]().to(device=device, dtype=dtype)
     if model in architectures.ARCHITECTURES:

@@ -22,6 +22,7 @@ from .tuning.adapters import HoldsAdapter
 from .tuning.routers import HoldsRouter
 
 MODES = ("img2img", "txt2img")
+GUIDANCE = "guidance"   # a guidance-distilled model's guidance scale, among the stream's encoding options
 DEFAULT_STEPS = {"img2img": [32, 45], "txt2img": [0, 16, 32, 45]}
 # each side of a prompt, given as text or as the embeddings that stand in for it
 PROMPT_SIDES = (("prompt", ("prompt_embeds", "pooled_prompt_embeds")),
@@ -79,10 +80,16 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
     beside the other frames' own. ``controlnet_conditioning_scale`` (changed by :meth:`update`) and
     ``guess_mode`` are diffusers'. On engines the UNet takes the nets' residuals as inputs and each
     net is an engine of its own; the compiled whole step is not made for a ControlNet stream.
+
+    ``cfg`` None is ``"self"`` at ``guidance_scale`` 1.2 (StreamDiffusion's defaults) — except for a
+    Flux pipeline, drawn without guidance rows as its own pipeline draws: there ``guidance_scale``
+    is what the pipeline calls it, a guidance-distilled model's input (FLUX.1-dev's, default the
+    pipeline's), and the stream's schedule is shifted for its image size as the pipeline shifts it.
     """
 
     def __init__(self, pipe, steps=None, *, timesteps=None, num_inference_steps: int = 50,
-                 cfg: str = "self", guidance_scale: float = 1.2, delta: float = 1.0, guidance_rescale: float = 0.0,
+                 cfg: str | None = None, guidance_scale: float | None = None, delta: float = 1.0,
+                 guidance_rescale: float = 0.0,
                  frame_buffer: int = 1, similarity_filter: float | None = None, max_skip_frames: int = 10,
                  mode: str = "img2img", solver: str | None = None, noise: str = "fixed", seed: int = 0,
                  height: int | None = None, width: int | None = None, output_type: str = "pt",
@@ -93,13 +100,14 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         self.mode = check_choice(mode, "mode", MODES)
         self.frame_buffer = check_int(frame_buffer, "frame_buffer", 1)
         check_choice(noise, "noise", NOISE_MODES)
-        self.guider = make_guider(cfg, guidance_scale, delta, guidance_rescale)
         self.solver = solver
         self.noise = noise
         self.output_type = check_output_type(output_type)
         check_number(similarity_filter, "similarity_filter", 0.0, 1.0, low_open=True, high_open=True, optional=True)
         self.pipe = pipe
         self.parts = Prepared(pipe, backend, engine_options)
+        self._defaults = call_defaults(pipe)
+        self.guider, embedded = self._guiders(cfg, guidance_scale, delta, guidance_rescale)
         if isinstance(self.denoiser, InpaintingDenoiser):
             raise ValueError(f"pipe: {type(pipe).__name__}'s denoiser reads a mask and a masked picture with every "
                              "row; a Stream does not run an inpainting denoiser yet (fastdiff.accelerate does)")
@@ -125,12 +133,12 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         steps, timesteps, self.solver = self._searched(steps, timesteps, solver)
         self.num_inference_steps = num_inference_steps
         self.steps, self.timesteps = steps, timesteps
-        self.schedule = step_schedule(self.scheduler, steps, timesteps, num_inference_steps, self.solver)
         self.height, self.width = self.parts.size(height, width)
+        self.schedule = self._schedule(steps, timesteps, num_inference_steps, self.solver, (self.height, self.width))
         self.prompt = self.negative_prompt = None
         self._embeds = {}   # the prompt embeddings given in place of prompt or negative prompt
-        self._text = {}     # the other prompts and size conditioning given (text_inputs)
-        self._defaults = call_defaults(pipe)
+        # the other prompts and size conditioning given (text_inputs); a guidance-distilled model's guidance
+        self._text = {} if embedded is None else {GUIDANCE: embedded}
         self.latents: LatentStream | None = None
         self.last_skipped = False
         self.last_tag = None
@@ -144,7 +152,29 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
 
     @property
     def guidance_scale(self) -> float:
-        return self.guider.scale
+        """The guider's scale; a guidance-distilled model's input, for such a model."""
+        return self._text.get(GUIDANCE, self.guider.scale)
+
+    def _guiders(self, cfg, guidance_scale, delta, guidance_rescale) -> tuple:
+        """(guider, a guidance-distilled model's guidance input or None) for the arguments given."""
+        if not self.denoiser.embeds_guidance:
+            default_cfg = self.denoiser.stream_cfg
+            return make_guider(cfg or default_cfg, 1.2 if guidance_scale is None else guidance_scale, delta,
+                               guidance_rescale), None
+        if cfg not in (None, "none"):
+            raise ValueError(f"cfg: {type(self.pipe).__name__}'s model is guidance-distilled (guidance_scale is its "
+                             f"input); its stream draws without guidance rows, cfg='none', not {cfg!r}")
+        scale = self._defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+        return make_guider("none", 1.0, delta, guidance_rescale), check_number(scale, "guidance_scale")
+
+    def _schedule(self, steps, timesteps, num_inference_steps, solver, size):
+        """The step schedule; for a family whose pipelines shift it by the image's size (Flux), at `size`."""
+        sigmas = mu = None
+        if isinstance(num_inference_steps, int) and num_inference_steps >= 1:   # else step_schedule says why
+            sigmas, mu = self.denoiser.schedule_arguments(self.scheduler, num_inference_steps, None,
+                                                          self.parts.latent_shape(*size))
+        return step_schedule(self.scheduler, steps, timesteps, num_inference_steps, solver,
+                             sigmas=sigmas if steps is not None else None, mu=mu)
 
     @property
     def delta(self) -> float:
@@ -221,6 +251,8 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         prompt, negative_prompt, embeds = state
         self.parts.follow_engine_state()   # engines hold an IP-Adapter's scales: they follow them here
         options = prompt_options(self.pipe, self.denoiser.family, self._defaults, text, *size, self.backend)
+        if GUIDANCE in text:
+            options[GUIDANCE] = text[GUIDANCE]
         cond, uncond = self.parts.encode(prompt, negative_prompt, *size, frames=self.frame_buffer, route=self._route(),
                                          embeds=embeds, options=options)
         guided = self.guider.mode in ("full", "initialize")   # the modes with unconditional rows
@@ -275,7 +307,9 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
                                        negative_pooled_prompt_embeds)))
         # Everything is checked, and the prompts encoded, before anything changes: a bad argument
         # leaves the stream as it was, its frames in flight still in it.
-        guider = self.guider
+        guider, embedded = self.guider, None
+        if guidance_scale is not None and self.denoiser.embeds_guidance:   # the model's input: its rows change
+            embedded, guidance_scale = check_number(guidance_scale, "guidance_scale"), None
         if any(v is not None for v in (guidance_scale, delta, guidance_rescale)):
             guider = make_guider(guider.mode, guider.scale if guidance_scale is None else guidance_scale,
                                  guider.delta if delta is None else delta,
@@ -288,8 +322,8 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
             steps, timesteps, solver = self._searched(steps, timesteps, self.solver)
             if num_inference_steps is None:
                 num_inference_steps = self.num_inference_steps
-            schedule = step_schedule(self.scheduler, steps, timesteps, num_inference_steps, solver)
             size = self.parts.size(self.height if height is None else height, self.width if width is None else width)
+            schedule = self._schedule(steps, timesteps, num_inference_steps, solver, size)
         resized = size != (self.height, self.width)
         scales = None
         if controlnet_conditioning_scale is not None:
@@ -298,6 +332,8 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         state = self._prompt_state(prompt, negative_prompt, embeds)
         image_prompt = self._image_prompt_after(ip_adapter_image, ip_adapter_image_embeds)
         text = self._text_after(text_options, "update")
+        if embedded is not None:
+            text = {**text, GUIDANCE: embedded}
         encoded = None
         # a new size re-encodes too: SDXL's conditioning holds the image size
         if state[:2] != (self.prompt, self.negative_prompt) or _given_anew(state[2], self._embeds) or resized \

@@ -80,6 +80,8 @@ def test_img2img_matches_diffusers(scheduler):
     image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     args = dict(prompt="a red circle", image=image, num_inference_steps=10, strength=0.6, guidance_scale=4.0)
     np.testing.assert_allclose(run(fastdiff.accelerate(pipe), **args), run(pipe, **args), atol=2e-5)
+    with pytest.raises(ValueError, match="latents: StableDiffusionImg2ImgPipeline takes no latents"):
+        run(fastdiff.accelerate(pipe), latents=torch.randn(1, 4, 8, 8), **args)
 
 
 @pytest.mark.parametrize("prompts,images,per_prompt,generators", [(2, 1, 1, False), (1, 1, 2, False), (2, 2, 2, False),
@@ -204,6 +206,9 @@ def test_sdxl_and_sd3_match_diffusers(family, img2img):
     assert expected.std() > 0.01
     np.testing.assert_allclose(run(fastdiff.accelerate(pipe), **args), expected, atol=2e-5)
     assert np.isfinite(run(fastdiff.accelerate(pipe, cfg="self"), **args)).all()
+    if img2img:   # given latents are the first step's, noised already: the image is not read
+        args["latents"] = torch.randn((1, 4 if family == "sdxl" else 16, 8, 8), generator=torch.Generator().manual_seed(4))
+        np.testing.assert_allclose(run(fastdiff.accelerate(pipe), **args), run(pipe, **args), atol=2e-5)
 
 
 @pytest.mark.parametrize("family,img2img", [("sd", False), ("sd", True), ("sdxl", True), ("sd3", False),

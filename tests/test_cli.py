@@ -52,6 +52,13 @@ def test_generate_writes_images_and_a_summary(tmp_path):
     assert re.search(r"s/image, [\d.]+ images/s", result.output)
 
 
+def test_generate_draws_with_a_flux_pipeline(tmp_path):
+    result = run("generate", "a red circle", "--model", "tiny-flux", "--steps", 2, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert [Image.open(f).size for f in pngs(tmp_path)] == [(64, 64)]
+    assert "random weights" in result.output
+
+
 def test_generate_from_a_picture_and_a_mask(tmp_path):
     """--image runs the model's img2img pipeline, --mask its inpainting one: the kept region of the
     picture stays (what the mask leaves black), the rest is drawn anew."""

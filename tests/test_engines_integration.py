@@ -125,8 +125,8 @@ def test_accelerate_with_onnxruntime_gives_pytorchs_images(cache_dir):
     short = {**embeds, "prompt_embeds": cond[:, :40], "negative_prompt_embeds": uncond[:, :40]}
     with pytest.raises(ValueError, match="prompt_embeds has 40 tokens; the onnxruntime engines take 333"):
         fast(**short, **kwargs)
-    with pytest.raises(ValueError, match="the LoRA scale of a call needs the PyTorch modules"):
-        fast(PROMPT, cross_attention_kwargs={"scale": 0.5}, **kwargs)
+    with pytest.raises(ValueError, match="joint_attention_kwargs: the LoRA scale of a call needs the PyTorch modules"):
+        fast(PROMPT, joint_attention_kwargs={"scale": 0.5}, **kwargs)   # SD3 names it so
 
 
 def test_accelerate_with_inductor_gives_pytorchs_images():

@@ -38,7 +38,7 @@ def default_profile(model: str, pipe) -> dict:
     from ..denoiser import denoiser_for
     from ..vae import LatentCodec
 
-    native = denoiser_for(pipe).original.config.sample_size * LatentCodec(pipe.vae).scale_factor
+    native = denoiser_for(pipe).native_latent_size * LatentCodec(pipe.vae).scale_factor
     # batch up to 8 rows: what accelerate's defaults (4 images, full CFG) and a 2-step stream use
     return {"resolutions": [[native, native]], "batch": [1, 2, 8], "components": available_components(pipe)}
 

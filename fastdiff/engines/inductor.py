@@ -17,7 +17,7 @@ import warnings
 import torch
 
 from .components import Component
-from .onnx_export import _dims, dynamic_shapes
+from .onnx_export import _dims, dynamic_shapes, trace_size
 from .profiles import ShapeProfile
 
 ARTEFACT = "model.pt2"
@@ -28,7 +28,7 @@ def build_aoti(component: Component, folder: str, profile: ShapeProfile, dtype: 
     graph = component.graph.eval()
     device = next(component.module.parameters()).device
     batch = profile.batch[1] if profile.static_batch else max(profile.batch[1], 2)
-    sample = component.sample_inputs(batch, profile.height[1], profile.width[1], dtype=dtype, device=device)
+    sample = component.sample_inputs(batch, *trace_size(component, profile), dtype=dtype, device=device)
     dims, _ = _dims(component, profile)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -57,6 +57,20 @@ def _dims(component: Component, profile: ShapeProfile):
     return dynamo, names
 
 
+def trace_size(component: Component, profile: ShapeProfile) -> tuple[int, int]:
+    """The (height, width) a graph is traced at: the profile's optimal one — unless its size is
+    dynamic and that is one unit of the dynamic size (8 latents), which torch.export would
+    specialise as it does a size of 1; then two, where the profile reaches them."""
+    unit = component.size_divisor * 8
+
+    def size(span):
+        low, opt, high = span
+        return 2 * unit if opt == unit and high >= 2 * unit else opt
+    if profile.static_size or not component.uses_size():
+        return profile.height[1], profile.width[1]
+    return size(profile.height), size(profile.width)
+
+
 def dynamic_shapes(component: Component, dims: dict):
     """torch.export's dynamic shapes of `component`'s graph from {input: axes}: keyed as the graph's
     forward binds its inputs, a ``*rest`` parameter taking those beyond its named ones as a tuple
@@ -95,7 +109,7 @@ def export_onnx(component: Component, path: str, profile: ShapeProfile, *, opset
     graph = component.graph.eval()
     # trace at the optimal batch, but at least 2: a size-1 axis would be specialised away
     sample = component.sample_inputs(max(profile.batch[1], 2) if not profile.static_batch else profile.batch[1],
-                                     profile.height[1], profile.width[1], dtype=dtype,
+                                     *trace_size(component, profile), dtype=dtype,
                                      device=next(component.module.parameters()).device)
     names = [spec.name for spec in component.inputs]
     dynamo_dims, axis_names = _dims(component, profile)

@@ -134,10 +134,12 @@ def _numbers(values, name: str) -> list[float]:
         raise ValueError(f"{name} must be numbers, got {list(values)!r}") from None
 
 
-def validate_timesteps(timesteps, num_train_timesteps: int) -> list[float]:
-    """Explicit timesteps: numbers, strictly decreasing, within the model's training range."""
+def validate_timesteps(timesteps, num_train_timesteps: int, flow: bool = False) -> list[float]:
+    """Explicit timesteps: numbers, strictly decreasing, within the model's training range — whole
+    numbers below `num_train_timesteps` indexing its schedule, or for a `flow`-matching model any
+    σ·`num_train_timesteps` up to pure noise's (σ = 1)."""
     values = _numbers(timesteps, "timesteps")
-    if not all(math.isfinite(t) and t == int(t) for t in values):   # they index the training schedule
+    if not all(math.isfinite(t) and (flow or t == int(t)) for t in values):   # they index the training schedule
         raise ValueError(f"timesteps must be whole numbers, got {list(timesteps)!r}")
     if not values:
         raise ValueError("timesteps must name at least one timestep")
@@ -145,8 +147,9 @@ def validate_timesteps(timesteps, num_train_timesteps: int) -> list[float]:
         raise ValueError(f"timesteps must not repeat, got {list(timesteps)!r}")
     if values != sorted(values, reverse=True):
         raise ValueError(f"timesteps must be decreasing (noisiest first), got {list(timesteps)!r}")
-    if values[-1] < 0 or values[0] >= num_train_timesteps:
-        raise ValueError(f"timesteps must lie in [0, {num_train_timesteps}), got {list(timesteps)!r}")
+    if values[-1] < 0 or values[0] > num_train_timesteps or (values[0] == num_train_timesteps and not flow):
+        raise ValueError(f"timesteps must lie in [0, {num_train_timesteps}{']' if flow else ')'}, got "
+                         f"{list(timesteps)!r}")
     return values
 
 
@@ -162,18 +165,20 @@ def validate_sigmas(sigmas) -> list[float]:
     return values
 
 
-def set_schedule(scheduler, num_inference_steps: int, sigmas=None) -> int:
+def set_schedule(scheduler, num_inference_steps: int, sigmas=None, mu: float | None = None) -> int:
     """Set `scheduler` to its own schedule of `num_inference_steps`, or to the custom `sigmas` (as
     diffusers' pipelines pass them; how many steps they make is the scheduler's rule: Euler's list
-    ends with the terminal σ, flow matching's does not). Returns the number of steps."""
+    ends with the terminal σ, flow matching's does not). `mu`: a flow-matching scheduler's shift
+    where it shifts by the image's size (Flux's). Returns the number of steps."""
+    shift = {} if mu is None else {"mu": mu}
     if sigmas is None:
-        scheduler.set_timesteps(num_inference_steps)
+        scheduler.set_timesteps(num_inference_steps, **shift)
         return num_inference_steps
     sigmas = validate_sigmas(sigmas)
     if "sigmas" not in inspect.signature(scheduler.set_timesteps).parameters:
         raise ValueError(f"sigmas: {type(scheduler).__name__}.set_timesteps takes no custom sigmas (Euler, "
                          "flow-matching Euler and UniPC do); give timesteps instead")
-    scheduler.set_timesteps(sigmas=sigmas)
+    scheduler.set_timesteps(sigmas=sigmas, **shift)
     steps = len(set(scheduler.timesteps.tolist()))
     if steps < 1:
         raise ValueError(f"sigmas: {sigmas!r} leave {type(scheduler).__name__} no step to take")
@@ -181,10 +186,11 @@ def set_schedule(scheduler, num_inference_steps: int, sigmas=None) -> int:
 
 
 def step_schedule(scheduler, steps=None, timesteps=None, num_inference_steps: int = 50,
-                  solver: str | None = None, eta: float = 0.0, sigmas=None) -> StepSchedule:
+                  solver: str | None = None, eta: float = 0.0, sigmas=None, mu: float | None = None) -> StepSchedule:
     """Coefficients for the stream's steps: `steps` index the scheduler's own schedule of
     `num_inference_steps` (StreamDiffusion's t_index_list) — or the schedule it makes of custom
     `sigmas`, whose length then sets the step count — or `timesteps` gives them explicitly.
+    `mu` shifts a schedule the scheduler shifts by the image's size (see :func:`set_schedule`).
 
     `eta` is the stochasticity of the "ddim" solver (DDIM's η) and of "tcd" (TCD's gamma), as
     diffusers' pipelines pass it to those schedulers' steps."""
@@ -210,7 +216,7 @@ def step_schedule(scheduler, steps=None, timesteps=None, num_inference_steps: in
     if steps is not None:
         if sigmas is None:
             steps = validate_steps(steps, num_inference_steps)
-        num_inference_steps = set_schedule(scheduler, num_inference_steps, sigmas)
+        num_inference_steps = set_schedule(scheduler, num_inference_steps, sigmas, mu)
         steps = validate_steps(steps, num_inference_steps)
         picked = distinct_steps(scheduler, num_inference_steps)[steps]
         t = scheduler.timesteps.double()[picked]
@@ -221,7 +227,7 @@ def step_schedule(scheduler, steps=None, timesteps=None, num_inference_steps: in
         else:
             sigma = None
     else:
-        t = torch.tensor(validate_timesteps(timesteps, num_train), dtype=torch.float64)
+        t = torch.tensor(validate_timesteps(timesteps, num_train, flow), dtype=torch.float64)
         sigma = t / num_train if flow else None
 
     if flow:

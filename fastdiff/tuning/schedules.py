@@ -112,7 +112,7 @@ class Schedule:
         """`self` if it was made for `pipe`'s denoiser weights and scheduler; StaleArtefactError
         naming each field that differs otherwise."""
         check_fields("this step schedule", schedule_fields(pipe), self.fields, REMEDY)
-        validate_timesteps(self.timesteps, pipe.scheduler.config.num_train_timesteps)
+        validate_timesteps(self.timesteps, pipe.scheduler.config.num_train_timesteps, is_flow_scheduler(pipe.scheduler))
         return self
 
     def pipeline_kwargs(self, pipe) -> dict:

@@ -1,0 +1,268 @@
+"""FLUX.1 pipelines (dev's guidance-distilled kind and schnell's) through fastdiff.accelerate and
+fastdiff.Stream: diffusers' own images, the packed latents where a user sees them, the schedule
+shifted by the image's size."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fastdiff
+from fastdiff.architectures import tiny_flux_pipeline
+from fastdiff.denoiser import IMAGE_PROMPT, Conditioning
+from fastdiff.flux import pack, schedule_arguments, unpack
+from fastdiff.sampling.guiders import make_guider
+from fastdiff.stream.batch import LatentStream
+
+ARGS = dict(height=64, width=64, num_inference_steps=4, output_type="np", max_sequence_length=32)
+PICTURE = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return {(distilled, img2img): tiny_flux_pipeline(distilled=distilled, img2img=img2img)
+            for distilled in (True, False) for img2img in (False, True)}
+
+
+def both(pipe, fast, *prompt, seed=0, **kwargs):
+    """(the pipeline's output, fastdiff's) of one call, each from a generator at `seed`."""
+    args = {**ARGS, **kwargs}
+    return (pipe(*prompt, generator=torch.Generator().manual_seed(seed), **args).images,
+            fast(*prompt, generator=torch.Generator().manual_seed(seed), **args).images)
+
+
+def test_packing_is_the_pipelines():
+    from diffusers import FluxPipeline
+
+    latents = torch.randn(2, 16, 6, 10)
+    packed = pack(latents)
+    torch.testing.assert_close(packed, FluxPipeline._pack_latents(latents, 2, 16, 6, 10), rtol=0, atol=0)
+    torch.testing.assert_close(unpack(packed, 6, 10), latents, rtol=0, atol=0)
+
+
+def test_the_shift_is_the_pipelines(pipes):
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    scheduler = pipes[True, False].scheduler
+    sigmas, mu = schedule_arguments(scheduler, 4, None, 24, 40)
+    np.testing.assert_allclose(sigmas, np.linspace(1.0, 1 / 4, 4), rtol=1e-12)
+    assert mu == pytest.approx(calculate_shift(12 * 20, 256, 4096, 0.5, 1.15))
+    assert schedule_arguments(scheduler, 3, [0.9, 0.5, 0.2], 8, 8)[0] == [0.9, 0.5, 0.2]
+
+
+@pytest.mark.parametrize("distilled", [True, False])
+def test_txt2img_is_diffusers(pipes, distilled):
+    pipe = pipes[distilled, False]
+    fast = fastdiff.accelerate(pipe)
+    a, b = both(pipe, fast, ["a red circle", "a blue square"])
+    np.testing.assert_allclose(b, a, atol=2e-5)
+    assert a.std() > 0.05   # pictures, not a flat colour
+    # true classifier-free guidance over a negative prompt, beside the model's own guidance input
+    a, b = both(pipe, fast, "a red circle", negative_prompt="blue", true_cfg_scale=3.0, guidance_scale=5.0, seed=1)
+    np.testing.assert_allclose(b, a, atol=2e-5)
+    # another size, its own shift; custom sigmas with a second prompt for T5
+    a, b = both(pipe, fast, "a red circle", height=96, width=128)
+    np.testing.assert_allclose(b, a, atol=2e-5)
+    a, b = both(pipe, fast, "a red circle", prompt_2="a blue square", sigmas=[1.0, 0.7, 0.4, 0.1])
+    np.testing.assert_allclose(b, a, atol=2e-5)
+
+
+def test_guidance_is_the_models_input(pipes):
+    fast = fastdiff.accelerate(pipes[True, False])
+    low = fast("a red circle", guidance_scale=1.0, generator=torch.Generator().manual_seed(0), **ARGS).images
+    high = fast("a red circle", guidance_scale=8.0, generator=torch.Generator().manual_seed(0), **ARGS).images
+    assert np.abs(high - low).max() > 1e-3
+
+
+def test_latents_are_packed_where_a_user_sees_them(pipes):
+    pipe = pipes[True, False]
+    fast = fastdiff.accelerate(pipe)
+    a, b = both(pipe, fast, "a red circle", output_type="latent")
+    assert b.shape == a.shape == (1, 16, 64)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    given = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(5))
+    a, b = both(pipe, fast, "a red circle", latents=given)
+    np.testing.assert_allclose(b, a, atol=2e-5)
+    seen = {"pipe": [], "fast": []}
+
+    def halve(who):
+        def callback(p, i, t, kwargs):
+            seen[who].append(kwargs["latents"].clone())
+            return {"latents": kwargs["latents"] * 0.5} if i == 1 else {}
+        return callback
+
+    a = pipe("a red circle", generator=torch.Generator().manual_seed(0), callback_on_step_end=halve("pipe"), **ARGS)
+    b = fast("a red circle", generator=torch.Generator().manual_seed(0), callback_on_step_end=halve("fast"), **ARGS)
+    np.testing.assert_allclose(b.images, a.images, atol=2e-5)
+    assert len(seen["fast"]) == len(seen["pipe"]) == 4
+    for x, y in zip(seen["fast"], seen["pipe"]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_a_calls_lora_scale_is_diffusers(pipes):
+    """Flux names the LoRA scale's argument joint_attention_kwargs, as SD3 does."""
+    from peft import LoraConfig
+
+    pipe = tiny_flux_pipeline(distilled=False)
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"]))
+    with torch.no_grad():
+        for name, p in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.3)
+    fast = fastdiff.accelerate(pipe)
+    full = both(pipe, fast, "a red circle")[1]
+    a, b = both(pipe, fast, "a red circle", joint_attention_kwargs={"scale": 0.25})
+    np.testing.assert_allclose(b, a, atol=2e-5)
+    assert np.abs(b - full).max() > 1e-3   # the LoRA's share changed
+
+
+def test_embeddings_and_generators(pipes):
+    pipe = pipes[False, False]
+    fast = fastdiff.accelerate(pipe)
+    embeds, pooled, _ = pipe.encode_prompt("a red circle", prompt_2=None, max_sequence_length=32)
+    make = lambda: [torch.Generator().manual_seed(k) for k in range(2)]
+    args = dict(ARGS, prompt_embeds=embeds, pooled_prompt_embeds=pooled, num_images_per_prompt=2)
+    np.testing.assert_allclose(fast(generator=make(), **args).images, pipe(generator=make(), **args).images, atol=2e-5)
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.6, 1.0])
+def test_img2img_is_diffusers(pipes, strength):
+    pipe = pipes[True, True]
+    a, b = both(pipe, fastdiff.accelerate(pipe), "a red circle", image=PICTURE, strength=strength,
+                num_inference_steps=5)
+    np.testing.assert_allclose(b, a, atol=2e-5)
+
+
+def test_img2img_given_latents_starts_from_them(pipes):
+    """As the img2img pipelines that take latents do: they are the first step's, noised already."""
+    pipe = pipes[False, True]
+    given = torch.randn(1, 16, 64, generator=torch.Generator().manual_seed(7))
+    a, b = both(pipe, fastdiff.accelerate(pipe), "a red circle", image=PICTURE, latents=given)
+    np.testing.assert_allclose(b, a, atol=2e-5)
+
+
+def test_bad_input_is_refused(pipes):
+    fast = fastdiff.accelerate(pipes[True, False])
+    for bad, named in [(dict(height=72), "height must be a positive multiple of 16"),
+                       (dict(latents=torch.randn(1, 16, 8, 8)), "latents must be packed"),
+                       (dict(true_cfg_scale="x", negative_prompt="blue"), "true_cfg_scale"),
+                       (dict(joint_attention_kwargs={"scale": "x"}), r"joint_attention_kwargs\['scale'\]"),
+                       (dict(max_sequence_length=600), "max_sequence_length"),
+                       (dict(guidance_scale=float("nan")), "guidance_scale")]:
+        with pytest.raises(ValueError, match=named):
+            fast("a red circle", **{**ARGS, **bad})
+    for bad in ("clip_skip", "cross_attention_kwargs"):   # not the Flux pipeline's arguments
+        with pytest.raises(TypeError, match=bad):
+            fast("a red circle", **{**ARGS, bad: 1})
+    # an image prompt's rows are refused, not run without it
+    rows = Conditioning(torch.zeros(1, 32, 32), {"pooled_projections": torch.zeros(1, 32), "guidance": torch.ones(1),
+                                                 f"{IMAGE_PROMPT}0": torch.zeros(1, 1, 8)})
+    with pytest.raises(ValueError, match="ip_adapter_image: fastdiff runs no IP-Adapter of a Flux transformer"):
+        fast.denoiser(torch.zeros(1, 16, 8, 8), torch.ones(1), rows)
+
+
+def test_the_stream_steps_the_pipelines_schedule(pipes):
+    """A Flux stream's steps index the pipeline's own schedule (its sigmas shifted for the stream's
+    size), its rows step as flow-matching Euler does one frame at a time, and a guidance-distilled
+    model's guidance is each row's input, changed by update()."""
+    pipe = pipes[True, True]
+    stream = fastdiff.Stream(pipe, steps=[0, 2], num_inference_steps=4, height=64, width=64)
+    assert (stream.cfg, stream.guidance_scale) == ("none", 7.0)   # the img2img pipeline's default guidance
+    sigmas, mu = schedule_arguments(pipe.scheduler, 4, None, 8, 8)
+    pipe.scheduler.set_timesteps(sigmas=sigmas, mu=mu)
+    torch.testing.assert_close(stream.schedule.timesteps, pipe.scheduler.timesteps.double()[[0, 2]])
+
+    denoiser = stream.denoiser
+    with torch.inference_mode():
+        cond, uncond = denoiser.encode_prompt(["a red circle", "a blue square"], None, 64, 64,
+                                              options={"guidance": 7.0, "max_sequence_length": 32})
+        latents = LatentStream(denoiser, stream.schedule, cond, uncond, (16, 8, 8), guider=make_guider("none"))
+        groups = [torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+        outs = [o.latents for o in [latents.push(g) for g in groups] + latents.drain() if o is not None]
+        s = pipe.scheduler.sigmas.double()
+        ladder = [float(s[0]), float(s[2]), float(s[-1])]
+        for group, out in zip(groups, outs):
+            x = (1 - ladder[0]) * group + ladder[0] * latents.noise[0]
+            for k, t in enumerate(stream.schedule.timesteps):
+                u = denoiser(x, torch.full((2,), float(t)), cond)
+                x = x + (ladder[k + 1] - ladder[k]) * u
+            torch.testing.assert_close(out, x, rtol=1e-4, atol=1e-4)
+
+    stream.prepare("a red circle", max_sequence_length=32)
+    frame = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    first = [stream(frame) for _ in range(3)][-1]
+    assert first.shape == (3, 64, 64)
+    stream.update(guidance_scale=1.0)
+    assert stream.guidance_scale == 1.0
+    assert (stream(frame) - first).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="cfg: FluxImg2ImgPipeline's model is guidance-distilled"):
+        fastdiff.Stream(pipe, cfg="self")
+
+
+def test_a_schnell_stream_draws_txt2img(pipes):
+    stream = fastdiff.Stream(pipes[False, False], mode="txt2img", steps=[0, 1, 2, 3], num_inference_steps=4,
+                             height=64, width=64)
+    assert stream.cfg == "none"
+    stream.prepare("a red circle", max_sequence_length=32)
+    outs = [stream() for _ in range(5)]
+    assert [o is None for o in outs] == [True, True, True, False, False]
+    assert outs[-1].shape == (3, 64, 64) and torch.isfinite(outs[-1]).all()
+
+
+def test_a_searched_schedule_runs_on_flux(pipes, tmp_path):
+    """Timestep search on a Flux pipeline: its teacher runs the pipeline's shifted schedule from
+    pure noise (timestep 1000, σ = 1), and the schedule found runs as its timesteps given by hand."""
+    from fastdiff.tuning import search_steps
+
+    pipe = pipes[True, False]
+    found = search_steps(pipe, ["a red circle", "a blue square"], 2, method="dp", budget_minutes=1,
+                         teacher_steps=6, fine_steps=12)
+    assert found.timesteps[0] == 1000.0 and len(found.timesteps) == 2
+    path = found.save(str(tmp_path / "flux-2.json"))
+    searched = fastdiff.accelerate(pipe, schedule=path)
+    args = dict(ARGS, num_inference_steps=2)
+    by_hand = fastdiff.accelerate(pipe)("a red circle", timesteps=found.timesteps,
+                                        generator=torch.Generator().manual_seed(0), **args).images
+    np.testing.assert_allclose(searched("a red circle", generator=torch.Generator().manual_seed(0), **args).images,
+                               by_hand, atol=1e-6)
+
+
+def test_flow_timesteps_reach_pure_noise():
+    from fastdiff.sampling.schedule import validate_timesteps
+
+    assert validate_timesteps([1000, 612.5, 0], 1000, flow=True) == [1000.0, 612.5, 0.0]
+    with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 1000\)"):
+        validate_timesteps([1000, 500], 1000)
+    with pytest.raises(ValueError, match="whole numbers"):
+        validate_timesteps([900, 612.5], 1000)
+    with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 1000\]"):
+        validate_timesteps([1001, 500], 1000, flow=True)
+
+
+def test_flux_on_onnxruntime_engines(pipes, tmp_path):
+    """The transformer's engine takes unpacked latents (its size follows the image's, one engine for
+    several) and makes the tokens and their ids inside: diffusers' images at two sizes, and a
+    stream's frames as on the PyTorch modules."""
+    pytest.importorskip("onnxruntime")
+    pipe = pipes[True, False]
+    options = {"cache_dir": str(tmp_path), "threads": 1, "components": ["denoiser"]}
+    fast = fastdiff.accelerate(pipe, backend="onnxruntime",
+                               engine_options={**options, "max_batch": 2, "resolutions": [(64, 64), (128, 192)]})
+    assert fast.denoiser.module.runner.manifest["details"]["exporter"] == "dynamo"
+    for size in ((64, 64), (128, 192)):
+        args = dict(num_inference_steps=3, output_type="np", height=size[0], width=size[1])
+        a = pipe(["a red circle", "a blue square"], generator=torch.Generator().manual_seed(0), **args).images
+        b = fast(["a red circle", "a blue square"], generator=torch.Generator().manual_seed(0), **args).images
+        np.testing.assert_allclose(b, a, atol=1e-4)
+    with pytest.raises(ValueError, match="max_sequence_length: the onnxruntime engines take the prompt at 512"):
+        fast("a red circle", max_sequence_length=32)
+
+    frames = [torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    outs = []
+    for backend in (None, "onnxruntime"):
+        stream = fastdiff.Stream(pipes[True, True], steps=[1, 3], num_inference_steps=4, backend=backend,
+                                 engine_options=options if backend else None)
+        stream.prepare("a red circle")
+        got = [stream(f) for f in frames]
+        outs.append(torch.stack([o for o in got if o is not None] + stream.flush()))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=0)

@@ -9,9 +9,11 @@ low guidance, and over a pipeline's 25 steps it spoils the pictures. Configurati
 by call; each speed-up is the median of same-round ratios against the pipeline, so that the host's
 drift between rounds cancels. ``--task inpaint`` times the model's inpainting pipeline instead
 (diffusers' ``AutoPipelineForInpainting`` over the same modules; a picture and a mask over its right
-half, strength 1).
+half, strength 1). ``--model tiny-flux`` times a FLUX.1-dev-shaped pipeline of random weights, as
+small as the tests' (its pictures noise: the ratio says what the swap costs on Flux's path, not what
+a real Flux model gains).
 
-    python benchmarks/pipeline.py [--model shapes|tiny] [--task txt2img|inpaint] [--prompts 4] [--steps 25]
+    python benchmarks/pipeline.py [--model shapes|tiny|tiny-flux] [--task txt2img|inpaint] [--prompts 4] [--steps 25]
                                   [--rounds 7] [--backends onnxruntime] [--threads N] [--out out/pipeline.json]
 """
 
@@ -67,6 +69,10 @@ def load(model: str):
         from fastdiff.shapes.model import GUIDANCE_SCALE, load_pipeline
 
         pipe, guidance = load_pipeline(), {"guidance_scale": GUIDANCE_SCALE}
+    elif model == "tiny-flux":   # FLUX.1-dev's kind: the guidance scale is the model's input, no CFG rows
+        from fastdiff.architectures import tiny_flux_pipeline
+
+        pipe, guidance = tiny_flux_pipeline(), {"guidance_scale": 3.5}
     else:
         from fastdiff.architectures import tiny_sd_pipeline
 
@@ -89,7 +95,7 @@ def inpainting(pipe):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=["shapes", "tiny"], default="shapes")
+    parser.add_argument("--model", choices=["shapes", "tiny", "tiny-flux"], default="shapes")
     parser.add_argument("--task", choices=["txt2img", "inpaint"], default="txt2img")
     parser.add_argument("--prompts", type=int, default=4, help="prompts per call (one image each)")
     parser.add_argument("--steps", type=int, default=25)

@@ -37,7 +37,7 @@ def test_tokenizer_keeps_words_whole_and_fits_the_longest_caption(tokenizer):
         assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
     rng = np.random.default_rng(0)
     longest = max(len(tokenizer(caption(sample_scene(rng, 3), "paraphrase", rng)).input_ids)
-                  for _ in range(2000))
+                  for _ in range(500))   # the longest of 2,000 (35 tokens) is among the first 100
     assert longest <= M.MAX_TOKENS
 
 

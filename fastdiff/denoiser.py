@@ -659,12 +659,7 @@ class FluxDenoiser(Denoiser):
     def embeds_guidance(self) -> bool:
         return bool(self.original.config.guidance_embeds)
 
-    @property
-    def embed_sizes(self):
-        config = self.original.config
-        width, pooled = config.joint_attention_dim, config.pooled_projection_dim
-        return {"prompt_embeds": width, "negative_prompt_embeds": width,
-                "pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": pooled}
+    embed_sizes = SD3Denoiser.embed_sizes   # its config names the same widths: the text tokens, the pooled prompt
 
     def schedule_arguments(self, scheduler, num_inference_steps, sigmas, latent_shape):
         return flux.schedule_arguments(scheduler, num_inference_steps, sigmas, *latent_shape[-2:])
@@ -753,6 +748,11 @@ class FluxDenoiser(Denoiser):
                          returns=lambda outputs, args, kwargs: (flux.patches_to_tokens(outputs[0]),))
 
 
+def _from_base(name: str) -> property:
+    """A property a :class:`DenoiserAround` takes from the adapter it wraps."""
+    return property(lambda self: getattr(self.base, name), doc=f"The wrapped adapter's {name}.")
+
+
 class DenoiserAround(Denoiser):
     """A denoiser that changes how `base` (a family adapter) is called and is otherwise `base`:
     its family, prompts, embedding sizes, call and graph."""
@@ -762,33 +762,13 @@ class DenoiserAround(Denoiser):
         self.base = base
         self.family = base.family
 
-    @property
-    def embed_sizes(self):
-        return self.base.embed_sizes
-
-    @property
-    def text_options(self):
-        return self.base.text_options
-
-    @property
-    def stream_cfg(self):
-        return self.base.stream_cfg
-
-    @property
-    def in_channels(self) -> int:
-        return self.base.in_channels
-
-    @property
-    def size_multiple(self) -> int:
-        return self.base.size_multiple
-
-    @property
-    def native_latent_size(self) -> int:
-        return self.base.native_latent_size
-
-    @property
-    def embeds_guidance(self) -> bool:
-        return self.base.embeds_guidance
+    embed_sizes = _from_base("embed_sizes")
+    text_options = _from_base("text_options")
+    stream_cfg = _from_base("stream_cfg")
+    in_channels = _from_base("in_channels")
+    size_multiple = _from_base("size_multiple")
+    native_latent_size = _from_base("native_latent_size")
+    embeds_guidance = _from_base("embeds_guidance")
 
     def schedule_arguments(self, scheduler, num_inference_steps, sigmas, latent_shape):
         return self.base.schedule_arguments(scheduler, num_inference_steps, sigmas, latent_shape)

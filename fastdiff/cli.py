@@ -399,8 +399,10 @@ def ready_results(runner):
 @click.option("--steps", default=None, callback=parse_steps, metavar="I,J,...",
               help="Indices into the 50-step schedule, noisiest first; one denoising step each (default: the "
                    "shapes model's, which keep the input picture; else 32,45).")
-@click.option("--cfg", type=click.Choice(CFG_MODES), default="self", show_default=True, help="Guidance mode.")
-@click.option("--guidance-scale", type=float, default=1.2, show_default=True)
+@click.option("--cfg", type=click.Choice(CFG_MODES), default=None,
+              help="Guidance mode (default: self; a Flux model's: none, as its pipelines draw).")
+@click.option("--guidance-scale", type=float, default=None,
+              help="Default 1.2; a guidance-distilled Flux model's input, default its pipeline's.")
 @click.option("--delta", type=float, default=1.0, show_default=True, help="Residual-guidance strength.")
 @click.option("--frame-buffer", type=int, default=1, show_default=True,
               help="Frames per call. The last group is padded by repeating its last frame; "

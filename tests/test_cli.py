@@ -59,6 +59,17 @@ def test_generate_draws_with_a_flux_pipeline(tmp_path):
     assert "random weights" in result.output
 
 
+def test_stream_runs_a_flux_pipeline_with_its_own_guidance(tmp_path):
+    """FLUX.1-dev's stream draws without guidance rows, the guidance scale its model's input."""
+    result = run("stream", "--clip", "moving-shapes", "--frames", 3, "--model", "tiny-flux", "--steps", "40,45",
+                 "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert len(pngs(tmp_path)) == 3
+    refused = run("stream", "--clip", "moving-shapes", "--frames", 3, "--model", "tiny-flux", "--cfg", "self",
+                  "--out", tmp_path / "refused")
+    assert refused.exit_code == 2 and "guidance-distilled" in refused.output, refused.output
+
+
 def test_generate_from_a_picture_and_a_mask(tmp_path):
     """--image runs the model's img2img pipeline, --mask its inpainting one: the kept region of the
     picture stays (what the mask leaves black), the rest is drawn anew."""

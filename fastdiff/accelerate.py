@@ -15,7 +15,7 @@ import warnings
 import torch
 
 from .checks import check_int, check_number
-from .denoiser import EMBED_ARGS
+from .denoiser import EMBED_ARGS, GUIDANCE
 from .images import FiniteWatch, check_finite, check_output_type, preprocessed
 from .sampling.guidance import check_mode
 from .sampling.guiders import make_guider
@@ -335,7 +335,7 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         texts = prompt_options(self.pipe, denoiser.family, self.defaults, options, height, width, self.parts.backend,
                                self.task)
         if denoiser.embeds_guidance:
-            texts["guidance"] = embedded
+            texts[GUIDANCE] = embedded
         cond, uncond = self.parts.encode(prompt, negative_prompt, height, width, per_prompt=num_images_per_prompt,
                                          route=self._route(), embeds=embeds, options=texts)
         batch = len(cond)

@@ -78,11 +78,11 @@ def load_pipeline(model: str, device: torch.device):
     """The pipeline --model names, through the one resolver every command uses
     (:func:`fastdiff.models.load_model`). Streams use only the components, so a txt2img pipeline
     serves img2img too."""
-    from .models import load_model
+    from .models import OFFLINE_MODELS, load_model
 
     with usage_errors():
         pipe = load_model(model, device=device)
-    if model in ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux") or model in ("sd15", "sd-turbo", "sdxl", "sd3"):
+    if model in OFFLINE_MODELS and model != "shapes":
         click.echo(f"note: --model {model} has random weights, so its images are noise; pass a pipeline "
                    "folder or a hub id for real ones", err=True)
     return pipe
@@ -723,11 +723,14 @@ def tune_steps(model, steps, method, mode, budget_minutes, prompt_file, count, e
     options = {}
     if mode == "stream":
         from .shapes import moving_shapes_clip
+        from .stream.prepare import Prepared
 
-        pipe.scheduler.set_timesteps(50)
+        parts = Prepared(pipe)   # the stream's 50-step schedule at its size (Flux's shifted by it)
+        parts.set_own_schedule(50, *parts.size(None, None))
+        first = pipe.scheduler.timesteps[stream_steps(model)[0] if strength_step is None else strength_step]
+        # the search runs on whole timesteps (a flow model's shifted ones are fractional)
         options = dict(frames=moving_shapes_clip(num_frames=frames, seed=seed),
-                       strength_timestep=float(pipe.scheduler.timesteps[
-                           stream_steps(model)[0] if strength_step is None else strength_step]))
+                       strength_timestep=float(round(float(first))))
         prompts, eval_prompts = prompts[:1], []
     click.echo(f"searching {steps} steps for {model} by {method} ({mode}), {len(prompts)} search prompts, "
                f"{len(eval_prompts)} held-out, teacher {teacher_steps} steps", err=True)

@@ -4,8 +4,8 @@
 
 `cond` is a :class:`Conditioning`: the text embeddings plus whatever extra per-row inputs the
 family needs (SDXL's pooled text embeddings and size/crop time ids, SD3's and Flux's pooled
-projections, a guidance-distilled Flux's guidance scale, an IP-Adapter's image embeddings). Each family adapter also knows how to encode prompts with its
-pipeline's text encoders. Everything above this module (sampling, stream, engines) talks to
+projections, a guidance-distilled Flux's guidance scale, an IP-Adapter's image embeddings). Each
+family adapter also knows how to encode prompts with its pipeline's text encoders. Everything above this module (sampling, stream, engines) talks to
 :class:`Denoiser`, never to a model class; :func:`denoiser_for` is the one place that looks at
 what a pipeline's denoiser is (:mod:`fastdiff.controlnet` adds its ControlNets).
 
@@ -127,6 +127,7 @@ def check_prompts(prompts, name: str, tokenizers, allow_empty: bool) -> list[str
 
 
 EMBED_ARGS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+GUIDANCE = "guidance"   # a guidance-distilled model's scale: an encoding option, and each row's extra
 IMAGE_PROMPT = "ip_image_embeds_"   # an IP-Adapter's image embeddings in a row's extras, one key per adapter
 
 
@@ -640,7 +641,7 @@ class FluxDenoiser(Denoiser):
 
     def __init__(self, pipe, module):
         super().__init__(pipe, module)
-        self._ids = {}   # (height, width, device, dtype) → image ids
+        self._ids = {}   # ("text", tokens | "image", height, width) + (device, dtype) → ids
 
     @property
     def in_channels(self) -> int:
@@ -677,7 +678,7 @@ class FluxDenoiser(Denoiser):
 
     def encode_prompt(self, prompts, negative_prompts, height, width, embeds=None, options=None):
         options = dict(options or {})
-        guidance = options.pop("guidance", None)
+        guidance = options.pop(GUIDANCE, None)
         second, negative_second = options.pop("prompt_2", None), options.pop("negative_prompt_2", None)
         length = options.pop("max_sequence_length", 512)
         if options:
@@ -700,24 +701,27 @@ class FluxDenoiser(Denoiser):
             return {}
         if guidance is None:   # the pipeline class's default, where a caller sets none
             guidance = call_defaults(self.pipe)["guidance_scale"]
-        return {"guidance": torch.full((count,), float(guidance), device=like.device, dtype=like.dtype)}
+        return {GUIDANCE: torch.full((count,), float(guidance), device=like.device, dtype=like.dtype)}
 
-    def _image_ids(self, height: int, width: int, latents: torch.Tensor) -> torch.Tensor:
-        key = (height, width, latents.device, latents.dtype)
+    def _ids_of(self, key: tuple, latents: torch.Tensor, make) -> torch.Tensor:
+        """The text or image ids `key` names, made once per device and dtype (the same every call)."""
+        key = key + (latents.device, latents.dtype)
         if key not in self._ids:
-            self._ids[key] = flux.image_ids(height // 2, width // 2, latents.device, latents.dtype)
+            self._ids[key] = make()
         return self._ids[key]
 
     def run(self, module, latents, t, cond):
         if any(k.startswith(IMAGE_PROMPT) for k in cond.extras):   # never an image prompt dropped
             raise ValueError("ip_adapter_image: fastdiff runs no IP-Adapter of a Flux transformer yet")
         _, _, height, width = latents.shape
-        guidance = cond.extras.get("guidance")
-        text_ids = latents.new_zeros(cond.embeds.shape[1], 3)
+        guidance, tokens = cond.extras.get(GUIDANCE), cond.embeds.shape[1]
+        text_ids = self._ids_of(("text", tokens), latents, lambda: latents.new_zeros(tokens, 3))
+        image_ids = self._ids_of(("image", height, width), latents,
+                                 lambda: flux.image_ids(height // 2, width // 2, latents.device, latents.dtype))
         out = module(hidden_states=flux.pack(latents), timestep=t.to(latents.dtype) / 1000,
                      guidance=None if guidance is None else guidance.float(),
                      pooled_projections=cond.extras["pooled_projections"], encoder_hidden_states=cond.embeds,
-                     txt_ids=text_ids, img_ids=self._image_ids(height, width, latents), return_dict=False)[0]
+                     txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
         return flux.unpack(out, height, width)
 
     def graph_spec(self, module=None, text_length=None):

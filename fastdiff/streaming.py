@@ -8,11 +8,10 @@ import torch
 
 from .checks import check_choice, check_int, check_number, check_seed
 from .controlnet import ControlledDenoiser
-from .denoiser import EMBED_ARGS, Conditioning
+from .denoiser import EMBED_ARGS, GUIDANCE, Conditioning
 from .images import FiniteWatch, check_output_type, from_model_tensor, signed, to_model_tensor
 from .inpainting import InpaintingDenoiser
 from .sampling.guiders import make_guider
-from .sampling.schedule import step_schedule
 from .stream.batch import NOISE_MODES, LatentStream
 from .stream.prepare import Prepared, UsesPrepared
 from .stream.similarity import SimilarityFilter
@@ -22,7 +21,6 @@ from .tuning.adapters import HoldsAdapter
 from .tuning.routers import HoldsRouter
 
 MODES = ("img2img", "txt2img")
-GUIDANCE = "guidance"   # a guidance-distilled model's guidance scale, among the stream's encoding options
 DEFAULT_STEPS = {"img2img": [32, 45], "txt2img": [0, 16, 32, 45]}
 # each side of a prompt, given as text or as the embeddings that stand in for it
 PROMPT_SIDES = (("prompt", ("prompt_embeds", "pooled_prompt_embeds")),
@@ -134,7 +132,8 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         self.num_inference_steps = num_inference_steps
         self.steps, self.timesteps = steps, timesteps
         self.height, self.width = self.parts.size(height, width)
-        self.schedule = self._schedule(steps, timesteps, num_inference_steps, self.solver, (self.height, self.width))
+        self.schedule = self.parts.step_schedule(steps, timesteps, num_inference_steps, self.solver, self.height,
+                                                 self.width)
         self.prompt = self.negative_prompt = None
         self._embeds = {}   # the prompt embeddings given in place of prompt or negative prompt
         # the other prompts and size conditioning given (text_inputs); a guidance-distilled model's guidance
@@ -166,15 +165,6 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
                              f"input); its stream draws without guidance rows, cfg='none', not {cfg!r}")
         scale = self._defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         return make_guider("none", 1.0, delta, guidance_rescale), check_number(scale, "guidance_scale")
-
-    def _schedule(self, steps, timesteps, num_inference_steps, solver, size):
-        """The step schedule; for a family whose pipelines shift it by the image's size (Flux), at `size`."""
-        sigmas = mu = None
-        if isinstance(num_inference_steps, int) and num_inference_steps >= 1:   # else step_schedule says why
-            sigmas, mu = self.denoiser.schedule_arguments(self.scheduler, num_inference_steps, None,
-                                                          self.parts.latent_shape(*size))
-        return step_schedule(self.scheduler, steps, timesteps, num_inference_steps, solver,
-                             sigmas=sigmas if steps is not None else None, mu=mu)
 
     @property
     def delta(self) -> float:
@@ -323,7 +313,7 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
             if num_inference_steps is None:
                 num_inference_steps = self.num_inference_steps
             size = self.parts.size(self.height if height is None else height, self.width if width is None else width)
-            schedule = self._schedule(steps, timesteps, num_inference_steps, solver, size)
+            schedule = self.parts.step_schedule(steps, timesteps, num_inference_steps, solver, *size)
         resized = size != (self.height, self.width)
         scales = None
         if controlnet_conditioning_scale is not None:

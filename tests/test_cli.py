@@ -68,6 +68,14 @@ def test_stream_runs_a_flux_pipeline_with_its_own_guidance(tmp_path):
     refused = run("stream", "--clip", "moving-shapes", "--frames", 3, "--model", "tiny-flux", "--cfg", "self",
                   "--out", tmp_path / "refused")
     assert refused.exit_code == 2 and "guidance-distilled" in refused.output, refused.output
+    # its stream's steps searched: the shifted schedule's first timestep, rounded to the search's whole ones
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    searched = run("tune", "steps", "--model", "tiny-flux", "--mode", "stream", "--solver", "ddim", "--cfg", "none",
+                   "--steps", 2, "--method", "dp", "--teacher-steps", 6, "--frames", 2, "--prompt-file", prompts,
+                   "--out", tmp_path / "flux-stream-2.json")
+    assert searched.exit_code == 0, searched.output
+    assert re.search(r"timesteps \[471, \d+\]", searched.output), searched.output
 
 
 def test_generate_from_a_picture_and_a_mask(tmp_path):

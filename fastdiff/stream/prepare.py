@@ -15,6 +15,7 @@ from ..denoiser import (Conditioning, check_embeds, check_prompts, check_size, d
                         with_image_prompt)
 from ..images import check_finite
 from ..inpainting import with_inpainting
+from ..sampling.schedule import StepSchedule, set_schedule, step_schedule
 from ..vae import LatentCodec
 
 __all__ = ["Prepared", "UsesPrepared"]
@@ -50,6 +51,24 @@ class Prepared:
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.codec.scale_factor
         return (self.denoiser.in_channels, height // f, width // f)
+
+    # -- schedules -----------------------------------------------------------------------------
+    def set_own_schedule(self, num_inference_steps: int, height: int, width: int) -> int:
+        """Set the scheduler to the pipeline's own `num_inference_steps`-step schedule at an image of
+        `height` × `width` (Flux's pipelines shift it by the image's size); returns the step count."""
+        sigmas, mu = self.denoiser.schedule_arguments(self.pipe.scheduler, num_inference_steps, None,
+                                                      self.latent_shape(height, width))
+        return set_schedule(self.pipe.scheduler, num_inference_steps, sigmas, mu)
+
+    def step_schedule(self, steps, timesteps, num_inference_steps, solver, height: int, width: int) -> StepSchedule:
+        """:func:`~fastdiff.sampling.schedule.step_schedule` of the pipeline's scheduler, `steps`
+        indexing its own schedule at an image of `height` × `width` (see :meth:`set_own_schedule`)."""
+        sigmas = mu = None
+        if isinstance(num_inference_steps, int) and num_inference_steps >= 1:   # else step_schedule says why
+            sigmas, mu = self.denoiser.schedule_arguments(self.pipe.scheduler, num_inference_steps, None,
+                                                          self.latent_shape(height, width))
+        return step_schedule(self.pipe.scheduler, steps, timesteps, num_inference_steps, solver,
+                             sigmas=sigmas if steps is not None else None, mu=mu)
 
     def current_codec(self) -> LatentCodec:
         """The codec built at preparation (with any VAE engines), unless ``pipe.vae`` was replaced since."""

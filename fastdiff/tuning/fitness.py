@@ -159,9 +159,7 @@ class Trajectories:
         scheduler = self.pipe.scheduler
         steps = self.setting.teacher_steps
         if self.mode == "pipeline":   # the pipeline's own schedule (Flux's shifted for the image's size)
-            sigmas, mu = self.parts.denoiser.schedule_arguments(scheduler, steps, None, self.latent_shape)
-            schedule = step_schedule(scheduler, steps=list(range(steps)), num_inference_steps=steps, solver="ddim",
-                                     sigmas=sigmas, mu=mu)
+            schedule = self.parts.step_schedule(list(range(steps)), None, steps, "ddim", self.height, self.width)
         else:   # uniform DDIM steps from the stream's first timestep down
             start = float(self.strength_timestep)
             times = np.linspace(start, 0, steps, endpoint=False)

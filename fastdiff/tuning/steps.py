@@ -31,7 +31,7 @@ import torch
 from ..artefacts import StaleArtefactError, read_json, write_json
 from ..checks import check_choice, check_int, check_number
 from ..denoiser import check_prompts
-from ..sampling.schedule import set_schedule, step_schedule
+from ..sampling.schedule import step_schedule
 from ..sampling.solvers import advance
 from .fitness import DEFAULT_WEIGHTS, Trajectories
 from .schedules import Schedule, prompts_hash, schedule_fields
@@ -283,10 +283,8 @@ def first_timestep(trajectories: Trajectories) -> int:
     """Where every candidate starts: the strength (stream) or the scheduler's own first timestep."""
     if trajectories.mode == "stream":
         return int(round(float(trajectories.strength_timestep)))
-    scheduler, steps = trajectories.pipe.scheduler, trajectories.setting.teacher_steps
-    sigmas, mu = trajectories.parts.denoiser.schedule_arguments(scheduler, steps, None, trajectories.latent_shape)
-    set_schedule(scheduler, steps, sigmas, mu)
-    return int(scheduler.timesteps[0])
+    trajectories.parts.set_own_schedule(trajectories.setting.teacher_steps, trajectories.height, trajectories.width)
+    return int(trajectories.pipe.scheduler.timesteps[0])
 
 
 def search_steps(pipe, prompts, steps: int, method: str = "evolution", budget_minutes: float = 10.0, *,

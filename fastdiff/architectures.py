@@ -100,11 +100,14 @@ def _sd_scheduler(name: str, prediction_type: str = "epsilon"):
 
 
 def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim", vae: str = "kl", img2img: bool = False,
-                     prediction_type: str = "epsilon", sample_size: int = 8):
+                     prediction_type: str = "epsilon", sample_size: int = 8, levels: int = 2):
     """A Stable-Diffusion-1.x-shaped pipeline small enough for CPU tests (64×64 images by default).
 
-    ``scheduler``: "ddim", "lcm", "tcd" or "euler". ``vae``: "kl" or "tiny".
+    ``scheduler``: "ddim", "lcm", "tcd" or "euler". ``vae``: "kl" or "tiny". ``levels``: 2, or 1 for a
+    UNet of one cross-attention level (fewer kinds of kernel for a compiler to build).
     """
+    if levels not in (1, 2):
+        raise ValueError(f"levels must be 1 or 2, got {levels!r}")
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -114,10 +117,10 @@ def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim", vae: str = "kl", im
         sample_size=sample_size,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
+        block_out_channels=(32, 64) if levels == 2 else (16,),
         layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D")[:levels],
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")[-levels:],
         cross_attention_dim=32,
         attention_head_dim=8,
         norm_num_groups=8,

@@ -34,15 +34,7 @@ def run_stream(pipe, backend, **kwargs):
 
 def small_unet_pipeline():
     """The tiny SD pipeline with a one-level UNet and AutoencoderTiny: quick for Inductor to compile."""
-    from diffusers import UNet2DConditionModel
-
-    pipe = tiny_sd_pipeline(scheduler="lcm", vae="tiny")
-    torch.manual_seed(1)
-    pipe.unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16,), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8).eval()
-    return pipe
+    return tiny_sd_pipeline(scheduler="lcm", vae="tiny", levels=1)
 
 
 @pytest.fixture(scope="module")

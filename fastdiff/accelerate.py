@@ -68,7 +68,7 @@ LORA_SCALE_ARGS = ("cross_attention_kwargs", "joint_attention_kwargs")
 
 def accelerate(pipe, *, cfg: str | None = None, delta: float = 1.0, solver: str | None = None,
                backend: str | None = None, engine_options: dict | None = None, steps=None, schedule=None,
-               adapter=None, adapter_scale: float = 1.0, adapter_scheduler: str | None = None, router=None,
+               adapter=None, adapter_scale: float | None = None, adapter_scheduler: str | None = None, router=None,
                attention: str | None = None) -> "AcceleratedPipeline":
     """Wrap a diffusers pipeline; the result is called exactly like `pipe`.
 
@@ -84,9 +84,11 @@ def accelerate(pipe, *, cfg: str | None = None, delta: float = 1.0, solver: str 
     and solver, unless the call gives ``timesteps`` itself.
 
     ``adapter``: a LoRA (a folder or ``.safetensors``; ours from ``fastdiff tune onestep``, or a known
-    few-step family: LCM-LoRA, TCD, Hyper-SD, SDXL-Lightning, DMD2 — ``adapter_scheduler`` names the
-    family when the file name does not) loaded into the pipeline's denoiser at ``adapter_scale``;
-    calls then default to its step count, timesteps, scheduler and guidance. ``set_adapter`` swaps or
+    few-step family: LCM-LoRA, TCD, Hyper-SD, SDXL-Lightning, DMD2 for the UNets; Hyper-SD3,
+    Hyper-FLUX and FLUX.1-Turbo for SD3 and Flux — ``adapter_scheduler`` names the family when the
+    file name does not) loaded into the pipeline's denoiser at ``adapter_scale`` (default: the
+    family's card's LoRA weight, 0.125 for Hyper-SD3 / Hyper-FLUX, else 1); calls then default to its
+    step count, timesteps, scheduler and guidance. ``set_adapter`` swaps or
     rescales it later.
 
     ``attention``: the attention kernel (``"sdpa"``, ``"sdpa-flash"``, ``"sdpa-math"``..., ``"xformers"``,
@@ -191,7 +193,7 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         if self.parts.backend is not None:
             self._attach_engines(force=True)
 
-    def set_adapter(self, adapter, scale: float = 1.0, adapter_scheduler: str | None = None):
+    def set_adapter(self, adapter, scale: float | None = None, adapter_scheduler: str | None = None):
         """Attach another adapter (None: none), or rescale the one attached; engines follow (a rebuild
         from the cache key, which holds the LoRA state; PyTorch needs none)."""
         self._set_adapter(adapter, scale, adapter_scheduler)

@@ -212,9 +212,11 @@ def main():
               help="A searched step schedule (fastdiff tune steps); auto: the shapes model's shipped one for "
                    "--steps, when there is one.")
 @click.option("--adapter", default="auto", show_default=True, metavar="auto|none|PATH",
-              help="A LoRA adapter (ours from `fastdiff tune onestep`, or LCM/TCD/Hyper-SD/Lightning/DMD2); auto: "
+              help="A LoRA adapter (ours from `fastdiff tune onestep`, or LCM/TCD/Hyper-SD/Lightning/DMD2, "
+                   "Hyper-SD3/Hyper-FLUX/FLUX.1-Turbo); auto: "
                    "the shapes model's shipped one-step adapter when --steps is 1.")
-@click.option("--adapter-scale", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option("--adapter-scale", type=click.FloatRange(min=0), default=None,
+              help="The adapter's LoRA weight (default: its family's card's, else 1).")
 @click.option("--router", default=None, metavar="shapes|PATH",
               help="A prompt router (fastdiff tune route): each prompt runs on its pruned sub-network; "
                    "'shapes': the shapes model's shipped one.")
@@ -413,7 +415,8 @@ def ready_results(runner):
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("out/stream"),
               show_default=True, help="Folder the output frames are written to.")
 @click.option("--adapter", default=None, metavar="PATH", help="A LoRA adapter loaded into the denoiser.")
-@click.option("--adapter-scale", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option("--adapter-scale", type=click.FloatRange(min=0), default=None,
+              help="The adapter's LoRA weight (default: its family's card's, else 1).")
 @height_option
 @width_option
 @backend_option

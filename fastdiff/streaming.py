@@ -92,7 +92,7 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
                  mode: str = "img2img", solver: str | None = None, noise: str = "fixed", seed: int = 0,
                  height: int | None = None, width: int | None = None, output_type: str = "pt",
                  backend: str | None = None, engine_options: dict | None = None, adapter=None,
-                 adapter_scale: float = 1.0, adapter_scheduler: str | None = None, router=None,
+                 adapter_scale: float | None = None, adapter_scheduler: str | None = None, router=None,
                  attention: str | None = None, compile: str | None = None, compile_backend: str = "inductor",
                  compile_mode: str | None = None, controlnet_conditioning_scale=1.0, guess_mode: bool = False):
         self.mode = check_choice(mode, "mode", MODES)
@@ -364,7 +364,7 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
             return DEFAULT_STEPS[self.mode][:1], None
         return DEFAULT_STEPS[self.mode], None
 
-    def set_adapter(self, adapter, scale: float = 1.0, adapter_scheduler: str | None = None, wait: bool = True):
+    def set_adapter(self, adapter, scale: float | None = None, adapter_scheduler: str | None = None, wait: bool = True):
         """Swap the adapter (None: none) or change its scale while streaming, from the next call on.
 
         PyTorch and torch.compile: immediate, no recompilation (the scale is a tensor). Engines: built

@@ -224,6 +224,62 @@ def test_known_families_set_their_scheduler(trained, tmp_path):
         load_adapter(saved.path, adapter_scheduler="lcm")
 
 
+def a_lora_of(pipe, folder, name: str) -> str:
+    """A random LoRA on `pipe`'s transformer saved as diffusers saves one, under `name`."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    model = pipe.transformer
+    torch.manual_seed(5)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"],
+                                 init_lora_weights="gaussian"), adapter_name="made")
+    state = get_peft_model_state_dict(model, adapter_name="made")
+    for key, value in state.items():   # PEFT starts B at zero: a LoRA that changes nothing
+        if "lora_B" in key:
+            value.copy_(torch.randn_like(value))
+    model.delete_adapters("made")
+    type(pipe).save_lora_weights(str(folder), transformer_lora_layers=state, weight_name=name)
+    return os.path.join(str(folder), name)
+
+
+@pytest.mark.parametrize("name, steps, guidance", [("Hyper-FLUX.1-dev-8steps-lora.safetensors", 8, 3.5),
+                                                   ("FLUX.1-Turbo-Alpha.safetensors", 8, 3.5),
+                                                   ("Hyper-SD3-4steps-CFG-lora.safetensors", 4, 3.0)])
+def test_flow_matching_families_sample_as_their_cards_say(name, steps, guidance, tmp_path):
+    """Hyper-SD3, Hyper-FLUX and FLUX.1-Turbo keep the pipeline's flow-matching Euler, at their cards'
+    steps, guidance and LoRA weight (0.125 for Hyper-SD's): diffusers' images with the same LoRA."""
+    from fastdiff.architectures import tiny_flux_pipeline, tiny_sd3_pipeline
+
+    make = tiny_sd3_pipeline if "SD3" in name else tiny_flux_pipeline
+    lora = a_lora_of(make(), tmp_path, name)
+    weight = 0.125 if name.startswith("Hyper") else 1.0
+    plain = make()
+    plain.load_lora_weights(lora, adapter_name="theirs")
+    plain.set_adapters(["theirs"], [weight])
+    want = plain("a red circle", num_inference_steps=steps, guidance_scale=guidance, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    pipe = make()
+    fast = fastdiff.accelerate(pipe, adapter=lora)
+    assert fast.scheduler is pipe.scheduler and fast.adapter_scale == weight
+    got = fast("a red circle", output_type="np", generator=torch.Generator().manual_seed(0)).images
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.abs(got - run_without_lora(make, steps, guidance)).max() > 1e-3   # the LoRA acted
+    with pytest.raises(ValueError, match=r"adapter_scheduler must be one of \('hyper'"):
+        fastdiff.accelerate(make(), adapter=lora, adapter_scheduler="lcm")   # the UNets' families don't apply
+
+
+def run_without_lora(make, steps, guidance):
+    return make()("a red circle", num_inference_steps=steps, guidance_scale=guidance, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+
+
+def test_a_unet_family_name_on_a_flux_pipeline_is_refused_naming_its_families(tmp_path):
+    from fastdiff.architectures import tiny_flux_pipeline
+
+    lora = a_lora_of(tiny_flux_pipeline(), tmp_path, "lcm-lora-flux.safetensors")
+    with pytest.raises(ValueError, match=r"names no known family \(hyper, turbo\)"):
+        fastdiff.accelerate(tiny_flux_pipeline(), adapter=lora)
+
+
 def to_kohya(state: dict) -> dict:
     """Our LoRA (PEFT keys) written in kohya's layout: lora_unet_<path with _>.lora_down/up.weight + alpha."""
     out = {}

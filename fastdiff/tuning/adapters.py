@@ -5,7 +5,9 @@ An adapter folder of ours holds ``pytorch_lora_weights.safetensors`` in diffuser
 ``pipe.load_lora_weights(folder)`` works with no fastdiff installed — and ``manifest.json``: the base
 weights hash, target modules, rank, and the sampling the adapter was trained for (scheduler,
 timesteps, guidance). A file of someone else's (a folder or a ``.safetensors``, diffusers/PEFT or
-kohya keys) gets its sampling from :data:`KNOWN_FAMILIES`, by name, or from ``adapter_scheduler=``.
+kohya keys) gets its sampling from the known families of its pipeline's kind (:func:`known_families`:
+:data:`KNOWN_FAMILIES` for the UNets, :data:`FLOW_FAMILIES` for SD3 and Flux), by name, or from
+``adapter_scheduler=``.
 
 :func:`attach_adapter` loads one into the pipeline's denoiser as the PEFT adapter named
 :data:`ADAPTER_NAME`, with its scale held in 0-d tensors rather than Python floats: changing the
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -26,7 +28,7 @@ from ..checks import check_number
 from ..denoiser import denoiser_for
 from .schedules import model_hash
 
-__all__ = ["ADAPTER_NAME", "WEIGHTS_FILE", "KNOWN_FAMILIES", "AdapterSampling", "Adapter", "HoldsAdapter",
+__all__ = ["ADAPTER_NAME", "WEIGHTS_FILE", "KNOWN_FAMILIES", "FLOW_FAMILIES", "known_families", "AdapterSampling", "Adapter", "HoldsAdapter",
            "load_adapter", "attach_adapter", "detach_adapter", "set_adapter_scale", "adapter_scheduler"]
 
 ADAPTER_NAME = "fastdiff"
@@ -39,7 +41,9 @@ REMEDY = "train one for this model (fastdiff tune onestep)"
 @dataclass(frozen=True)
 class AdapterSampling:
     """How an adapter samples: its scheduler class (None: the pipeline's own), extra scheduler
-    config, its timesteps (None: the scheduler's own for `steps`), its step count and guidance."""
+    config, its timesteps (None: the scheduler's own for `steps`), its step count and guidance, and
+    the LoRA weight its card gives (the scale when the caller names none). `guidance_by_steps`:
+    (steps, guidance) pairs for a family whose guidance follows its step count."""
 
     scheduler: str | None
     steps: int
@@ -47,6 +51,8 @@ class AdapterSampling:
     guidance_scale: float = 1.0
     config: dict = field(default_factory=dict)
     eta: float = 0.0
+    scale: float = 1.0
+    guidance_by_steps: tuple = ()
 
 
 # Few-step adapters users already have, by a word of their name (their cards' settings).
@@ -60,15 +66,31 @@ KNOWN_FAMILIES = {
 }
 
 
-def _family_of(name: str) -> tuple[str, AdapterSampling] | None:
+# The flow-matching families' few-step adapters (their cards' settings): they keep the pipeline's
+# flow-matching Euler, and Hyper-SD's want a small LoRA weight; Flux-dev's guidance is its model input.
+FLOW_FAMILIES = {
+    "sd3": {"hyper": AdapterSampling(None, 8, guidance_scale=5.0, scale=0.125,
+                                     guidance_by_steps=((4, 3.0), (8, 5.0), (16, 7.0)))},
+    "flux": {"hyper": AdapterSampling(None, 8, guidance_scale=3.5, scale=0.125),
+             "turbo": AdapterSampling(None, 8, guidance_scale=3.5)},
+}
+
+
+def known_families(family: str | None = None) -> dict:
+    """The known few-step families for a denoiser of `family` (its ``Denoiser.family``)."""
+    return FLOW_FAMILIES.get(family, KNOWN_FAMILIES)
+
+
+def _family_of(name: str, families: dict) -> tuple[str, AdapterSampling] | None:
     """The known family a file name names, with its step count read off '…-2step…' names."""
     lowered = os.path.basename(str(name)).lower()
-    for family, sampling in KNOWN_FAMILIES.items():
+    for family, sampling in families.items():
         if family in lowered:
             steps = re.search(r"(\d+)[-_]?steps?", lowered)
             if steps and sampling.timesteps is None:
-                sampling = AdapterSampling(sampling.scheduler, int(steps.group(1)), None, sampling.guidance_scale,
-                                           sampling.config, sampling.eta)
+                count = int(steps.group(1))
+                guidance = dict(sampling.guidance_by_steps).get(count, sampling.guidance_scale)
+                sampling = replace(sampling, steps=count, guidance_scale=guidance)
             return family, sampling
     return None
 
@@ -98,15 +120,16 @@ class Adapter:
 
 def load_adapter(adapter, pipe=None, adapter_scheduler: str | None = None) -> Adapter:
     """An :class:`Adapter` from a folder or ``.safetensors`` path (or one already loaded), checked
-    against `pipe` when given. `adapter_scheduler` (a key of :data:`KNOWN_FAMILIES`) overrides the
-    sampling of a file that is not ours."""
+    against `pipe` when given. `adapter_scheduler` (a key of :func:`known_families` for `pipe`'s
+    denoiser; the UNets' without a pipe) overrides the sampling of a file that is not ours."""
     if isinstance(adapter, Adapter):
         return adapter.check(pipe) if pipe is not None else adapter
     if not isinstance(adapter, (str, os.PathLike)) or not os.path.exists(adapter):
         raise ValueError(f"adapter: no LoRA folder or .safetensors file at {adapter!r}")
     path = str(adapter)
-    if adapter_scheduler is not None and adapter_scheduler not in KNOWN_FAMILIES:
-        raise ValueError(f"adapter_scheduler must be one of {tuple(KNOWN_FAMILIES)}, got {adapter_scheduler!r}")
+    families = known_families(denoiser_for(pipe).family if pipe is not None else None)
+    if adapter_scheduler is not None and adapter_scheduler not in families:
+        raise ValueError(f"adapter_scheduler must be one of {tuple(families)}, got {adapter_scheduler!r}")
     manifest_path = os.path.join(path, "manifest.json") if os.path.isdir(path) else None
     if manifest_path and os.path.isfile(manifest_path):
         if adapter_scheduler is not None:
@@ -130,12 +153,12 @@ def load_adapter(adapter, pipe=None, adapter_scheduler: str | None = None) -> Ad
         if not os.path.isfile(weights) or not weights.endswith(".safetensors"):
             raise ValueError(f"adapter: {path} is neither a .safetensors file nor a folder holding {WEIGHTS_FILE}")
         if adapter_scheduler is not None:
-            found = (adapter_scheduler, KNOWN_FAMILIES[adapter_scheduler])
+            found = (adapter_scheduler, families[adapter_scheduler])
         else:
-            found = _family_of(path)
+            found = _family_of(path, families)
         if found is None:
             raise ValueError(f"adapter: {os.path.basename(path)} is not ours and names no known family "
-                             f"({', '.join(KNOWN_FAMILIES)}); say how it samples with adapter_scheduler=")
+                             f"({', '.join(families)}); say how it samples with adapter_scheduler=")
         loaded = Adapter(path, found[1], found[0])
     return loaded.check(pipe) if pipe is not None else loaded
 
@@ -205,8 +228,10 @@ class HoldsAdapter:
     adapter_scale: float = 1.0
     own_scheduler = None   # the adapter's own scheduler, when not the pipeline's
 
-    def _set_adapter(self, adapter, scale: float = 1.0, family: str | None = None) -> None:
-        scale = check_number(scale, "scale", 0.0)
+    def _set_adapter(self, adapter, scale: float | None = None, family: str | None = None) -> None:
+        # scale None: the adapter's own (its card's LoRA weight; 1 for ours)
+        if scale is not None:
+            scale = check_number(scale, "scale", 0.0)
         if adapter is None:
             detach_adapter(self.pipe)
             self.adapter, self.own_scheduler = None, None
@@ -215,12 +240,13 @@ class HoldsAdapter:
                 raise ValueError("adapter: a router is set, and its pruned sub-networks would run without the "
                                  "adapter; use one or the other")
             loaded = load_adapter(adapter, self.pipe, family)
+            scale = loaded.sampling.scale if scale is None else scale
             if self.adapter is None or os.path.abspath(loaded.path) != os.path.abspath(self.adapter.path):
                 attach_adapter(self.pipe, loaded, scale)
             else:
                 set_adapter_scale(self.parts.denoiser.original, scale)
             self.adapter, self.own_scheduler = loaded, adapter_scheduler(self.pipe, loaded)
-        self.adapter_scale = scale
+        self.adapter_scale = 1.0 if scale is None else scale
 
     @property
     def scheduler(self):

@@ -210,7 +210,10 @@ def test_known_families_set_their_scheduler(trained, tmp_path):
     assert type(fastdiff.accelerate(pipe, adapter=tcd).scheduler).__name__ == "TCDScheduler"
     hyper = str(tmp_path / "Hyper-SD15-2steps-lora.safetensors")
     shutil.copy(weights, hyper)
-    assert load_adapter(hyper).sampling.steps == 2
+    assert load_adapter(hyper).sampling.steps == 2 and load_adapter(hyper).sampling.guidance_scale == 1.0
+    hyper_cfg = str(tmp_path / "Hyper-SD15-12steps-CFG-lora.safetensors")   # guidance kept: its card's 5
+    shutil.copy(weights, hyper_cfg)
+    assert (load_adapter(hyper_cfg).sampling.steps, load_adapter(hyper_cfg).sampling.guidance_scale) == (12, 5.0)
     mystery = str(tmp_path / "mystery.safetensors")
     shutil.copy(weights, mystery)
     with pytest.raises(ValueError, match="adapter_scheduler"):

@@ -43,7 +43,8 @@ class AdapterSampling:
     """How an adapter samples: its scheduler class (None: the pipeline's own), extra scheduler
     config, its timesteps (None: the scheduler's own for `steps`), its step count and guidance, and
     the LoRA weight its card gives (the scale when the caller names none). `guidance_by_steps`:
-    (steps, guidance) pairs for a family whose guidance follows its step count."""
+    (steps, guidance) pairs for a family whose guidance follows its step count; `cfg_guidance`: the
+    guidance of the family's CFG-preserving files (their names say "CFG")."""
 
     scheduler: str | None
     steps: int
@@ -53,6 +54,7 @@ class AdapterSampling:
     eta: float = 0.0
     scale: float = 1.0
     guidance_by_steps: tuple = ()
+    cfg_guidance: float | None = None
 
 
 # Few-step adapters users already have, by a word of their name (their cards' settings).
@@ -60,7 +62,8 @@ KNOWN_FAMILIES = {
     "lcm": AdapterSampling("LCMScheduler", 4, guidance_scale=1.0),
     "tcd": AdapterSampling("TCDScheduler", 4, guidance_scale=1.0, eta=0.3),
     "dmd2": AdapterSampling("LCMScheduler", 4, timesteps=(999, 749, 499, 249), guidance_scale=1.0),
-    "hyper": AdapterSampling("DDIMScheduler", 8, guidance_scale=1.0, config={"timestep_spacing": "trailing"}),
+    "hyper": AdapterSampling("DDIMScheduler", 8, guidance_scale=1.0, config={"timestep_spacing": "trailing"},
+                             cfg_guidance=5.0),
     "lightning": AdapterSampling("EulerDiscreteScheduler", 8, guidance_scale=1.0,
                                  config={"timestep_spacing": "trailing"}),
 }
@@ -91,6 +94,8 @@ def _family_of(name: str, families: dict) -> tuple[str, AdapterSampling] | None:
                 count = int(steps.group(1))
                 guidance = dict(sampling.guidance_by_steps).get(count, sampling.guidance_scale)
                 sampling = replace(sampling, steps=count, guidance_scale=guidance)
+            if sampling.cfg_guidance is not None and "cfg" in lowered:
+                sampling = replace(sampling, guidance_scale=sampling.cfg_guidance)
             return family, sampling
     return None
 

@@ -292,7 +292,7 @@ def generate(prompts, model, steps, schedule, adapter, adapter_scale, router, ne
         sampling = fast.adapter.sampling
         steps = asked_steps or sampling.steps   # the adapter's own step count unless --steps says otherwise
         click.echo(f"adapter {adapter} ({fast.adapter.family}): {sampling.steps} step(s), "
-                   f"{type(fast.scheduler).__name__}", err=True)
+                   f"{type(fast.scheduler).__name__}, LoRA weight {fast.adapter_scale:g}", err=True)
     if schedule is not None:
         click.echo(f"schedule {schedule}: timesteps {[int(t) for t in fast.schedules[steps].timesteps]}", err=True)
     out.mkdir(parents=True, exist_ok=True)

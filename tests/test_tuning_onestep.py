@@ -275,6 +275,21 @@ def run_without_lora(make, steps, guidance):
                   generator=torch.Generator().manual_seed(0)).images
 
 
+def test_a_hyper_flux_file_from_the_command_line_and_in_a_stream(tmp_path):
+    from fastdiff.architectures import tiny_flux_pipeline
+
+    lora = a_lora_of(tiny_flux_pipeline(), tmp_path, "Hyper-FLUX.1-dev-16steps-lora.safetensors")
+    for scale, said in ((None, "LoRA weight 0.125"), ("0.5", "LoRA weight 0.5")):
+        args = ["generate", "--model", "tiny-flux", "--adapter", lora, "--out", str(tmp_path / "out"), "a red circle"]
+        result = CliRunner().invoke(main, args + (["--adapter-scale", scale] if scale else []))
+        assert result.exit_code == 0, result.output
+        assert f"(hyper): 16 step(s), FlowMatchEulerDiscreteScheduler, {said}" in result.output
+    stream = fastdiff.Stream(tiny_flux_pipeline(img2img=True), adapter=lora)
+    stream.prepare("a red circle")
+    frames = [stream(torch.rand(3, 64, 64)) for _ in range(3)] + stream.flush()
+    assert stream.adapter_scale == 0.125 and sum(f is not None for f in frames) == 3
+
+
 def test_a_unet_family_name_on_a_flux_pipeline_is_refused_naming_its_families(tmp_path):
     from fastdiff.architectures import tiny_flux_pipeline
 

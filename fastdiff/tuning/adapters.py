@@ -28,8 +28,9 @@ from ..checks import check_number
 from ..denoiser import denoiser_for
 from .schedules import model_hash
 
-__all__ = ["ADAPTER_NAME", "WEIGHTS_FILE", "KNOWN_FAMILIES", "FLOW_FAMILIES", "known_families", "AdapterSampling", "Adapter", "HoldsAdapter",
-           "load_adapter", "attach_adapter", "detach_adapter", "set_adapter_scale", "adapter_scheduler"]
+__all__ = ["ADAPTER_NAME", "WEIGHTS_FILE", "KNOWN_FAMILIES", "FLOW_FAMILIES", "known_families", "AdapterSampling",
+           "Adapter", "HoldsAdapter", "load_adapter", "attach_adapter", "detach_adapter", "set_adapter_scale",
+           "adapter_scheduler"]
 
 ADAPTER_NAME = "fastdiff"
 WEIGHTS_FILE = "pytorch_lora_weights.safetensors"

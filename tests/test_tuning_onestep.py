@@ -214,6 +214,12 @@ def test_known_families_set_their_scheduler(trained, tmp_path):
     hyper_cfg = str(tmp_path / "Hyper-SD15-12steps-CFG-lora.safetensors")   # guidance kept: its card's 5
     shutil.copy(weights, hyper_cfg)
     assert (load_adapter(hyper_cfg).sampling.steps, load_adapter(hyper_cfg).sampling.guidance_scale) == (12, 5.0)
+    unified = str(tmp_path / "Hyper-SD15-1step-lora.safetensors")   # the one-step unified LoRA: TCD at eta 1
+    shutil.copy(weights, unified)
+    fast = fastdiff.accelerate(pipe, adapter=unified)
+    assert (type(fast.scheduler).__name__, fast.adapter.sampling.steps, fast.adapter.sampling.eta) == ("TCDScheduler", 1, 1.0)
+    assert run(fast).shape == (2, 64, 64, 3)
+    fast.set_adapter(None)
     mystery = str(tmp_path / "mystery.safetensors")
     shutil.copy(weights, mystery)
     with pytest.raises(ValueError, match="adapter_scheduler"):

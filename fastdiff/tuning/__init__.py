@@ -11,7 +11,7 @@
   the MACs a router spends on the prompts it will serve.
 """
 
-from .adapters import KNOWN_FAMILIES, Adapter, load_adapter
+from .adapters import FLOW_FAMILIES, KNOWN_FAMILIES, Adapter, known_families, load_adapter
 from .fitness import DEFAULT_WEIGHTS, Trajectories, shapes_judge
 from .onestep import train_onestep
 from .routers import Router, load_router
@@ -19,6 +19,6 @@ from .routing import calibrate_router, join_routers, train_router
 from .schedules import Schedule, load_schedule
 from .steps import METHODS, search_steps
 
-__all__ = ["Adapter", "DEFAULT_WEIGHTS", "KNOWN_FAMILIES", "METHODS", "Router", "Schedule", "Trajectories",
-           "calibrate_router", "join_routers", "load_adapter", "load_router", "load_schedule", "search_steps",
+__all__ = ["Adapter", "DEFAULT_WEIGHTS", "FLOW_FAMILIES", "KNOWN_FAMILIES", "METHODS", "Router", "Schedule", "Trajectories",
+           "calibrate_router", "join_routers", "known_families", "load_adapter", "load_router", "load_schedule", "search_steps",
            "shapes_judge", "train_onestep", "train_router"]

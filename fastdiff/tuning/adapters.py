@@ -43,9 +43,9 @@ REMEDY = "train one for this model (fastdiff tune onestep)"
 class AdapterSampling:
     """How an adapter samples: its scheduler class (None: the pipeline's own), extra scheduler
     config, its timesteps (None: the scheduler's own for `steps`), its step count and guidance, and
-    the LoRA weight its card gives (the scale when the caller names none). `guidance_by_steps`:
-    (steps, guidance) pairs for a family whose guidance follows its step count; `cfg_guidance`: the
-    guidance of the family's CFG-preserving files (their names say "CFG")."""
+    the LoRA weight its card gives (the scale when the caller names none). `at_steps`: (steps,
+    {field: value}) pairs for a family whose files of that step count sample otherwise;
+    `cfg_guidance`: the guidance of the family's CFG-preserving files (their names say "CFG")."""
 
     scheduler: str | None
     steps: int
@@ -54,7 +54,7 @@ class AdapterSampling:
     config: dict = field(default_factory=dict)
     eta: float = 0.0
     scale: float = 1.0
-    guidance_by_steps: tuple = ()
+    at_steps: tuple = ()
     cfg_guidance: float | None = None
 
 
@@ -64,7 +64,8 @@ KNOWN_FAMILIES = {
     "tcd": AdapterSampling("TCDScheduler", 4, guidance_scale=1.0, eta=0.3),
     "dmd2": AdapterSampling("LCMScheduler", 4, timesteps=(999, 749, 499, 249), guidance_scale=1.0),
     "hyper": AdapterSampling("DDIMScheduler", 8, guidance_scale=1.0, config={"timestep_spacing": "trailing"},
-                             cfg_guidance=5.0),
+                             cfg_guidance=5.0,   # the one-step file is the unified LoRA, sampled by TCD
+                             at_steps=((1, {"scheduler": "TCDScheduler", "config": {}, "eta": 1.0}),)),
     "lightning": AdapterSampling("EulerDiscreteScheduler", 8, guidance_scale=1.0,
                                  config={"timestep_spacing": "trailing"}),
 }
@@ -73,8 +74,8 @@ KNOWN_FAMILIES = {
 # The flow-matching families' few-step adapters (their cards' settings): they keep the pipeline's
 # flow-matching Euler, and Hyper-SD's want a small LoRA weight; Flux-dev's guidance is its model input.
 FLOW_FAMILIES = {
-    "sd3": {"hyper": AdapterSampling(None, 8, guidance_scale=5.0, scale=0.125,
-                                     guidance_by_steps=((4, 3.0), (8, 5.0), (16, 7.0)))},
+    "sd3": {"hyper": AdapterSampling(None, 8, guidance_scale=5.0, scale=0.125, at_steps=(
+        (4, {"guidance_scale": 3.0}), (8, {"guidance_scale": 5.0}), (16, {"guidance_scale": 7.0})))},
     "flux": {"hyper": AdapterSampling(None, 8, guidance_scale=3.5, scale=0.125),
              "turbo": AdapterSampling(None, 8, guidance_scale=3.5)},
 }
@@ -93,8 +94,7 @@ def _family_of(name: str, families: dict) -> tuple[str, AdapterSampling] | None:
             steps = re.search(r"(\d+)[-_]?steps?", lowered)
             if steps and sampling.timesteps is None:
                 count = int(steps.group(1))
-                guidance = dict(sampling.guidance_by_steps).get(count, sampling.guidance_scale)
-                sampling = replace(sampling, steps=count, guidance_scale=guidance)
+                sampling = replace(sampling, steps=count, **dict(sampling.at_steps).get(count, {}))
             if sampling.cfg_guidance is not None and "cfg" in lowered:
                 sampling = replace(sampling, guidance_scale=sampling.cfg_guidance)
             return family, sampling

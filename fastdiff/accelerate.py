@@ -45,9 +45,11 @@ SUPPORTED = {
     "StableDiffusion3InpaintPipeline": ("img2img", "diffusers.pipelines.stable_diffusion_3", "StableDiffusion3PipelineOutput"),
     "FluxPipeline": ("txt2img", "diffusers.pipelines.flux", "FluxPipelineOutput"),
     "FluxImg2ImgPipeline": ("img2img", "diffusers.pipelines.flux", "FluxPipelineOutput"),
+    "FluxFillPipeline": ("img2img", "diffusers.pipelines.flux", "FluxPipelineOutput"),
 }
 # inpainting pipelines: img2img with a mask (and, for their own denoisers, the masked picture's latents)
-INPAINT = ("StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline", "StableDiffusion3InpaintPipeline")
+INPAINT = ("StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline", "StableDiffusion3InpaintPipeline",
+           "FluxFillPipeline")
 INPAINT_ARGS = ("mask_image", "masked_image_latents", "padding_mask_crop")
 # ControlNet pipelines: the argument holding the control images (txt2img ones take them as `image`)
 CONTROL_ARG = {"StableDiffusionControlNetPipeline": "image", "StableDiffusionXLControlNetPipeline": "image",
@@ -282,10 +284,12 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
 
         guidance_scale = check_number(self._default("guidance_scale", guidance_scale), "guidance_scale")
         embedded = None
-        if TRUE_CFG_ARG in self.defaults:   # Flux: guidance_scale is the model's input, true_cfg_scale guides
+        if denoiser.family == "flux":   # guidance_scale is the model's input; true_cfg_scale guides, where taken
             embedded = guidance_scale
-            true_cfg = check_number(options.get(TRUE_CFG_ARG, self.defaults[TRUE_CFG_ARG]), TRUE_CFG_ARG)
             negative = negative_prompt is not None or negative_prompt_embeds is not None
+            if negative and "negative_prompt" not in self.defaults:   # FLUX.1-Fill's
+                raise ValueError(f"negative_prompt: {type(self.pipe).__name__} takes no negative prompt")
+            true_cfg = check_number(options.get(TRUE_CFG_ARG, self.defaults.get(TRUE_CFG_ARG, 1.0)), TRUE_CFG_ARG)
             guidance_scale = true_cfg if negative else 1.0   # as the pipeline: no negative prompt, no guidance
         guidance_rescale = check_number(self._default("guidance_rescale", guidance_rescale) or 0.0, "guidance_rescale")
         cfg = self.cfg or ("full" if guidance_scale > 1 else "none")
@@ -416,7 +420,7 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         noised = latents if latents is not None and self.task == "img2img" and not self.inpaint else None
         clean = None
         if self.inpaint:   # as diffusers' inpainting pipelines: the image only where it is needed
-            if not masking.reads_mask or strength < 1.0:
+            if not masking.reads_mask or strength < 1.0 or masking.encodes_image:
                 clean = masking.encode(codec, pixels.to(denoiser.device), batch, generator)
         elif pixels is not None and noised is None:
             clean = self._encode_images(codec if not given_latents else None, pixels.to(denoiser.device), batch,

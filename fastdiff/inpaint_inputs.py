@@ -14,7 +14,7 @@ import torch
 
 from .checks import check_int
 from .images import check_finite, preprocessed
-from .inpainting import reads_mask, with_mask
+from .inpainting import mask_cells, mask_layout, with_mask
 
 
 @dataclass
@@ -22,9 +22,19 @@ class MaskInputs:
     mask: torch.Tensor                 # [n, 1, H, W] in {0, 1}: 1 where the picture is made anew
     masked: torch.Tensor               # the masked pictures [n, 3, H, W], or their latents as given
     masked_are_latents: bool
-    reads_mask: bool                   # the UNet reads the mask (else the known region is blended back)
-    mask_rows: torch.Tensor | None = None   # the mask at the latents' size, one row per image of the call
+    layout: str | None                 # how the denoiser reads the mask (inpainting.mask_layout); None: blended back
+    mask_rows: torch.Tensor | None = None   # the mask as the denoiser reads it, one row per image of the call
     overlay: Callable | None = None    # a picture made → pasted into the given one (padding_mask_crop)
+
+    @property
+    def reads_mask(self) -> bool:
+        """The denoiser reads the mask (else the known region is blended back after each step)."""
+        return self.layout is not None
+
+    @property
+    def encodes_image(self) -> bool:
+        """The pipeline encodes the image whatever the strength (FLUX.1-Fill's draws its latents first)."""
+        return self.layout == "cells"
 
     @staticmethod
     def encode(codec, pixels: torch.Tensor, batch: int, generator) -> torch.Tensor:
@@ -41,7 +51,10 @@ class MaskInputs:
         """(cond, uncond), carrying the mask and masked latents where the UNet reads them. The masked
         picture is encoded whether or not (the pipelines draw from the generator for it either way)."""
         device, dtype = cond.embeds.device, cond.embeds.dtype
-        mask = torch.nn.functional.interpolate(self.mask, size=tuple(latent_shape[-2:])).to(device, dtype)
+        if self.layout == "cells":
+            mask = mask_cells(self.mask, codec.scale_factor).to(device, dtype)
+        else:
+            mask = torch.nn.functional.interpolate(self.mask, size=tuple(latent_shape[-2:])).to(device, dtype)
         if self.masked_are_latents:
             masked = self.masked.to(device, dtype)
             config = codec.vae.config
@@ -107,8 +120,12 @@ def mask_inputs(pipe, mask_image, masked_image_latents, pixels: torch.Tensor, he
     if crop:   # the pictures made go back into the given one, where its crop was cut
         coords = crop["crops_coords"]
         overlay = lambda made: pipe.image_processor.apply_overlay(mask_image, image, made, coords)  # noqa: E731
+    layout = mask_layout(pipe)
     if masked_image_latents is None:
-        return MaskInputs(mask, pixels * (mask < 0.5), False, reads_mask(pipe), overlay=overlay)
+        return MaskInputs(mask, pixels * (mask < 0.5), False, layout, overlay=overlay)
+    if layout == "cells":
+        raise ValueError(f"masked_image_latents: fastdiff takes {name}'s mask and picture (mask_image, image), not "
+                         "its packed masked latents")
     factor, channels = pipe.vae_scale_factor, pipe.vae.config.latent_channels
     want = (channels, height // factor, width // factor)
     if not isinstance(masked_image_latents, torch.Tensor) or masked_image_latents.dim() != 4 \
@@ -116,4 +133,4 @@ def mask_inputs(pipe, mask_image, masked_image_latents, pixels: torch.Tensor, he
         raise ValueError(f"masked_image_latents must be a tensor of shape [n, {want[0]}, {want[1]}, {want[2]}], got "
                          f"{tuple(getattr(masked_image_latents, 'shape', ())) or type(masked_image_latents).__name__}")
     check_finite(masked_image_latents, "masked_image_latents")
-    return MaskInputs(mask, masked_image_latents, True, reads_mask(pipe), overlay=overlay)
+    return MaskInputs(mask, masked_image_latents, True, layout, overlay=overlay)

@@ -266,3 +266,56 @@ def test_flux_on_onnxruntime_engines(pipes, tmp_path):
         got = [stream(f) for f in frames]
         outs.append(torch.stack([o for o in got if o is not None] + stream.flush()))
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=0)
+
+
+def test_mask_cells_are_the_fill_pipelines():
+    from diffusers import FluxFillPipeline
+
+    from fastdiff.inpainting import mask_cells
+
+    pipe = tiny_flux_pipeline(fill=True)
+    mask = (torch.rand(2, 1, 32, 48) > 0.5).float()
+    want, _ = FluxFillPipeline.prepare_mask_latents(pipe, mask, torch.zeros(2, 16, 4, 6), 2, 16, 1, 32, 48,
+                                                    torch.float32, "cpu", None)
+    torch.testing.assert_close(pack(mask_cells(mask, 8)), want, rtol=0, atol=0)   # before packing, the same cells
+
+
+@pytest.mark.parametrize("options", [dict(), dict(strength=0.6, guidance_scale=10.0),
+                                     dict(num_images_per_prompt=2, height=64, width=128)])
+def test_fill_is_diffusers(options):
+    """FLUX.1-Fill: the transformer reads the masked picture's latents and the mask's 8×8 cells."""
+    pipe = tiny_flux_pipeline(fill=True)
+    width = options.get("width", 64)
+    mask = torch.zeros(1, 1, 64, width)
+    mask[..., 16:48, 8:40] = 1
+    picture = torch.rand(1, 3, 64, width, generator=torch.Generator().manual_seed(1))
+    fast = fastdiff.accelerate(pipe)
+    want, got = both(pipe, fast, "a red circle", image=picture, mask_image=mask,
+                     **{**ARGS, "num_inference_steps": 3, **options})
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert len(fast._last_rows[0]) == want.shape[0]   # one row per image: the guidance is the model's input
+    if not options:
+        with pytest.raises(ValueError, match="masked_image_latents: fastdiff takes FluxFillPipeline's mask"):
+            fastdiff.accelerate(pipe)("a red circle", image=picture, mask_image=mask,
+                                      masked_image_latents=torch.zeros(1, 16, 384))
+        with pytest.raises(ValueError, match="negative_prompt: FluxFillPipeline takes no negative prompt"):
+            fastdiff.accelerate(pipe)("a red circle", image=picture, mask_image=mask, negative_prompt="blue")
+        with pytest.raises(ValueError, match="mask_image is required by FluxFillPipeline"):
+            fastdiff.accelerate(pipe)("a red circle", image=picture)
+        with pytest.raises(ValueError, match="a Stream does not run an inpainting denoiser yet"):
+            fastdiff.Stream(pipe)
+
+
+def test_fill_on_onnxruntime_engines(tmp_path):
+    """FLUX.1-Fill's engine takes the latents, masked latents and mask cells as one grid of patches."""
+    pytest.importorskip("onnxruntime")
+    pipe = tiny_flux_pipeline(fill=True)
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 8:40, 16:48] = 1
+    args = dict(image=torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)), mask_image=mask,
+                num_inference_steps=3, output_type="np")
+    fast = fastdiff.accelerate(pipe, backend="onnxruntime", engine_options={
+        "cache_dir": str(tmp_path), "threads": 1, "max_batch": 1, "components": ["denoiser"]})
+    want, got = both(pipe, fast, "a red circle", **{**ARGS, **args, "max_sequence_length": 512})
+    assert type(fast.denoiser.module).__name__ == "EngineModule"
+    np.testing.assert_allclose(got, want, atol=1e-4)

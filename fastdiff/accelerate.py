@@ -14,6 +14,7 @@ import warnings
 
 import torch
 
+from .channel_inputs import reads_control_latents, with_control
 from .checks import check_int, check_number
 from .denoiser import EMBED_ARGS, GUIDANCE
 from .images import FiniteWatch, check_finite, check_output_type, preprocessed
@@ -46,6 +47,7 @@ SUPPORTED = {
     "FluxPipeline": ("txt2img", "diffusers.pipelines.flux", "FluxPipelineOutput"),
     "FluxImg2ImgPipeline": ("img2img", "diffusers.pipelines.flux", "FluxPipelineOutput"),
     "FluxFillPipeline": ("img2img", "diffusers.pipelines.flux", "FluxPipelineOutput"),
+    "FluxControlPipeline": ("txt2img", "diffusers.pipelines.flux", "FluxPipelineOutput"),
 }
 # inpainting pipelines: img2img with a mask (and, for their own denoisers, the masked picture's latents)
 INPAINT = ("StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline", "StableDiffusion3InpaintPipeline",
@@ -58,6 +60,8 @@ CONTROL_ARG = {"StableDiffusionControlNetPipeline": "image", "StableDiffusionXLC
 IMAGE_PROMPT_ARGS = ("ip_adapter_image", "ip_adapter_image_embeds")   # an IP-Adapter's image prompt
 # Flux's classifier-free guidance over a negative prompt (its guidance_scale is the model's input)
 TRUE_CFG_ARG = "true_cfg_scale"
+# FLUX.1 Canny / Depth's control picture, whose latents the transformer reads beside the latents
+CONTROL_LATENTS_ARG = "control_image"
 CONTROL_ARGS = ("control_image", "controlnet_conditioning_scale", "guess_mode", "control_guidance_start",
                 "control_guidance_end")
 ACCEPTED_ARGS = ("prompt", "image", "negative_prompt", "height", "width", "num_inference_steps", "timesteps",
@@ -136,6 +140,7 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         self.task, module, output_class = SUPPORTED[base.__name__]
         self.control_arg = CONTROL_ARG.get(base.__name__)
         self.inpaint = base.__name__ in INPAINT
+        self.reads_control = reads_control_latents(pipe)
         self.output_class = getattr(__import__(module, fromlist=[output_class]), output_class)
         self.cfg = check_mode(cfg) if cfg is not None else None
         self.delta = check_number(delta, "delta", 0.0)
@@ -419,6 +424,9 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         # img2img given latents starts from them, noised already, as the pipelines do (the image unread)
         noised = latents if latents is not None and self.task == "img2img" and not self.inpaint else None
         clean = None
+        if self.reads_control:   # encoded before the noise is drawn, as the pipeline does
+            cond, uncond = self._with_control_latents(options.get(CONTROL_LATENTS_ARG), codec, cond, uncond, height,
+                                                      width, num_images_per_prompt, generator)
         if self.inpaint:   # as diffusers' inpainting pipelines: the image only where it is needed
             if not masking.reads_mask or strength < 1.0 or masking.encodes_image:
                 clean = masking.encode(codec, pixels.to(denoiser.device), batch, generator)
@@ -466,8 +474,8 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         Any other keyword is a TypeError listing what the call takes."""
         extra = dict(extra)
         control = {k: extra.pop(k) for k in CONTROL_ARGS if k in extra} if self.control_arg else {}
-        family = tuple(k for k in (*TEXT_OPTIONS, *SIZE_CONDITIONS, *IMAGE_PROMPT_ARGS, *INPAINT_ARGS, TRUE_CFG_ARG)
-                       if k in self.defaults)
+        family = tuple(k for k in (*TEXT_OPTIONS, *SIZE_CONDITIONS, *IMAGE_PROMPT_ARGS, *INPAINT_ARGS, TRUE_CFG_ARG,
+                                   CONTROL_LATENTS_ARG) if k in self.defaults)
         options = {k: extra.pop(k) for k in family if k in extra}
         if extra:
             accepted = ACCEPTED_ARGS + (self._lora_scale_arg,) + family + (CONTROL_ARGS if self.control_arg else ())
@@ -498,6 +506,33 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
             raise ValueError("image: an inpainting call takes pictures, not latents")
         return mask_inputs(self.pipe, options.get("mask_image"), options.get("masked_image_latents"), pixels, height,
                            width, crop, image)
+
+    def _with_control_latents(self, picture, codec, cond, uncond, height: int, width: int, per_prompt: int,
+                              generator):
+        """FLUX.1 Canny / Depth's rows carrying their control picture's latents: the picture (one, or
+        one per prompt) at the call's size, repeated for the rows and drawn from the VAE's posterior
+        with the call's generator, as the pipeline draws it."""
+        name = type(self.pipe).__name__
+        if picture is None:
+            raise ValueError(f"control_image is required by {name}")
+        if isinstance(picture, torch.Tensor):   # the pipeline's: a tensor is the VAE's input as it is, [-1, 1]
+            if picture.dim() != 4 or tuple(picture.shape[1:]) != (3, height, width):
+                raise ValueError(f"control_image: a tensor is taken as the VAE's input, [n, 3, {height}, {width}] in "
+                                 f"[-1, 1] (as {name} takes it); got {tuple(picture.shape)}")
+            check_finite(picture, CONTROL_LATENTS_ARG)
+            pixels = picture
+        else:
+            pixels = preprocessed(self.pipe.image_processor, picture, CONTROL_LATENTS_ARG, height, width)
+        rows = len(cond)
+        if pixels.shape[0] == 1:
+            pixels = pixels.repeat(rows, 1, 1, 1)
+        elif pixels.shape[0] * per_prompt == rows:
+            pixels = pixels.repeat_interleave(per_prompt, 0)
+        else:
+            raise ValueError(f"control_image: give one picture or one per prompt ({rows // per_prompt}), got "
+                             f"{pixels.shape[0]}")
+        latents = codec.encode(pixels.to(self.denoiser.device), sample=True, generator=generator)
+        return with_control(cond, latents), with_control(uncond, latents)
 
     def _control_inputs(self, given: dict, height, width):
         """A ControlNet pipeline call's control arguments, checked; defaults the pipeline's own."""

@@ -306,16 +306,18 @@ def tiny_sd3_pipeline(seed: int = 0, img2img: bool = False, vae: str = "kl"):
     )
 
 
-def tiny_flux_pipeline(seed: int = 0, img2img: bool = False, distilled: bool = True, fill: bool = False):
+def tiny_flux_pipeline(seed: int = 0, img2img: bool = False, distilled: bool = True, fill: bool = False,
+                       control: bool = False):
     """A FLUX.1-shaped pipeline small enough for CPU tests (64×64 images by default): CLIP's pooled prompt and a
     T5 encoder's tokens, a transformer with double- and single-stream blocks, a 16-channel VAE with a
     scaling and a shift factor. `distilled`: FLUX.1-dev's kind (the guidance scale an input, the
     schedule shifted by the image's size); else FLUX.1-schnell's (neither). The T5 tower reads the
     CLIP tokenizer's ids (no T5 vocabulary is written offline); its token count is the pipeline's
     ``max_sequence_length``. `fill`: FLUX.1-Fill's inpainting pipeline, its transformer reading the
-    masked picture's latents and the mask's 8×8 cells beside the latents."""
-    from diffusers import (FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxImg2ImgPipeline, FluxPipeline,
-                           FluxTransformer2DModel)
+    masked picture's latents and the mask's 8×8 cells beside the latents. `control`: FLUX.1 Canny /
+    Depth's pipeline, its transformer reading a control picture's latents beside the latents."""
+    from diffusers import (FlowMatchEulerDiscreteScheduler, FluxControlPipeline, FluxFillPipeline, FluxImg2ImgPipeline,
+                           FluxPipeline, FluxTransformer2DModel)
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -324,16 +326,21 @@ def tiny_flux_pipeline(seed: int = 0, img2img: bool = False, distilled: bool = T
     text_encoder_2 = T5EncoderModel(T5Config(
         vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, decoder_start_token_id=0)).eval()
-    # per token (a 2×2 patch): the latents' 16 channels; Fill's masked latents' 16 and the mask's 8×8 cells too
+    # per token (a 2×2 patch): the latents' 16 channels; Fill's masked latents' 16 and the mask's 8×8 cells too,
+    # Control's control latents' 16
+    read = 16 + 16 + 64 if fill else 16 + 16 if control else 16
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=4 * (16 + 16 + 64) if fill else 64, out_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        patch_size=1, in_channels=4 * read, out_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=distilled,
         axes_dims_rope=(4, 6, 6)).eval()
     vae = tiny_vae("kl", latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
                    use_post_quant_conv=False)
     shifts = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                   max_image_seq_len=4096) if distilled else dict(shift=1.0)
-    cls = FluxFillPipeline if fill else FluxImg2ImgPipeline if img2img else FluxPipeline
+    if sum((img2img, fill, control)) > 1:
+        raise ValueError("img2img, fill and control: choose one kind of pipeline")
+    cls = FluxFillPipeline if fill else FluxControlPipeline if control else FluxImg2ImgPipeline if img2img \
+        else FluxPipeline
     pipe = cls(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**shifts), vae=vae,
                text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
     pipe.default_sample_size = 8   # 64×64 by default, as the other tiny pipelines (FLUX.1's own: 1024×1024)

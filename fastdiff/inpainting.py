@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .denoiser import Conditioning, Denoiser, DenoiserAround
+from .channel_inputs import ChannelInputsDenoiser
+from .denoiser import Conditioning, Denoiser
 
 MASK = "inpaint_mask"
 MASKED = "inpaint_masked"
@@ -59,24 +60,11 @@ def with_mask(cond: Conditioning, mask: torch.Tensor, masked: torch.Tensor) -> C
     return Conditioning(cond.embeds, {**cond.extras, MASK: mask, MASKED: masked}, cond.route)
 
 
-class InpaintingDenoiser(DenoiserAround):
-    """An inpainting denoiser: each row's latents, then its mask and masked latents, on the channels."""
+class InpaintingDenoiser(ChannelInputsDenoiser):
+    """An inpainting denoiser: each row's latents, then its mask and masked latents (FLUX.1-Fill:
+    its masked latents, then its mask cells), on the channels."""
 
     def __init__(self, base: Denoiser):
-        super().__init__(base)
         self.layout = mask_layout(base.pipe)
-
-    @property
-    def in_channels(self) -> int:   # the latents' own: the rest of the UNet's input is the rows'
-        return self.pipe.vae.config.latent_channels
-
-    def run(self, module, latents, t, cond, **residuals):
-        if MASK not in cond.extras or MASKED not in cond.extras:
-            raise ValueError("cond: an inpainting UNet's rows need their mask and masked latents (with_mask); "
-                             "it runs in an inpainting pipeline's call")
-        plain = Conditioning(cond.embeds, {k: v for k, v in cond.extras.items() if k not in (MASK, MASKED)},
-                             cond.route)
-        mask, masked = cond.extras[MASK].to(latents.dtype), cond.extras[MASKED].to(latents.dtype)
-        # FLUX.1-Fill's order (packed into tokens after this, channel by channel: the same as diffusers' concatenation)
-        joined = torch.cat([latents, masked, mask] if self.layout == "cells" else [latents, mask, masked], 1)
-        return self.base.run(module, joined, t, plain, **residuals)
+        super().__init__(base, (MASKED, MASK) if self.layout == "cells" else (MASK, MASKED),
+                         "their mask and masked latents (with_mask)", "an inpainting denoiser")

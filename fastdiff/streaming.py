@@ -10,7 +10,7 @@ from .checks import check_choice, check_int, check_number, check_seed
 from .controlnet import ControlledDenoiser
 from .denoiser import EMBED_ARGS, GUIDANCE, Conditioning
 from .images import FiniteWatch, check_output_type, from_model_tensor, signed, to_model_tensor
-from .inpainting import InpaintingDenoiser
+from .channel_inputs import ChannelInputsDenoiser
 from .sampling.guiders import make_guider
 from .stream.batch import NOISE_MODES, LatentStream
 from .stream.prepare import Prepared, UsesPrepared
@@ -106,9 +106,9 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         self.parts = Prepared(pipe, backend, engine_options)
         self._defaults = call_defaults(pipe)
         self.guider, embedded = self._guiders(cfg, guidance_scale, delta, guidance_rescale)
-        if isinstance(self.denoiser, InpaintingDenoiser):
-            raise ValueError(f"pipe: {type(pipe).__name__}'s denoiser reads a mask and a masked picture with every "
-                             "row; a Stream does not run an inpainting denoiser yet (fastdiff.accelerate does)")
+        if isinstance(self.denoiser, ChannelInputsDenoiser):
+            raise ValueError(f"pipe: {type(pipe).__name__}'s denoiser reads {self.denoiser.reads} with every row; "
+                             f"a Stream does not run {self.denoiser.kind} yet (fastdiff.accelerate does)")
         self.generator = torch.Generator(self.denoiser.device).manual_seed(check_seed(seed))
         self.filter = (SimilarityFilter(float(similarity_filter), max_skip_frames, seed)
                        if similarity_filter is not None else None)

@@ -306,16 +306,47 @@ def test_fill_is_diffusers(options):
             fastdiff.Stream(pipe)
 
 
-def test_fill_on_onnxruntime_engines(tmp_path):
-    """FLUX.1-Fill's engine takes the latents, masked latents and mask cells as one grid of patches."""
+@pytest.mark.parametrize("options", [dict(), dict(num_images_per_prompt=2, guidance_scale=10.0),
+                                     dict(prompt=["a red circle", "a blue square"], height=64, width=128),
+                                     dict(control_image=PICTURE.resize((80, 48)))])
+def test_control_is_diffusers(options):
+    """FLUX.1 Canny / Depth: the transformer reads the control picture's latents beside the latents
+    (a tensor taken as the VAE's input, as the pipeline takes it; a PIL picture resized)."""
+    pipe = tiny_flux_pipeline(control=True)
+    width = options.get("width", 64)
+    count = len(options.get("prompt", [""]))
+    picture = torch.rand(count, 3, 64, width, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    fast = fastdiff.accelerate(pipe)
+    args = {**ARGS, "num_inference_steps": 3, "prompt": "a red circle", "control_image": picture, **options}
+    want, got = both(pipe, fast, **args)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert len(fast._last_rows[0]) == want.shape[0]   # one row per image: the guidance is the model's input
+    if not options:
+        call = dict(prompt="a red circle", num_inference_steps=1)
+        with pytest.raises(ValueError, match="control_image is required by FluxControlPipeline"):
+            fast(**call)
+        with pytest.raises(ValueError, match=r"control_image: give one picture or one per prompt \(1\), got 3"):
+            fast(control_image=[PICTURE] * 3, **call)
+        with pytest.raises(ValueError, match=r"control_image: a tensor is taken as the VAE's input, \[n, 3, 64, 64\]"):
+            fast(control_image=torch.zeros(1, 3, 32, 32), **call)
+        with pytest.raises(ValueError, match="reads their control picture's latents with every row; a Stream does not"):
+            fastdiff.Stream(pipe)
+
+
+@pytest.mark.parametrize("kind", ["fill", "control"])
+def test_fill_and_control_on_onnxruntime_engines(kind, tmp_path):
+    """FLUX.1-Fill's and Canny / Depth's engines take the latents and what each row adds to them as
+    one grid of patches."""
     pytest.importorskip("onnxruntime")
-    pipe = tiny_flux_pipeline(fill=True)
-    mask = torch.zeros(1, 1, 64, 64)
-    mask[..., 8:40, 16:48] = 1
-    args = dict(image=torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)), mask_image=mask,
-                num_inference_steps=3, output_type="np")
+    pipe = tiny_flux_pipeline(**{kind: True})
+    if kind == "fill":
+        mask = torch.zeros(1, 1, 64, 64)
+        mask[..., 8:40, 16:48] = 1
+        args = dict(image=torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)), mask_image=mask)
+    else:
+        args = dict(control_image=PICTURE)
     fast = fastdiff.accelerate(pipe, backend="onnxruntime", engine_options={
         "cache_dir": str(tmp_path), "threads": 1, "max_batch": 1, "components": ["denoiser"]})
-    want, got = both(pipe, fast, "a red circle", **{**ARGS, **args, "max_sequence_length": 512})
+    want, got = both(pipe, fast, "a red circle", **{**ARGS, **args, "num_inference_steps": 3, "max_sequence_length": 512})
     assert type(fast.denoiser.module).__name__ == "EngineModule"
     np.testing.assert_allclose(got, want, atol=1e-4)

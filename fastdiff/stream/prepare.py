@@ -14,6 +14,7 @@ from ..controlnet import with_controlnet
 from ..denoiser import (Conditioning, check_embeds, check_prompts, check_size, denoiser_for, has_image_prompt,
                         with_image_prompt)
 from ..images import check_finite
+from ..channel_inputs import with_control_latents
 from ..inpainting import with_inpainting
 from ..sampling.schedule import StepSchedule, set_schedule, step_schedule
 from ..vae import LatentCodec
@@ -27,7 +28,7 @@ class Prepared:
 
     def __init__(self, pipe, backend: str | None = None, engine_options: dict | None = None):
         self.pipe = pipe
-        self.denoiser = with_controlnet(with_inpainting(denoiser_for(pipe), pipe), pipe)
+        self.denoiser = with_controlnet(with_inpainting(with_control_latents(denoiser_for(pipe), pipe), pipe), pipe)
         self._vae = pipe.vae
         self.codec = LatentCodec(pipe.vae)
         self.backend = self.engine_options = None

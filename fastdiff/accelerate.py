@@ -18,6 +18,7 @@ from .channel_inputs import reads_control_latents, with_control
 from .checks import check_int, check_number
 from .denoiser import EMBED_ARGS, GUIDANCE
 from .images import FiniteWatch, check_finite, check_output_type, preprocessed
+from .kontext_inputs import KONTEXT_ARGS, context_pixels, kontext_size, with_context
 from .sampling.guidance import check_mode
 from .sampling.guiders import make_guider
 from .sampling.schedule import (is_flow_scheduler, own_solver, set_schedule, step_schedule, validate_steps,
@@ -48,7 +49,10 @@ SUPPORTED = {
     "FluxImg2ImgPipeline": ("img2img", "diffusers.pipelines.flux", "FluxPipelineOutput"),
     "FluxFillPipeline": ("img2img", "diffusers.pipelines.flux", "FluxPipelineOutput"),
     "FluxControlPipeline": ("txt2img", "diffusers.pipelines.flux", "FluxPipelineOutput"),
+    "FluxKontextPipeline": ("txt2img", "diffusers.pipelines.flux", "FluxPipelineOutput"),
 }
+# FLUX.1 Kontext: txt2img whose `image` is a context picture the transformer reads beside the image drawn
+CONTEXT_PIPELINES = ("FluxKontextPipeline",)
 # inpainting pipelines: img2img with a mask (and, for their own denoisers, the masked picture's latents)
 INPAINT = ("StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline", "StableDiffusion3InpaintPipeline",
            "FluxFillPipeline")
@@ -141,6 +145,10 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         self.control_arg = CONTROL_ARG.get(base.__name__)
         self.inpaint = base.__name__ in INPAINT
         self.reads_control = reads_control_latents(pipe)
+        self.context = base.__name__ in CONTEXT_PIPELINES
+        if self.context and backend is not None:
+            raise ValueError(f"backend: {base.__name__}'s context picture runs on the PyTorch modules; engines for "
+                             "it are not built yet (backend=None)")
         self.output_class = getattr(__import__(module, fromlist=[output_class]), output_class)
         self.cfg = check_mode(cfg) if cfg is not None else None
         self.delta = check_number(delta, "delta", 0.0)
@@ -337,8 +345,10 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
             if self.inpaint:
                 masking = self._mask_inputs(options, image, pixels, given_latents, height, width, strength, latents,
                                             cutoffs, crop)
-        elif image is not None:
+        elif image is not None and not self.context:
             raise ValueError(f"image is not an argument of the txt2img {type(self.pipe).__name__}")
+        if self.context:   # Kontext's own size: max_area pixels at the asked aspect ratio
+            height, width = kontext_size(self.pipe, height, width, options.get("max_area", self.defaults["max_area"]))
         if self.control_arg:
             control = self._control_inputs(control, height, width)
             height, width = control.size
@@ -424,6 +434,9 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         # img2img given latents starts from them, noised already, as the pipelines do (the image unread)
         noised = latents if latents is not None and self.task == "img2img" and not self.inpaint else None
         clean = None
+        if self.context and image is not None:
+            context = context_pixels(self.pipe, image, options.get("_auto_resize", True))
+            cond, uncond = with_context(codec, context, cond, uncond)
         if self.reads_control:   # encoded before the noise is drawn, as the pipeline does
             cond, uncond = self._with_control_latents(options.get(CONTROL_LATENTS_ARG), codec, cond, uncond, height,
                                                       width, num_images_per_prompt, generator)
@@ -475,7 +488,7 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         extra = dict(extra)
         control = {k: extra.pop(k) for k in CONTROL_ARGS if k in extra} if self.control_arg else {}
         family = tuple(k for k in (*TEXT_OPTIONS, *SIZE_CONDITIONS, *IMAGE_PROMPT_ARGS, *INPAINT_ARGS, TRUE_CFG_ARG,
-                                   CONTROL_LATENTS_ARG) if k in self.defaults)
+                                   CONTROL_LATENTS_ARG, *KONTEXT_ARGS) if k in self.defaults)
         options = {k: extra.pop(k) for k in family if k in extra}
         if extra:
             accepted = ACCEPTED_ARGS + (self._lora_scale_arg,) + family + (CONTROL_ARGS if self.control_arg else ())

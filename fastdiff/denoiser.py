@@ -128,6 +128,7 @@ def check_prompts(prompts, name: str, tokenizers, allow_empty: bool) -> list[str
 
 EMBED_ARGS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 GUIDANCE = "guidance"   # a guidance-distilled model's scale: an encoding option, and each row's extra
+CONTEXT = "context_latents"   # FLUX.1 Kontext: a row's context picture's latents, read as tokens after its own
 IMAGE_PROMPT = "ip_image_embeds_"   # an IP-Adapter's image embeddings in a row's extras, one key per adapter
 
 
@@ -718,11 +719,18 @@ class FluxDenoiser(Denoiser):
         text_ids = self._ids_of(("text", tokens), latents, lambda: latents.new_zeros(tokens, 3))
         image_ids = self._ids_of(("image", height, width), latents,
                                  lambda: flux.image_ids(height // 2, width // 2, latents.device, latents.dtype))
-        out = module(hidden_states=flux.pack(latents), timestep=t.to(latents.dtype) / 1000,
+        hidden = flux.pack(latents)
+        context = cond.extras.get(CONTEXT)
+        if context is not None:   # Kontext: the context picture's tokens after the image's, their ids' first axis 1
+            rows, cols = context.shape[-2] // 2, context.shape[-1] // 2
+            hidden = torch.cat([hidden, flux.pack(context.to(latents.dtype))], 1)
+            image_ids = torch.cat([image_ids, self._ids_of(("context", rows, cols), latents, lambda: flux.image_ids(
+                rows, cols, latents.device, latents.dtype, first=1))], 0)
+        out = module(hidden_states=hidden, timestep=t.to(latents.dtype) / 1000,
                      guidance=None if guidance is None else guidance.float(),
                      pooled_projections=cond.extras["pooled_projections"], encoder_hidden_states=cond.embeds,
                      txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
-        return flux.unpack(out, height, width)
+        return flux.unpack(out[:, :(height // 2) * (width // 2)], height, width)
 
     def graph_spec(self, module=None, text_length=None):
         module = module if module is not None else self.original

@@ -41,11 +41,12 @@ def tokens_to_patches(tokens: torch.Tensor, rows, cols) -> torch.Tensor:
     return tokens.unflatten(1, (rows, cols)).unflatten(3, (-1, 2, 2)).permute(0, 3, 1, 4, 2, 5)
 
 
-def image_ids(rows, cols, device, dtype) -> torch.Tensor:
-    """Each token's (0, row, column) for `rows` × `cols` tokens, as the transformer reads them."""
+def image_ids(rows, cols, device, dtype, first: int = 0) -> torch.Tensor:
+    """Each token's (first, row, column) for `rows` × `cols` tokens, as the transformer reads them
+    (`first` 1 for a Kontext context picture's)."""
     r = torch.arange(rows, device=device, dtype=torch.float32)[:, None].expand(rows, cols)
     c = torch.arange(cols, device=device, dtype=torch.float32)[None, :].expand(rows, cols)
-    return torch.stack([torch.zeros_like(r), r, c], dim=-1).flatten(0, 1).to(dtype)
+    return torch.stack([torch.full_like(r, first), r, c], dim=-1).flatten(0, 1).to(dtype)
 
 
 def schedule_arguments(scheduler, num_inference_steps: int, sigmas, latent_height: int, latent_width: int):

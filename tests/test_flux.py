@@ -350,3 +350,31 @@ def test_fill_and_control_on_onnxruntime_engines(kind, tmp_path):
     want, got = both(pipe, fast, "a red circle", **{**ARGS, **args, "num_inference_steps": 3, "max_sequence_length": 512})
     assert type(fast.denoiser.module).__name__ == "EngineModule"
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+KONTEXT = dict(num_inference_steps=3, output_type="np", max_sequence_length=32, max_area=64 * 64, _auto_resize=False)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(height=64, width=128, max_area=64 * 128),
+                                     dict(negative_prompt="blue", true_cfg_scale=2.0, num_images_per_prompt=2),
+                                     dict(prompt=["a red circle", "a blue square"], image=[PICTURE, PICTURE.rotate(90)]),
+                                     dict(_auto_resize=True, num_inference_steps=1)])
+def test_kontext_is_diffusers(options):
+    """FLUX.1 Kontext: the context picture's tokens after the image's (their ids' first axis 1), the
+    image drawn at max_area pixels; the picture resized to Kontext's nearest training size unless
+    _auto_resize=False."""
+    pipe = tiny_flux_pipeline(kontext=True)
+    fast = fastdiff.accelerate(pipe)
+    args = {**KONTEXT, "prompt": "a red circle", "image": PICTURE.resize((80, 48)), **options}
+    want, got = both(pipe, fast, **args)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    if not options:
+        plain = both(pipe, fast, **{**args, "image": None})
+        np.testing.assert_allclose(plain[1], plain[0], atol=1e-5)
+        assert np.abs(plain[1] - got).max() > 1e-3   # the context picture acted
+        with pytest.raises(ValueError, match="backend: FluxKontextPipeline's context picture runs on the PyTorch"):
+            fastdiff.accelerate(pipe, backend="onnxruntime")
+        with pytest.raises(ValueError, match="max_area must be"):
+            fast("a red circle", max_area=0)
+        with pytest.raises(ValueError, match="image: 2 context pictures for 3 images"):
+            fast(["a", "b", "c"], image=[PICTURE, PICTURE], **{k: v for k, v in KONTEXT.items() if k != "output_type"})

@@ -47,6 +47,7 @@ SUPPORTED = {
     "StableDiffusion3InpaintPipeline": ("img2img", "diffusers.pipelines.stable_diffusion_3", "StableDiffusion3PipelineOutput"),
     "FluxPipeline": ("txt2img", "diffusers.pipelines.flux", "FluxPipelineOutput"),
     "FluxImg2ImgPipeline": ("img2img", "diffusers.pipelines.flux", "FluxPipelineOutput"),
+    "FluxInpaintPipeline": ("img2img", "diffusers.pipelines.flux", "FluxPipelineOutput"),
     "FluxFillPipeline": ("img2img", "diffusers.pipelines.flux", "FluxPipelineOutput"),
     "FluxControlPipeline": ("txt2img", "diffusers.pipelines.flux", "FluxPipelineOutput"),
     "FluxKontextPipeline": ("txt2img", "diffusers.pipelines.flux", "FluxPipelineOutput"),
@@ -55,7 +56,7 @@ SUPPORTED = {
 CONTEXT_PIPELINES = ("FluxKontextPipeline",)
 # inpainting pipelines: img2img with a mask (and, for their own denoisers, the masked picture's latents)
 INPAINT = ("StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline", "StableDiffusion3InpaintPipeline",
-           "FluxFillPipeline")
+           "FluxInpaintPipeline", "FluxFillPipeline")
 INPAINT_ARGS = ("mask_image", "masked_image_latents", "padding_mask_crop")
 # ControlNet pipelines: the argument holding the control images (txt2img ones take them as `image`)
 CONTROL_ARG = {"StableDiffusionControlNetPipeline": "image", "StableDiffusionXLControlNetPipeline": "image",
@@ -462,7 +463,7 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
                 start = None   # pure noise at the first timestep, as the pipeline starts
             if not masking.reads_mask:   # the known region blended back after each step
                 callback_on_step_end = masking.blend_after_steps(scheduler, clean, noise, schedule.timesteps,
-                                                                 callback_on_step_end)
+                                                                 callback_on_step_end, denoiser)
         # One slot per step, the whole batch as its frames; noise drawn as the pipeline draws it.
         stream = LatentStream(denoiser, schedule, cond, uncond, latent_shape, guider=guider, noise="fresh",
                               generator=generator)

@@ -307,7 +307,7 @@ def tiny_sd3_pipeline(seed: int = 0, img2img: bool = False, vae: str = "kl"):
 
 
 def tiny_flux_pipeline(seed: int = 0, img2img: bool = False, distilled: bool = True, fill: bool = False,
-                       control: bool = False, kontext: bool = False):
+                       control: bool = False, kontext: bool = False, inpaint: bool = False):
     """A FLUX.1-shaped pipeline small enough for CPU tests (64×64 images by default): CLIP's pooled prompt and a
     T5 encoder's tokens, a transformer with double- and single-stream blocks, a 16-channel VAE with a
     scaling and a shift factor. `distilled`: FLUX.1-dev's kind (the guidance scale an input, the
@@ -316,9 +316,10 @@ def tiny_flux_pipeline(seed: int = 0, img2img: bool = False, distilled: bool = T
     ``max_sequence_length``. `fill`: FLUX.1-Fill's inpainting pipeline, its transformer reading the
     masked picture's latents and the mask's 8×8 cells beside the latents. `control`: FLUX.1 Canny /
     Depth's pipeline, its transformer reading a control picture's latents beside the latents.
-    `kontext`: FLUX.1 Kontext's, whose transformer reads a context picture's tokens after the image's."""
+    `kontext`: FLUX.1 Kontext's, whose transformer reads a context picture's tokens after the image's.
+    `inpaint`: the plain transformer's inpainting pipeline (the known region blended back each step)."""
     from diffusers import (FlowMatchEulerDiscreteScheduler, FluxControlPipeline, FluxFillPipeline, FluxImg2ImgPipeline,
-                           FluxKontextPipeline, FluxPipeline, FluxTransformer2DModel)
+                           FluxInpaintPipeline, FluxKontextPipeline, FluxPipeline, FluxTransformer2DModel)
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -338,10 +339,11 @@ def tiny_flux_pipeline(seed: int = 0, img2img: bool = False, distilled: bool = T
                    use_post_quant_conv=False)
     shifts = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                   max_image_seq_len=4096) if distilled else dict(shift=1.0)
-    if sum((img2img, fill, control, kontext)) > 1:
-        raise ValueError("img2img, fill, control and kontext: choose one kind of pipeline")
-    cls = FluxFillPipeline if fill else FluxControlPipeline if control else FluxKontextPipeline if kontext \
-        else FluxImg2ImgPipeline if img2img else FluxPipeline
+    kinds = {FluxImg2ImgPipeline: img2img, FluxFillPipeline: fill, FluxControlPipeline: control,
+             FluxKontextPipeline: kontext, FluxInpaintPipeline: inpaint}
+    if sum(kinds.values()) > 1:
+        raise ValueError("img2img, fill, control, kontext and inpaint: choose one kind of pipeline")
+    cls = next((kind for kind, chosen in kinds.items() if chosen), FluxPipeline)
     pipe = cls(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**shifts), vae=vae,
                text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
     pipe.default_sample_size = 8   # 64×64 by default, as the other tiny pipelines (FLUX.1's own: 1024×1024)

@@ -68,9 +68,11 @@ class MaskInputs:
             return cond, uncond
         return with_mask(cond, self.mask_rows, masked), with_mask(uncond, self.mask_rows, masked)
 
-    def blend_after_steps(self, scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps, callback=None):
+    def blend_after_steps(self, scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps, callback=None,
+                          denoiser=None):
         """A step-end callback keeping the known region: after step i the latents outside the mask are
-        the image's, noised to the next timestep (clean after the last), then `callback`'s."""
+        the image's, noised to the next timestep (clean after the last), then `callback`'s. The
+        callback's latents are as the pipeline shows them, packed by `denoiser` (Flux's tokens)."""
         mask, timesteps = self.mask_rows, [float(t) for t in timesteps]
         kind = scheduler.timesteps.dtype   # DDIM's index its table; Euler's are looked up by value
         flow = hasattr(scheduler, "scale_noise")   # flow matching (SD3) noises by interpolation
@@ -80,7 +82,9 @@ class MaskInputs:
             if i < len(timesteps) - 1:
                 at = torch.tensor([timesteps[i + 1]], dtype=kind)
                 known = scheduler.scale_noise(clean, at, noise) if flow else scheduler.add_noise(clean, noise, at)
-            out = {"latents": (1 - mask) * known + mask * tensors["latents"]}
+            latents = tensors["latents"] if denoiser is None else denoiser.unpack(tensors["latents"], clean.shape[1:])
+            blended = (1 - mask) * known + mask * latents
+            out = {"latents": blended if denoiser is None else denoiser.pack(blended)}
             if callback is None:
                 return out
             given = callback(pipe, i, t, out)

@@ -378,3 +378,22 @@ def test_kontext_is_diffusers(options):
             fast("a red circle", max_area=0)
         with pytest.raises(ValueError, match="image: 2 context pictures for 3 images"):
             fast(["a", "b", "c"], image=[PICTURE, PICTURE], **{k: v for k, v in KONTEXT.items() if k != "output_type"})
+
+
+@pytest.mark.parametrize("options", [dict(), dict(strength=1.0, num_images_per_prompt=2, negative_prompt="blue",
+                                                  true_cfg_scale=2.0)])
+def test_inpaint_with_the_plain_transformer_is_diffusers(options):
+    """FluxInpaintPipeline: the known region blended back after each step on the unpacked latents; a
+    step-end callback still sees them packed, as the pipeline shows them."""
+    pipe = tiny_flux_pipeline(inpaint=True)
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 16:48, 8:40] = 1
+    seen = []
+    fast = fastdiff.accelerate(pipe)
+    args = {**ARGS, "image": torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)), "mask_image": mask,
+            **options}
+    want, got = both(pipe, fast, "a red circle", **args)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    fast("a red circle", callback_on_step_end=lambda p, i, t, d: seen.append(tuple(d["latents"].shape)) or {},
+         **{**args, "generator": torch.Generator().manual_seed(0)})
+    assert seen and set(seen) == {(want.shape[0], 16, 64)}

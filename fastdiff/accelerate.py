@@ -18,7 +18,7 @@ from .channel_inputs import reads_control_latents, with_control
 from .checks import check_int, check_number
 from .denoiser import EMBED_ARGS, GUIDANCE
 from .images import FiniteWatch, check_finite, check_output_type, preprocessed
-from .kontext_inputs import KONTEXT_ARGS, context_pixels, kontext_size, with_context
+from .kontext_inputs import KONTEXT_ARGS, context_latents, kontext_size, with_context
 from .sampling.guidance import check_mode
 from .sampling.guiders import make_guider
 from .sampling.schedule import (is_flow_scheduler, own_solver, set_schedule, step_schedule, validate_steps,
@@ -436,8 +436,8 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         noised = latents if latents is not None and self.task == "img2img" and not self.inpaint else None
         clean = None
         if self.context and image is not None:
-            context = context_pixels(self.pipe, image, options.get("_auto_resize", True))
-            cond, uncond = with_context(codec, context, cond, uncond)
+            context = context_latents(self.pipe, codec, image, options.get("_auto_resize", True))
+            cond, uncond = with_context(context, cond, uncond)
         if self.reads_control:   # encoded before the noise is drawn, as the pipeline does
             cond, uncond = self._with_control_latents(options.get(CONTROL_LATENTS_ARG), codec, cond, uncond, height,
                                                       width, num_images_per_prompt, generator)

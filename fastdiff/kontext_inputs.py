@@ -1,9 +1,9 @@
 """A FLUX.1 Kontext call's size and context picture, made as diffusers' ``FluxKontextPipeline``
 makes them: the image drawn at ``max_area`` pixels of the asked (or native) aspect ratio, and the
 context picture resized to the training resolution nearest its aspect ratio (unless
-``_auto_resize=False``), encoded (the posterior's mode) and carried by each row
-(``Conditioning.extras["context_latents"]``), whose tokens the transformer reads after the image's
-(:class:`fastdiff.denoiser.FluxDenoiser`)."""
+``_auto_resize=False``), encoded (the posterior's mode; latents given as they are) and carried by
+each row (``Conditioning.extras["context_latents"]``), whose tokens the transformer reads after the
+image's (:class:`fastdiff.denoiser.FluxDenoiser`)."""
 
 from __future__ import annotations
 
@@ -48,14 +48,22 @@ def context_pixels(pipe, image, auto_resize: bool) -> torch.Tensor:
     return pixels
 
 
-def with_context(codec, pixels: torch.Tensor, cond: Conditioning, uncond: Conditioning):
+def context_latents(pipe, codec, image, auto_resize: bool) -> torch.Tensor:
+    """The context picture's latents: a tensor of the VAE's latent channels as it is (the pipeline
+    takes such a one as latents), else the picture preprocessed and encoded (the posterior's mode)."""
+    if isinstance(image, torch.Tensor) and image.dim() == 4 and image.shape[1] == pipe.vae.config.latent_channels:
+        check_finite(image, "image")
+        return image
+    return codec.encode(context_pixels(pipe, image, auto_resize))
+
+
+def with_context(latents: torch.Tensor, cond: Conditioning, uncond: Conditioning):
     """(cond, uncond), each row carrying the context picture's latents: one picture for all rows,
     or one per image of the call."""
-    latents = codec.encode(pixels.to(cond.embeds.device))   # the mode, as the pipeline encodes it
     rows = len(cond)
     if rows % latents.shape[0]:
         raise ValueError(f"image: {latents.shape[0]} context pictures for {rows} images; give one, or a number "
                          "that divides them")
-    latents = latents.repeat(rows // latents.shape[0], 1, 1, 1).to(cond.embeds.dtype)
+    latents = latents.to(cond.embeds.device, cond.embeds.dtype).repeat(rows // latents.shape[0], 1, 1, 1)
     carry = lambda c: Conditioning(c.embeds, {**c.extras, CONTEXT: latents}, c.route)  # noqa: E731
     return carry(cond), carry(uncond)

@@ -358,11 +358,12 @@ KONTEXT = dict(num_inference_steps=3, output_type="np", max_sequence_length=32, 
 @pytest.mark.parametrize("options", [dict(), dict(height=64, width=128, max_area=64 * 128),
                                      dict(negative_prompt="blue", true_cfg_scale=2.0, num_images_per_prompt=2),
                                      dict(prompt=["a red circle", "a blue square"], image=[PICTURE, PICTURE.rotate(90)]),
-                                     dict(_auto_resize=True, num_inference_steps=1)])
+                                     dict(_auto_resize=True, num_inference_steps=1),
+                                     dict(image=torch.randn(1, 16, 6, 10, generator=torch.Generator().manual_seed(3)))])
 def test_kontext_is_diffusers(options):
     """FLUX.1 Kontext: the context picture's tokens after the image's (their ids' first axis 1), the
     image drawn at max_area pixels; the picture resized to Kontext's nearest training size unless
-    _auto_resize=False."""
+    _auto_resize=False; latents given as the image taken as they are, as the pipeline takes them."""
     pipe = tiny_flux_pipeline(kontext=True)
     fast = fastdiff.accelerate(pipe)
     args = {**KONTEXT, "prompt": "a red circle", "image": PICTURE.resize((80, 48)), **options}

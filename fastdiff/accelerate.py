@@ -50,6 +50,7 @@ SUPPORTED = {
     "FluxInpaintPipeline": ("img2img", "diffusers.pipelines.flux", "FluxPipelineOutput"),
     "FluxFillPipeline": ("img2img", "diffusers.pipelines.flux", "FluxPipelineOutput"),
     "FluxControlPipeline": ("txt2img", "diffusers.pipelines.flux", "FluxPipelineOutput"),
+    "FluxControlImg2ImgPipeline": ("img2img", "diffusers.pipelines.flux", "FluxPipelineOutput"),
     "FluxKontextPipeline": ("txt2img", "diffusers.pipelines.flux", "FluxPipelineOutput"),
 }
 # FLUX.1 Kontext: txt2img whose `image` is a context picture the transformer reads beside the image drawn

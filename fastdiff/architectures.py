@@ -315,11 +315,13 @@ def tiny_flux_pipeline(seed: int = 0, img2img: bool = False, distilled: bool = T
     CLIP tokenizer's ids (no T5 vocabulary is written offline); its token count is the pipeline's
     ``max_sequence_length``. `fill`: FLUX.1-Fill's inpainting pipeline, its transformer reading the
     masked picture's latents and the mask's 8×8 cells beside the latents. `control`: FLUX.1 Canny /
-    Depth's pipeline, its transformer reading a control picture's latents beside the latents.
+    Depth's pipeline (with `img2img`, its img2img one), its transformer reading a control picture's
+    latents beside the latents.
     `kontext`: FLUX.1 Kontext's, whose transformer reads a context picture's tokens after the image's.
     `inpaint`: the plain transformer's inpainting pipeline (the known region blended back each step)."""
-    from diffusers import (FlowMatchEulerDiscreteScheduler, FluxControlPipeline, FluxFillPipeline, FluxImg2ImgPipeline,
-                           FluxInpaintPipeline, FluxKontextPipeline, FluxPipeline, FluxTransformer2DModel)
+    from diffusers import (FlowMatchEulerDiscreteScheduler, FluxControlImg2ImgPipeline, FluxControlPipeline,
+                           FluxFillPipeline, FluxImg2ImgPipeline, FluxInpaintPipeline, FluxKontextPipeline, FluxPipeline,
+                           FluxTransformer2DModel)
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -339,10 +341,12 @@ def tiny_flux_pipeline(seed: int = 0, img2img: bool = False, distilled: bool = T
                    use_post_quant_conv=False)
     shifts = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                   max_image_seq_len=4096) if distilled else dict(shift=1.0)
-    kinds = {FluxImg2ImgPipeline: img2img, FluxFillPipeline: fill, FluxControlPipeline: control,
+    kinds = {FluxImg2ImgPipeline: img2img and not control, FluxFillPipeline: fill,
+             FluxControlPipeline: control and not img2img, FluxControlImg2ImgPipeline: control and img2img,
              FluxKontextPipeline: kontext, FluxInpaintPipeline: inpaint}
     if sum(kinds.values()) > 1:
-        raise ValueError("img2img, fill, control, kontext and inpaint: choose one kind of pipeline")
+        raise ValueError("img2img, fill, control, kontext and inpaint: choose one kind of pipeline (img2img goes "
+                         "with control)")
     cls = next((kind for kind, chosen in kinds.items() if chosen), FluxPipeline)
     pipe = cls(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**shifts), vae=vae,
                text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)

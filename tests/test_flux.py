@@ -333,6 +333,16 @@ def test_control_is_diffusers(options):
             fastdiff.Stream(pipe)
 
 
+@pytest.mark.parametrize("options", [dict(), dict(strength=1.0, num_images_per_prompt=2)])
+def test_control_img2img_is_diffusers(options):
+    """FluxControlImg2ImgPipeline: the control picture's latents beside an img2img call's, drawn first."""
+    pipe = tiny_flux_pipeline(control=True, img2img=True)
+    args = {**ARGS, "image": torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)),
+            "control_image": PICTURE, **options}
+    want, got = both(pipe, fastdiff.accelerate(pipe), "a red circle", **args)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["fill", "control"])
 def test_fill_and_control_on_onnxruntime_engines(kind, tmp_path):
     """FLUX.1-Fill's and Canny / Depth's engines take the latents and what each row adds to them as

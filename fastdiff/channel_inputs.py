@@ -32,9 +32,8 @@ class ChannelInputsDenoiser(DenoiserAround):
     def run(self, module, latents, t, cond, **residuals):
         if any(key not in cond.extras for key in self.keys):
             raise ValueError(f"cond: {self.kind}'s rows need {self.reads}; it runs in its pipeline's call")
-        plain = Conditioning(cond.embeds, {k: v for k, v in cond.extras.items() if k not in self.keys}, cond.route)
         joined = torch.cat([latents, *(cond.extras[key].to(latents.dtype) for key in self.keys)], 1)
-        return self.base.run(module, joined, t, plain, **residuals)
+        return self.base.run(module, joined, t, cond.without(self.keys), **residuals)
 
 
 def reads_control_latents(pipe) -> bool:
@@ -55,4 +54,4 @@ def with_control_latents(base: Denoiser, pipe) -> Denoiser:
 
 def with_control(cond: Conditioning, latents: torch.Tensor) -> Conditioning:
     """`cond`'s rows carrying their control picture's latents (one row each)."""
-    return Conditioning(cond.embeds, {**cond.extras, CONTROL_LATENTS: latents}, cond.route)
+    return cond.with_extras(**{CONTROL_LATENTS: latents})

@@ -127,8 +127,7 @@ class ControlledDenoiser(DenoiserAround):
             raise ValueError("cond: a ControlNet pipeline's rows need their control images (ControlledDenoiser.with_images)")
         images = [cond.extras[k] for k in self.image_keys]
         live = cond.extras[LIVE]
-        plain = Conditioning(cond.embeds, {k: v for k, v in cond.extras.items()
-                                           if k != LIVE and not k.startswith(IMAGES)}, cond.route)
+        plain = cond.without((LIVE, *self.image_keys))
         keep = self._keep_of(t)
         if keep is None:   # the nets act on some of these rows' steps and not others': each step alone
             out = None

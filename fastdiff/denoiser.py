@@ -65,6 +65,14 @@ class Conditioning:
         return self._map(lambda v: v.to(device=device, dtype=dtype if v.is_floating_point() else None),
                          lambda r: r.to(device=device))
 
+    def with_extras(self, **extras) -> "Conditioning":
+        """The same rows carrying `extras` too (one row each), replacing any of the same names."""
+        return Conditioning(self.embeds, {**self.extras, **extras}, self.route)
+
+    def without(self, keys) -> "Conditioning":
+        """The same rows without the extras `keys` names."""
+        return Conditioning(self.embeds, {k: v for k, v in self.extras.items() if k not in keys}, self.route)
+
     def with_route(self, route) -> "Conditioning":
         """The same rows, each routed to the sub-network `route` names (an int for all, or [B])."""
         route = torch.as_tensor(route, dtype=torch.int64, device=self.embeds.device)

@@ -57,7 +57,7 @@ def with_inpainting(base: Denoiser, pipe) -> Denoiser:
 
 def with_mask(cond: Conditioning, mask: torch.Tensor, masked: torch.Tensor) -> Conditioning:
     """`cond`'s rows carrying the mask and the masked picture's latents (one row each)."""
-    return Conditioning(cond.embeds, {**cond.extras, MASK: mask, MASKED: masked}, cond.route)
+    return cond.with_extras(**{MASK: mask, MASKED: masked})
 
 
 class InpaintingDenoiser(ChannelInputsDenoiser):

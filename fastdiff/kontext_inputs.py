@@ -65,5 +65,4 @@ def with_context(latents: torch.Tensor, cond: Conditioning, uncond: Conditioning
         raise ValueError(f"image: {latents.shape[0]} context pictures for {rows} images; give one, or a number "
                          "that divides them")
     latents = latents.to(cond.embeds.device, cond.embeds.dtype).repeat(rows // latents.shape[0], 1, 1, 1)
-    carry = lambda c: Conditioning(c.embeds, {**c.extras, CONTEXT: latents}, c.route)  # noqa: E731
-    return carry(cond), carry(uncond)
+    return cond.with_extras(**{CONTEXT: latents}), uncond.with_extras(**{CONTEXT: latents})

@@ -8,7 +8,7 @@ import torch
 
 from .checks import check_choice, check_int, check_number, check_seed
 from .controlnet import ControlledDenoiser
-from .denoiser import EMBED_ARGS, GUIDANCE, Conditioning
+from .denoiser import EMBED_ARGS, GUIDANCE
 from .images import FiniteWatch, check_output_type, from_model_tensor, signed, to_model_tensor
 from .channel_inputs import ChannelInputsDenoiser
 from .sampling.guiders import make_guider
@@ -441,8 +441,7 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
             control = self._last_control or self._standing_control
             if control is None:
                 raise RuntimeError("macs_per_call: a ControlNet stream's cost is counted once it has a control image")
-            cond, uncond = (Conditioning(c.embeds, {**c.extras, **control}, c.route) if c is not None else None
-                            for c in (cond, uncond))
+            cond, uncond = (c.with_extras(**control) if c is not None else None for c in (cond, uncond))
         rows = self.guider.model_conditioning(t, cond.tile(n), uncond.tile(n) if uncond is not None else None, F)[1]
         return self.parts.rows_macs(rows, self.latent_shape)
 

@@ -52,6 +52,8 @@ SUPPORTED = {
     "FluxControlPipeline": ("txt2img", "diffusers.pipelines.flux", "FluxPipelineOutput"),
     "FluxControlImg2ImgPipeline": ("img2img", "diffusers.pipelines.flux", "FluxPipelineOutput"),
     "FluxKontextPipeline": ("txt2img", "diffusers.pipelines.flux", "FluxPipelineOutput"),
+    "FluxControlNetPipeline": ("txt2img", "diffusers.pipelines.flux", "FluxPipelineOutput"),
+    "FluxControlNetImg2ImgPipeline": ("img2img", "diffusers.pipelines.flux", "FluxPipelineOutput"),
 }
 # FLUX.1 Kontext: txt2img whose `image` is a context picture the transformer reads beside the image drawn
 CONTEXT_PIPELINES = ("FluxKontextPipeline",)
@@ -62,14 +64,15 @@ INPAINT_ARGS = ("mask_image", "masked_image_latents", "padding_mask_crop")
 # ControlNet pipelines: the argument holding the control images (txt2img ones take them as `image`)
 CONTROL_ARG = {"StableDiffusionControlNetPipeline": "image", "StableDiffusionXLControlNetPipeline": "image",
                "StableDiffusionControlNetImg2ImgPipeline": "control_image",
-               "StableDiffusionXLControlNetImg2ImgPipeline": "control_image"}
+               "StableDiffusionXLControlNetImg2ImgPipeline": "control_image", "FluxControlNetPipeline": "control_image",
+               "FluxControlNetImg2ImgPipeline": "control_image"}
 IMAGE_PROMPT_ARGS = ("ip_adapter_image", "ip_adapter_image_embeds")   # an IP-Adapter's image prompt
 # Flux's classifier-free guidance over a negative prompt (its guidance_scale is the model's input)
 TRUE_CFG_ARG = "true_cfg_scale"
 # FLUX.1 Canny / Depth's control picture, whose latents the transformer reads beside the latents
 CONTROL_LATENTS_ARG = "control_image"
 CONTROL_ARGS = ("control_image", "controlnet_conditioning_scale", "guess_mode", "control_guidance_start",
-                "control_guidance_end")
+                "control_guidance_end", "control_mode")
 ACCEPTED_ARGS = ("prompt", "image", "negative_prompt", "height", "width", "num_inference_steps", "timesteps",
                  "sigmas", "strength", "guidance_scale", "guidance_rescale", "eta", "num_images_per_prompt", "generator",
                  "latents", "output_type", "return_dict", "callback_on_step_end",
@@ -151,6 +154,9 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         if self.context and backend is not None:
             raise ValueError(f"backend: {base.__name__}'s context picture runs on the PyTorch modules; engines for "
                              "it are not built yet (backend=None)")
+        if self.control_arg and backend is not None and base.__name__.startswith("Flux"):
+            raise ValueError(f"backend: {base.__name__} runs on the PyTorch modules; engines for FLUX.1's ControlNets "
+                             "are not built yet (backend=None)")
         self.output_class = getattr(__import__(module, fromlist=[output_class]), output_class)
         self.cfg = check_mode(cfg) if cfg is not None else None
         self.delta = check_number(delta, "delta", 0.0)
@@ -365,8 +371,6 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         self.parts.follow_engine_state()   # engines hold an IP-Adapter's scales: they follow them here
         cond, uncond = self.parts.image_prompt(cond, uncond, options.get("ip_adapter_image"),
                                                options.get("ip_adapter_image_embeds"), guidance_scale > 1)
-        if self.control_arg:
-            cond, uncond = self._with_control(control, cond, uncond, num_images_per_prompt)
         _check_generator(generator, batch)
         if pixels is not None and batch % pixels.shape[0]:
             raise ValueError(f"image has {pixels.shape[0]} images for a batch of {batch} prompts×images; give "
@@ -439,6 +443,8 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         if self.context and image is not None:
             context = context_latents(self.pipe, codec, image, options.get("_auto_resize", True))
             cond, uncond = with_context(context, cond, uncond)
+        if self.control_arg:   # FLUX.1's encoded before the noise is drawn, as the pipeline does
+            cond, uncond = self._with_control(control, cond, uncond, num_images_per_prompt, codec, generator, embedded)
         if self.reads_control:   # encoded before the noise is drawn, as the pipeline does
             cond, uncond = self._with_control_latents(options.get(CONTROL_LATENTS_ARG), codec, cond, uncond, height,
                                                       width, num_images_per_prompt, generator)
@@ -488,12 +494,13 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         prompts and size conditions, an IP-Adapter's image prompt (None: the pipeline's default).
         Any other keyword is a TypeError listing what the call takes."""
         extra = dict(extra)
-        control = {k: extra.pop(k) for k in CONTROL_ARGS if k in extra} if self.control_arg else {}
+        control_args = tuple(k for k in CONTROL_ARGS if k in self.defaults) if self.control_arg else ()
+        control = {k: extra.pop(k) for k in control_args if k in extra}
         family = tuple(k for k in (*TEXT_OPTIONS, *SIZE_CONDITIONS, *IMAGE_PROMPT_ARGS, *INPAINT_ARGS, TRUE_CFG_ARG,
                                    CONTROL_LATENTS_ARG, *KONTEXT_ARGS) if k in self.defaults)
         options = {k: extra.pop(k) for k in family if k in extra}
         if extra:
-            accepted = ACCEPTED_ARGS + (self._lora_scale_arg,) + family + (CONTROL_ARGS if self.control_arg else ())
+            accepted = ACCEPTED_ARGS + (self._lora_scale_arg,) + family + control_args
             raise TypeError(f"fastdiff.accelerate does not take {sorted(extra)} for {type(self.pipe).__name__}; "
                             f"it accepts {accepted}")
         return control, {k: v for k, v in options.items() if v is not None}
@@ -553,16 +560,28 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         """A ControlNet pipeline call's control arguments, checked; defaults the pipeline's own."""
         from .control_inputs import control_inputs
 
-        value = lambda name: given.get(name) if given.get(name) is not None else self.defaults.get(name)
-        return control_inputs(self.pipe, len(self.denoiser.nets), given.get("control_image"),
-                              value("controlnet_conditioning_scale"), value("control_guidance_start"),
-                              value("control_guidance_end"), given.get("guess_mode", False), height, width,
-                              self.control_arg)
-
-    def _with_control(self, control, cond, uncond, per_prompt: int):
-        """Rows carrying their control images; in guess mode the unconditional rows go without."""
         d = self.denoiser
-        images = [rows.to(d.device, d.nets[0].dtype) for rows in control.rows(len(cond) // per_prompt, per_prompt)]
+        value = lambda name: given.get(name) if given.get(name) is not None else self.defaults.get(name)
+        count = d.condition_count(given.get("control_image"), given)
+        flux = d.family == "flux"
+        if flux:   # FLUX.1's control pictures are drawn at the call's size, the native one unless given
+            height, width = self.parts.size(height, width)
+        control = control_inputs(self.pipe, count, given.get("control_image"), value("controlnet_conditioning_scale"),
+                                 value("control_guidance_start"), value("control_guidance_end"),
+                                 given.get("guess_mode", False), height, width, self.control_arg)
+        if flux:
+            control.modes = d.check_modes(given.get("control_mode"), count)
+        return control
+
+    def _with_control(self, control, cond, uncond, per_prompt: int, codec, generator, guidance):
+        """Rows carrying their control images; in guess mode the unconditional rows go without.
+        FLUX.1's: their control pictures (encoded with the call's generator, for nets that read
+        latents), modes and the positive prompt, and a guidance-distilled net's `guidance`."""
+        d = self.denoiser
+        rows = control.rows(len(cond) // per_prompt, per_prompt)
+        if d.family == "flux":
+            return d.with_conditions(cond, uncond, rows, control.modes, codec, generator, guidance)
+        images = [r.to(d.device, d.nets[0].dtype) for r in rows]
         guess = control.guess_mode or d.global_pool
         return d.with_images(cond, images, True), d.with_images(uncond, images, not guess)
 

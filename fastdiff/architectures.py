@@ -181,13 +181,17 @@ def tiny_sdxl_pipeline(seed: int = 0, scheduler: str = "ddim", vae: str = "kl", 
 
 
 def tiny_controlnet_pipeline(family: str = "sd", img2img: bool = False, nets: int = 1, seed: int = 0,
-                             scheduler: str = "ddim"):
-    """A tiny SD ("sd") or SDXL ("sdxl") ControlNet pipeline (64×64 images): ControlNets made from
-    the tiny UNet, their zero-initialised output convolutions drawn at random so that the control
-    image changes the picture; `nets` > 1 makes a MultiControlNetModel."""
+                             scheduler: str = "ddim", reads: str = "latents", union: bool = False, wrap: bool = False):
+    """A tiny SD ("sd"), SDXL ("sdxl") or FLUX.1 ("flux") ControlNet pipeline (64×64 images): ControlNets made
+    from the tiny UNet, their zero-initialised output convolutions drawn at random so that the control
+    image changes the picture; `nets` > 1 makes a MultiControlNetModel. FLUX.1's (dev's kind):
+    nets that read the control picture's latents (`reads` "latents", InstantX's kind) or its pixels
+    ("pixels", XLabs'), `union` ones with modes; `wrap` holds even one net in a multi wrapper."""
     import diffusers
     from diffusers import ControlNetModel
 
+    if family == "flux":
+        return _tiny_flux_controlnet_pipeline(img2img, nets, seed, reads, union, wrap)
     base = (tiny_sd_pipeline if family == "sd" else tiny_sdxl_pipeline)(seed=seed, scheduler=scheduler)
     torch.manual_seed(seed + 1)
     controlnets = []
@@ -206,6 +210,40 @@ def tiny_controlnet_pipeline(family: str = "sd", img2img: bool = False, nets: in
     components = {k: v for k, v in base.components.items() if k not in ("image_encoder",)}
     extra = {"requires_aesthetics_score": False} if family == "sdxl" and img2img else {}
     pipe = getattr(diffusers, name)(**components, controlnet=controlnets[0] if nets == 1 else controlnets, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _tiny_flux_controlnet_pipeline(img2img: bool, nets: int, seed: int, reads: str, union: bool, wrap: bool):
+    from diffusers import (FluxControlNetImg2ImgPipeline, FluxControlNetModel, FluxControlNetPipeline,
+                           FluxMultiControlNetModel)
+
+    if reads not in ("latents", "pixels"):
+        raise ValueError(f"reads must be 'latents' or 'pixels', got {reads!r}")
+    base = tiny_flux_pipeline(seed=seed)
+    torch.manual_seed(seed + 1)
+    controlnets = []
+    for _ in range(nets):
+        # XLabs' nets: an input block of their own reading pixels, 2×2 patches of its output a token
+        net = FluxControlNetModel(
+            patch_size=2 if reads == "pixels" else 1, in_channels=64, num_layers=1, num_single_layers=1,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+            guidance_embeds=True, axes_dims_rope=(4, 6, 6), num_mode=4 if union else None,
+            conditioning_embedding_channels=16 if reads == "pixels" else None).eval()
+        with torch.no_grad():   # its zero-initialised layers drawn, so that the control picture shows
+            for layer in [*net.controlnet_blocks, *net.controlnet_single_blocks, net.controlnet_x_embedder]:
+                torch.nn.init.normal_(layer.weight, std=0.3)
+            if union:   # the mode's token strong enough beside the prompt's that the mode shows
+                torch.nn.init.normal_(net.controlnet_mode_embedder.weight, std=10.0)
+            for conv in (net.input_hint_block.modules() if net.input_hint_block is not None else ()):
+                if isinstance(conv, torch.nn.Conv2d):   # strong enough that the picture's content shows
+                    torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        controlnets.append(net)
+    controlnet = FluxMultiControlNetModel(controlnets) if nets > 1 or wrap else controlnets[0]
+    cls = FluxControlNetImg2ImgPipeline if img2img else FluxControlNetPipeline
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    pipe = cls(**{k: v for k, v in base.components.items() if k in accepted}, controlnet=controlnet)
+    pipe.default_sample_size = base.default_sample_size
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

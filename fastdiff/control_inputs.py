@@ -9,19 +9,20 @@ from dataclasses import dataclass
 import torch
 
 from .checks import check_number
-from .images import preprocessed
+from .images import check_finite, preprocessed
 
 
 @dataclass
 class ControlInputs:
-    """A call's control, checked: `images` one [n, 3, H, W] per net (n: 1 or one per prompt), in
-    [0, 1] as the pipeline's control image processor makes them."""
+    """A call's control, checked: `images` one [n, 3, H, W] per net (n: 1 or one per prompt), as the
+    pipeline makes them (see :func:`control_images`)."""
 
     images: list
     scales: list
     starts: list
     ends: list
     guess_mode: bool
+    modes: list | None = None   # FLUX.1 Union nets': each condition's kind of control (None: none)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -88,11 +89,27 @@ def control_images(pipe, nets: int, image, height, width, name: str) -> list[tor
     for one in many:
         if one is None or isinstance(one, (str, bytes)):
             raise ValueError(f"{name} must be an image (PIL, array or tensor) or a list of them, got {one!r}")
-        images.append(preprocessed(pipe.control_image_processor, one, name, height, width).to(dtype=torch.float32))
+        images.append(_control_pixels(pipe, one, name, height, width).to(dtype=torch.float32))
     if len({tuple(p.shape[-2:]) for p in images}) > 1:
         raise ValueError(f"{name}: the control images differ in size {[tuple(p.shape[-2:]) for p in images]}; give "
                          "height and width, or images of one size")
     return images
+
+
+def _control_pixels(pipe, image, name: str, height, width) -> torch.Tensor:
+    """One control image as its pipeline takes it: through its control image processor, in [0, 1]
+    (the UNets' ControlNet pipelines); FLUX.1's, which have none, through the image processor, in
+    [-1, 1], a tensor as it is (the VAE's or the net's input)."""
+    processor = getattr(pipe, "control_image_processor", None)
+    if processor is not None:
+        return preprocessed(processor, image, name, height, width)
+    if isinstance(image, torch.Tensor):
+        if image.dim() != 4 or image.shape[1] != 3:
+            raise ValueError(f"{name}: a tensor is taken as it is, [n, 3, H, W] in [-1, 1] (as "
+                             f"{type(pipe).__name__} takes it); got {tuple(image.shape)}")
+        check_finite(image, name)
+        return image
+    return preprocessed(pipe.image_processor, image, name, height, width)
 
 
 def _per_net(value, nets: int, name: str) -> list:

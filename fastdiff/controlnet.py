@@ -79,33 +79,80 @@ class _ControlNetGraph(torch.nn.Module):
 def with_controlnet(base: Denoiser, pipe) -> Denoiser:
     """`base` with `pipe`'s ControlNet(s) around it, where it has them."""
     controlnet = getattr(pipe, "controlnet", None)
-    return base if controlnet is None else ControlledDenoiser(base, controlnet)
+    if controlnet is None:
+        return base
+    if base.family == "flux":
+        from .flux_controlnet import FluxControlledDenoiser
+
+        return FluxControlledDenoiser(base, controlnet)
+    return ControlledDenoiser(base, controlnet)
 
 
-class ControlledDenoiser(DenoiserAround):
-    """`base` (a UNet adapter) with `controlnet` (a ControlNetModel or a MultiControlNetModel)
-    adding its residuals to every live row."""
+class ControlNetsAround(DenoiserAround):
+    """What every ControlNet adapter holds: its nets, each one's conditioning scale and the steps it
+    acts on (a call's ``control_guidance_start`` / ``end``). A call whose rows are at steps where
+    different nets act runs each step's rows alone; :meth:`run_nets` is the family's own call."""
 
-    def __init__(self, base: Denoiser, controlnet):
-        if base.family not in ("unet", "sdxl"):
-            raise ValueError(f"pipe: ControlNet is run for UNet pipelines (SD 1.x/2.x, SDXL), not {base.family}")
+    def __init__(self, base: Denoiser, nets: list):
         super().__init__(base)
-        self.nets = controlnets_of(controlnet)
+        self.nets = list(nets)
         self.net_names = [f"controlnet/{k}" for k in range(len(self.nets))]
         self.guess_mode = False
         self._scales = [1.0] * len(self.nets)   # each net's conditioning scale
         self._keep = None                       # {timestep: [0/1 per net]}: the steps each net acts on
 
+    def set_scales(self, scales, keep: dict | None = None, guess_mode: bool = False) -> None:
+        """Each condition's (net's) conditioning scale; `keep` {timestep: [1 or 0 per net]} the steps each acts on
+        (None: all); guess mode as diffusers' (the ControlNets read no prompt's meaning: the
+        residuals are scaled up block by block, and the unconditional rows get none)."""
+        self._scales, self._keep, self.guess_mode = list(scales), keep, bool(guess_mode)
+
+    def run(self, module, latents, t, cond):
+        keep = self._keep_of(t)
+        if keep is not None:
+            return self.run_nets(module, latents, t, cond, keep)
+        out = None   # the nets act on some of these rows' steps and not others': each step alone
+        for step in t.unique():
+            rows = (t == step).nonzero().squeeze(1)
+            part = self.run(module, latents[rows], t[rows], cond.rows(rows))
+            out = part.new_empty((latents.shape[0],) + tuple(part.shape[1:])) if out is None else out
+            out[rows] = part
+        return out
+
+    def run_nets(self, module, latents, t, cond, keep: list):
+        """The denoiser's call on rows all at steps where the nets `keep` (1.0 or 0.0 each) act."""
+        raise NotImplementedError
+
+    def condition_count(self, control_image, given: dict) -> int:
+        """How many control conditions a call's `control_image` holds (its other control arguments
+        `given`): one per net."""
+        return len(self.nets)
+
+    def _keep_of(self, t: torch.Tensor) -> list | None:
+        """Which nets act on rows at timesteps `t` (1.0 or 0.0 per net), or None where that differs
+        between the rows' steps. Without a call's step ranges (a stream), every net acts on every row,
+        as at a timestep the ranges don't name (a cost count's probe)."""
+        everywhere = [1.0] * len(self._scales)
+        if self._keep is None:
+            return everywhere
+        keeps = {tuple(self._keep.get(float(step), everywhere)) for step in t.unique().tolist()}
+        return list(keeps.pop()) if len(keeps) == 1 else None
+
+
+class ControlledDenoiser(ControlNetsAround):
+    """`base` (a UNet adapter) with `controlnet` (a ControlNetModel or a MultiControlNetModel)
+    adding its residuals to every live row."""
+
+    def __init__(self, base: Denoiser, controlnet):
+        if base.family not in ("unet", "sdxl"):
+            raise ValueError(f"pipe: ControlNet is run for UNet pipelines (SD 1.x/2.x, SDXL) and FLUX.1, not "
+                             f"{base.family}")
+        super().__init__(base, controlnets_of(controlnet))
+
     @property
     def global_pool(self) -> bool:
         """Nets trained on pooled conditions (e.g. shuffle) always run in guess mode, as in diffusers."""
         return bool(self.nets[0].config.get("global_pool_conditions", False))
-
-    def set_scales(self, scales, keep: dict | None = None, guess_mode: bool = False) -> None:
-        """Each net's conditioning scale; `keep` {timestep: [1 or 0 per net]} the steps each acts on
-        (None: all); guess mode as diffusers' (the ControlNets read no prompt's meaning: the
-        residuals are scaled up block by block, and the unconditional rows get none)."""
-        self._scales, self._keep, self.guess_mode = list(scales), keep, bool(guess_mode)
 
     @property
     def image_keys(self) -> list[str]:
@@ -114,29 +161,23 @@ class ControlledDenoiser(DenoiserAround):
     def with_images(self, cond: Conditioning, images: list[torch.Tensor] | None, live: bool) -> Conditioning:
         """`cond`'s rows carrying `images` (one [B, 3, H, W] per net; None: a stream's, which travel
         with its frames), live or not."""
-        extras = dict(cond.extras)
+        extras = {}
         if images is not None:
             if len(images) != len(self.nets):
                 raise ValueError(f"control images: {len(images)} given for {len(self.nets)} ControlNets")
             extras.update(zip(self.image_keys, images))
         extras[LIVE] = torch.full((len(cond),), live, dtype=torch.bool, device=cond.embeds.device)
-        return Conditioning(cond.embeds, extras, cond.route)
+        return cond.with_extras(**extras)
 
     def run(self, module, latents, t, cond):
         if LIVE not in cond.extras or any(k not in cond.extras for k in self.image_keys):
             raise ValueError("cond: a ControlNet pipeline's rows need their control images (ControlledDenoiser.with_images)")
+        return super().run(module, latents, t, cond)
+
+    def run_nets(self, module, latents, t, cond, keep):
         images = [cond.extras[k] for k in self.image_keys]
         live = cond.extras[LIVE]
         plain = cond.without((LIVE, *self.image_keys))
-        keep = self._keep_of(t)
-        if keep is None:   # the nets act on some of these rows' steps and not others': each step alone
-            out = None
-            for step in t.unique():
-                rows = (t == step).nonzero().squeeze(1)
-                part = self.run(module, latents[rows], t[rows], cond.rows(rows))
-                out = part.new_empty((latents.shape[0],) + tuple(part.shape[1:])) if out is None else out
-                out[rows] = part
-            return out
         # only guess mode leaves rows without the nets (its unconditional ones): else every row is
         # live, and no row is picked out (a gather of every input, and on a GPU a sync, per call)
         rows = live.nonzero().squeeze(1) if self.guess_mode else None
@@ -161,16 +202,6 @@ class ControlledDenoiser(DenoiserAround):
             mid = _scatter(mid, rows, len(live))
         return self.base.run(module, latents, t, plain, down_block_additional_residuals=down,
                              mid_block_additional_residual=mid)
-
-    def _keep_of(self, t: torch.Tensor) -> list | None:
-        """Which nets act on rows at timesteps `t` (1.0 or 0.0 per net), or None where that differs
-        between the rows' steps. Without a call's step ranges (a stream), every net acts on every row,
-        as at a timestep the ranges don't name (a cost count's probe)."""
-        everywhere = [1.0] * len(self.nets)
-        if self._keep is None:
-            return everywhere
-        keeps = {tuple(self._keep.get(float(step), everywhere)) for step in t.unique().tolist()}
-        return list(keeps.pop()) if len(keeps) == 1 else None
 
     def graph_spec(self, module=None, text_length=None):
         """The UNet's graph with the residuals as inputs after its own; a call without them (no net

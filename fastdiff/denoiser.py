@@ -719,7 +719,8 @@ class FluxDenoiser(Denoiser):
             self._ids[key] = make()
         return self._ids[key]
 
-    def run(self, module, latents, t, cond):
+    def run(self, module, latents, t, cond, **controls):
+        """`controls`: a ControlNet's block samples (:mod:`fastdiff.flux_controlnet`)."""
         if any(k.startswith(IMAGE_PROMPT) for k in cond.extras):   # never an image prompt dropped
             raise ValueError("ip_adapter_image: fastdiff runs no IP-Adapter of a Flux transformer yet")
         _, _, height, width = latents.shape
@@ -737,7 +738,7 @@ class FluxDenoiser(Denoiser):
         out = module(hidden_states=hidden, timestep=t.to(latents.dtype) / 1000,
                      guidance=None if guidance is None else guidance.float(),
                      pooled_projections=cond.extras["pooled_projections"], encoder_hidden_states=cond.embeds,
-                     txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
+                     txt_ids=text_ids, img_ids=image_ids, return_dict=False, **controls)[0]
         return flux.unpack(out[:, :(height // 2) * (width // 2)], height, width)
 
     def graph_spec(self, module=None, text_length=None):

@@ -7,7 +7,7 @@ import os
 import torch
 
 from .checks import check_choice, check_int, check_number, check_seed
-from .controlnet import ControlledDenoiser
+from .controlnet import ControlledDenoiser, ControlNetsAround
 from .denoiser import EMBED_ARGS, GUIDANCE
 from .images import FiniteWatch, check_output_type, from_model_tensor, signed, to_model_tensor
 from .channel_inputs import ChannelInputsDenoiser
@@ -109,6 +109,9 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         if isinstance(self.denoiser, ChannelInputsDenoiser):
             raise ValueError(f"pipe: {type(pipe).__name__}'s denoiser reads {self.denoiser.reads} with every row; "
                              f"a Stream does not run {self.denoiser.kind} yet (fastdiff.accelerate does)")
+        if isinstance(self.denoiser, ControlNetsAround) and not isinstance(self.denoiser, ControlledDenoiser):
+            raise ValueError(f"pipe: a Stream does not run {type(pipe).__name__}'s ControlNets yet (each frame's "
+                             "control picture encoded and carried through its steps); fastdiff.accelerate does")
         self.generator = torch.Generator(self.denoiser.device).manual_seed(check_seed(seed))
         self.filter = (SimilarityFilter(float(similarity_filter), max_skip_frames, seed)
                        if similarity_filter is not None else None)

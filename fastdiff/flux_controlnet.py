@@ -1,0 +1,148 @@
+"""FLUX.1 ControlNets under the denoiser protocol (diffusers' ``FluxControlNetPipeline``): the
+transformer's call with the block samples of one or more FluxControlNetModels added.
+
+Each row carries, per control condition k, its condition under ``flux_control_<k>`` — the control
+picture's latents (InstantX / Shakker-Labs nets, which read them as tokens) or its pixels in
+[-1, 1] (XLabs' nets, whose own input block reads them) — a Union net's mode under
+``flux_control_mode_<k>``, and the prompt the nets read. The pipeline runs the nets once, on the
+positive prompt, and hands their samples to its negative prompt's pass too (true CFG): the
+negative rows carry the positive prompt for the nets. A Union net held alone in a
+FluxMultiControlNetModel takes several conditions, one run of it per condition.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import flux
+from .controlnet import ControlNetsAround, controlnets_of
+from .denoiser import Conditioning, Denoiser
+
+CONDITION = "flux_control_"
+MODE = "flux_control_mode_"
+NET_PROMPT = "controlnet_prompt_embeds"          # the prompt the nets read (the positive one, every row)
+NET_POOLED = "controlnet_pooled_projections"
+NET_GUIDANCE = "controlnet_guidance"             # a guidance-distilled net's guidance input
+
+
+class FluxControlledDenoiser(ControlNetsAround):
+    """`base` (a Flux transformer's adapter) with `controlnet` (a FluxControlNetModel or a
+    FluxMultiControlNetModel) adding its block samples to every row."""
+
+    global_pool = False   # no guess mode in FLUX.1's ControlNet pipelines
+
+    def __init__(self, base: Denoiser, controlnet):
+        super().__init__(base, controlnets_of(controlnet))
+        self.multi = hasattr(controlnet, "nets")
+        # XLabs' nets read pixels through an input block of their own and give fewer block samples,
+        # which the transformer repeats over its blocks
+        self.reads_latents = self.nets[0].input_hint_block is None
+        self.union = bool(self.nets[0].union)
+        self.embeds_net_guidance = bool(self.nets[0].config.guidance_embeds)
+
+    def condition_count(self, control_image, given: dict) -> int:
+        """One condition per net; a Union net held alone in a multi wrapper takes a list of pictures,
+        one condition (mode) each, and its step ranges as lists of one per picture (the pipeline
+        reads a single value as the first picture's alone, and drops the others)."""
+        if not (self.multi and len(self.nets) == 1):
+            return len(self.nets)
+        if not isinstance(control_image, (list, tuple)) or not control_image:
+            raise ValueError("control_image: a FluxMultiControlNetModel takes a list of control images (one per "
+                             "condition)")
+        if len(control_image) > 1:
+            for name in ("control_guidance_start", "control_guidance_end"):
+                if not isinstance(given.get(name), (list, tuple)):
+                    raise ValueError(f"{name}: one Union ControlNet with {len(control_image)} control images takes "
+                                     "a list of one value per image (diffusers' pipeline would run the first image "
+                                     "alone)")
+        return len(control_image)
+
+    def net_of(self, k: int):
+        return self.nets[k if len(self.nets) > 1 else 0]
+
+    def check_modes(self, mode, conditions: int) -> list:
+        """Each condition's control mode (a Union net's kind of control: canny, depth...), checked:
+        one int for a single net, a list of one per condition (or one for all) for a multi wrapper."""
+        many = mode if isinstance(mode, (list, tuple)) else [mode] * conditions
+        if not self.multi and isinstance(mode, (list, tuple)):
+            raise ValueError(f"control_mode: a FluxControlNetModel takes one int (or None), got {mode!r}")
+        if len(many) != conditions:
+            raise ValueError(f"control_mode: {len(many)} modes for {conditions} control images")
+        for k, one in enumerate(many):
+            if one is None and self.union:
+                raise ValueError("control_mode is required by a Union ControlNet (the kind of control each image "
+                                 "is: an int below the net's num_mode)")
+            if one is None:
+                continue
+            if not self.union:
+                raise ValueError(f"control_mode: {type(self.net_of(k)).__name__} is no Union ControlNet; it reads no "
+                                 "mode (give None)")
+            limit = self.net_of(k).config.num_mode
+            if isinstance(one, bool) or not isinstance(one, int) or not 0 <= one < limit:
+                raise ValueError(f"control_mode must be an int in [0, {limit}) for this Union ControlNet, got {one!r}")
+        return list(many)
+
+    def with_conditions(self, cond: Conditioning, uncond: Conditioning, pictures: list, modes: list, codec,
+                        generator, guidance) -> tuple[Conditioning, Conditioning]:
+        """(cond, uncond), each row carrying its conditions: `pictures` one [B, 3, H, W] in [-1, 1] per
+        condition (B the call's images), encoded in turn with `generator` (a draw of the VAE's
+        posterior, as the pipeline draws it) for nets that read latents; each condition's mode; the
+        positive prompt; a guidance-distilled net's `guidance`."""
+        dtype, device = cond.embeds.dtype, cond.embeds.device
+        extras = {}
+        for k, (pixels, mode) in enumerate(zip(pictures, modes)):
+            if self.reads_latents:
+                pixels = codec.encode(pixels.to(device), sample=True, generator=generator)
+            extras[f"{CONDITION}{k}"] = pixels.to(device, dtype)
+            if mode is not None:
+                extras[f"{MODE}{k}"] = torch.full((len(cond),), mode, dtype=torch.long, device=device)
+        extras[NET_PROMPT], extras[NET_POOLED] = cond.embeds, cond.extras["pooled_projections"]
+        if self.embeds_net_guidance:
+            extras[NET_GUIDANCE] = torch.full((len(cond),), float(guidance), dtype=dtype, device=device)
+        return cond.with_extras(**extras), uncond.with_extras(**extras)
+
+    def run(self, module, latents, t, cond):
+        if NET_PROMPT not in cond.extras or f"{CONDITION}0" not in cond.extras:
+            raise ValueError("cond: a Flux ControlNet pipeline's rows need their control conditions; it runs in its "
+                             "pipeline's call (FluxControlledDenoiser.with_conditions)")
+        return super().run(module, latents, t, cond)
+
+    def run_nets(self, module, latents, t, cond, keep):
+        own = [k for k in cond.extras if k.startswith((CONDITION, MODE)) or k in (NET_PROMPT, NET_POOLED, NET_GUIDANCE)]
+        plain = cond.without(own)
+        if not any(keep):   # no net acts at this step: the transformer alone (diffusers adds zeros)
+            return self.base.run(module, latents, t, plain)
+        _, _, height, width = latents.shape
+        hidden = flux.pack(latents)
+        text_ids = latents.new_zeros(cond.extras[NET_PROMPT].shape[1], 3)
+        image_ids = flux.image_ids(height // 2, width // 2, latents.device, latents.dtype)
+        timestep = t.to(latents.dtype) / 1000
+        guidance = cond.extras.get(NET_GUIDANCE)
+        blocks = singles = None
+        for k, (scale, acts) in enumerate(zip(self._scales, keep)):
+            if not acts:
+                continue
+            condition = cond.extras[f"{CONDITION}{k}"]
+            mode = cond.extras.get(f"{MODE}{k}")
+            b, s = self.net_of(k)(
+                hidden_states=hidden, controlnet_cond=flux.pack(condition) if self.reads_latents else condition,
+                controlnet_mode=None if mode is None else mode[:, None], conditioning_scale=scale,
+                timestep=timestep, guidance=None if guidance is None else guidance.float(),
+                pooled_projections=cond.extras[NET_POOLED], encoder_hidden_states=cond.extras[NET_PROMPT],
+                txt_ids=text_ids, img_ids=image_ids, return_dict=False)
+            blocks = _summed(blocks, b)
+            singles = _summed(singles, s)
+        return self.base.run(module, latents, t, plain, controlnet_block_samples=blocks,
+                             controlnet_single_block_samples=singles, controlnet_blocks_repeat=not self.reads_latents)
+
+    def graph_spec(self, module=None, text_length=None):
+        raise ValueError("backend: a FLUX.1 ControlNet pipeline runs on the PyTorch modules; its engines (the "
+                         "transformer taking the nets' block samples, each net a graph of its own) are not built yet")
+
+
+def _summed(total, samples):
+    """Block samples of several conditions added up, as diffusers' multi wrapper adds them (None: a
+    net without blocks of that kind)."""
+    if total is None or samples is None:
+        return samples if total is None else total
+    return [a + b for a, b in zip(total, samples)]

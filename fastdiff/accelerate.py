@@ -54,6 +54,8 @@ SUPPORTED = {
     "FluxKontextPipeline": ("txt2img", "diffusers.pipelines.flux", "FluxPipelineOutput"),
     "FluxControlNetPipeline": ("txt2img", "diffusers.pipelines.flux", "FluxPipelineOutput"),
     "FluxControlNetImg2ImgPipeline": ("img2img", "diffusers.pipelines.flux", "FluxPipelineOutput"),
+    "StableDiffusion3ControlNetPipeline": ("txt2img", "diffusers.pipelines.stable_diffusion_3",
+                                           "StableDiffusion3PipelineOutput"),
 }
 # FLUX.1 Kontext: txt2img whose `image` is a context picture the transformer reads beside the image drawn
 CONTEXT_PIPELINES = ("FluxKontextPipeline",)
@@ -65,7 +67,7 @@ INPAINT_ARGS = ("mask_image", "masked_image_latents", "padding_mask_crop")
 CONTROL_ARG = {"StableDiffusionControlNetPipeline": "image", "StableDiffusionXLControlNetPipeline": "image",
                "StableDiffusionControlNetImg2ImgPipeline": "control_image",
                "StableDiffusionXLControlNetImg2ImgPipeline": "control_image", "FluxControlNetPipeline": "control_image",
-               "FluxControlNetImg2ImgPipeline": "control_image"}
+               "FluxControlNetImg2ImgPipeline": "control_image", "StableDiffusion3ControlNetPipeline": "control_image"}
 IMAGE_PROMPT_ARGS = ("ip_adapter_image", "ip_adapter_image_embeds")   # an IP-Adapter's image prompt
 # Flux's classifier-free guidance over a negative prompt (its guidance_scale is the model's input)
 TRUE_CFG_ARG = "true_cfg_scale"
@@ -154,9 +156,9 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         if self.context and backend is not None:
             raise ValueError(f"backend: {base.__name__}'s context picture runs on the PyTorch modules; engines for "
                              "it are not built yet (backend=None)")
-        if self.control_arg and backend is not None and base.__name__.startswith("Flux"):
-            raise ValueError(f"backend: {base.__name__} runs on the PyTorch modules; engines for FLUX.1's ControlNets "
-                             "are not built yet (backend=None)")
+        if self.control_arg and backend is not None and base.__name__.startswith(("Flux", "StableDiffusion3")):
+            raise ValueError(f"backend: {base.__name__} runs on the PyTorch modules; engines for the ControlNets of "
+                             "FLUX.1 and SD3 are not built yet (backend=None)")
         self.output_class = getattr(__import__(module, fromlist=[output_class]), output_class)
         self.cfg = check_mode(cfg) if cfg is not None else None
         self.delta = check_number(delta, "delta", 0.0)
@@ -443,8 +445,10 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         if self.context and image is not None:
             context = context_latents(self.pipe, codec, image, options.get("_auto_resize", True))
             cond, uncond = with_context(context, cond, uncond)
-        if self.control_arg:   # FLUX.1's encoded before the noise is drawn, as the pipeline does
-            cond, uncond = self._with_control(control, cond, uncond, num_images_per_prompt, codec, generator, embedded)
+        if self.control_arg:   # FLUX.1's and SD3's pictures encoded before the noise is drawn, as the pipelines do
+            pictures = control.rows(len(cond) // num_images_per_prompt, num_images_per_prompt)
+            cond, uncond = denoiser.with_pictures(cond, uncond, pictures, control, codec=codec, generator=generator,
+                                                  guided=guidance_scale > 1, embedded_guidance=embedded)
         if self.reads_control:   # encoded before the noise is drawn, as the pipeline does
             cond, uncond = self._with_control_latents(options.get(CONTROL_LATENTS_ARG), codec, cond, uncond, height,
                                                       width, num_images_per_prompt, generator)
@@ -563,27 +567,13 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         d = self.denoiser
         value = lambda name: given.get(name) if given.get(name) is not None else self.defaults.get(name)
         count = d.condition_count(given.get("control_image"), given)
-        flux = d.family == "flux"
-        if flux:   # FLUX.1's control pictures are drawn at the call's size, the native one unless given
+        if d.pictures_at_native_size:
             height, width = self.parts.size(height, width)
         control = control_inputs(self.pipe, count, given.get("control_image"), value("controlnet_conditioning_scale"),
                                  value("control_guidance_start"), value("control_guidance_end"),
                                  given.get("guess_mode", False), height, width, self.control_arg)
-        if flux:
-            control.modes = d.check_modes(given.get("control_mode"), count)
+        control.modes = d.check_modes(given.get("control_mode"), count)
         return control
-
-    def _with_control(self, control, cond, uncond, per_prompt: int, codec, generator, guidance):
-        """Rows carrying their control images; in guess mode the unconditional rows go without.
-        FLUX.1's: their control pictures (encoded with the call's generator, for nets that read
-        latents), modes and the positive prompt, and a guidance-distilled net's `guidance`."""
-        d = self.denoiser
-        rows = control.rows(len(cond) // per_prompt, per_prompt)
-        if d.family == "flux":
-            return d.with_conditions(cond, uncond, rows, control.modes, codec, generator, guidance)
-        images = [r.to(d.device, d.nets[0].dtype) for r in rows]
-        guess = control.guess_mode or d.global_pool
-        return d.with_images(cond, images, True), d.with_images(uncond, images, not guess)
 
     @staticmethod
     def _encode_images(codec, pixels, batch: int, generator):

@@ -181,17 +181,21 @@ def tiny_sdxl_pipeline(seed: int = 0, scheduler: str = "ddim", vae: str = "kl", 
 
 
 def tiny_controlnet_pipeline(family: str = "sd", img2img: bool = False, nets: int = 1, seed: int = 0,
-                             scheduler: str = "ddim", reads: str = "latents", union: bool = False, wrap: bool = False):
-    """A tiny SD ("sd"), SDXL ("sdxl") or FLUX.1 ("flux") ControlNet pipeline (64×64 images): ControlNets made
+                             scheduler: str = "ddim", reads: str = "latents", union: bool = False, wrap: bool = False,
+                             zero_pooled: bool = True):
+    """A tiny SD ("sd"), SDXL ("sdxl"), SD3 ("sd3") or FLUX.1 ("flux") ControlNet pipeline (64×64 images): ControlNets made
     from the tiny UNet, their zero-initialised output convolutions drawn at random so that the control
     image changes the picture; `nets` > 1 makes a MultiControlNetModel. FLUX.1's (dev's kind):
     nets that read the control picture's latents (`reads` "latents", InstantX's kind) or its pixels
-    ("pixels", XLabs'), `union` ones with modes; `wrap` holds even one net in a multi wrapper."""
+    ("pixels", XLabs'), `union` ones with modes; `wrap` holds even one net in a multi wrapper. SD3's (txt2img):
+    InstantX's kind (`zero_pooled`: zeros for the pooled prompt, latents without the VAE's shift), else SD3.5's."""
     import diffusers
     from diffusers import ControlNetModel
 
     if family == "flux":
         return _tiny_flux_controlnet_pipeline(img2img, nets, seed, reads, union, wrap)
+    if family == "sd3":
+        return _tiny_sd3_controlnet_pipeline(nets, seed, zero_pooled)
     base = (tiny_sd_pipeline if family == "sd" else tiny_sdxl_pipeline)(seed=seed, scheduler=scheduler)
     torch.manual_seed(seed + 1)
     controlnets = []
@@ -244,6 +248,28 @@ def _tiny_flux_controlnet_pipeline(img2img: bool, nets: int, seed: int, reads: s
     accepted = set(inspect.signature(cls.__init__).parameters)
     pipe = cls(**{k: v for k, v in base.components.items() if k in accepted}, controlnet=controlnet)
     pipe.default_sample_size = base.default_sample_size
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _tiny_sd3_controlnet_pipeline(nets: int, seed: int, zero_pooled: bool):
+    from diffusers import SD3ControlNetModel, SD3MultiControlNetModel, StableDiffusion3ControlNetPipeline
+
+    base = tiny_sd3_pipeline(seed=seed)
+    torch.manual_seed(seed + 1)
+    controlnets = []
+    for _ in range(nets):
+        config = {k: v for k, v in base.transformer.config.items() if not k.startswith("_")}
+        net = SD3ControlNetModel.from_config({**config, "num_layers": 1, "extra_conditioning_channels": 0,
+                                              "force_zeros_for_pooled_projection": zero_pooled}).eval()
+        with torch.no_grad():   # its zero-initialised layers drawn, so that the control picture shows
+            for layer in [*net.controlnet_blocks, net.pos_embed_input.proj]:
+                torch.nn.init.normal_(layer.weight, std=0.3)
+        controlnets.append(net)
+    controlnet = SD3MultiControlNetModel(controlnets) if nets > 1 else controlnets[0]
+    accepted = set(inspect.signature(StableDiffusion3ControlNetPipeline.__init__).parameters)
+    pipe = StableDiffusion3ControlNetPipeline(**{k: v for k, v in base.components.items() if k in accepted},
+                                              controlnet=controlnet)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

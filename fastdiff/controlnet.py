@@ -85,6 +85,10 @@ def with_controlnet(base: Denoiser, pipe) -> Denoiser:
         from .flux_controlnet import FluxControlledDenoiser
 
         return FluxControlledDenoiser(base, controlnet)
+    if base.family == "sd3":
+        from .sd3_controlnet import SD3ControlledDenoiser
+
+        return SD3ControlledDenoiser(base, controlnet)
     return ControlledDenoiser(base, controlnet)
 
 
@@ -123,6 +127,24 @@ class ControlNetsAround(DenoiserAround):
         """The denoiser's call on rows all at steps where the nets `keep` (1.0 or 0.0 each) act."""
         raise NotImplementedError
 
+    def with_pictures(self, cond: Conditioning, uncond: Conditioning, pictures: list, control, *, codec, generator,
+                      guided: bool, embedded_guidance) -> tuple[Conditioning, Conditioning]:
+        """(cond, uncond), each row carrying what the nets read of a call's control `pictures` (one
+        [B, 3, H, W] per condition, B the call's images, as the pipeline's image processor makes
+        them) and of its other `control` inputs (:class:`fastdiff.control_inputs.ControlInputs`);
+        `codec` and `generator` encode pictures the family's nets read as latents, as its pipeline
+        draws them; `guided`: the pipeline guides over unconditional rows (guidance_scale > 1);
+        `embedded_guidance` a guidance-distilled model's input."""
+        raise NotImplementedError
+
+    def check_modes(self, mode, conditions: int) -> list | None:
+        """Each condition's control mode, where the family's nets take one (FLUX.1's Union nets)."""
+        return None
+
+    # FLUX.1's and SD3's pipelines draw their control pictures at the native size unless given (the
+    # UNets' keep a picture's own)
+    pictures_at_native_size = False
+
     def condition_count(self, control_image, given: dict) -> int:
         """How many control conditions a call's `control_image` holds (its other control arguments
         `given`): one per net."""
@@ -145,7 +167,7 @@ class ControlledDenoiser(ControlNetsAround):
 
     def __init__(self, base: Denoiser, controlnet):
         if base.family not in ("unet", "sdxl"):
-            raise ValueError(f"pipe: ControlNet is run for UNet pipelines (SD 1.x/2.x, SDXL) and FLUX.1, not "
+            raise ValueError(f"pipe: ControlNet is run for UNet pipelines (SD 1.x/2.x, SDXL), SD3 and FLUX.1, not "
                              f"{base.family}")
         super().__init__(base, controlnets_of(controlnet))
 
@@ -157,6 +179,12 @@ class ControlledDenoiser(ControlNetsAround):
     @property
     def image_keys(self) -> list[str]:
         return [image_key(k) for k in range(len(self.nets))]
+
+    def with_pictures(self, cond, uncond, pictures, control, *, codec, generator, guided, embedded_guidance):
+        """The control images as they are; in guess mode the unconditional rows go without."""
+        images = [p.to(self.device, self.nets[0].dtype) for p in pictures]
+        guess = control.guess_mode or self.global_pool
+        return self.with_images(cond, images, True), self.with_images(uncond, images, not guess)
 
     def with_images(self, cond: Conditioning, images: list[torch.Tensor] | None, live: bool) -> Conditioning:
         """`cond`'s rows carrying `images` (one [B, 3, H, W] per net; None: a stream's, which travel

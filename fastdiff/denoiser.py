@@ -617,9 +617,10 @@ class SD3Denoiser(Denoiser):
         return (Conditioning(cond, {"pooled_projections": pooled}),
                 Conditioning(uncond, {"pooled_projections": uncond_pooled}))
 
-    def run(self, module, latents, t, cond):
+    def run(self, module, latents, t, cond, **controls):
+        """`controls`: a ControlNet's block samples (:mod:`fastdiff.sd3_controlnet`)."""
         return module(hidden_states=latents, timestep=t, encoder_hidden_states=cond.embeds,
-                      pooled_projections=cond.extras["pooled_projections"], return_dict=False)[0]
+                      pooled_projections=cond.extras["pooled_projections"], return_dict=False, **controls)[0]
 
     def graph_spec(self, module=None, text_length=None):
         module = module if module is not None else self.original

@@ -16,7 +16,7 @@ import torch
 
 from . import flux
 from .controlnet import ControlNetsAround, controlnets_of
-from .denoiser import Conditioning, Denoiser
+from .denoiser import Denoiser
 
 CONDITION = "flux_control_"
 MODE = "flux_control_mode_"
@@ -30,6 +30,7 @@ class FluxControlledDenoiser(ControlNetsAround):
     FluxMultiControlNetModel) adding its block samples to every row."""
 
     global_pool = False   # no guess mode in FLUX.1's ControlNet pipelines
+    pictures_at_native_size = True
 
     def __init__(self, base: Denoiser, controlnet):
         super().__init__(base, controlnets_of(controlnet))
@@ -82,15 +83,13 @@ class FluxControlledDenoiser(ControlNetsAround):
                 raise ValueError(f"control_mode must be an int in [0, {limit}) for this Union ControlNet, got {one!r}")
         return list(many)
 
-    def with_conditions(self, cond: Conditioning, uncond: Conditioning, pictures: list, modes: list, codec,
-                        generator, guidance) -> tuple[Conditioning, Conditioning]:
-        """(cond, uncond), each row carrying its conditions: `pictures` one [B, 3, H, W] in [-1, 1] per
-        condition (B the call's images), encoded in turn with `generator` (a draw of the VAE's
-        posterior, as the pipeline draws it) for nets that read latents; each condition's mode; the
-        positive prompt; a guidance-distilled net's `guidance`."""
+    def with_pictures(self, cond, uncond, pictures, control, *, codec, generator, guided, embedded_guidance):
+        """Each condition's picture encoded in turn with `generator` (a draw of the VAE's posterior, as
+        the pipeline draws it) for nets that read latents, else its pixels; its mode; the positive
+        prompt on every row; a guidance-distilled net's guidance."""
         dtype, device = cond.embeds.dtype, cond.embeds.device
         extras = {}
-        for k, (pixels, mode) in enumerate(zip(pictures, modes)):
+        for k, (pixels, mode) in enumerate(zip(pictures, control.modes)):
             if self.reads_latents:
                 pixels = codec.encode(pixels.to(device), sample=True, generator=generator)
             extras[f"{CONDITION}{k}"] = pixels.to(device, dtype)
@@ -98,13 +97,13 @@ class FluxControlledDenoiser(ControlNetsAround):
                 extras[f"{MODE}{k}"] = torch.full((len(cond),), mode, dtype=torch.long, device=device)
         extras[NET_PROMPT], extras[NET_POOLED] = cond.embeds, cond.extras["pooled_projections"]
         if self.embeds_net_guidance:
-            extras[NET_GUIDANCE] = torch.full((len(cond),), float(guidance), dtype=dtype, device=device)
+            extras[NET_GUIDANCE] = torch.full((len(cond),), float(embedded_guidance), dtype=dtype, device=device)
         return cond.with_extras(**extras), uncond.with_extras(**extras)
 
     def run(self, module, latents, t, cond):
         if NET_PROMPT not in cond.extras or f"{CONDITION}0" not in cond.extras:
             raise ValueError("cond: a Flux ControlNet pipeline's rows need their control conditions; it runs in its "
-                             "pipeline's call (FluxControlledDenoiser.with_conditions)")
+                             "pipeline's call (FluxControlledDenoiser.with_pictures)")
         return super().run(module, latents, t, cond)
 
     def run_nets(self, module, latents, t, cond, keep):

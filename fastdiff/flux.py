@@ -68,18 +68,51 @@ def schedule_arguments(scheduler, num_inference_steps: int, sigmas, latent_heigh
 class FluxGraph(torch.nn.Module):
     """What exporters trace of a Flux transformer: the transformer on a grid of patches [B, C, H/2, 2, W/2, 2], the tokens and their ids made
     inside, its velocity given back as patches alike: the input's sizes are the grid's, so an
-    exported graph's size follows the image's with no floor division to prove."""
+    exported graph's size follows the image's with no floor division to prove. `controls`: how many
+    of a ControlNet's double- and single-block samples it takes after its own inputs, each a grid
+    [B, H/2, W/2, D] (`repeat`: XLabs' few samples repeated over the blocks)."""
 
-    def __init__(self, transformer, guided: bool):
+    def __init__(self, transformer, guided: bool, controls: tuple[int, int] = (0, 0), repeat: bool = False):
         super().__init__()
         self.transformer = transformer
         self.guided = guided
+        self.controls, self.repeat = controls, repeat
 
-    def forward(self, patches, timestep, encoder_hidden_states, pooled_projections, *guidance):
+    def forward(self, patches, timestep, encoder_hidden_states, pooled_projections, *rest):
         rows, cols = patches.shape[2], patches.shape[4]
+        guidance, grids = (rest[0], rest[1:]) if self.guided else (None, rest)
+        control = {}
+        if any(self.controls):
+            samples = [grid.flatten(1, 2) for grid in grids]
+            doubles = self.controls[0]
+            control = dict(controlnet_block_samples=samples[:doubles] or None,
+                           controlnet_single_block_samples=samples[doubles:] or None,
+                           controlnet_blocks_repeat=self.repeat)
         out = self.transformer(
-            hidden_states=patches_to_tokens(patches), timestep=timestep, guidance=guidance[0] if self.guided else None,
+            hidden_states=patches_to_tokens(patches), timestep=timestep, guidance=guidance,
             pooled_projections=pooled_projections, encoder_hidden_states=encoder_hidden_states,
             txt_ids=patches.new_zeros(encoder_hidden_states.shape[1], 3),
-            img_ids=image_ids(rows, cols, patches.device, patches.dtype), return_dict=False)[0]
+            img_ids=image_ids(rows, cols, patches.device, patches.dtype), return_dict=False, **control)[0]
         return tokens_to_patches(out, rows, cols)
+
+
+class FluxControlNetGraph(torch.nn.Module):
+    """What exporters trace of a Flux ControlNet: the net on the latents' grid of patches and its
+    control condition (the picture's latents as patches alike, or its pixels), its samples given
+    back unscaled as grids [B, H/2, W/2, D], double blocks' first."""
+
+    def __init__(self, net, guided: bool, union: bool, reads_latents: bool):
+        super().__init__()
+        self.net, self.guided, self.union, self.reads_latents = net, guided, union, reads_latents
+
+    def forward(self, patches, condition, timestep, encoder_hidden_states, pooled_projections, *rest):
+        rows, cols = patches.shape[2], patches.shape[4]
+        guidance = rest[0] if self.guided else None
+        mode = rest[-1] if self.union else None
+        blocks, singles = self.net(
+            hidden_states=patches_to_tokens(patches),
+            controlnet_cond=patches_to_tokens(condition) if self.reads_latents else condition, controlnet_mode=mode,
+            timestep=timestep, guidance=guidance, pooled_projections=pooled_projections,
+            encoder_hidden_states=encoder_hidden_states, txt_ids=patches.new_zeros(encoder_hidden_states.shape[1], 3),
+            img_ids=image_ids(rows, cols, patches.device, patches.dtype), return_dict=False)
+        return tuple(sample.unflatten(1, (rows, cols)) for sample in [*(blocks or ()), *(singles or ())])

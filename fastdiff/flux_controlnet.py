@@ -16,7 +16,8 @@ import torch
 
 from . import flux
 from .controlnet import ControlNetsAround, controlnets_of
-from .denoiser import Denoiser
+from .denoiser import Denoiser, GraphSpec, ModelInput, call_binder
+from .text_inputs import call_defaults
 
 CONDITION = "flux_control_"
 MODE = "flux_control_mode_"
@@ -117,13 +118,16 @@ class FluxControlledDenoiser(ControlNetsAround):
         image_ids = flux.image_ids(height // 2, width // 2, latents.device, latents.dtype)
         timestep = t.to(latents.dtype) / 1000
         guidance = cond.extras.get(NET_GUIDANCE)
+        # the PyTorch nets beside the PyTorch transformer (a cost count), their engines beside its engine
+        nets = self.nets if module is self.original else \
+            [self.side_runners.get(name, net) for name, net in zip(self.net_names, self.nets)]
         blocks = singles = None
         for k, (scale, acts) in enumerate(zip(self._scales, keep)):
             if not acts:
                 continue
             condition = cond.extras[f"{CONDITION}{k}"]
             mode = cond.extras.get(f"{MODE}{k}")
-            b, s = self.net_of(k)(
+            b, s = nets[k if len(nets) > 1 else 0](
                 hidden_states=hidden, controlnet_cond=flux.pack(condition) if self.reads_latents else condition,
                 controlnet_mode=None if mode is None else mode[:, None], conditioning_scale=scale,
                 timestep=timestep, guidance=None if guidance is None else guidance.float(),
@@ -134,9 +138,84 @@ class FluxControlledDenoiser(ControlNetsAround):
         return self.base.run(module, latents, t, plain, controlnet_block_samples=blocks,
                              controlnet_single_block_samples=singles, controlnet_blocks_repeat=not self.reads_latents)
 
+    def sample_counts(self) -> tuple[int, int]:
+        """How many double- and single-block samples the nets give (the same for every net: the
+        transformer's graph takes that many)."""
+        counts = {(len(net.controlnet_blocks), len(net.controlnet_single_blocks)) for net in self.nets}
+        if len(counts) > 1:
+            raise ValueError(f"backend: these ControlNets give different numbers of block samples {sorted(counts)}; "
+                             "one transformer engine takes one number (run them on the PyTorch modules)")
+        return counts.pop()
+
     def graph_spec(self, module=None, text_length=None):
-        raise ValueError("backend: a FLUX.1 ControlNet pipeline runs on the PyTorch modules; its engines (the "
-                         "transformer taking the nets' block samples, each net a graph of its own) are not built yet")
+        """The transformer's graph with the nets' summed samples as inputs after its own, each a grid
+        [B, H/2, W/2, D]; a call without them (no net acting) feeds zeros."""
+        module = module if module is not None else self.original
+        spec = self.base.graph_spec(module, text_length)
+        doubles, singles = self.sample_counts()
+        width = module.inner_dim
+        names = [f"controlnet_block_{i}" for i in range(doubles)] + \
+            [f"controlnet_single_block_{i}" for i in range(singles)]
+        inputs = [ModelInput(name, ("B", "H/2", "W/2", width)) for name in names]
+        graph = flux.FluxGraph(module, bool(module.config.guidance_embeds), (doubles, singles), not self.reads_latents)
+        bind = call_binder(module)
+
+        def feeds(args, kwargs):
+            named = spec.feeds(args, kwargs)
+            a = bind(args, kwargs)
+            batch, _, rows, _, cols, _ = named["patches"].shape
+            given = [*(a.get("controlnet_block_samples") or [None] * doubles),
+                     *(a.get("controlnet_single_block_samples") or [None] * singles)]
+            for name, sample in zip(names, given):
+                named[name] = named["patches"].new_zeros(batch, rows, cols, width) if sample is None else \
+                    sample.unflatten(1, (rows, cols))
+            return named
+        return GraphSpec(spec.kind + "+controlnet", graph, spec.inputs + inputs, feeds, spec.outputs, spec.returns)
+
+    def side_networks(self) -> dict:
+        return dict(zip(self.net_names, self.nets))
+
+    def side_graph_spec(self, name):
+        net = self.side_networks().get(name)
+        if net is None:
+            return super().side_graph_spec(name)
+        config, factor = net.config, self.pipe.vae_scale_factor
+        guided, channels = bool(config.guidance_embeds), config.in_channels // 4
+        condition = ("B", channels, "H/2", 2, "W/2", 2) if self.reads_latents else ("B", 3, f"H*{factor}", f"W*{factor}")
+        inputs = [ModelInput("patches", ("B", channels, "H/2", 2, "W/2", 2)), ModelInput("condition", condition),
+                  ModelInput("timestep", ("B",), torch.float32),
+                  ModelInput("encoder_hidden_states", ("B", call_defaults(self.pipe)["max_sequence_length"],
+                                                       config.joint_attention_dim)),
+                  ModelInput("pooled_projections", ("B", config.pooled_projection_dim))]
+        inputs += [ModelInput("guidance", ("B",), torch.float32)] if guided else []
+        inputs += [ModelInput("mode", ("B", 1), torch.int64)] if self.union else []
+        doubles = len(net.controlnet_blocks)
+        names = [f"block_{i}" for i in range(doubles)] + \
+            [f"single_block_{i}" for i in range(len(net.controlnet_single_blocks))]
+        bind = call_binder(net)
+
+        def feeds(args, kwargs):
+            a = bind(args, kwargs)
+            tokens, ids = a["hidden_states"], a["img_ids"]
+            rows = int(ids[-1, 1]) + 1   # the ids run_nets made: the last token's row (one scalar read)
+            cols = tokens.shape[1] // rows
+            condition = a["controlnet_cond"]
+            named = {"patches": flux.tokens_to_patches(tokens, rows, cols),
+                     "condition": flux.tokens_to_patches(condition, rows, cols) if self.reads_latents else condition,
+                     "timestep": a["timestep"].float(), "encoder_hidden_states": a["encoder_hidden_states"],
+                     "pooled_projections": a["pooled_projections"]}
+            if guided:
+                named["guidance"] = a["guidance"].float()
+            if self.union:
+                named["mode"] = a["controlnet_mode"]
+            return named
+
+        def returns(outputs, args, kwargs):
+            scale = bind(args, kwargs).get("conditioning_scale", 1.0)
+            samples = [grid.flatten(1, 2) * scale for grid in outputs]
+            return samples[:doubles] or None, samples[doubles:] or None
+        graph = flux.FluxControlNetGraph(net, guided, self.union, self.reads_latents)
+        return GraphSpec("flux-controlnet", graph, inputs, feeds, names, returns)
 
 
 def _summed(total, samples):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .components import Component
+from .components import Component, size_axis
 from .profiles import ShapeProfile
 
 
@@ -33,9 +33,10 @@ class EngineModule:
         if not low <= batch <= high:
             raise ValueError(f"batch: {batch} rows reach the {self.component.name} engine, built for {low}..{high}; "
                              "build it for more (a larger max_batch, or fastdiff build --batch)")
-        if "H" in spec.shape:
+        axes = {axis[0]: (i, axis) for i, axis in ((i, size_axis(s)) for i, s in enumerate(spec.shape)) if axis}
+        if "H" in axes and "W" in axes:   # the grid's size back in pixels ("H/2": Flux's patches)
             f = self.component.size_divisor
-            height, width = shape[spec.shape.index("H")] * f, shape[spec.shape.index("W")] * f
+            height, width = (shape[i] * over // times * f for i, (_, times, over) in (axes["H"], axes["W"]))
             p = self.profile
             if not (p.height[0] <= height <= p.height[2] and p.width[0] <= width <= p.width[2]):
                 raise ValueError(f"height/width {height}×{width} is outside what the {self.component.name} engine "

@@ -156,9 +156,6 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         if self.context and backend is not None:
             raise ValueError(f"backend: {base.__name__}'s context picture runs on the PyTorch modules; engines for "
                              "it are not built yet (backend=None)")
-        if self.control_arg and backend is not None and base.__name__.startswith("StableDiffusion3"):
-            raise ValueError(f"backend: {base.__name__} runs on the PyTorch modules; engines for SD3's ControlNets "
-                             "are not built yet (backend=None)")
         self.output_class = getattr(__import__(module, fromlist=[output_class]), output_class)
         self.cfg = check_mode(cfg) if cfg is not None else None
         self.delta = check_number(delta, "delta", 0.0)

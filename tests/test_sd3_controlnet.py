@@ -1,5 +1,5 @@
 """SD3 ControlNets (diffusers' StableDiffusion3ControlNetPipeline) through fastdiff.accelerate:
-diffusers' own images for InstantX's nets and SD3.5's, one net or several."""
+diffusers' own images for InstantX's nets and SD3.5's, one net or several, on engines too."""
 
 import numpy as np
 import pytest
@@ -60,7 +60,7 @@ def test_sd35_controlnet_without_prompt_tokens_is_diffusers():
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_sd3_controlnet_bad_input_is_refused(tmp_path):
+def test_sd3_controlnet_bad_input_is_refused():
     pipe = tiny_controlnet_pipeline("sd3", nets=2)
     fast = fastdiff.accelerate(pipe)
     call = dict(ARGS, num_inference_steps=1)
@@ -72,7 +72,19 @@ def test_sd3_controlnet_bad_input_is_refused(tmp_path):
         fast(control_image=PICTURES[:2], controlnet_conditioning_scale=[1, 1, 1], **call)
     with pytest.raises(TypeError, match="does not take \\['control_mode'\\]"):
         fast(control_image=PICTURES[:2], control_mode=1, **call)
-    with pytest.raises(ValueError, match="backend: StableDiffusion3ControlNetPipeline runs on the PyTorch modules"):
-        fastdiff.accelerate(pipe, backend="onnxruntime", engine_options={"cache_dir": str(tmp_path)})
     with pytest.raises(ValueError, match="a Stream does not run StableDiffusion3ControlNetPipeline's ControlNets yet"):
         fastdiff.Stream(pipe)
+
+
+def test_sd3_controlnets_on_onnxruntime_engines(tmp_path):
+    """The transformer's engine takes the nets' summed block samples as inputs, each net an engine
+    of its own (its scale applied to its outputs): diffusers' images with guidance's rows."""
+    pytest.importorskip("onnxruntime")
+    pipe = tiny_controlnet_pipeline("sd3", nets=2, zero_pooled=False)
+    fast = fastdiff.accelerate(pipe, backend="onnxruntime", engine_options={
+        "cache_dir": str(tmp_path), "threads": 1, "max_batch": 1, "components": ["denoiser"]})
+    assert {type(m).__name__ for m in (fast.denoiser.module, *fast.denoiser.side_runners.values())} == {"EngineModule"}
+    assert len(fast.denoiser.side_runners) == 2
+    want, got = both(pipe, fast, control_image=PICTURES[:2], negative_prompt="blue",
+                     controlnet_conditioning_scale=[1.0, 0.5], control_guidance_start=[0.0, 0.4])
+    np.testing.assert_allclose(got, want, atol=1e-4)

@@ -24,6 +24,7 @@ MODE = "flux_control_mode_"
 NET_PROMPT = "controlnet_prompt_embeds"          # the prompt the nets read (the positive one, every row)
 NET_POOLED = "controlnet_pooled_projections"
 NET_GUIDANCE = "controlnet_guidance"             # a guidance-distilled net's guidance input
+TWIN = "controlnet_twin"                         # under true CFG: a row and its negative twin share an id
 
 
 class FluxControlledDenoiser(ControlNetsAround):
@@ -99,6 +100,8 @@ class FluxControlledDenoiser(ControlNetsAround):
         extras[NET_PROMPT], extras[NET_POOLED] = cond.embeds, cond.extras["pooled_projections"]
         if self.embeds_net_guidance:
             extras[NET_GUIDANCE] = torch.full((len(cond),), float(embedded_guidance), dtype=dtype, device=device)
+        if guided:   # the negative rows' nets read what their twins' read: run once per pair, as the pipeline does
+            extras[TWIN] = torch.arange(len(cond), device=device)
         return cond.with_extras(**extras), uncond.with_extras(**extras)
 
     def run(self, module, latents, t, cond):
@@ -108,10 +111,16 @@ class FluxControlledDenoiser(ControlNetsAround):
         return super().run(module, latents, t, cond)
 
     def run_nets(self, module, latents, t, cond, keep):
-        own = [k for k in cond.extras if k.startswith((CONDITION, MODE)) or k in (NET_PROMPT, NET_POOLED, NET_GUIDANCE)]
+        own = [k for k in cond.extras if k.startswith((CONDITION, MODE)) or k in (NET_PROMPT, NET_POOLED, NET_GUIDANCE,
+                                                                                   TWIN)]
         plain = cond.without(own)
         if not any(keep):   # no net acts at this step: the transformer alone (diffusers adds zeros)
             return self.base.run(module, latents, t, plain)
+        spread, full_latents, full_t = None, latents, t
+        if TWIN in cond.extras:   # twin rows' inputs are one row's: the nets run on one of each pair
+            ids, spread = torch.unique(cond.extras[TWIN], return_inverse=True)   # (a device sync on a GPU)
+            one = torch.zeros_like(ids).scatter_(0, spread, torch.arange(len(spread), device=ids.device))
+            latents, t, cond = latents[one], t[one], cond.rows(one)
         _, _, height, width = latents.shape
         hidden = flux.pack(latents)
         text_ids = latents.new_zeros(cond.extras[NET_PROMPT].shape[1], 3)
@@ -135,7 +144,9 @@ class FluxControlledDenoiser(ControlNetsAround):
                 txt_ids=text_ids, img_ids=image_ids, return_dict=False)
             blocks = _summed(blocks, b)
             singles = _summed(singles, s)
-        return self.base.run(module, latents, t, plain, controlnet_block_samples=blocks,
+        if spread is not None:   # each pair's samples to both of its rows
+            blocks, singles = ([x[spread] for x in part] if part else part for part in (blocks, singles))
+        return self.base.run(module, full_latents, full_t, plain, controlnet_block_samples=blocks,
                              controlnet_single_block_samples=singles, controlnet_blocks_repeat=not self.reads_latents)
 
     def sample_counts(self) -> tuple[int, int]:

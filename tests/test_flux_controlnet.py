@@ -57,6 +57,19 @@ def test_flux_controlnet_is_diffusers(net, options):
     assert np.abs(other - same).max() > 1e-3   # a hundred times the tolerance diffusers' images are met to
 
 
+def test_true_cfg_runs_the_nets_once_per_pair():
+    """Under true CFG the nets read the positive prompt on a row and its negative twin alike: one
+    run of the nets per pair, the transformer on both rows."""
+    pipe = tiny_controlnet_pipeline("flux")
+    rows = {"net": [], "transformer": []}
+    for name, module in (("net", pipe.controlnet), ("transformer", pipe.transformer)):
+        module.register_forward_pre_hook(lambda m, a, k, name=name: rows[name].append(len(k["hidden_states"])),
+                                         with_kwargs=True)
+    fastdiff.accelerate(pipe)(**{**ARGS, "prompt": ["a red circle", "a blue square"]}, control_image=PICTURES[0],
+                              negative_prompt="green", true_cfg_scale=3.0)
+    assert rows == {"net": [2, 2, 2], "transformer": [4, 4, 4]}
+
+
 @pytest.mark.parametrize("net, options", [
     (dict(), dict(strength=0.8, num_images_per_prompt=2)),
     (dict(nets=2, union=True), dict(control_image=PICTURES[:2], control_mode=[1, 3], strength=1.0,

@@ -11,10 +11,14 @@ drift between rounds cancels. ``--task inpaint`` times the model's inpainting pi
 (diffusers' ``AutoPipelineForInpainting`` over the same modules; a picture and a mask over its right
 half, strength 1). ``--model tiny-flux`` times a FLUX.1-dev-shaped pipeline of random weights, as
 small as the tests' (its pictures noise: the ratio says what the swap costs on Flux's path, not what
-a real Flux model gains).
+a real Flux model gains); ``--model tiny-sd3`` an SD3-shaped one. ``--task controlnet`` times the
+model's ControlNet pipeline (the tiny ones': a ControlNet of random weights, one control picture;
+FLUX.1's reading its latents, InstantX's kind); ``--true-cfg S`` gives a Flux call a negative
+prompt at ``true_cfg_scale`` S.
 
-    python benchmarks/pipeline.py [--model shapes|tiny|tiny-flux] [--task txt2img|inpaint] [--prompts 4] [--steps 25]
-                                  [--rounds 7] [--backends onnxruntime] [--threads N] [--out out/pipeline.json]
+    python benchmarks/pipeline.py [--model shapes|tiny|tiny-flux|tiny-sd3] [--task txt2img|inpaint|controlnet]
+                                  [--prompts 4] [--steps 25] [--rounds 7] [--backends onnxruntime] [--true-cfg S]
+                                  [--threads N] [--out out/pipeline.json]
 """
 
 from __future__ import annotations
@@ -50,13 +54,17 @@ def run(pipe, call, rounds, backends):
     """{label: seconds per call (median)}, {label: speed-up over diffusers}, and the largest pixel
     difference of each configuration's images from the pipeline's, for `call` (the pipeline's arguments)."""
     configs = configurations(pipe, backends)
-    images = {label: fn(**call, generator=torch.Generator().manual_seed(0)).images for label, fn in configs}
+
+    def draw(fn):   # SD3's ControlNet pipeline draws its control latents from torch's global generator
+        torch.manual_seed(0)
+        return fn(**call, generator=torch.Generator().manual_seed(0))
+    images = {label: draw(fn).images for label, fn in configs}
     differs = {label: float(np.abs(images[label] - images["diffusers"]).max()) for label, _ in configs}
     times = {label: [] for label, _ in configs}
     for _ in range(rounds):
         for label, fn in configs:
             start = time.perf_counter()
-            fn(**call, generator=torch.Generator().manual_seed(0))
+            draw(fn)
             times[label].append(time.perf_counter() - start)
     base = times["diffusers"]
     speedups = {label: statistics.median(b / t for b, t in zip(base, ts)) for label, ts in times.items()}
@@ -73,6 +81,10 @@ def load(model: str):
         from fastdiff.architectures import tiny_flux_pipeline
 
         pipe, guidance = tiny_flux_pipeline(), {"guidance_scale": 3.5}
+    elif model == "tiny-sd3":
+        from fastdiff.architectures import tiny_sd3_pipeline
+
+        pipe, guidance = tiny_sd3_pipeline(), {"guidance_scale": 5.0}
     else:
         from fastdiff.architectures import tiny_sd_pipeline
 
@@ -93,10 +105,24 @@ def inpainting(pipe):
     return inpaint, {"image": picture, "mask_image": mask}
 
 
+def controlled(model: str):
+    """The tiny model's ControlNet pipeline, and a call's control picture."""
+    from fastdiff.architectures import tiny_controlnet_pipeline
+
+    family = {"tiny": "sd", "tiny-flux": "flux", "tiny-sd3": "sd3"}.get(model)
+    if family is None:
+        raise SystemExit(f"--task controlnet: the tiny models have ControlNet pipelines, not {model!r}")
+    pipe = tiny_controlnet_pipeline(family)
+    picture = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    return pipe, {"image" if family == "sd" else "control_image": picture}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=["shapes", "tiny", "tiny-flux"], default="shapes")
-    parser.add_argument("--task", choices=["txt2img", "inpaint"], default="txt2img")
+    parser.add_argument("--model", choices=["shapes", "tiny", "tiny-flux", "tiny-sd3"], default="shapes")
+    parser.add_argument("--task", choices=["txt2img", "inpaint", "controlnet"], default="txt2img")
+    parser.add_argument("--true-cfg", type=float, default=None, help="a Flux call's true_cfg_scale, with a negative "
+                        "prompt")
     parser.add_argument("--prompts", type=int, default=4, help="prompts per call (one image each)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--rounds", type=int, default=7, help="timed calls per configuration, taking turns")
@@ -113,11 +139,18 @@ def main(argv=None) -> int:
     pictures = {}
     if args.task == "inpaint":
         pipe, pictures = inpainting(pipe)
+    elif args.task == "controlnet":
+        pipe, pictures = controlled(args.model)
+    if args.true_cfg is not None:
+        if args.model != "tiny-flux":
+            parser.error("--true-cfg applies to --model tiny-flux")
+        pictures.update(negative_prompt="a green square", true_cfg_scale=args.true_cfg)
     call = dict(prompt=(PROMPTS * args.prompts)[:args.prompts], num_inference_steps=args.steps, output_type="np",
                 **guidance, **pictures)
     backends = [b for b in args.backends.split(",") if b]
     seconds, speedups, differs = run(pipe, call, args.rounds, backends)
-    print(f"{args.model} {args.task}, {args.prompts} prompts × {args.steps} steps, {guidance}, {args.rounds} rounds")
+    print(f"{args.model} {args.task}, {args.prompts} prompts × {args.steps} steps, {guidance}, {args.rounds} rounds"
+          + (f", true_cfg_scale {args.true_cfg}" if args.true_cfg is not None else ""))
     print("| configuration | s / call | speed-up over diffusers | max pixel difference from diffusers |")
     print("|---|---:|---:|---:|")
     for label in seconds:

@@ -42,6 +42,10 @@ SUPPORTED = {
     "StableDiffusionControlNetImg2ImgPipeline": ("img2img", "diffusers.pipelines.stable_diffusion", "StableDiffusionPipelineOutput"),
     "StableDiffusionXLControlNetPipeline": ("txt2img", "diffusers.pipelines.stable_diffusion_xl", "StableDiffusionXLPipelineOutput"),
     "StableDiffusionXLControlNetImg2ImgPipeline": ("img2img", "diffusers.pipelines.stable_diffusion_xl", "StableDiffusionXLPipelineOutput"),
+    "StableDiffusionXLControlNetUnionPipeline": ("txt2img", "diffusers.pipelines.stable_diffusion_xl",
+                                                 "StableDiffusionXLPipelineOutput"),
+    "StableDiffusionXLControlNetUnionImg2ImgPipeline": ("img2img", "diffusers.pipelines.stable_diffusion_xl",
+                                                        "StableDiffusionXLPipelineOutput"),
     "StableDiffusionInpaintPipeline": ("img2img", "diffusers.pipelines.stable_diffusion", "StableDiffusionPipelineOutput"),
     "StableDiffusionXLInpaintPipeline": ("img2img", "diffusers.pipelines.stable_diffusion_xl", "StableDiffusionXLPipelineOutput"),
     "StableDiffusion3InpaintPipeline": ("img2img", "diffusers.pipelines.stable_diffusion_3", "StableDiffusion3PipelineOutput"),
@@ -66,7 +70,9 @@ INPAINT_ARGS = ("mask_image", "masked_image_latents", "padding_mask_crop")
 # ControlNet pipelines: the argument holding the control images (txt2img ones take them as `image`)
 CONTROL_ARG = {"StableDiffusionControlNetPipeline": "image", "StableDiffusionXLControlNetPipeline": "image",
                "StableDiffusionControlNetImg2ImgPipeline": "control_image",
-               "StableDiffusionXLControlNetImg2ImgPipeline": "control_image", "FluxControlNetPipeline": "control_image",
+               "StableDiffusionXLControlNetImg2ImgPipeline": "control_image",
+               "StableDiffusionXLControlNetUnionPipeline": "control_image",
+               "StableDiffusionXLControlNetUnionImg2ImgPipeline": "control_image", "FluxControlNetPipeline": "control_image",
                "FluxControlNetImg2ImgPipeline": "control_image", "StableDiffusion3ControlNetPipeline": "control_image"}
 IMAGE_PROMPT_ARGS = ("ip_adapter_image", "ip_adapter_image_embeds")   # an IP-Adapter's image prompt
 # Flux's classifier-free guidance over a negative prompt (its guidance_scale is the model's input)

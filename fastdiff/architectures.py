@@ -185,7 +185,8 @@ def tiny_controlnet_pipeline(family: str = "sd", img2img: bool = False, nets: in
                              zero_pooled: bool = True):
     """A tiny SD ("sd"), SDXL ("sdxl"), SD3 ("sd3") or FLUX.1 ("flux") ControlNet pipeline (64×64 images): ControlNets made
     from the tiny UNet, their zero-initialised output convolutions drawn at random so that the control
-    image changes the picture; `nets` > 1 makes a MultiControlNetModel. FLUX.1's (dev's kind):
+    image changes the picture; `nets` > 1 makes a MultiControlNetModel; SDXL's `union` ones are
+    ControlNetUnionModels (ControlNet++), one picture of each kind of control. FLUX.1's (dev's kind):
     nets that read the control picture's latents (`reads` "latents", InstantX's kind) or its pixels
     ("pixels", XLabs'), `union` ones with modes; `wrap` holds even one net in a multi wrapper. SD3's (txt2img):
     InstantX's kind (`zero_pooled`: zeros for the pooled prompt, latents without the VAE's shift), else SD3.5's."""
@@ -201,19 +202,32 @@ def tiny_controlnet_pipeline(family: str = "sd", img2img: bool = False, nets: in
     controlnets = []
     for _ in range(nets):
         net = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(8, 8, 16, 16)).eval()
+        if union:   # SDXL's Union nets (ControlNet++): one net reading several pictures, each of a kind
+            from diffusers import ControlNetUnionModel
+
+            width = base.unet.config.block_out_channels[0]
+            config = {k: v for k, v in net.config.items() if not k.startswith("_") and k != "mid_block_type"}
+            net = ControlNetUnionModel.from_config({**config, "num_control_type": 6, "num_trans_channel": width,
+                                                    "num_trans_head": 2, "num_proj_channel": width}).eval()
         with torch.no_grad():
-            for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+            unions = [net.spatial_ch_projs] if union else []
+            for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block, *unions]:
                 torch.nn.init.normal_(conv.weight, std=0.05)
             # strong enough that the control image's content, not only its presence, shows
             for conv in net.controlnet_cond_embedding.modules():
                 if isinstance(conv, torch.nn.Conv2d):
                     torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
         controlnets.append(net)
-    name = ("StableDiffusion" if family == "sd" else "StableDiffusionXL") + "ControlNet" + ("Img2Img" if img2img else "") \
-        + "Pipeline"
+    name = ("StableDiffusion" if family == "sd" else "StableDiffusionXL") + "ControlNet" + ("Union" if union else "") \
+        + ("Img2Img" if img2img else "") + "Pipeline"
     components = {k: v for k, v in base.components.items() if k not in ("image_encoder",)}
     extra = {"requires_aesthetics_score": False} if family == "sdxl" and img2img else {}
-    pipe = getattr(diffusers, name)(**components, controlnet=controlnets[0] if nets == 1 else controlnets, **extra)
+    if nets > 1 and union:
+        from diffusers.models.controlnets.multicontrolnet_union import MultiControlNetUnionModel
+
+        controlnets = [MultiControlNetUnionModel(controlnets)]
+    controlnet = controlnets[0] if len(controlnets) == 1 else controlnets
+    pipe = getattr(diffusers, name)(**components, controlnet=controlnet, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -170,6 +170,9 @@ class ControlledDenoiser(ControlNetsAround):
             raise ValueError(f"pipe: ControlNet is run for UNet pipelines (SD 1.x/2.x, SDXL), SD3 and FLUX.1, not "
                              f"{base.family}")
         super().__init__(base, controlnets_of(controlnet))
+        # SDXL's Union nets (ControlNet++): each reads its pictures with their kinds of control
+        self.union = type(self.nets[0]).__name__ == "ControlNetUnionModel"
+        self._modes = None   # a Union call's kind of control per condition
 
     @property
     def global_pool(self) -> bool:
@@ -178,10 +181,34 @@ class ControlledDenoiser(ControlNetsAround):
 
     @property
     def image_keys(self) -> list[str]:
-        return [image_key(k) for k in range(len(self.nets))]
+        return [image_key(k) for k in range(len(self._scales))]   # one per condition (per net but a Union's)
+
+    def condition_count(self, control_image, given: dict) -> int:
+        """One picture per net; a Union net held alone takes a list of pictures, one per kind of
+        control (as its pipeline reads a list)."""
+        if self.union and len(self.nets) == 1:
+            return len(control_image) if isinstance(control_image, (list, tuple)) and control_image else 1
+        return len(self.nets)
+
+    def check_modes(self, mode, conditions: int) -> list | None:
+        """A Union call's kind of control for each picture (an int, or a list of one per picture);
+        None for other nets, which take no ``control_mode``."""
+        if not self.union:
+            return None
+        many = [m[0] if isinstance(m, (list, tuple)) and len(m) == 1 else m for m in
+                (mode if isinstance(mode, (list, tuple)) else [mode])]
+        if len(many) != conditions:
+            raise ValueError(f"control_mode: {len(many)} modes for {conditions} control images (one each)")
+        limit = self.nets[0].config.num_control_type
+        for one in many:
+            if isinstance(one, bool) or not isinstance(one, int) or not 0 <= one < limit:
+                raise ValueError(f"control_mode is required by a Union ControlNet: an int in [0, {limit}) per control "
+                                 f"image (the kind of control it is), got {mode!r}")
+        return many
 
     def with_pictures(self, cond, uncond, pictures, control, *, codec, generator, guided, embedded_guidance):
         """The control images as they are; in guess mode the unconditional rows go without."""
+        self._modes = control.modes
         images = [p.to(self.device, self.nets[0].dtype) for p in pictures]
         guess = control.guess_mode or self.global_pool
         return self.with_images(cond, images, True), self.with_images(uncond, images, not guess)
@@ -191,8 +218,8 @@ class ControlledDenoiser(ControlNetsAround):
         with its frames), live or not."""
         extras = {}
         if images is not None:
-            if len(images) != len(self.nets):
-                raise ValueError(f"control images: {len(images)} given for {len(self.nets)} ControlNets")
+            if len(images) != len(self.image_keys):
+                raise ValueError(f"control images: {len(images)} given for {len(self.image_keys)} ControlNets")
             extras.update(zip(self.image_keys, images))
         extras[LIVE] = torch.full((len(cond),), live, dtype=torch.bool, device=cond.embeds.device)
         return cond.with_extras(**extras)
@@ -209,7 +236,10 @@ class ControlledDenoiser(ControlNetsAround):
         # only guess mode leaves rows without the nets (its unconditional ones): else every row is
         # live, and no row is picked out (a gather of every input, and on a GPU a sync, per call)
         rows = live.nonzero().squeeze(1) if self.guess_mode else None
-        if not any(keep) or (rows is not None and not len(rows)):   # the UNet alone (diffusers adds zeros)
+        # a Union net alone reading several pictures weighs them inside, and adds its residuals even
+        # where every weight is 0 (as diffusers runs it)
+        weighs = self.union and len(self.nets) == 1 and len(images) > 1
+        if (not any(keep) and not weighs) or (rows is not None and not len(rows)):   # the UNet alone
             return self.base.run(module, latents, t, plain)
         pick = (lambda v: v) if rows is None else (lambda v: v[rows])
         added = {k: pick(v) for k, v in plain.extras.items() if not k.startswith(IMAGE_PROMPT)} or None
@@ -217,12 +247,18 @@ class ControlledDenoiser(ControlNetsAround):
         nets = self.nets if module is self.original else \
             [self.side_runners.get(name, net) for name, net in zip(self.net_names, self.nets)]
         down, mid = None, None
-        for net, image, scale, acts in zip(nets, images, self._scales, keep):
-            if not acts:
-                continue
-            d, m = net(pick(latents), pick(t), encoder_hidden_states=pick(plain.embeds), controlnet_cond=pick(image),
-                       conditioning_scale=scale, guess_mode=self.guess_mode or self.global_pool,
-                       added_cond_kwargs=added, return_dict=False)
+        modes = self._modes or [None] * len(images)
+        calls = [(net, [image], [mode], float(scale))
+                 for net, image, mode, scale, acts in zip(nets, images, modes, self._scales, keep) if acts]
+        if weighs:   # one call reads every picture, each weighed by its scale at this step
+            calls = [(nets[0], images, modes, [s * k for s, k in zip(self._scales, keep)])]
+        for net, pictures, kinds, scale in calls:
+            inputs = dict(controlnet_cond=pick(pictures[0])) if not self.union else dict(
+                controlnet_cond=[pick(p) for p in pictures], control_type_idx=kinds, from_multi=len(self.nets) > 1,
+                control_type=self._control_type(kinds, len(pick(t)), plain.embeds))
+            d, m = net(pick(latents), pick(t), encoder_hidden_states=pick(plain.embeds), conditioning_scale=scale,
+                       guess_mode=self.guess_mode or self.global_pool, added_cond_kwargs=added, return_dict=False,
+                       **inputs)
             down = list(d) if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
         if rows is not None and len(rows) < len(live):   # the rows without control get zeros
@@ -230,6 +266,11 @@ class ControlledDenoiser(ControlNetsAround):
             mid = _scatter(mid, rows, len(live))
         return self.base.run(module, latents, t, plain, down_block_additional_residuals=down,
                              mid_block_additional_residual=mid)
+
+    def _control_type(self, modes: list, rows: int, like: torch.Tensor) -> torch.Tensor:
+        """A Union net's kinds of control as its pipeline gives them: one-hot over its kinds, per row."""
+        kinds = torch.zeros(self.nets[0].config.num_control_type, dtype=like.dtype, device=like.device)
+        return kinds.index_fill_(0, torch.tensor(modes, device=like.device), 1.0).expand(rows, -1)
 
     def graph_spec(self, module=None, text_length=None):
         """The UNet's graph with the residuals as inputs after its own; a call without them (no net
@@ -261,6 +302,9 @@ class ControlledDenoiser(ControlNetsAround):
         net = self.side_networks().get(name)
         if net is None:
             return super().side_graph_spec(name)
+        if self.union:
+            raise ValueError("backend: SDXL's Union ControlNets run on the PyTorch modules; their engines (several "
+                             "pictures and their kinds of control a call) are not built yet")
         unet_like = self.base.graph_spec(net)   # a ControlNet takes the UNet's inputs, and its control image
         factor = self.pipe.vae_scale_factor   # control images are in pixels, the UNet's inputs in latents
         image = ModelInput("controlnet_cond", ("B", 3, f"H*{factor}", f"W*{factor}"))

@@ -105,6 +105,9 @@ def attach_engines(denoiser: Denoiser, codec: LatentCodec, backend: str, *, rows
         return EngineModule(component, runner, PRECISIONS[precision] if precision else component.dtype, checked)
 
     if "denoiser" in options["components"]:
+        # the networks the denoiser calls beside its own (ControlNets), described before any export:
+        # one that can't be an engine stops the build before the denoiser's is made
+        sides = {name: side_component(denoiser, name) for name in denoiser.side_networks()}
         profile = _profile(rows, best_rows, resolutions)
         if isinstance(denoiser, GroupedDenoiser):   # one engine per sub-network, each under its own key
             for route, module in denoiser.originals.items():
@@ -112,10 +115,8 @@ def attach_engines(denoiser: Denoiser, codec: LatentCodec, backend: str, *, rows
                                                **side_by_side)
         else:
             denoiser.module = make(denoiser_component(denoiser), profile, **side_by_side)
-        # the networks the denoiser calls beside its own (ControlNets): engines at its precision
-        for name in denoiser.side_networks():
-            denoiser.side_runners[name] = make(side_component(denoiser, name), profile, name, like="denoiser",
-                                               **side_by_side)
+        for name, side in sides.items():   # at the denoiser's precision
+            denoiser.side_runners[name] = make(side, profile, name, like="denoiser", **side_by_side)
         denoiser.set_workers(workers)
     vae = codec.vae.vae if isinstance(codec.vae, EngineVAE) else codec.vae
     halves = {}

@@ -68,12 +68,11 @@ INPAINT = ("StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline",
            "FluxInpaintPipeline", "FluxFillPipeline")
 INPAINT_ARGS = ("mask_image", "masked_image_latents", "padding_mask_crop")
 # ControlNet pipelines: the argument holding the control images (txt2img ones take them as `image`)
-CONTROL_ARG = {"StableDiffusionControlNetPipeline": "image", "StableDiffusionXLControlNetPipeline": "image",
-               "StableDiffusionControlNetImg2ImgPipeline": "control_image",
-               "StableDiffusionXLControlNetImg2ImgPipeline": "control_image",
-               "StableDiffusionXLControlNetUnionPipeline": "control_image",
-               "StableDiffusionXLControlNetUnionImg2ImgPipeline": "control_image", "FluxControlNetPipeline": "control_image",
-               "FluxControlNetImg2ImgPipeline": "control_image", "StableDiffusion3ControlNetPipeline": "control_image"}
+CONTROL_ARG = {**dict.fromkeys(("StableDiffusionControlNetPipeline", "StableDiffusionXLControlNetPipeline"), "image"),
+               **dict.fromkeys(("StableDiffusionControlNetImg2ImgPipeline",
+                                "StableDiffusionXLControlNetImg2ImgPipeline", "StableDiffusionXLControlNetUnionPipeline",
+                                "StableDiffusionXLControlNetUnionImg2ImgPipeline", "StableDiffusion3ControlNetPipeline",
+                                "FluxControlNetPipeline", "FluxControlNetImg2ImgPipeline"), "control_image")}
 IMAGE_PROMPT_ARGS = ("ip_adapter_image", "ip_adapter_image_embeds")   # an IP-Adapter's image prompt
 # Flux's classifier-free guidance over a negative prompt (its guidance_scale is the model's input)
 TRUE_CFG_ARG = "true_cfg_scale"
@@ -448,7 +447,7 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
         if self.context and image is not None:
             context = context_latents(self.pipe, codec, image, options.get("_auto_resize", True))
             cond, uncond = with_context(context, cond, uncond)
-        if self.control_arg:   # FLUX.1's and SD3's pictures encoded before the noise is drawn, as the pipelines do
+        if self.control_arg:   # pictures nets read as latents encoded before the noise is drawn, as pipelines do
             pictures = control.rows(len(cond) // num_images_per_prompt, num_images_per_prompt)
             cond, uncond = denoiser.with_pictures(cond, uncond, pictures, control, codec=codec, generator=generator,
                                                   guided=guidance_scale > 1, embedded_guidance=embedded)

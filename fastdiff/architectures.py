@@ -183,13 +183,14 @@ def tiny_sdxl_pipeline(seed: int = 0, scheduler: str = "ddim", vae: str = "kl", 
 def tiny_controlnet_pipeline(family: str = "sd", img2img: bool = False, nets: int = 1, seed: int = 0,
                              scheduler: str = "ddim", reads: str = "latents", union: bool = False, wrap: bool = False,
                              zero_pooled: bool = True):
-    """A tiny SD ("sd"), SDXL ("sdxl"), SD3 ("sd3") or FLUX.1 ("flux") ControlNet pipeline (64×64 images): ControlNets made
-    from the tiny UNet, their zero-initialised output convolutions drawn at random so that the control
-    image changes the picture; `nets` > 1 makes a MultiControlNetModel; SDXL's `union` ones are
-    ControlNetUnionModels (ControlNet++), one picture of each kind of control. FLUX.1's (dev's kind):
-    nets that read the control picture's latents (`reads` "latents", InstantX's kind) or its pixels
-    ("pixels", XLabs'), `union` ones with modes; `wrap` holds even one net in a multi wrapper. SD3's (txt2img):
-    InstantX's kind (`zero_pooled`: zeros for the pooled prompt, latents without the VAE's shift), else SD3.5's."""
+    """A tiny SD ("sd"), SDXL ("sdxl"), SD3 ("sd3") or FLUX.1 ("flux") ControlNet pipeline (64×64
+    images), its nets' zero-initialised output layers drawn at random so that the control picture
+    changes the image. SD's and SDXL's: nets made from the tiny UNet, `nets` > 1 a
+    MultiControlNetModel; SDXL's `union` ones ControlNetUnionModels (ControlNet++), one picture of
+    each kind of control. FLUX.1's (dev's kind): nets that read the control picture's latents
+    (`reads` "latents", InstantX's kind) or its pixels ("pixels", XLabs'), `union` ones with modes;
+    `wrap` holds even one net in a multi wrapper. SD3's (txt2img): InstantX's kind (`zero_pooled`:
+    zeros for the pooled prompt, latents without the VAE's shift), else SD3.5's."""
     import diffusers
     from diffusers import ControlNetModel
 

@@ -14,15 +14,15 @@ from .images import check_finite, preprocessed
 
 @dataclass
 class ControlInputs:
-    """A call's control, checked: `images` one [n, 3, H, W] per net (n: 1 or one per prompt), as the
-    pipeline makes them (see :func:`control_images`)."""
+    """A call's control, checked: `images` one [n, 3, H, W] per condition (per net, but a Union net
+    alone takes several; n: 1 or one per prompt), as the pipeline makes them (:func:`control_images`)."""
 
     images: list
     scales: list
     starts: list
     ends: list
     guess_mode: bool
-    modes: list | None = None   # FLUX.1 Union nets': each condition's kind of control (None: none)
+    modes: list | None = None   # Union nets': each condition's kind of control (None: none)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -98,8 +98,8 @@ def control_images(pipe, nets: int, image, height, width, name: str) -> list[tor
 
 def _control_pixels(pipe, image, name: str, height, width) -> torch.Tensor:
     """One control image as its pipeline takes it: through its control image processor, in [0, 1]
-    (the UNets' ControlNet pipelines); FLUX.1's, which have none, through the image processor, in
-    [-1, 1], a tensor as it is (the VAE's or the net's input)."""
+    (the UNets' ControlNet pipelines); SD3's and FLUX.1's, which have none, through the image
+    processor, in [-1, 1], a tensor as it is (the VAE's or the net's input)."""
     processor = getattr(pipe, "control_image_processor", None)
     if processor is not None:
         return preprocessed(processor, image, name, height, width)

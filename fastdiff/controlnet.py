@@ -97,6 +97,12 @@ class ControlNetsAround(DenoiserAround):
     acts on (a call's ``control_guidance_start`` / ``end``). A call whose rows are at steps where
     different nets act runs each step's rows alone; :meth:`run_nets` is the family's own call."""
 
+    # SD3's and FLUX.1's pipelines draw their control pictures at the native size unless given (the
+    # UNets' keep a picture's own)
+    pictures_at_native_size = False
+    global_pool = False   # nets trained on pooled conditions (some of the UNets'), always in guess mode
+    streams = False       # whether a Stream runs these nets (each frame's control image with it)
+
     def __init__(self, base: Denoiser, nets: list):
         super().__init__(base)
         self.nets = list(nets)
@@ -138,12 +144,8 @@ class ControlNetsAround(DenoiserAround):
         raise NotImplementedError
 
     def check_modes(self, mode, conditions: int) -> list | None:
-        """Each condition's control mode, where the family's nets take one (FLUX.1's Union nets)."""
+        """Each condition's kind of control, where the nets take one (Union nets)."""
         return None
-
-    # FLUX.1's and SD3's pipelines draw their control pictures at the native size unless given (the
-    # UNets' keep a picture's own)
-    pictures_at_native_size = False
 
     def condition_count(self, control_image, given: dict) -> int:
         """How many control conditions a call's `control_image` holds (its other control arguments
@@ -178,6 +180,10 @@ class ControlledDenoiser(ControlNetsAround):
     def global_pool(self) -> bool:
         """Nets trained on pooled conditions (e.g. shuffle) always run in guess mode, as in diffusers."""
         return bool(self.nets[0].config.get("global_pool_conditions", False))
+
+    @property
+    def streams(self) -> bool:
+        return not self.union
 
     @property
     def image_keys(self) -> list[str]:

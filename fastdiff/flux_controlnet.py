@@ -31,7 +31,6 @@ class FluxControlledDenoiser(ControlNetsAround):
     """`base` (a Flux transformer's adapter) with `controlnet` (a FluxControlNetModel or a
     FluxMultiControlNetModel) adding its block samples to every row."""
 
-    global_pool = False   # no guess mode in FLUX.1's ControlNet pipelines
     pictures_at_native_size = True
 
     def __init__(self, base: Denoiser, controlnet):
@@ -192,8 +191,9 @@ class FluxControlledDenoiser(ControlNetsAround):
             return super().side_graph_spec(name)
         config, factor = net.config, self.pipe.vae_scale_factor
         guided, channels = bool(config.guidance_embeds), config.in_channels // 4
-        condition = ("B", channels, "H/2", 2, "W/2", 2) if self.reads_latents else ("B", 3, f"H*{factor}", f"W*{factor}")
-        inputs = [ModelInput("patches", ("B", channels, "H/2", 2, "W/2", 2)), ModelInput("condition", condition),
+        patches = ("B", channels, "H/2", 2, "W/2", 2)
+        condition = patches if self.reads_latents else ("B", 3, f"H*{factor}", f"W*{factor}")
+        inputs = [ModelInput("patches", patches), ModelInput("condition", condition),
                   ModelInput("timestep", ("B",), torch.float32),
                   ModelInput("encoder_hidden_states", ("B", call_defaults(self.pipe)["max_sequence_length"],
                                                        config.joint_attention_dim)),

@@ -22,7 +22,6 @@ class SD3ControlledDenoiser(ControlNetsAround):
     """`base` (an SD3 transformer's adapter) with `controlnet` (an SD3ControlNetModel or an
     SD3MultiControlNetModel) adding its block samples to every row."""
 
-    global_pool = False   # no guess mode in SD3's ControlNet pipeline
     pictures_at_native_size = True
 
     def __init__(self, base: Denoiser, controlnet):

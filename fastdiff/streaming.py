@@ -109,8 +109,7 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
         if isinstance(self.denoiser, ChannelInputsDenoiser):
             raise ValueError(f"pipe: {type(pipe).__name__}'s denoiser reads {self.denoiser.reads} with every row; "
                              f"a Stream does not run {self.denoiser.kind} yet (fastdiff.accelerate does)")
-        controls = self.denoiser
-        if isinstance(controls, ControlNetsAround) and (not isinstance(controls, ControlledDenoiser) or controls.union):
+        if isinstance(self.denoiser, ControlNetsAround) and not self.denoiser.streams:
             raise ValueError(f"pipe: a Stream does not run {type(pipe).__name__}'s ControlNets yet (each frame's "
                              "control picture encoded and carried through its steps); fastdiff.accelerate does")
         self.generator = torch.Generator(self.denoiser.device).manual_seed(check_seed(seed))

@@ -429,7 +429,7 @@ class AcceleratedPipeline(UsesPrepared, HoldsAdapter, HoldsRouter):
             schedule = schedule.first(stop)
         if self.control_arg:
             denoiser.set_scales(control.scales, control.keep(schedule.timesteps.tolist()),
-                                control.guess_mode or denoiser.global_pool)
+                                control.guess_mode or denoiser.global_pool, control.modes)
 
         from diffusers.utils.torch_utils import randn_tensor
 

@@ -110,12 +110,15 @@ class ControlNetsAround(DenoiserAround):
         self.guess_mode = False
         self._scales = [1.0] * len(self.nets)   # each net's conditioning scale
         self._keep = None                       # {timestep: [0/1 per net]}: the steps each net acts on
+        self._modes = None                      # a Union net's kind of control per condition
 
-    def set_scales(self, scales, keep: dict | None = None, guess_mode: bool = False) -> None:
-        """Each condition's (net's) conditioning scale; `keep` {timestep: [1 or 0 per net]} the steps each acts on
-        (None: all); guess mode as diffusers' (the ControlNets read no prompt's meaning: the
-        residuals are scaled up block by block, and the unconditional rows get none)."""
+    def set_scales(self, scales, keep: dict | None = None, guess_mode: bool = False, modes: list | None = None):
+        """Each condition's (net's) conditioning scale; `keep` {timestep: [1 or 0 per net]} the steps
+        each acts on (None: all); guess mode as diffusers' (the ControlNets read no prompt's meaning:
+        the residuals are scaled up block by block, and the unconditional rows get none); `modes` a
+        Union net's kind of control per condition (FLUX.1's rows carry theirs)."""
         self._scales, self._keep, self.guess_mode = list(scales), keep, bool(guess_mode)
+        self._modes = modes
 
     def run(self, module, latents, t, cond):
         keep = self._keep_of(t)
@@ -174,16 +177,14 @@ class ControlledDenoiser(ControlNetsAround):
         super().__init__(base, controlnets_of(controlnet))
         # SDXL's Union nets (ControlNet++): each reads its pictures with their kinds of control
         self.union = type(self.nets[0]).__name__ == "ControlNetUnionModel"
-        self._modes = None   # a Union call's kind of control per condition
 
     @property
     def global_pool(self) -> bool:
         """Nets trained on pooled conditions (e.g. shuffle) always run in guess mode, as in diffusers."""
         return bool(self.nets[0].config.get("global_pool_conditions", False))
 
-    @property
-    def streams(self) -> bool:
-        return not self.union
+    streams = True
+
 
     @property
     def image_keys(self) -> list[str]:
@@ -214,7 +215,6 @@ class ControlledDenoiser(ControlNetsAround):
 
     def with_pictures(self, cond, uncond, pictures, control, *, codec, generator, guided, embedded_guidance):
         """The control images as they are; in guess mode the unconditional rows go without."""
-        self._modes = control.modes
         images = [p.to(self.device, self.nets[0].dtype) for p in pictures]
         guess = control.guess_mode or self.global_pool
         return self.with_images(cond, images, True), self.with_images(uncond, images, not guess)

@@ -76,8 +76,10 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
     ``frame_buffer`` F; a list of one per net with a MultiControlNetModel), or keeps the one given to
     :meth:`prepare` / :meth:`update`. Each frame's control image stays with it through its steps,
     beside the other frames' own. ``controlnet_conditioning_scale`` (changed by :meth:`update`) and
-    ``guess_mode`` are diffusers'. On engines the UNet takes the nets' residuals as inputs and each
-    net is an engine of its own; the compiled whole step is not made for a ControlNet stream.
+    ``guess_mode`` are diffusers'. SDXL's Union nets (ControlNet++) take ``control_mode``, the kind of
+    control of each picture (an int, or a list: then each ``control_image`` is a list of one picture
+    per kind). On engines the UNet takes the nets' residuals as inputs and each net is an engine of
+    its own (not yet a Union net's); the compiled whole step is not made for a ControlNet stream.
 
     ``cfg`` None is ``"self"`` at ``guidance_scale`` 1.2 (StreamDiffusion's defaults) — except for a
     Flux pipeline, drawn without guidance rows as its own pipeline draws: there ``guidance_scale``
@@ -94,7 +96,8 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
                  backend: str | None = None, engine_options: dict | None = None, adapter=None,
                  adapter_scale: float | None = None, adapter_scheduler: str | None = None, router=None,
                  attention: str | None = None, compile: str | None = None, compile_backend: str = "inductor",
-                 compile_mode: str | None = None, controlnet_conditioning_scale=1.0, guess_mode: bool = False):
+                 compile_mode: str | None = None, controlnet_conditioning_scale=1.0, guess_mode: bool = False,
+                 control_mode=None):
         self.mode = check_choice(mode, "mode", MODES)
         self.frame_buffer = check_int(frame_buffer, "frame_buffer", 1)
         check_choice(noise, "noise", NOISE_MODES)
@@ -124,7 +127,7 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
             raise ValueError(f"compile: 'whole' compiles the PyTorch modules as one graph; backend={backend!r} makes "
                              "each an engine of its own: give one of the two")
         self.compile_mode = compile_mode
-        self._set_control(controlnet_conditioning_scale, guess_mode)
+        self._set_control(controlnet_conditioning_scale, guess_mode, control_mode)
         self._image_prompt = (None, None)   # an IP-Adapter's image prompt: (image, embeddings)
         self._whole = None   # the compiled steady step, made when the stream first fills
         if adapter is not None:
@@ -333,7 +336,7 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
                 or image_prompt is not self._image_prompt or text != self._text:
             encoded = self._encoded(state, size, image_prompt, text)
         if scales is not None:
-            self.denoiser.set_scales(scales, None, self._guess_mode)
+            self.denoiser.set_scales(scales, None, self._guess_mode, self._modes)
         if standing is not None:
             self._standing_control, self._standing_source = standing, control_image
         elif resized and self._standing_control is not None:   # the kept image, at the new size
@@ -478,30 +481,38 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
     def _controlled(self) -> bool:
         return isinstance(self.denoiser, ControlledDenoiser)
 
-    def _set_control(self, scale, guess_mode) -> None:
+    def _set_control(self, scale, guess_mode, mode) -> None:
         """A ControlNet pipeline's settings (none other takes them)."""
         self._standing_control = self._standing_source = None
         self._last_control = None   # the last control rows a call gave (what macs_per_call counts with)
-        self._guess_mode = False
+        self._guess_mode, self._modes = False, None
         if not self._controlled:
-            if scale != 1.0 or guess_mode:
-                raise ValueError(f"controlnet_conditioning_scale, guess_mode: {type(self.pipe).__name__} has no "
-                                 "ControlNet")
+            if scale != 1.0 or guess_mode or mode is not None:
+                raise ValueError(f"controlnet_conditioning_scale, guess_mode, control_mode: {type(self.pipe).__name__} "
+                                 "has no ControlNet")
             return
+        d = self.denoiser
+        if mode is not None and not d.union:
+            raise ValueError(f"control_mode: {type(self.pipe).__name__}'s ControlNets are no Union nets; they read no "
+                             "kind of control")
+        # the pictures each frame brings: one per net, or one per kind of control for a Union net alone
+        self._conditions = len(mode) if d.union and len(d.nets) == 1 and isinstance(mode, (list, tuple)) \
+            else len(d.nets)
+        self._modes = d.check_modes(mode, self._conditions)
         if self.compile is not None:
             raise ValueError("compile: a ControlNet pipeline's stream runs step by step (its frames' control images "
                              "travel with them); leave compile None")
         if not isinstance(guess_mode, bool):
             raise ValueError(f"guess_mode must be True or False, got {guess_mode!r}")
         self._guess_mode = guess_mode or self.denoiser.global_pool
-        self.denoiser.set_scales(self._control_scales(scale), None, self._guess_mode)
+        self.denoiser.set_scales(self._control_scales(scale), None, self._guess_mode, self._modes)
 
     def _control_scales(self, scale) -> list:
         if not self._controlled:
             raise ValueError(f"controlnet_conditioning_scale: {type(self.pipe).__name__} has no ControlNet")
         from .control_inputs import check_scales
 
-        return check_scales(scale, len(self.denoiser.nets))
+        return check_scales(scale, self._conditions)
 
     def _control_rows(self, control_image, size=None) -> dict:
         """{net's key: [F, 3, H, W]} of a control image (one, or one per frame) at the stream's size."""
@@ -511,7 +522,7 @@ class Stream(UsesPrepared, HoldsAdapter, HoldsRouter):
 
         d = self.denoiser
         height, width = size or (self.height, self.width)
-        images = control_images(self.pipe, len(d.nets), control_image, height, width, "control_image")
+        images = control_images(self.pipe, self._conditions, control_image, height, width, "control_image")
         rows = control_rows(images, self.frame_buffer, 1, "frames")
         return {k: r.to(d.device, d.nets[0].dtype) for k, r in zip(d.image_keys, rows)}
 

@@ -52,5 +52,30 @@ def test_union_controlnet_bad_input_is_refused(tmp_path):
         fast(control_image=PICTURES[:2], control_mode=[1], **call)
     with pytest.raises(ValueError, match="backend: SDXL's Union ControlNets run on the PyTorch modules"):
         fastdiff.accelerate(pipe, backend="onnxruntime", engine_options={"cache_dir": str(tmp_path)})
-    with pytest.raises(ValueError, match="a Stream does not run StableDiffusionXLControlNetUnionPipeline's"):
+    with pytest.raises(ValueError, match="control_mode is required by a Union ControlNet"):
         fastdiff.Stream(pipe)
+
+
+def test_a_union_stream_keeps_each_frames_pictures():
+    """A Union net's stream: each frame's pictures (one per kind of control) stay with it through its
+    steps — every output is the one that frame gets alone in a fresh stream — and the kinds act."""
+    pipe = tiny_controlnet_pipeline("sdxl", union=True, img2img=True, scheduler="lcm")
+    make = lambda mode=(1, 3): fastdiff.Stream(pipe, steps=[20, 40], cfg="none", control_mode=list(mode))
+    frames = [torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    controls = [[PICTURES[k % 3], PICTURES[(k + 1) % 3]] for k in range(3)]
+
+    def outputs(stream, frames, controls):
+        stream.prepare("a red circle")
+        outs = [stream(f, control_image=c) for f, c in zip(frames, controls)]
+        return [o for o in outs if o is not None] + stream.flush()
+    outs = outputs(make(), frames, controls)
+    assert len(outs) == 3
+    for frame, control, out in zip(frames, controls, outs):
+        torch.testing.assert_close(outputs(make(), [frame], [control])[0], out, atol=1e-4, rtol=0)   # batched or alone
+    assert (outputs(make((2, 3)), frames[:1], controls[:1])[0] - outs[0]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="control_mode: 1 modes for 2 control images"):
+        fastdiff.Stream(tiny_controlnet_pipeline("sdxl", union=True, nets=2), control_mode=[1])
+    with pytest.raises(ValueError, match="2 ControlNets take a list of 2 control images"):
+        make().prepare("a red circle", control_image=PICTURES[0])
+    with pytest.raises(ValueError, match="control_mode: StableDiffusionXLControlNetPipeline's ControlNets are no Union"):
+        fastdiff.Stream(tiny_controlnet_pipeline("sdxl"), control_mode=1)

@@ -121,6 +121,28 @@ def test_controlnet_profiles_follow_each_level_of_the_unet():
     assert net.outputs == ["down_residual_0", "down_residual_1", "down_residual_2", "down_residual_3", "mid_residual"]
 
 
+def test_dit_controlnet_profiles_follow_the_grid_of_tokens():
+    """FLUX.1's and SD3's transformers take their nets' block samples as grids of tokens, the nets
+    the latents (Flux's as 2×2 patches) and the control picture: every input's range follows the
+    profile's, so one TensorRT engine takes every size it was built for."""
+    from fastdiff.architectures import tiny_controlnet_pipeline
+    from fastdiff.controlnet import with_controlnet
+    from fastdiff.denoiser import denoiser_for
+    from fastdiff.engines.components import denoiser_component, side_component
+
+    profile = stream_profile(2, [(64, 64), (128, 192)])
+    for pipe, width in ((tiny_controlnet_pipeline("flux"), 32), (tiny_controlnet_pipeline("sd3"), 32)):
+        adapter = with_controlnet(denoiser_for(pipe), pipe)
+        shapes = profile_shapes(denoiser_component(adapter), profile)
+        assert shapes["controlnet_block_0"] == ((1, 4, 4, width), (2, 4, 4, width), (2, 8, 12, width))
+        net = profile_shapes(side_component(adapter, "controlnet/0"), profile)
+        condition = (16, 4, 2, 4, 2) if adapter.family == "flux" else (16, 8, 8)
+        assert net["condition"][0] == (1, *condition)
+    pipe = tiny_controlnet_pipeline("flux", reads="pixels")   # XLabs' nets read the picture's pixels
+    net = profile_shapes(side_component(with_controlnet(denoiser_for(pipe), pipe), "controlnet/0"), profile)
+    assert net["condition"] == ((1, 3, 64, 64), (2, 3, 64, 64), (2, 3, 128, 192))
+
+
 @needs_tensorrt
 @pytest.mark.gpu
 def test_controlnet_stream_on_tensorrt_matches_pytorch(tmp_path):

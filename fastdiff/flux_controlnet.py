@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import flux
-from .controlnet import ControlNetsAround, controlnets_of
+from .control_nets import ControlNetsAround, controlnets_of
 from .denoiser import Denoiser, GraphSpec, ModelInput, call_binder
 from .text_inputs import call_defaults
 
@@ -182,13 +182,7 @@ class FluxControlledDenoiser(ControlNetsAround):
             return named
         return GraphSpec(spec.kind + "+controlnet", graph, spec.inputs + inputs, feeds, spec.outputs, spec.returns)
 
-    def side_networks(self) -> dict:
-        return dict(zip(self.net_names, self.nets))
-
-    def side_graph_spec(self, name):
-        net = self.side_networks().get(name)
-        if net is None:
-            return super().side_graph_spec(name)
+    def net_graph_spec(self, net):
         config, factor = net.config, self.pipe.vae_scale_factor
         guided, channels = bool(config.guidance_embeds), config.in_channels // 4
         patches = ("B", channels, "H/2", 2, "W/2", 2)

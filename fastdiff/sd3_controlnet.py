@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .controlnet import ControlNetsAround, controlnets_of
+from .control_nets import ControlNetsAround, controlnets_of
 from .denoiser import Denoiser, GraphSpec, ModelInput, call_binder
 
 CONDITION = "sd3_control_"
@@ -94,13 +94,7 @@ class SD3ControlledDenoiser(ControlNetsAround):
         return GraphSpec(spec.kind + "+controlnet", _ControlledGraph(module, patch), spec.inputs + inputs, feeds,
                          spec.outputs, spec.returns)
 
-    def side_networks(self) -> dict:
-        return dict(zip(self.net_names, self.nets))
-
-    def side_graph_spec(self, name):
-        net = self.side_networks().get(name)
-        if net is None:
-            return super().side_graph_spec(name)
+    def net_graph_spec(self, net):
         config, transformer = net.config, self.original
         channels, patch = transformer.config.in_channels, transformer.config.patch_size
         inputs = [ModelInput("hidden_states", ("B", channels, "H", "W")),

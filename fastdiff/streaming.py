@@ -7,7 +7,8 @@ import os
 import torch
 
 from .checks import check_choice, check_int, check_number, check_seed
-from .controlnet import ControlledDenoiser, ControlNetsAround
+from .control_nets import ControlNetsAround
+from .controlnet import ControlledDenoiser
 from .denoiser import EMBED_ARGS, GUIDANCE
 from .images import FiniteWatch, check_output_type, from_model_tensor, signed, to_model_tensor
 from .channel_inputs import ChannelInputsDenoiser

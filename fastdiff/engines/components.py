@@ -13,7 +13,8 @@ from typing import Callable
 
 import torch
 
-from ..controlnet import controlnets_of, with_controlnet
+from ..control_nets import controlnets_of
+from ..controlnet import with_controlnet
 from ..denoiser import Denoiser, ModelInput, denoiser_for
 
 COMPONENTS = ("denoiser", "vae_encoder", "vae_decoder", "text_encoder", "text_encoder_2")

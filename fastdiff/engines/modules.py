@@ -24,6 +24,9 @@ class EngineModule:
         self.profile = profile                    # the shapes it was built for (None: any)
         self.device = next(component.module.parameters()).device   # where outputs go, as the module's did
         self.fixed_dtype_inputs = {spec.name for spec in component.inputs if spec.dtype is not None}
+        # where the first input holds the image's height and width ("H/2": Flux's patches), read once
+        axes = {a[0]: (i, a) for i, a in ((i, size_axis(s)) for i, s in enumerate(component.inputs[0].shape)) if a}
+        self._size_axes = (axes["H"], axes["W"]) if "H" in axes and "W" in axes else None
 
     def check_shapes(self, feeds: dict[str, torch.Tensor]):
         """Batch and image size within the profile the engine was built for, or a clear error."""
@@ -33,10 +36,9 @@ class EngineModule:
         if not low <= batch <= high:
             raise ValueError(f"batch: {batch} rows reach the {self.component.name} engine, built for {low}..{high}; "
                              "build it for more (a larger max_batch, or fastdiff build --batch)")
-        axes = {axis[0]: (i, axis) for i, axis in ((i, size_axis(s)) for i, s in enumerate(spec.shape)) if axis}
-        if "H" in axes and "W" in axes:   # the grid's size back in pixels ("H/2": Flux's patches)
+        if self._size_axes is not None:   # the grid's size back in pixels
             f = self.component.size_divisor
-            height, width = (shape[i] * over // times * f for i, (_, times, over) in (axes["H"], axes["W"]))
+            height, width = (shape[i] * over // times * f for i, (_, times, over) in self._size_axes)
             p = self.profile
             if not (p.height[0] <= height <= p.height[2] and p.width[0] <= width <= p.width[2]):
                 raise ValueError(f"height/width {height}×{width} is outside what the {self.component.name} engine "

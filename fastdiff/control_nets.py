@@ -4,6 +4,8 @@ each condition's scale, the steps each acts on, and what the front doors ask of 
 
 from __future__ import annotations
 
+import abc
+
 import torch
 
 from .denoiser import Conditioning, Denoiser, DenoiserAround, GraphSpec
@@ -18,7 +20,9 @@ def controlnets_of(controlnet) -> list:
 class ControlNetsAround(DenoiserAround):
     """What every ControlNet adapter holds: its nets, each one's conditioning scale and the steps it
     acts on (a call's ``control_guidance_start`` / ``end``). A call whose rows are at steps where
-    different nets act runs each step's rows alone; :meth:`run_nets` is the family's own call."""
+    different nets act runs each step's rows alone. Each family's adapter makes its own call
+    (:meth:`run_nets`), lays out its rows (:meth:`with_pictures`) and describes its nets' graphs
+    (:meth:`net_graph_spec`)."""
 
     # SD3's and FLUX.1's pipelines draw their control pictures at the native size unless given (the
     # UNets' keep a picture's own)
@@ -55,10 +59,11 @@ class ControlNetsAround(DenoiserAround):
             out[rows] = part
         return out
 
+    @abc.abstractmethod
     def run_nets(self, module, latents, t, cond, keep: list):
         """The denoiser's call on rows all at steps where the nets `keep` (1.0 or 0.0 each) act."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def with_pictures(self, cond: Conditioning, uncond: Conditioning, pictures: list, control, *, codec, generator,
                       guided: bool, embedded_guidance) -> tuple[Conditioning, Conditioning]:
         """(cond, uncond), each row carrying what the nets read of a call's control `pictures` (one
@@ -67,7 +72,6 @@ class ControlNetsAround(DenoiserAround):
         `codec` and `generator` encode pictures the family's nets read as latents, as its pipeline
         draws them; `guided`: the pipeline guides over unconditional rows (guidance_scale > 1);
         `embedded_guidance` a guidance-distilled model's input."""
-        raise NotImplementedError
 
     def check_modes(self, mode, conditions: int) -> list | None:
         """Each condition's kind of control, where the nets take one (Union nets)."""
@@ -85,9 +89,9 @@ class ControlNetsAround(DenoiserAround):
         net = self.side_networks().get(name)
         return super().side_graph_spec(name) if net is None else self.net_graph_spec(net)
 
+    @abc.abstractmethod
     def net_graph_spec(self, net) -> GraphSpec:
         """One of the nets as exporters see it (its engine's inputs, outputs and call)."""
-        raise NotImplementedError
 
     def _keep_of(self, t: torch.Tensor) -> list | None:
         """Which nets act on rows at timesteps `t` (1.0 or 0.0 per net), or None where that differs

@@ -96,6 +96,7 @@ class ControlledDenoiser(ControlNetsAround):
         super().__init__(base, controlnets_of(controlnet))
         # SDXL's Union nets (ControlNet++): each reads its pictures with their kinds of control
         self.union = type(self.nets[0]).__name__ == "ControlNetUnionModel"
+        self._control_types = {}   # (kinds of control, dtype, device) → a Union net's one-hot
 
     @property
     def global_pool(self) -> bool:
@@ -193,9 +194,13 @@ class ControlledDenoiser(ControlNetsAround):
                              mid_block_additional_residual=mid)
 
     def _control_type(self, modes: list, rows: int, like: torch.Tensor) -> torch.Tensor:
-        """A Union net's kinds of control as its pipeline gives them: one-hot over its kinds, per row."""
-        kinds = torch.zeros(self.nets[0].config.num_control_type, dtype=like.dtype, device=like.device)
-        return kinds.index_fill_(0, torch.tensor(modes, device=like.device), 1.0).expand(rows, -1)
+        """A Union net's kinds of control as its pipeline gives them: one-hot over its kinds, per row
+        (made once per kinds, dtype and device: a stream asks it every call)."""
+        key = (tuple(modes), like.dtype, like.device)
+        if key not in self._control_types:
+            kinds = torch.zeros(self.nets[0].config.num_control_type, dtype=like.dtype, device=like.device)
+            self._control_types[key] = kinds.index_fill_(0, torch.tensor(modes, device=like.device), 1.0)
+        return self._control_types[key].expand(rows, -1)
 
     def graph_spec(self, module=None, text_length=None):
         """The UNet's graph with the residuals as inputs after its own; a call without them (no net

@@ -720,15 +720,21 @@ class FluxDenoiser(Denoiser):
             self._ids[key] = make()
         return self._ids[key]
 
+    def token_ids(self, latents: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text ids, image ids) for `tokens` text tokens and `latents`' grid of 2×2 patches: the
+        transformer's, and its ControlNets' (made once per size, device and dtype)."""
+        _, _, height, width = latents.shape
+        return (self._ids_of(("text", tokens), latents, lambda: latents.new_zeros(tokens, 3)),
+                self._ids_of(("image", height, width), latents,
+                             lambda: flux.image_ids(height // 2, width // 2, latents.device, latents.dtype)))
+
     def run(self, module, latents, t, cond, **controls):
         """`controls`: a ControlNet's block samples (:mod:`fastdiff.flux_controlnet`)."""
         if any(k.startswith(IMAGE_PROMPT) for k in cond.extras):   # never an image prompt dropped
             raise ValueError("ip_adapter_image: fastdiff runs no IP-Adapter of a Flux transformer yet")
         _, _, height, width = latents.shape
-        guidance, tokens = cond.extras.get(GUIDANCE), cond.embeds.shape[1]
-        text_ids = self._ids_of(("text", tokens), latents, lambda: latents.new_zeros(tokens, 3))
-        image_ids = self._ids_of(("image", height, width), latents,
-                                 lambda: flux.image_ids(height // 2, width // 2, latents.device, latents.dtype))
+        guidance = cond.extras.get(GUIDANCE)
+        text_ids, image_ids = self.token_ids(latents, cond.embeds.shape[1])
         hidden = flux.pack(latents)
         context = cond.extras.get(CONTEXT)
         if context is not None:   # Kontext: the context picture's tokens after the image's, their ids' first axis 1

@@ -120,10 +120,8 @@ class FluxControlledDenoiser(ControlNetsAround):
             ids, spread = torch.unique(cond.extras[TWIN], return_inverse=True)   # (a device sync on a GPU)
             one = torch.zeros_like(ids).scatter_(0, spread, torch.arange(len(spread), device=ids.device))
             latents, t, cond = latents[one], t[one], cond.rows(one)
-        _, _, height, width = latents.shape
         hidden = flux.pack(latents)
-        text_ids = latents.new_zeros(cond.extras[NET_PROMPT].shape[1], 3)
-        image_ids = flux.image_ids(height // 2, width // 2, latents.device, latents.dtype)
+        text_ids, image_ids = self.base.token_ids(latents, cond.extras[NET_PROMPT].shape[1])
         timestep = t.to(latents.dtype) / 1000
         guidance = cond.extras.get(NET_GUIDANCE)
         # the PyTorch nets beside the PyTorch transformer (a cost count), their engines beside its engine
